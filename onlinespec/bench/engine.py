@@ -1,0 +1,126 @@
+"""``onlinespec bench engine``: target alone, this engine, and Hugging Face assisted generation.
+
+Same target, drafter, prompts and stop settings (EOS, ``max_new_tokens``) for all three, greedy.
+Figures:
+
+- tokens/s of each; ``speedup`` = engine / target alone;
+- ``mean_accepted_length``: tokens per speculative step (accepted drafts + the target's token);
+- ``acceptance_rate`` ``a``: per-token acceptance, estimated as accepted / (accepted + rejections),
+  the maximum-likelihood estimate under the independent-acceptance model;
+- ``cost_ratio`` ``c``: drafter seconds per drafted token / target seconds per token (alone);
+- ``theoretical_speedup`` = (1 - a^(k+1)) / ((1 - a)(k c + 1)), ``efficiency`` = speedup / theoretical;
+- ``verify_cost_ratio``: seconds of one verification of k+1 positions / one target token: the
+  formula assumes 1, and on a CPU it is larger, which is most of any efficiency gap;
+- ``ratio_vs_hf`` = engine tokens/s / Hugging Face ``generate(assistant_model=...)`` tokens/s;
+- ``lossless``: the engine's greedy outputs equal the target alone on every prompt.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from onlinespec.adaptive import theoretical_speedup
+from onlinespec.bench.common import emit, machine, set_threads
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.models import load_model, load_tokenizer
+from onlinespec.sampling import SamplingParams
+
+__all__ = ["run", "measure"]
+
+
+def _prompts(tokenizer, domain: str, n: int) -> list[list[int]]:
+    from onlinespec.demo.prompts import load_prompts
+
+    rows = load_prompts(domain)
+    step = max(1, len(rows) // n)
+    return [tokenizer.encode(r.text) for r in rows[::step][:n]]
+
+
+def _timed(fn, prompts):
+    outputs, t0 = [], time.perf_counter()
+    for prompt in prompts:
+        outputs.append(fn(prompt))
+    return outputs, time.perf_counter() - t0
+
+
+def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: int) -> dict:
+    eos = tokenizer.eos_token_id
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    plain = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(capture_feedback=False))
+    engine = SpeculativeEngine(target, HFDrafter(drafter_model, "drafter"), tokenizer=tokenizer, config=EngineConfig(k=k))
+
+    def hf_assisted(prompt):
+        out = target.generate(
+            torch.tensor([prompt]), assistant_model=drafter_model, do_sample=False,
+            max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
+            num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
+        )
+        return out[0, len(prompt):].tolist()
+
+    # warm-up: first calls allocate and compile kernels
+    plain.generate(prompts[0], SamplingParams(max_new_tokens=8))
+    engine.generate(prompts[0], SamplingParams(max_new_tokens=8))
+    hf_assisted(prompts[0][:8])
+
+    base, t_base = _timed(lambda p: plain.generate(p, params), prompts)
+    spec, t_spec = _timed(lambda p: engine.generate(p, params), prompts)
+    hf, t_hf = _timed(hf_assisted, prompts)
+
+    n_base = sum(len(r.tokens) for r in base)
+    n_spec = sum(len(r.tokens) for r in spec)
+    n_hf = sum(len(t) for t in hf)
+    drafted = sum(r.stats.drafted for r in spec)
+    accepted = sum(r.stats.accepted for r in spec)
+    spec_steps = sum(r.stats.spec_steps for r in spec)
+    rejections = sum(r.stats.rejections for r in spec)
+    a = accepted / (accepted + rejections) if accepted + rejections else 0.0
+    t_token = t_base / max(1, sum(r.stats.steps for r in base))
+    t_draft = sum(r.stats.draft_seconds for r in spec) / max(1, drafted)
+    t_verify = sum(r.stats.verify_seconds for r in spec) / max(1, sum(r.stats.steps for r in spec))
+    c = t_draft / t_token
+    speedup = (n_spec / t_spec) / (n_base / t_base)
+    theory = theoretical_speedup(a, k, c)
+    return {
+        "target_tokens_per_s": n_base / t_base,
+        "engine_tokens_per_s": n_spec / t_spec,
+        "hf_assisted_tokens_per_s": n_hf / t_hf,
+        "mean_accepted_length": (accepted + spec_steps) / max(1, spec_steps),
+        "acceptance_rate": a,
+        "cost_ratio": c,
+        "verify_cost_ratio": t_verify / t_token,
+        "k": k,
+        "speedup": speedup,
+        "theoretical_speedup": theory,
+        "efficiency": speedup / theory,
+        "ratio_vs_hf": (n_spec / t_spec) / (n_hf / t_hf),
+        "lossless": all(s.tokens == b.tokens for s, b in zip(spec, base)),
+        "hf_assisted_lossless": all(h == b.tokens for h, b in zip(hf, base)),
+        "generated_tokens": n_spec,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+    }
+
+
+def run(args) -> int:
+    threads = set_threads(args.threads)
+    target_name = args.target or "demo:target"
+    drafter_name = args.drafter or "demo:drafter-1l"
+    n = args.prompts or (4 if args.quick else 16)
+    max_new = args.max_new_tokens or (32 if args.quick else 96)
+    tokenizer = load_tokenizer(target_name)
+    target = load_model(target_name)
+    drafter = load_model(drafter_name)
+    prompts = _prompts(tokenizer, args.domain, n)
+    result = measure(target, drafter, tokenizer, prompts, max_new, args.k)
+    result.update({"target": target_name, "drafter": drafter_name, "domain": args.domain,
+                   "threads": threads, "machine": machine()})
+    table = [(key, result[key]) for key in (
+        "target_tokens_per_s", "engine_tokens_per_s", "hf_assisted_tokens_per_s", "speedup",
+        "mean_accepted_length", "acceptance_rate", "cost_ratio", "verify_cost_ratio",
+        "theoretical_speedup", "efficiency", "ratio_vs_hf", "lossless", "hf_assisted_lossless",
+    )]
+    emit(table, result, args.json)
+    return 0 if result["lossless"] else 1

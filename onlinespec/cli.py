@@ -1,0 +1,55 @@
+"""The ``onlinespec`` command. Each subcommand imports what it needs only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _models(args) -> int:
+    from onlinespec.models import demo_models
+
+    models = demo_models()
+    if not models:
+        print("no bundled demo models found (build them: python -m onlinespec.demo.build --help)")
+        return 1
+    for name, path in models.items():
+        print(f"demo:{name:<12} {path}")
+    return 0
+
+
+def _bench(args) -> int:
+    if args.what == "engine":
+        from onlinespec.bench.engine import run
+
+        return run(args)
+    raise SystemExit(f"unknown benchmark {args.what!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="onlinespec", description="Speculative decoding with drafters that learn online.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the bundled demo models and their paths")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("bench", help="benchmarks that print their figures (and --json)")
+    p.add_argument("what", choices=["engine"])
+    p.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a smoke run in under a minute")
+    p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    p.add_argument("--target", default=None, help="target model path or hub id (default: demo:target)")
+    p.add_argument("--drafter", default=None, help="drafter model path or hub id (default: demo:drafter-1l)")
+    p.add_argument("--k", type=int, default=4, help="draft length (the same for this engine and Hugging Face)")
+    p.add_argument("--prompts", type=int, default=None, help="number of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--domain", default="python", help="held-out prompt domain of the demo set")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.set_defaults(func=_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args) or 0)

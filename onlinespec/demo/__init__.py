@@ -1,0 +1,1 @@
+"""The bundled demo: offline corpora, the model-family build, and held-out prompts."""

@@ -1,0 +1,66 @@
+"""A small Hugging Face causal LM as the drafter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from onlinespec.drafters.base import Proposal
+from onlinespec.lm import CacheSession
+from onlinespec.sampling import SamplingParams, probs
+
+__all__ = ["HFDrafter"]
+
+
+@dataclass
+class _State:
+    session: CacheSession
+    version: int
+
+
+class HFDrafter:
+    """Autoregressive drafting with a KV cache that is rolled back, never rebuilt, on rejection.
+
+    ``swap(model, version)`` replaces the weights between engine steps; a request in flight
+    notices the new version at its next ``propose`` and re-prefills its drafter cache.
+    """
+
+    def __init__(self, model: PreTrainedModel, drafter_id: str, version: int = 0):
+        self.model = model.eval()
+        self.drafter_id = drafter_id
+        self.version = version
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+    def swap(self, model: PreTrainedModel, version: int) -> None:
+        self.model, self.version = model.eval(), version
+
+    def begin(self, prompt: list[int]) -> _State:
+        return _State(CacheSession(self.model), self.version)
+
+    def propose(
+        self, state: _State, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> Proposal:
+        session = state.session
+        if state.version != self.version or session.model is not self.model:
+            state.session, state.version = CacheSession(self.model), self.version
+            session = state.session
+        pending = tokens[session.length :]  # at least the last settled token
+        logits = session.feed(pending, last_only=True)[-1]
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
+        for i in range(k):
+            if params.greedy:
+                token = int(logits.argmax())
+            else:
+                q = probs(logits, params)
+                token = int(torch.multinomial(q, 1, generator=generator))
+                qs.append(q)
+            drafts.append(token)
+            if i + 1 < k:  # the last draft is verified by the target, not fed to the drafter
+                logits = session.feed([token], last_only=True)[-1]
+        return Proposal(torch.tensor(drafts, dtype=torch.long), torch.stack(qs) if qs else None)
+
+    def rewind(self, state: _State, keep: int) -> None:
+        state.session.rewind(keep)

@@ -1,0 +1,335 @@
+"""The speculative decoding engine: propose, verify, accept, rewind.
+
+One :class:`Generation` per request. Each :meth:`Generation.step` is one target forward:
+
+1. ``propose``: the drafter drafts ``k`` tokens after the settled sequence (k = 0: plain step);
+2. ``verify``: the target encodes the last settled token and the drafts, ``k + 1`` positions,
+   in one pass over its KV cache;
+3. ``accept``: the rejection rule keeps a prefix of the drafts and adds the target's own token;
+4. ``rewind``: both caches drop the rejected positions (never re-encoding the prefix).
+
+The target's cache always holds every settled token but the last, which is fed with the next
+step's drafts. Steps are small and separate so a scheduler can interleave many requests, and
+every step reports what it emitted so a server can stream.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from onlinespec.adaptive import AdaptiveK
+from onlinespec.drafters.base import Drafter, Proposal
+from onlinespec.errors import InvalidRequestError, VocabMismatchError
+from onlinespec.feedback import FeedbackRecord, RecordBuilder
+from onlinespec.lm import CacheSession
+from onlinespec.sampling import SamplingParams
+from onlinespec.stops import FinishReason, StopState
+from onlinespec.verify import verify
+
+__all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "StepOutput", "GenerationResult", "GenerationStats"]
+
+_NO_DRAFTS = Proposal(torch.zeros(0, dtype=torch.long), None)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Default draft length; None lets AdaptiveK choose per drafter from measured acceptance and cost.
+    k: int | None = None
+    k_max: int = 8  # bound for the adaptive controller (and the longest block we ever verify)
+    # Top-K of the target's log-probs kept per generated position: losses use K + 1 buckets.
+    feedback_topk: int = 32
+    capture_feedback: bool = True
+    target_id: str = "target"
+
+    def __post_init__(self):
+        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
+            raise InvalidRequestError(f"k (draft length) must be an integer >= 1, got {self.k!r}")
+        assert self.k_max >= 1, "k_max must be >= 1"
+        assert self.feedback_topk >= 1, "feedback_topk must be >= 1"
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    tokens: list[int]  # emitted this step (after stop handling)
+    text: str  # text safe to show that was not shown before ("" without a tokenizer)
+    drafted: int  # drafts proposed this step
+    accepted: int  # of which the target accepted
+    finished: bool
+    finish_reason: FinishReason | None
+
+
+@dataclass
+class GenerationStats:
+    steps: int = 0  # target forwards after prefill
+    spec_steps: int = 0  # steps that verified at least one draft
+    drafted: int = 0
+    accepted: int = 0
+    rejections: int = 0  # speculative steps that stopped short of their drafts
+    # accepted_hist[n]: speculative steps that accepted n drafts (gpt-fast's main statistic)
+    accepted_hist: list[int] = field(default_factory=list)
+    # accepted_per_pos[i]: steps whose i-th draft was accepted (vLLM's per-position counter)
+    accepted_per_pos: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per speculative step: accepted drafts plus the target's own token."""
+        return (self.accepted + self.spec_steps) / self.spec_steps if self.spec_steps else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def add(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.steps += 1
+        self.draft_seconds += draft_s
+        self.verify_seconds += verify_s
+        if drafted == 0:
+            return
+        self.spec_steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.rejections += accepted < drafted
+        while len(self.accepted_hist) <= drafted:
+            self.accepted_hist.append(0)
+        while len(self.accepted_per_pos) < drafted:
+            self.accepted_per_pos.append(0)
+        self.accepted_hist[accepted] += 1
+        for i in range(accepted):
+            self.accepted_per_pos[i] += 1
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    prompt: list[int]
+    tokens: list[int]  # generated, stop token included when it was EOS or a stop id
+    text: str
+    finish_reason: FinishReason
+    stats: GenerationStats
+    record: FeedbackRecord | None
+
+
+def _vocab_size(model: PreTrainedModel) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def _max_positions(model: PreTrainedModel | None) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_vocab(target: PreTrainedModel, drafter: Drafter, target_id: str) -> None:
+    """Refuse a drafter whose ids would mean other tokens to the target."""
+    tv = _vocab_size(target)
+    if drafter.vocab_size != tv:
+        raise VocabMismatchError(
+            f"drafter {drafter.drafter_id!r} has a vocabulary of {drafter.vocab_size} ids but target "
+            f"{target_id!r} has {tv}: target and drafter must share one tokenizer"
+        )
+
+
+class SpeculativeEngine:
+    """Target + drafter, shared by every request. Not thread-safe: one engine loop drives it."""
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        drafter: Drafter | None = None,
+        tokenizer=None,
+        config: EngineConfig = EngineConfig(),
+        eos_token_ids: set[int] | None = None,
+    ):
+        self.target = target.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.vocab_size = _vocab_size(target)
+        if eos_token_ids is None:
+            eos = getattr(target.generation_config, "eos_token_id", None) or target.config.eos_token_id
+            eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.controllers: dict[str, AdaptiveK] = {}
+        self.drafter: Drafter | None = None
+        if drafter is not None:
+            self.set_drafter(drafter)
+
+    def set_drafter(self, drafter: Drafter | None) -> None:
+        """Serve the next steps with another drafter (requests in flight re-prefill it)."""
+        if drafter is not None:
+            check_vocab(self.target, drafter, self.config.target_id)
+        self.drafter = drafter
+
+    def controller(self, drafter: Drafter) -> AdaptiveK:
+        if drafter.drafter_id not in self.controllers:
+            self.controllers[drafter.drafter_id] = AdaptiveK(k_max=self.config.k_max)
+        return self.controllers[drafter.drafter_id]
+
+    def max_context(self) -> int | None:
+        limits = [_max_positions(self.target), _max_positions(getattr(self.drafter, "model", None))]
+        limits = [x for x in limits if x]
+        return min(limits) if limits else None
+
+    def start(
+        self,
+        prompt: list[int],
+        params: SamplingParams = SamplingParams(),
+        request_id: str | None = None,
+        tenant: str | None = None,
+    ) -> Generation:
+        return Generation(self, prompt, params, request_id, tenant)
+
+    def stream(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> Iterator[StepOutput]:
+        gen = self.start(prompt, params)
+        while not gen.finished:
+            yield gen.step()
+
+    def generate(self, prompt: list[int], params: SamplingParams = SamplingParams(), **kw) -> GenerationResult:
+        gen = self.start(prompt, params, **kw)
+        while not gen.finished:
+            gen.step()
+        return gen.result()
+
+
+class Generation:
+    """One request in flight: its caches, stop state, statistics and feedback."""
+
+    def __init__(self, engine: SpeculativeEngine, prompt, params: SamplingParams, request_id, tenant):
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.flatten().tolist()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty: give at least one token")
+        bad = [t for t in prompt if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids out of range [0, {engine.vocab_size}): {bad[:5]}")
+        limit = engine.max_context()
+        if limit is not None and len(prompt) + params.max_new_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"models' context of {limit} tokens"
+            )
+        if params.k is not None and params.k > engine.config.k_max:
+            raise InvalidRequestError(f"k={params.k} exceeds this engine's k_max={engine.config.k_max}")
+        self.engine = engine
+        self.params = params
+        self.prompt = prompt
+        self.tokens = list(prompt)
+        self.limit = limit
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stop = StopState(params, engine.eos_token_ids, engine.tokenizer)
+        self.stats = GenerationStats()
+        self.target = CacheSession(engine.target)
+        self.drafter = engine.drafter
+        self.dstate = self.drafter.begin(prompt) if self.drafter is not None else None
+        self.builder = (
+            RecordBuilder(
+                prompt=list(prompt),
+                target_id=engine.config.target_id,
+                drafter_id=self.drafter.drafter_id if self.drafter else "none",
+                drafter_version=self.drafter.version if self.drafter else 0,
+                sampling=params.as_record(),
+                tenant=tenant,
+                **({"request_id": request_id} if request_id else {}),
+            )
+            if engine.config.capture_feedback
+            else None
+        )
+        self.request_id = self.builder.request_id if self.builder else (request_id or "")
+
+    @property
+    def finished(self) -> bool:
+        return self.stop.finished
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.prompt) :]
+
+    def _draft_length(self) -> int:
+        engine, drafter = self.engine, self.engine.drafter
+        if drafter is None:
+            return 0
+        k = self.params.k or engine.config.k
+        if k is None:
+            k = engine.controller(drafter).choose()
+        remaining = self.params.max_new_tokens - len(self.generated)
+        room = self.limit - len(self.tokens) if self.limit is not None else k
+        # A step emits accepted + 1 tokens: drafting more than remaining - 1 is wasted work.
+        return max(0, min(k, remaining - 1, room))
+
+    @torch.inference_mode()
+    def step(self) -> StepOutput:
+        assert not self.finished, "step() on a finished generation"
+        if self.target.length == 0 and len(self.tokens) > 1:
+            self.target.feed(self.tokens[:-1], last_only=True)  # prefill: all settled tokens but the last
+        drafter = self.engine.drafter
+        if drafter is not self.drafter:  # swapped between steps: start its cache afresh
+            self.drafter, self.dstate = drafter, drafter.begin(self.prompt) if drafter else None
+        k = self._draft_length()
+
+        t0 = time.perf_counter()
+        proposal = drafter.propose(self.dstate, self.tokens, k, self.params, self.generator) if k else _NO_DRAFTS
+        t1 = time.perf_counter()
+        drafts = proposal.tokens
+        # logits: [m+1, V] at the last settled token and each of the m drafts
+        logits = self.target.feed(torch.cat([torch.tensor(self.tokens[-1:]), drafts]))
+        verdict = verify(logits, drafts, proposal.q, self.params, self.generator)
+        t2 = time.perf_counter()
+
+        new = drafts[: verdict.accepted].tolist() + [verdict.token]
+        emitted = 0
+        for token in new:
+            emitted += 1
+            if self.stop.push(token):
+                break
+        if self.builder is not None:
+            self._capture(logits[:emitted], drafts.tolist(), verdict.accepted, emitted)
+        self.tokens.extend(new[:emitted])
+        if not self.finished:
+            # Keep every settled token but the newest (it is fed with the next drafts).
+            self.target.rewind(len(self.tokens) - 1)
+            if drafter is not None:
+                drafter.rewind(self.dstate, len(self.tokens) - 1)
+        m = len(drafts)
+        self.stats.add(m, verdict.accepted, t1 - t0, t2 - t1)
+        if drafter is not None and self.params.k is None and self.engine.config.k is None:
+            ctl = self.engine.controller(drafter)
+            if m:
+                ctl.observe_spec(m, verdict.accepted, t1 - t0, t2 - t1)
+            else:
+                ctl.observe_plain(t2 - t1)
+        return StepOutput(
+            tokens=new[:emitted],
+            text=self.stop.take_text() if self.engine.tokenizer is not None else "",
+            drafted=m,
+            accepted=verdict.accepted,
+            finished=self.finished,
+            finish_reason=self.stop.finish_reason,
+        )
+
+    def _capture(self, logits: torch.Tensor, drafts: list[int], accepted: int, emitted: int) -> None:
+        k = min(self.engine.config.feedback_topk, logits.shape[-1])
+        top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        self.builder.add_block(
+            top.indices.numpy().astype(np.int32), top.values.numpy().astype(np.float16), drafts, accepted, emitted
+        )
+
+    def result(self) -> GenerationResult:
+        assert self.finished, "result() before the generation finished"
+        return GenerationResult(
+            prompt=self.prompt,
+            tokens=self.generated,
+            text=self.stop.text,
+            finish_reason=self.stop.finish_reason,
+            stats=self.stats,
+            record=self.record(),
+        )
+
+    def record(self) -> FeedbackRecord | None:
+        return self.builder.build(self.generated) if self.builder is not None else None

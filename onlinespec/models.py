@@ -1,0 +1,70 @@
+"""Loading targets, drafters and tokenizers: by local path or Hugging Face hub id.
+
+The demo models ship inside the package (``onlinespec/models/demo``); a user's own pair loads
+through the same ``from_pretrained`` path. Target and drafter must share a vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from onlinespec.errors import ModelLoadError, VocabMismatchError
+
+__all__ = ["DEMO_DIR", "demo_models", "resolve_model_path", "load_model", "load_tokenizer", "check_same_vocab"]
+
+DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
+
+
+def demo_models() -> dict[str, Path]:
+    """Bundled demo models by name (``target``, ``drafter-1l``, ...)."""
+    if not DEMO_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(DEMO_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def resolve_model_path(name: str) -> str:
+    """``demo:target`` -> the bundled path; anything else is a local path or hub id."""
+    if name.startswith("demo:"):
+        models = demo_models()
+        key = name.split(":", 1)[1]
+        if key not in models:
+            raise ModelLoadError(f"no bundled demo model {key!r}; bundled: {sorted(models) or 'none'}")
+        return str(models[key])
+    return name
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTrainedModel:
+    """A causal LM in eval mode. fp16 checkpoints are upcast: fp16 matmuls are slow on CPU."""
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str):
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load tokenizer for {name!r}: {exc}") from exc
+
+
+def check_same_vocab(target_name: str, target: PreTrainedModel, drafter_name: str, drafter: PreTrainedModel,
+                     target_tok=None, drafter_tok=None) -> None:
+    """Fail with a message naming both models when their vocabularies differ."""
+    tv = target.get_output_embeddings().weight.shape[0]
+    dv = drafter.get_output_embeddings().weight.shape[0]
+    if tv != dv:
+        raise VocabMismatchError(
+            f"target {target_name!r} has {tv} vocabulary ids but drafter {drafter_name!r} has {dv}: "
+            "they must share one tokenizer"
+        )
+    if target_tok is not None and drafter_tok is not None and target_tok.get_vocab() != drafter_tok.get_vocab():
+        raise VocabMismatchError(
+            f"target {target_name!r} and drafter {drafter_name!r} have tokenizers with different vocabularies"
+        )

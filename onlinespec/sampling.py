@@ -1,0 +1,83 @@
+"""Sampling settings and the one place that turns logits into the distribution we sample from.
+
+Target (``p``) and drafter (``q``) distributions go through the same :func:`probs`, so
+temperature, top-k and top-p are applied identically to both: rejection sampling is lossless
+with respect to the *processed* target distribution, which is what the user asked to sample from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from onlinespec.errors import InvalidRequestError
+
+__all__ = ["SamplingParams", "probs", "logprobs_raw"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks for. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    # Draft length: an int for a fixed k, or None to let the engine's adaptive controller choose.
+    k: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (self.temperature >= 0) or self.temperature != self.temperature:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
+            raise InvalidRequestError(f"k (draft length) must be an integer >= 1, got {self.k!r}")
+        if any((not isinstance(s, str)) or s == "" for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def as_record(self) -> dict:
+        """The settings a feedback record keeps (everything that shaped ``p``)."""
+        return {"temperature": float(self.temperature), "top_p": float(self.top_p), "top_k": int(self.top_k)}
+
+
+def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Processed distribution over the vocabulary. logits: [..., V] -> probabilities [..., V].
+
+    Greedy settings give a one-hot distribution on the argmax, so the same rejection rule
+    (accept with probability min(1, p/q)) reduces to "accept iff the draft is the argmax".
+    """
+    logits = logits.float()
+    if params.greedy:
+        out = torch.zeros_like(logits)
+        return out.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_p = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def logprobs_raw(logits: torch.Tensor) -> torch.Tensor:
+    """The target's own log-distribution (temperature 1, no cuts): what feedback records log."""
+    return torch.log_softmax(logits.float(), dim=-1)

@@ -1,0 +1,74 @@
+"""The adaptive draft-length controller and the n-gram drafter, on synthetic inputs."""
+
+import pytest
+import torch
+
+from onlinespec.adaptive import AdaptiveK, expected_tokens, theoretical_speedup
+from onlinespec.drafters.ngram import NGramDrafter
+from onlinespec.sampling import SamplingParams
+
+
+def feed(ctl, accept_rate, drafted, steps, t_draft, t_verify):
+    for i in range(steps):
+        k = ctl.choose()
+        if k == 0:
+            ctl.observe_plain(0.010)
+            continue
+        # deterministic stream with the given per-token acceptance
+        accepted = 0
+        while accepted < k and ((i * 7919 + accepted * 104729) % 1000) / 1000 < accept_rate:
+            accepted += 1
+        ctl.observe_spec(k, accepted, t_draft * k, t_verify)
+
+
+def test_expected_tokens_and_theoretical_speedup():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 1) == pytest.approx(1.5)
+    assert theoretical_speedup(0.8, 4, 0.0) == pytest.approx((1 - 0.8**5) / 0.2)
+    assert theoretical_speedup(0.8, 4, 0.1) == pytest.approx((1 - 0.8**5) / 0.2 / 1.4)
+
+
+def test_good_cheap_drafter_gets_long_blocks():
+    ctl = AdaptiveK(k_max=8)
+    feed(ctl, 0.9, 8, 400, t_draft=0.0005, t_verify=0.011)
+    assert ctl.acceptance > 0.8
+    assert ctl.choose() >= 5
+
+
+def test_bad_drafter_falls_back_to_plain_and_probes():
+    ctl = AdaptiveK(k_max=8, probe_every=16)
+    feed(ctl, 0.05, 8, 400, t_draft=0.004, t_verify=0.014)
+    assert ctl.speedup(ctl.best_k()) < 1.0
+    decisions = []
+    for _ in range(40):
+        k = ctl.choose()
+        decisions.append(k)
+        ctl.observe_plain(0.010) if k == 0 else ctl.observe_spec(k, 0, 0.004 * k, 0.014)
+    assert decisions.count(0) >= 30  # mostly plain decoding
+    assert any(k > 0 for k in decisions)  # but it keeps probing
+
+
+def test_expensive_drafter_chooses_shorter_blocks():
+    cheap, dear = AdaptiveK(k_max=8), AdaptiveK(k_max=8)
+    feed(cheap, 0.7, 8, 300, t_draft=0.0003, t_verify=0.011)
+    feed(dear, 0.7, 8, 300, t_draft=0.004, t_verify=0.011)
+    assert dear.best_k() < cheap.best_k()
+
+
+def test_ngram_proposes_the_continuation_of_the_latest_match():
+    d = NGramDrafter(vocab_size=100, max_n=3)
+    state = d.begin([])
+    seq = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3]
+    assert d.propose(state, seq, 3, SamplingParams(), None).tokens.tolist() == [4, 5, 9]
+    seq += [4, 5, 6, 7, 1, 2, 3]  # a later occurrence of 1 2 3 wins
+    assert d.propose(state, seq, 2, SamplingParams(), None).tokens.tolist() == [4, 5]
+    assert len(d.propose(d.begin([]), [1, 2, 3], 4, SamplingParams(), None)) == 0  # nothing to look up
+    # a repeated token continues itself (an overlapping match)
+    assert d.propose(d.begin([]), [7, 7, 7], 2, SamplingParams(), None).tokens.tolist() == [7]
+
+
+def test_ngram_prefers_longer_matches():
+    d = NGramDrafter(vocab_size=100, max_n=3)
+    seq = [5, 1, 2, 8, 3, 1, 2, 9, 5, 1, 2]  # "1 2" last continued by 9, but "5 1 2" by 8
+    assert d.propose(d.begin([]), seq, 1, SamplingParams(), None).tokens.tolist() == [8]

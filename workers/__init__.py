@@ -1,0 +1,1 @@
+"""The learning loop workers (RQ jobs and the worker entry point)."""
