@@ -1,0 +1,1 @@
+"""Online learning of drafters from feedback records: losses, online updates, ensembles."""

@@ -1,0 +1,231 @@
+"""One drafter learning online: prequential rounds over feedback batches.
+
+A round, in this order (the order is what makes the accounting honest):
+
+1. evaluate the *served* parameters on the new batch: the loss the live drafter actually
+   suffered, on which regret is measured;
+2. update the ensemble weights from each base learner's loss on that batch, all measured
+   before any of them updates;
+3. take each base learner's gradient step.
+
+With ``ensemble_size > 1`` the base learners are copies of the drafter whose step sizes lie on
+a geometric grid around ``optim.lr``; Hedge weighs them and the served drafter is their
+weight-averaged parameters (one model, no extra serving cost).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+
+from onlinespec.feedback import FeedbackRecord
+from onlinespec.learn.batch import FeedbackBatch, collate
+from onlinespec.learn.forward import drafter_logits
+from onlinespec.learn.hedge import Hedge
+from onlinespec.learn.losses import LossConfig, compute_loss
+from onlinespec.learn.optim import OnlineOptimizer, OptimConfig
+
+__all__ = ["LearnerConfig", "RoundMetrics", "DrafterLearner"]
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ensemble_size: int = 1
+    grid_factor: float = 3.0  # step sizes lr * factor^j, j centred on 0
+    hedge_eta: float = 4.0
+    optimistic_hedge: bool = True
+    trainable: str = ".*"  # regex on parameter names; the rest stays frozen
+    regret_window: int = 20  # rounds in the sliding-window (dynamic) comparator
+    max_len: int = 1024
+
+    def __post_init__(self):
+        if self.ensemble_size < 1:
+            raise ValueError("ensemble_size must be >= 1")
+        if self.grid_factor <= 1:
+            raise ValueError("grid_factor must be > 1")
+        if self.regret_window < 1:
+            raise ValueError("regret_window must be >= 1")
+        re.compile(self.trainable)
+
+    def step_sizes(self) -> list[float]:
+        n = self.ensemble_size
+        return [self.optim.lr * self.grid_factor ** (j - (n - 1) / 2) for j in range(n)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LearnerConfig:
+        d = dict(d)
+        loss = LossConfig(**d.pop("loss", {}))
+        optim = OptimConfig(**d.pop("optim", {}))
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown learner settings: {sorted(unknown)}")
+        return cls(loss=loss, optim=optim, **d)
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    round: int
+    records: int
+    positions: int
+    served_loss: float  # tv of the served drafter before the update: 1 - acceptance probability
+    served_kl: float
+    base_losses: list[float]
+    weights: list[float]
+    step_sizes: list[float]
+    param_change_norm: float  # || served(new) - served(parent) ||
+    cumulative_loss: float
+    regret_vs_best_fixed: float  # cumulative served loss - best base learner's, over all rounds
+    dynamic_regret: float  # the same over the last ``regret_window`` rounds
+    mean_alpha: float  # mean acceptance probability of the served drafter on the batch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _trainable_names(model, pattern: str) -> list[str]:
+    rx = re.compile(pattern)
+    return [n for n, _ in model.named_parameters() if rx.search(n)]
+
+
+class DrafterLearner:
+    def __init__(self, model, config: LearnerConfig = LearnerConfig()):
+        self.config = config
+        self.model = model.float().train(False)
+        self.names = _trainable_names(model, config.trainable)
+        if not self.names:
+            raise ValueError(f"no parameter matches trainable={config.trainable!r}")
+        params = dict(model.named_parameters())
+        start = {n: params[n].detach() for n in self.names}
+        self.optimizers = [
+            OnlineOptimizer(start, replace(config.optim, lr=lr)) for lr in config.step_sizes()
+        ]
+        self.hedge = Hedge(config.ensemble_size, config.hedge_eta, config.optimistic_hedge)
+        self.work = copy.deepcopy(model).float()  # evaluated and differentiated in place
+        for n, p in self.work.named_parameters():
+            p.requires_grad_(n in self.names)
+        self.rounds = 0
+        self.cumulative = 0.0
+        self.base_cumulative = np.zeros(config.ensemble_size)
+        self.window: deque = deque(maxlen=config.regret_window)  # (served, base losses) per round
+
+    # ------------------------------------------------------------------ serving side
+
+    def served_params(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters of the served drafter: the Hedge-weighted average of the plays."""
+        w = self.hedge.weights
+        plays = [opt.play() for opt in self.optimizers]
+        return {n: sum(float(w[i]) * plays[i][n] for i in range(len(plays))) for n in self.names}
+
+    def served_model(self):
+        """A copy of the drafter carrying the served parameters."""
+        model = copy.deepcopy(self.model)
+        self._load(model, self.served_params())
+        return model.eval()
+
+    @staticmethod
+    def _load(model, params: dict[str, torch.Tensor]) -> None:
+        own = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, v in params.items():
+                own[n].copy_(v)
+
+    # ------------------------------------------------------------------ learning side
+
+    def _loss(self, params, batch: FeedbackBatch, grad: bool):
+        self._load(self.work, params)
+        with torch.set_grad_enabled(grad):
+            out = compute_loss(drafter_logits(self.work, batch), batch, self.config.loss)
+        grads = None
+        if grad:
+            named = dict(self.work.named_parameters())
+            gs = torch.autograd.grad(out.total, [named[n] for n in self.names], allow_unused=True)
+            grads = {n: (g if g is not None else torch.zeros_like(named[n])) for n, g in zip(self.names, gs)}
+        return out, grads
+
+    def evaluate(self, records: list[FeedbackRecord]) -> dict:
+        """Loss of the served drafter on records, without learning from them."""
+        batch = collate(records, self.config.max_len)
+        with torch.no_grad():
+            out, _ = self._loss(self.served_params(), batch, grad=False)
+        return {"tv": out.tv, "kl": out.kl, "mean_alpha": float(out.alpha.mean()), "positions": batch.positions}
+
+    def round(self, records: list[FeedbackRecord]) -> RoundMetrics:
+        batch = collate(records, self.config.max_len)
+        parent = self.served_params()
+        # 1. prequential loss of what was served
+        with torch.no_grad():
+            served, _ = self._loss(parent, batch, grad=False)
+        # 2. every base learner's loss (and gradient) at its played point, before any update
+        outs, grads = zip(*(self._loss(opt.play(), batch, grad=True) for opt in self.optimizers))
+        base = np.array([o.tv for o in outs])
+        self.hedge.update(base)
+        # 3. gradient steps
+        for opt, g in zip(self.optimizers, grads):
+            opt.step(g)
+        new = self.served_params()
+        change = math.sqrt(sum(float(((new[n] - parent[n]) ** 2).sum()) for n in self.names))
+
+        self.rounds += 1
+        self.cumulative += served.tv
+        self.base_cumulative += base
+        self.window.append((served.tv, base))
+        win_served = sum(s for s, _ in self.window)
+        win_base = np.sum([b for _, b in self.window], axis=0)
+        return RoundMetrics(
+            round=self.rounds,
+            records=batch.records,
+            positions=batch.positions,
+            served_loss=served.tv,
+            served_kl=served.kl,
+            base_losses=base.tolist(),
+            weights=self.hedge.weights.tolist(),
+            step_sizes=[opt.config.lr for opt in self.optimizers],
+            param_change_norm=change,
+            cumulative_loss=self.cumulative,
+            regret_vs_best_fixed=self.cumulative - float(self.base_cumulative.min()),
+            dynamic_regret=win_served - float(win_base.min()),
+            mean_alpha=float(served.alpha.mean()),
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, json-able numbers): everything needed to continue from this point."""
+        tensors = {}
+        for i, opt in enumerate(self.optimizers):
+            tensors.update({f"opt{i}/{k}": v.contiguous() for k, v in opt.state_tensors().items()})
+        meta = {
+            "config": self.config.to_dict(),
+            "rounds": self.rounds,
+            "optimizer_rounds": [opt.rounds for opt in self.optimizers],
+            "hedge": self.hedge.state(),
+            "cumulative": self.cumulative,
+            "base_cumulative": self.base_cumulative.tolist(),
+            "window": [[s, list(map(float, b))] for s, b in self.window],
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if len(meta["optimizer_rounds"]) != len(self.optimizers):
+            raise ValueError("saved state has a different ensemble size")
+        for i, opt in enumerate(self.optimizers):
+            prefix = f"opt{i}/"
+            opt.load_state_tensors(
+                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["optimizer_rounds"][i]
+            )
+        self.hedge = Hedge.from_state(meta["hedge"])
+        self.rounds = int(meta["rounds"])
+        self.cumulative = float(meta["cumulative"])
+        self.base_cumulative = np.asarray(meta["base_cumulative"], dtype=float)
+        self.window = deque(((s, np.asarray(b)) for s, b in meta["window"]), maxlen=self.config.regret_window)

@@ -1,0 +1,124 @@
+"""Losses, online updates and Hedge on small, checkable problems."""
+
+import numpy as np
+import pytest
+import torch
+
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.learn.batch import collate
+from onlinespec.learn.forward import drafter_logits
+from onlinespec.learn.hedge import Hedge
+from onlinespec.learn.losses import LossConfig, compute_loss, position_terms
+from onlinespec.learn.optim import OnlineOptimizer, OptimConfig
+from onlinespec.sampling import SamplingParams, probs
+from onlinespec.verify import verify
+from tests.tiny import tiny_llama
+
+V = 16
+
+
+def test_tv_is_one_minus_the_engines_acceptance_probability():
+    target = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=1)
+    drafter = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=2)
+    # K = V: no rest bucket, so TV is exact
+    engine = SpeculativeEngine(target, HFDrafter(drafter, "d"), config=EngineConfig(k=3, feedback_topk=V))
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=3, ignore_eos=True)
+    record = engine.generate([1, 2, 3], params).record
+    batch = collate([record])
+    with torch.no_grad():
+        _, alpha = position_terms(drafter_logits(drafter, batch), batch)
+        seq = torch.tensor([record.tokens.tolist()])
+        p = probs(target(seq).logits[0], params)[record.prompt_len - 1 : -1]
+        q = probs(drafter(seq).logits[0], params)[record.prompt_len - 1 : -1]
+    engine_acceptance = torch.minimum(p, q).sum(-1)  # P(accept) = sum_x q(x) min(1, p(x)/q(x))
+    assert torch.allclose(alpha, engine_acceptance, atol=2e-3)
+    # and the verifier accepts at that rate: one position, many trials
+    i = 0
+    logits_p = target(seq).logits[0, record.prompt_len - 1 : record.prompt_len + 1].detach()
+    g = torch.Generator().manual_seed(0)
+    trials = 4000
+    accepted = sum(
+        verify(logits_p, torch.multinomial(q[i], 1, generator=g), q[i : i + 1], params, g).accepted
+        for _ in range(trials)
+    )
+    se = (alpha[i] * (1 - alpha[i]) / trials).sqrt()
+    assert abs(accepted / trials - float(alpha[i])) < 5 * se + 1e-3
+
+
+def test_loss_terms_vanish_when_q_equals_p():
+    model = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=1)
+    engine = SpeculativeEngine(model, HFDrafter(model, "same"), config=EngineConfig(k=4, feedback_topk=V))
+    record = engine.generate([4, 5], SamplingParams(max_new_tokens=20, ignore_eos=True)).record
+    batch = collate([record])
+    cfg = LossConfig(kl=1, tv=1, chain=1, focal=1)
+    with torch.no_grad():
+        out = compute_loss(drafter_logits(model, batch), batch, cfg)
+    assert out.kl < 1e-3 and out.tv < 1e-3 and out.chain < 1e-2
+
+
+def test_osd_positions_use_only_rejected_drafts():
+    target = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=1)
+    drafter = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=2)
+    engine = SpeculativeEngine(target, HFDrafter(drafter, "d"), config=EngineConfig(k=3, feedback_topk=8))
+    record = engine.generate([1, 2, 3], SamplingParams(max_new_tokens=30, ignore_eos=True)).record
+    batch = collate([record])
+    out = compute_loss(drafter_logits(drafter, batch), batch, LossConfig(positions="rejected"))
+    assert out.positions == int((record.drafted & ~record.accepted).sum()) > 0
+
+
+def run_stream(config, rounds=400, seed=0):
+    """Quadratic losses 0.5 ||x - c_t||^2 with a smoothly drifting centre."""
+    opt = OnlineOptimizer({"x": torch.zeros(2)}, config)
+    total = 0.0
+    centres = []
+    for t in range(rounds):
+        c = torch.tensor([np.cos(t / 15), np.sin(t / 15)], dtype=torch.float32)
+        centres.append(c)
+        x = opt.play()["x"]
+        total += 0.5 * float(((x - c) ** 2).sum())
+        opt.step({"x": x - c})
+    best_fixed = torch.stack(centres).mean(0)
+    best = sum(0.5 * float(((best_fixed - c) ** 2).sum()) for c in centres)
+    return total - best  # regret against the best fixed point in hindsight
+
+
+def test_optimistic_ogd_has_lower_regret_with_good_hints():
+    ogd = run_stream(OptimConfig(lr=0.3, hint="none"))
+    oogd = run_stream(OptimConfig(lr=0.3, hint="last"))
+    ema = run_stream(OptimConfig(lr=0.3, hint="ema", hint_decay=0.5))
+    assert oogd < 0.5 * ogd, (oogd, ogd)
+    assert ema < ogd
+
+
+def test_adaptive_variant_keeps_its_state_across_rounds():
+    opt = OnlineOptimizer({"x": torch.zeros(3)}, OptimConfig(lr=0.1, adaptive=True, hint="last"))
+    opt.step({"x": torch.tensor([1.0, 2.0, 0.0])})
+    tensors, rounds = opt.state_tensors(), opt.rounds
+    again = OnlineOptimizer({"x": torch.zeros(3)}, OptimConfig(lr=0.1, adaptive=True, hint="last"))
+    again.load_state_tensors(tensors, rounds)
+    g = {"x": torch.tensor([0.5, -1.0, 1.0])}
+    opt.step(g)
+    again.step(g)
+    assert torch.equal(opt.play()["x"], again.play()["x"])
+
+
+@pytest.mark.parametrize("optimistic", [False, True])
+def test_hedge_stays_finite_and_normalized_over_a_million_updates(optimistic):
+    rng = np.random.default_rng(0)
+    h = Hedge(n=5, eta=0.5, optimistic=optimistic)
+    means = np.array([0.5, 0.45, 0.3, 0.6, 0.55])  # expert 2 is best
+    losses = np.clip(means + rng.normal(0, 0.2, size=(1_000_000, 5)), 0, 1)
+    for t in range(losses.shape[0]):
+        h.update(losses[t])
+        if t % 250_000 == 0:
+            w = h.weights
+            assert np.all(np.isfinite(w)) and abs(w.sum() - 1) < 1e-9
+    w = h.weights
+    assert np.all(np.isfinite(h.log_weights)) and abs(w.sum() - 1) < 1e-9
+    assert w.argmax() == 2 and w[2] > 0.999
+
+
+def test_hedge_refuses_non_finite_losses():
+    with pytest.raises(ValueError):
+        Hedge(3).update([0.1, float("nan"), 0.2])
