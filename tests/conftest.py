@@ -24,3 +24,30 @@ def close_drafter_model(target):
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A Redis server of the tests' own: started here, unless ONLINESPEC_TEST_REDIS_URL names one
+    reserved for tests. Nothing ever flushes a server the tests did not start."""
+    url = os.environ.get("ONLINESPEC_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    from onlinespec.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis().start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture()
+def redis_client(redis_url):
+    """A client on a server the tests own; each test gets a clean keyspace there."""
+    from onlinespec.redis_server import connect
+
+    client = connect(redis_url)
+    if not os.environ.get("ONLINESPEC_TEST_REDIS_URL"):
+        client.flushdb()  # our own server: safe
+    yield client
+    client.close()

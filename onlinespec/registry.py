@@ -1,0 +1,258 @@
+"""Versioned drafter checkpoints: files on a shared volume, the latest pointer in Redis.
+
+``{root}/{drafter}/v{N}/`` holds ``model.safetensors`` (weights), ``config.json`` (the Hugging
+Face config to rebuild the model), ``learner.safetensors`` + ``learner.json`` (learner state)
+and ``manifest.json`` (version, parent, sha256 of every file, stream watermark, round metrics).
+
+- A version is written under a temporary name, every file fsynced, then renamed: a reader never
+  sees half a version, and two writers can never both create ``v{N}``.
+- Version numbers come from a Redis counter; publishing moves the drafter's latest pointer with
+  compare-and-set from the parent, so two workers never both advance a drafter from one parent.
+- Loading verifies checksums, exact parameter names and shapes, and finite values; a version
+  that fails is refused with :class:`CheckpointError` and the caller keeps what it had.
+- Old versions are removed past ``keep``, never the latest one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from onlinespec import keys
+from onlinespec.errors import OnlineSpecError
+
+__all__ = ["CheckpointError", "PublishConflict", "Manifest", "Registry", "expected_shapes"]
+
+# Compare-and-set of the latest pointer: ARGV[1] the expected parent ("" for none), ARGV[2] the new.
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+if (cur == false and ARGV[1] == '') or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class CheckpointError(OnlineSpecError):
+    """A version that must not be served: missing files, bad checksum, wrong shapes, NaNs."""
+
+
+class PublishConflict(OnlineSpecError):
+    """Another worker advanced the drafter from the same parent first."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    drafter: str
+    version: int
+    parent: int | None
+    created: float
+    files: dict[str, str]  # name -> sha256
+    watermark: str | None  # the last feedback stream id this version learned from
+    metrics: dict
+    note: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        return cls(**json.loads(text))
+
+
+def expected_shapes(model) -> dict[str, torch.Size]:
+    """Parameter names and shapes as a published version stores them (tied lm_head left out)."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.shape for k, v in state.items()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Registry:
+    def __init__(self, root: str | Path, redis_client, keep: int = 10):
+        self.root = Path(root)
+        self.redis = redis_client
+        self.keep = keep
+        self._cas = redis_client.register_script(_CAS)
+
+    # ------------------------------------------------------------------ reading
+
+    def path(self, drafter: str, version: int) -> Path:
+        return self.root / drafter / f"v{version}"
+
+    def latest(self, drafter: str) -> int | None:
+        value = self.redis.get(keys.latest_key(drafter))
+        return int(value) if value is not None else None
+
+    def versions(self, drafter: str) -> list[int]:
+        base = self.root / drafter
+        if not base.is_dir():
+            return []
+        return sorted(int(p.name[1:]) for p in base.iterdir() if p.name.startswith("v") and p.name[1:].isdigit())
+
+    def manifest(self, drafter: str, version: int) -> Manifest:
+        path = self.path(drafter, version) / "manifest.json"
+        try:
+            return Manifest.from_json(path.read_text())
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{drafter} v{version}: unreadable manifest: {exc}") from None
+
+    def verify(self, drafter: str, version: int) -> Manifest:
+        """Checksums of every file against the manifest."""
+        manifest = self.manifest(drafter, version)
+        for name, digest in manifest.files.items():
+            path = self.path(drafter, version) / name
+            if not path.is_file():
+                raise CheckpointError(f"{drafter} v{version}: missing {name}")
+            if _sha256(path) != digest:
+                raise CheckpointError(f"{drafter} v{version}: checksum mismatch in {name}")
+        return manifest
+
+    def load_weights(self, drafter: str, version: int, expected: dict[str, torch.Size] | None = None):
+        """Verified weights of a version: (state dict, manifest). ``expected`` (name -> shape)
+        must match exactly, and every value must be finite."""
+        manifest = self.verify(drafter, version)
+        try:
+            weights = load_file(str(self.path(drafter, version) / "model.safetensors"))
+        except Exception as exc:  # safetensors raises its own error types on corrupt files
+            raise CheckpointError(f"{drafter} v{version}: unreadable weights: {exc}") from None
+        if expected is not None:
+            missing = sorted(set(expected) - set(weights))
+            extra = sorted(set(weights) - set(expected))
+            if missing or extra:
+                raise CheckpointError(f"{drafter} v{version}: parameter names differ (missing {missing[:3]}, extra {extra[:3]})")
+            for name, shape in expected.items():
+                if tuple(weights[name].shape) != tuple(shape):
+                    raise CheckpointError(f"{drafter} v{version}: {name} has shape {tuple(weights[name].shape)}, expected {tuple(shape)}")
+        for name, value in weights.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{drafter} v{version}: non-finite values in {name}")
+        return weights, manifest
+
+    def load_model(self, drafter: str, version: int, expected: dict[str, torch.Size] | None = None):
+        """(model, manifest): a verified version as a Hugging Face causal LM in eval mode."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        weights, manifest = self.load_weights(drafter, version, expected)
+        try:
+            config = AutoConfig.from_pretrained(self.path(drafter, version))
+            model = AutoModelForCausalLM.from_config(config)
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except Exception as exc:
+            raise CheckpointError(f"{drafter} v{version}: cannot rebuild the model: {exc}") from None
+        tied = getattr(config, "tie_word_embeddings", False)
+        if unexpected or [m for m in missing if not (tied and m == "lm_head.weight")]:
+            raise CheckpointError(f"{drafter} v{version}: weights do not fit the config ({missing[:3]}, {unexpected[:3]})")
+        if tied:
+            model.tie_weights()
+        return model.float().eval(), manifest
+
+    def load_learner_state(self, drafter: str, version: int) -> tuple[dict, dict] | None:
+        base = self.path(drafter, version)
+        if not (base / "learner.json").is_file():
+            return None
+        return load_file(str(base / "learner.safetensors")), json.loads((base / "learner.json").read_text())
+
+    # ------------------------------------------------------------------ writing
+
+    def publish(
+        self,
+        drafter: str,
+        model,
+        parent: int | None,
+        learner_state: tuple[dict, dict] | None = None,
+        watermark: str | None = None,
+        metrics: dict | None = None,
+        note: str = "",
+    ) -> Manifest:
+        """Write a new version and move the latest pointer from ``parent`` to it (or raise
+        :class:`PublishConflict` and leave the pointer alone)."""
+        current = self.latest(drafter)
+        if current != parent:
+            raise PublishConflict(f"{drafter}: latest is v{current}, not the parent v{parent}")
+        version = int(self.redis.incr(keys.version_counter(drafter)))
+        base = self.root / drafter
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = base / f".v{version}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            if getattr(model.config, "tie_word_embeddings", False):
+                state.pop("lm_head.weight", None)  # tied: saved once, as the embedding
+            save_file(state, str(tmp / "model.safetensors"))
+            model.config.to_json_file(str(tmp / "config.json"))
+            if learner_state is not None:
+                tensors, meta = learner_state
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "learner.safetensors"))
+                (tmp / "learner.json").write_text(json.dumps(meta))
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+            manifest = Manifest(drafter, version, parent, time.time(), files, watermark, metrics or {}, note)
+            (tmp / "manifest.json").write_text(manifest.to_json())
+            for p in tmp.iterdir():
+                _fsync(p)
+            _fsync(tmp)
+            os.rename(tmp, self.path(drafter, version))
+            _fsync(base)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if not self._cas(keys=[keys.latest_key(drafter)], args=["" if parent is None else str(parent), str(version)]):
+            shutil.rmtree(self.path(drafter, version), ignore_errors=True)
+            raise PublishConflict(f"{drafter}: another worker advanced from v{parent} first")
+        self.redis.xadd(
+            keys.events_stream,
+            {"type": "published", "drafter": drafter, "version": version, "parent": "" if parent is None else parent},
+            maxlen=10_000, approximate=True,
+        )
+        self.gc(drafter)
+        return manifest
+
+    def rollback(self, drafter: str, to_version: int, reason: str = "") -> None:
+        """Point the drafter back at a kept version (learners continue from it)."""
+        self.verify(drafter, to_version)
+        current = self.latest(drafter)
+        if not self._cas(keys=[keys.latest_key(drafter)], args=["" if current is None else str(current), str(to_version)]):
+            raise PublishConflict(f"{drafter}: latest moved during rollback")
+        self.redis.xadd(
+            keys.events_stream,
+            {"type": "rollback", "drafter": drafter, "version": to_version, "from": current or "", "reason": reason},
+            maxlen=10_000, approximate=True,
+        )
+
+    def gc(self, drafter: str) -> list[int]:
+        """Keep the latest version and the ``keep - 1`` newest before it. Versions numbered after
+        the latest are left alone: another worker may be writing one right now."""
+        latest = self.latest(drafter)
+        if latest is None:
+            return []
+        older = [v for v in self.versions(drafter) if v < latest]
+        doomed = older[: max(0, len(older) - (self.keep - 1))]
+        for v in doomed:
+            shutil.rmtree(self.path(drafter, v), ignore_errors=True)
+        return doomed
