@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = [
     "feedback_stream", "dead_letter_stream", "learner_group", "events_stream", "latest_key",
     "version_counter", "learner_metrics_stream", "learner_latest", "learner_config", "paused_key",
-    "inflight_key", "UPDATE_QUEUE", "pool_key",
+    "inflight_key", "UPDATE_QUEUE", "pool_key", "drafters_set",
 ]
 
 UPDATE_QUEUE = "onlinespec-updates"
@@ -66,3 +66,8 @@ def inflight_key(drafter: str) -> str:
 def pool_key(target: str) -> str:
     """Hash: Hedge weights over the drafter pool of a target and the drafter chosen to serve."""
     return f"onlinespec:pool:{target}"
+
+
+def drafters_set(target: str) -> str:
+    """Set of the drafter ids that learn from a target's feedback (registered at bootstrap)."""
+    return f"onlinespec:drafters:{target}"

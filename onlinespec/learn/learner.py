@@ -45,8 +45,11 @@ class LearnerConfig:
     trainable: str = ".*"  # regex on parameter names; the rest stays frozen
     regret_window: int = 20  # rounds in the sliding-window (dynamic) comparator
     max_len: int = 1024
+    steps_per_round: int = 1  # gradient steps on each round's batch (the first at the played point)
 
     def __post_init__(self):
+        if self.steps_per_round < 1:
+            raise ValueError("steps_per_round must be >= 1")
         if self.ensemble_size < 1:
             raise ValueError("ensemble_size must be >= 1")
         if self.grid_factor <= 1:
@@ -170,9 +173,11 @@ class DrafterLearner:
         outs, grads = zip(*(self._loss(opt.play(), batch, grad=True) for opt in self.optimizers))
         base = np.array([o.tv for o in outs])
         self.hedge.update(base)
-        # 3. gradient steps
+        # 3. gradient steps (further ones re-evaluate the same batch at the moved point)
         for opt, g in zip(self.optimizers, grads):
             opt.step(g)
+            for _ in range(self.config.steps_per_round - 1):
+                opt.step(self._loss(opt.play(), batch, grad=True)[1])
         new = self.served_params()
         change = math.sqrt(sum(float(((new[n] - parent[n]) ** 2).sum()) for n in self.names))
 

@@ -1,0 +1,163 @@
+"""Hot swap of drafter versions in a serving process, and rollback of versions that hurt.
+
+A background thread follows the events stream (XREAD, blocking) and also polls each drafter's
+latest-version key, so a missed event only delays a swap by one poll. New versions are loaded
+and validated *in that thread* (checksums, exact names and shapes, finite values); the engine
+loop calls :meth:`SwapWatcher.apply` between steps, where a swap is a pointer assignment.
+A refused version is reported (counter + ``refused`` event) and the old one keeps serving.
+
+:meth:`SwapWatcher.observe` feeds per-version acceptance from the engine. When a new version,
+after ``min_drafted`` drafted tokens, accepts less than its parent did by more than ``margin``,
+the drafter is rolled back to the parent (the learners then continue from it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from onlinespec import keys
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.registry import CheckpointError, PublishConflict, Registry, expected_shapes
+
+__all__ = ["SwapStats", "VersionStats", "SwapWatcher"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VersionStats:
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
+class SwapStats:
+    swaps: int = 0
+    refusals: int = 0
+    rollbacks: int = 0
+    last_refusal: str = ""
+    max_apply_ms: float = 0.0  # longest engine stall inside apply()
+    versions: dict = field(default_factory=dict)  # (drafter, version) -> VersionStats
+
+
+class SwapWatcher:
+    def __init__(self, redis_client, registry: Registry, drafters: dict[str, HFDrafter], poll_seconds: float = 2.0,
+                 rollback: bool = True, min_drafted: int = 2000, margin: float = 0.05):
+        self.redis = redis_client
+        self.registry = registry
+        self.drafters = drafters
+        self.poll_seconds = poll_seconds
+        self.rollback_enabled, self.min_drafted, self.margin = rollback, min_drafted, margin
+        self.shapes = {d: expected_shapes(h.model) for d, h in drafters.items()}
+        self.stats = SwapStats()
+        self.parents: dict[str, int | None] = {}  # drafter -> parent of the version serving now
+        self.refused: set[tuple[str, int]] = set()
+        self._ready: dict[str, tuple[object, int, int | None]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ background side
+
+    def start(self) -> SwapWatcher:
+        self._thread = threading.Thread(target=self._run, name="swap-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        last_id = "$"
+        last_poll = 0.0
+        while not self._stop.is_set():
+            try:
+                events = self.redis.xread({keys.events_stream: last_id}, count=100, block=500)
+                for _, entries in events or []:
+                    for entry_id, _ in entries:
+                        last_id = entry_id
+                if events or time.time() - last_poll >= self.poll_seconds:
+                    last_poll = time.time()
+                    self.check_all()
+            except Exception as exc:  # noqa: BLE001 - Redis down: keep serving, retry
+                log.warning("swap watcher: %s", exc)
+                self._stop.wait(1.0)
+
+    def check_all(self) -> None:
+        for drafter in self.drafters:
+            self.check(drafter)
+
+    def check(self, drafter: str) -> bool:
+        """Load and validate the latest version if it is new; True when one is ready to apply."""
+        latest = self.registry.latest(drafter)
+        current = self.drafters[drafter].version
+        with self._lock:
+            pending = self._ready.get(drafter)
+        if latest is None or latest == current or (pending and pending[1] == latest) or (drafter, latest) in self.refused:
+            return False
+        try:
+            model, manifest = self.registry.load_model(drafter, latest, self.shapes[drafter])
+        except CheckpointError as exc:
+            self.refused.add((drafter, latest))
+            self.stats.refusals += 1
+            self.stats.last_refusal = str(exc)
+            log.error("refused %s v%s: %s", drafter, latest, exc)
+            self.redis.xadd(keys.events_stream, {"type": "refused", "drafter": drafter, "version": latest,
+                                                 "reason": str(exc)[:500]}, maxlen=10_000, approximate=True)
+            return False
+        with self._lock:
+            self._ready[drafter] = (model, latest, manifest.parent)
+        return True
+
+    # ------------------------------------------------------------------ engine-loop side
+
+    def apply(self) -> list[tuple[str, int]]:
+        """Swap in every validated version. Called between engine steps; cheap."""
+        t0 = time.perf_counter()
+        with self._lock:
+            ready, self._ready = self._ready, {}
+        swapped = []
+        for drafter, (model, version, parent) in ready.items():
+            self.drafters[drafter].swap(model, version)
+            self.parents[drafter] = parent
+            self.stats.swaps += 1
+            swapped.append((drafter, version))
+        self.stats.max_apply_ms = max(self.stats.max_apply_ms, (time.perf_counter() - t0) * 1000)
+        return swapped
+
+    def observe(self, drafter: str, version: int, drafted: int, accepted: int) -> None:
+        stats = self.stats.versions.setdefault((drafter, version), VersionStats())
+        stats.drafted += drafted
+        stats.accepted += accepted
+        stats.steps += 1
+        if self.rollback_enabled and drafted:
+            self._maybe_rollback(drafter, version, stats)
+
+    def _maybe_rollback(self, drafter: str, version: int, stats: VersionStats) -> None:
+        parent = self.parents.get(drafter)
+        if parent is None or stats.drafted < self.min_drafted:
+            return
+        before = self.stats.versions.get((drafter, parent))
+        if before is None or before.drafted < self.min_drafted:
+            return
+        if stats.acceptance < before.acceptance - self.margin:
+            reason = f"acceptance {stats.acceptance:.3f} < parent v{parent} {before.acceptance:.3f} - {self.margin}"
+            try:
+                self.registry.rollback(drafter, parent, reason=reason)
+            except (CheckpointError, PublishConflict) as exc:
+                log.warning("rollback of %s v%s failed: %s", drafter, version, exc)
+                return
+            self.stats.rollbacks += 1
+            self.parents[drafter] = None  # do not roll back past the parent
+            self.refused.add((drafter, version))
+            log.warning("rolled back %s v%s -> v%s: %s", drafter, version, parent, reason)

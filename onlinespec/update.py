@@ -1,0 +1,121 @@
+"""One learning round for one drafter, end to end through Redis and the registry.
+
+    read feedback (consumer group) -> learner round -> publish version (compare-and-set)
+      -> acknowledge the entries -> round metrics to Redis
+
+Acknowledging only after the publish means a worker that dies mid-round loses nothing: its
+entries stay pending and are delivered again (to itself, or reclaimed by another worker).
+Learners are kept in memory between rounds (per worker process) and rebuilt from the registry
+whenever the latest version is not the one they hold, so any worker can continue any drafter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from onlinespec import keys
+from onlinespec.learn.learner import DrafterLearner, LearnerConfig
+from onlinespec.registry import PublishConflict, Registry
+from onlinespec.stream import FeedbackReader
+
+__all__ = ["RoundResult", "Updater", "bootstrap_drafter", "learner_config"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    drafter: str
+    status: str  # "published" | "idle" | "paused" | "conflict"
+    version: int | None = None
+    parent: int | None = None
+    records: int = 0
+    dead: int = 0
+    seconds: float = 0.0
+    metrics: dict | None = None
+
+
+def bootstrap_drafter(registry: Registry, drafter: str, model) -> int:
+    """Register the base model as the drafter's first version, unless one exists."""
+    latest = registry.latest(drafter)
+    if latest is not None:
+        return latest
+    try:
+        return registry.publish(drafter, model, parent=None, note="base model").version
+    except PublishConflict:
+        return registry.latest(drafter)
+
+
+def learner_config(redis_client, drafter: str, default: LearnerConfig | None = None) -> LearnerConfig:
+    raw = redis_client.get(keys.learner_config(drafter))
+    if raw is None:
+        return default or LearnerConfig()
+    return LearnerConfig.from_dict(json.loads(raw))
+
+
+class Updater:
+    """Runs rounds for any drafter of one target; holds learners between rounds."""
+
+    def __init__(self, redis_client, registry: Registry, target: str, consumer: str,
+                 round_records: int = 16, min_idle_ms: int = 60_000):
+        self.redis = redis_client
+        self.registry = registry
+        self.target = target
+        self.consumer = consumer
+        self.round_records = round_records
+        self.min_idle_ms = min_idle_ms
+        self.learners: dict[str, tuple[int, DrafterLearner, str]] = {}  # drafter -> (version, learner, config json)
+
+    def _learner(self, drafter: str, latest: int, config: LearnerConfig) -> DrafterLearner:
+        cached = self.learners.get(drafter)
+        config_json = json.dumps(config.to_dict(), sort_keys=True)
+        if cached and cached[0] == latest and cached[2] == config_json:
+            return cached[1]
+        model, _ = self.registry.load_model(drafter, latest)
+        learner = DrafterLearner(model, config)
+        state = self.registry.load_learner_state(drafter, latest)
+        if state is not None:
+            tensors, meta = state
+            if meta.get("config") == config.to_dict():
+                learner.load_state(*state)
+            else:  # hyperparameters changed: continue from the weights, fresh learner state
+                learner.rounds = int(meta.get("rounds", 0))
+        self.learners[drafter] = (latest, learner, config_json)
+        return learner
+
+    def run_round(self, drafter: str) -> RoundResult:
+        t0 = time.perf_counter()
+        if self.redis.exists(keys.paused_key(drafter)):
+            return RoundResult(drafter, "paused")
+        latest = self.registry.latest(drafter)
+        if latest is None:
+            raise RuntimeError(f"drafter {drafter!r} has no version: bootstrap it first")
+        reader = FeedbackReader(self.redis, self.target, drafter, self.consumer, self.min_idle_ms)
+        delivery = reader.read(self.round_records)
+        if not delivery.records:
+            return RoundResult(drafter, "idle", latest, latest, 0, delivery.dead, time.perf_counter() - t0)
+        config = learner_config(self.redis, drafter)
+        learner = self._learner(drafter, latest, config)
+        metrics = learner.round(delivery.records).to_dict()
+        try:
+            manifest = self.registry.publish(
+                drafter, learner.served_model(), parent=latest, learner_state=learner.state(),
+                watermark=delivery.last_id.decode() if delivery.last_id else None, metrics=metrics,
+            )
+        except PublishConflict:
+            self.learners.pop(drafter, None)  # someone else advanced: rebuild from theirs next time
+            return RoundResult(drafter, "conflict", None, latest, len(delivery), delivery.dead, time.perf_counter() - t0)
+        reader.ack(delivery.ids)  # only now: the version that learned from them is durable
+        self.learners[drafter] = (manifest.version, learner, self.learners[drafter][2])
+        seconds = time.perf_counter() - t0
+        metrics.update({"version": manifest.version, "parent": latest, "seconds": seconds,
+                        "generated_tokens": sum(r.generated for r in delivery.records), "time": time.time()})
+        payload = json.dumps(metrics)
+        pipe = self.redis.pipeline()
+        pipe.xadd(keys.learner_metrics_stream(drafter), {"m": payload}, maxlen=10_000, approximate=True)
+        pipe.hset(keys.learner_latest(drafter), mapping={"metrics": payload})
+        pipe.execute()
+        return RoundResult(drafter, "published", manifest.version, latest, len(delivery), delivery.dead, seconds, metrics)

@@ -1,0 +1,77 @@
+"""Enqueues update jobs: when enough new feedback is pending, or on a period when some is.
+
+Every worker process may run a trigger; the in-flight mark (SET NX with expiry) keeps at most
+one update job per drafter queued or running, whichever trigger saw the backlog first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from rq import Queue, Retry
+
+from onlinespec import keys
+from onlinespec.stream import FeedbackReader
+
+__all__ = ["Trigger"]
+
+log = logging.getLogger(__name__)
+
+
+class Trigger:
+    def __init__(self, redis_client, queue: Queue, target: str, min_records: int = 16, period: float = 10.0,
+                 job_timeout: int = 600, retries: int = 3, poll: float = 0.5):
+        self.redis, self.queue, self.target = redis_client, queue, target
+        self.min_records, self.period, self.poll = min_records, period, poll
+        self.job_timeout, self.retries = job_timeout, retries
+        self.last_enqueued: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def drafters(self) -> list[str]:
+        return sorted(d.decode() for d in self.redis.smembers(keys.drafters_set(self.target)))
+
+    def check(self) -> list[str]:
+        """One pass over the drafters; returns those for which a job was enqueued."""
+        enqueued = []
+        for drafter in self.drafters():
+            if self.redis.exists(keys.paused_key(drafter)):
+                continue
+            reader = FeedbackReader(self.redis, self.target, drafter, consumer="trigger")
+            pending = reader.pending_new(limit=self.min_records)
+            due = time.time() - self.last_enqueued.get(drafter, 0.0) >= self.period
+            if pending >= self.min_records or (pending > 0 and due):
+                if self.enqueue(drafter):
+                    enqueued.append(drafter)
+        return enqueued
+
+    def enqueue(self, drafter: str, force: bool = False) -> bool:
+        ttl = self.job_timeout * (self.retries + 1) + 60
+        if not self.redis.set(keys.inflight_key(drafter), "1", nx=True, ex=ttl) and not force:
+            return False
+        self.queue.enqueue_call(
+            "workers.jobs.update_drafter", args=(self.target, drafter), timeout=self.job_timeout,
+            retry=Retry(max=self.retries, interval=[2, 10, 30][: self.retries] or [2]),
+            job_id=f"update-{drafter}-{uuid.uuid4().hex[:8]}", result_ttl=600, failure_ttl=86_400,
+        )
+        self.last_enqueued[drafter] = time.time()
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="update-trigger", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            try:
+                self.check()
+            except Exception as exc:  # noqa: BLE001 - keep triggering through Redis hiccups
+                log.warning("trigger: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
