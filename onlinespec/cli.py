@@ -23,9 +23,16 @@ def _models(args) -> int:
 def _bench(args) -> int:
     if args.what == "engine":
         from onlinespec.bench.engine import run
+    else:
+        from onlinespec.bench.loop import run
+    return run(args)
 
-        return run(args)
-    raise SystemExit(f"unknown benchmark {args.what!r}")
+
+def _worker(args) -> int:
+    from workers.__main__ import main as worker_main
+
+    worker_main(args.rest)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures (and --json)")
-    p.add_argument("what", choices=["engine"])
+    p.add_argument("what", choices=["engine", "loop"])
     p.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a smoke run in under a minute")
     p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     p.add_argument("--target", default=None, help="target model path or hub id (default: demo:target)")
@@ -46,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--domain", default="python", help="held-out prompt domain of the demo set")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--redis-url", default=None, help="loop: Redis to use (default: start a private one)")
+    p.add_argument("--round-records", type=int, default=16, help="loop: records per learning round")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("worker", help="run an RQ worker for drafter updates (see --help of python -m workers)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_worker)
     return ap
 
 

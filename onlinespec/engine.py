@@ -78,6 +78,7 @@ class GenerationStats:
     accepted_per_pos: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    capture_seconds: float = 0.0  # copying the target's top-K into the feedback record
 
     @property
     def mean_accepted_length(self) -> float:
@@ -289,7 +290,9 @@ class Generation:
             if self.stop.push(token):
                 break
         if self.builder is not None:
+            t_capture = time.perf_counter()
             self._capture(logits[:emitted], drafts.tolist(), verdict.accepted, emitted)
+            self.stats.capture_seconds += time.perf_counter() - t_capture
         self.tokens.extend(new[:emitted])
         if not self.finished:
             # Keep every settled token but the newest (it is fed with the next drafts).

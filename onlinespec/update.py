@@ -21,7 +21,9 @@ from onlinespec.learn.learner import DrafterLearner, LearnerConfig
 from onlinespec.registry import PublishConflict, Registry
 from onlinespec.stream import FeedbackReader
 
-__all__ = ["RoundResult", "Updater", "bootstrap_drafter", "learner_config"]
+__all__ = ["RoundResult", "Updater", "PoolUpdater", "bootstrap_drafter", "learner_config", "POOL"]
+
+POOL = "__pool__"  # the pool's consumer group reads every record, like each drafter's
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +121,50 @@ class Updater:
         pipe.hset(keys.learner_latest(drafter), mapping={"metrics": payload})
         pipe.execute()
         return RoundResult(drafter, "published", manifest.version, latest, len(delivery), delivery.dead, seconds, metrics)
+
+
+class PoolUpdater:
+    """Scores every drafter of a target on every new record and moves the pool's Hedge weights.
+
+    The weights, the chosen drafter and the Hedge state live in the hash ``pool_key(target)``;
+    serving processes read ``serving`` from it to pick the drafter for the next requests."""
+
+    def __init__(self, redis_client, registry: Registry, target: str, consumer: str, round_records: int = 16,
+                 eta: float = 4.0, min_idle_ms: int = 60_000):
+        self.redis, self.registry, self.target = redis_client, registry, target
+        self.consumer, self.round_records, self.eta, self.min_idle_ms = consumer, round_records, eta, min_idle_ms
+        self.models: dict[str, tuple[int, object]] = {}
+
+    def _model(self, drafter: str):
+        latest = self.registry.latest(drafter)
+        cached = self.models.get(drafter)
+        if cached is None or cached[0] != latest:
+            self.models[drafter] = (latest, self.registry.load_model(drafter, latest)[0])
+        return self.models[drafter][1]
+
+    def run_round(self) -> RoundResult:
+        from onlinespec.learn.hedge import Hedge
+        from onlinespec.learn.pool import DrafterPool
+
+        t0 = time.perf_counter()
+        drafters = sorted(d.decode() for d in self.redis.smembers(keys.drafters_set(self.target)))
+        if len(drafters) < 2:
+            return RoundResult(POOL, "idle")
+        reader = FeedbackReader(self.redis, self.target, POOL, self.consumer, self.min_idle_ms)
+        delivery = reader.read(self.round_records)
+        if not delivery.records:
+            return RoundResult(POOL, "idle", dead=delivery.dead)
+        raw = self.redis.hget(keys.pool_key(self.target), "state")
+        state = json.loads(raw) if raw else None
+        hedge = Hedge.from_state(state["hedge"]) if state and state["drafters"] == drafters else None
+        pool = DrafterPool(drafters, eta=self.eta, hedge=hedge)
+        result = pool.round({d: self._model(d) for d in drafters}, delivery.records)
+        self.redis.hset(keys.pool_key(self.target), mapping={
+            "state": json.dumps({"drafters": drafters, "hedge": pool.hedge.state()}),
+            "weights": json.dumps(dict(zip(drafters, result.weights))),
+            "losses": json.dumps(dict(zip(drafters, result.losses))),
+            "serving": result.serving,
+        })
+        reader.ack(delivery.ids)
+        return RoundResult(POOL, "published", records=len(delivery), dead=delivery.dead,
+                           seconds=time.perf_counter() - t0, metrics=result.to_dict())

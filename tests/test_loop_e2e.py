@@ -202,3 +202,21 @@ def test_regressing_version_is_rolled_back(setup, redis_client):
     assert watcher.stats.rollbacks == 1 and registry.latest("learned") == 1
     assert watcher.check("learned") and watcher.apply() == [("learned", 1)]
     assert served.version == 1
+
+
+def test_pool_weights_move_to_the_drafter_that_fits_the_traffic(setup, redis_client):
+    target, registry = setup
+    # "good" is the target itself (every draft accepted); "learned" and "frozen" are noisy heads.
+    bootstrap_drafter(registry, "good", target)
+    redis_client.sadd(keys.drafters_set(TARGET), "good")
+    _submit_records(target, registry.load_model("learned", 1)[0], redis_client, 12)  # served by "learned"
+    from onlinespec.update import PoolUpdater
+
+    pool = PoolUpdater(redis_client, registry, TARGET, consumer="w", round_records=4)
+    for _ in range(3):
+        assert pool.run_round().status == "published"
+    weights = json.loads(redis_client.hget(keys.pool_key(TARGET), "weights"))
+    losses = json.loads(redis_client.hget(keys.pool_key(TARGET), "losses"))
+    assert redis_client.hget(keys.pool_key(TARGET), "serving") == b"good"
+    assert losses["good"] < 1e-3 < losses["learned"]  # scored on records it never served
+    assert weights["good"] > 0.9

@@ -9,11 +9,12 @@ from dataclasses import asdict
 from onlinespec import keys
 from onlinespec.redis_server import connect
 from onlinespec.registry import Registry
-from onlinespec.update import Updater
+from onlinespec.update import POOL, PoolUpdater, Updater
 
-__all__ = ["update_drafter", "configure"]
+__all__ = ["update_drafter", "update_pool", "configure"]
 
 _updaters: dict[str, Updater] = {}
+_pools: dict[str, PoolUpdater] = {}
 _settings: dict = {}
 
 
@@ -23,6 +24,7 @@ def configure(redis_url: str | None = None, registry_root: str | None = None, ro
     _settings.update({k: v for k, v in dict(redis_url=redis_url, registry_root=registry_root,
                                              round_records=round_records, min_idle_ms=min_idle_ms).items() if v})
     _updaters.clear()
+    _pools.clear()
 
 
 def _updater(target: str) -> Updater:
@@ -46,3 +48,15 @@ def update_drafter(target: str, drafter: str) -> dict:
     out = asdict(result)
     out.pop("metrics", None)  # kept in Redis under onlinespec:learner:*; the job result stays small
     return out
+
+
+def update_pool(target: str) -> dict:
+    """One round of the drafter pool's Hedge weights (full information over every drafter)."""
+    if target not in _pools:
+        base = _updater(target)
+        _pools[target] = PoolUpdater(base.redis, base.registry, target, base.consumer, base.round_records,
+                                     min_idle_ms=base.min_idle_ms)
+    pool = _pools[target]
+    result = pool.run_round()
+    pool.redis.delete(keys.inflight_key(POOL))
+    return asdict(result)

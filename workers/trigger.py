@@ -15,6 +15,7 @@ from rq import Queue, Retry
 
 from onlinespec import keys
 from onlinespec.stream import FeedbackReader
+from onlinespec.update import POOL
 
 __all__ = ["Trigger"]
 
@@ -37,7 +38,8 @@ class Trigger:
     def check(self) -> list[str]:
         """One pass over the drafters; returns those for which a job was enqueued."""
         enqueued = []
-        for drafter in self.drafters():
+        drafters = self.drafters()
+        for drafter in drafters + ([POOL] if len(drafters) >= 2 else []):
             if self.redis.exists(keys.paused_key(drafter)):
                 continue
             reader = FeedbackReader(self.redis, self.target, drafter, consumer="trigger")
@@ -52,10 +54,12 @@ class Trigger:
         ttl = self.job_timeout * (self.retries + 1) + 60
         if not self.redis.set(keys.inflight_key(drafter), "1", nx=True, ex=ttl) and not force:
             return False
+        func, args = ("workers.jobs.update_pool", (self.target,)) if drafter == POOL else (
+            "workers.jobs.update_drafter", (self.target, drafter))
         self.queue.enqueue_call(
-            "workers.jobs.update_drafter", args=(self.target, drafter), timeout=self.job_timeout,
+            func, args=args, timeout=self.job_timeout,
             retry=Retry(max=self.retries, interval=[2, 10, 30][: self.retries] or [2]),
-            job_id=f"update-{drafter}-{uuid.uuid4().hex[:8]}", result_ttl=600, failure_ttl=86_400,
+            job_id=f"update-{drafter.strip('_')}-{uuid.uuid4().hex[:8]}", result_ttl=600, failure_ttl=86_400,
         )
         self.last_enqueued[drafter] = time.time()
         return True

@@ -23,8 +23,11 @@ class _State:
 class HFDrafter:
     """Autoregressive drafting with a KV cache that is rolled back, never rebuilt, on rejection.
 
-    ``swap(model, version)`` replaces the weights between engine steps; a request in flight
-    notices the new version at its next ``propose`` and re-prefills its drafter cache.
+    ``swap(model, version)`` replaces the weights between engine steps. A request in flight
+    switches to the new weights at its next ``propose`` but keeps the keys and values its cache
+    already holds (computed by the previous version): re-encoding the whole prefix would stall
+    the engine loop for every request at every swap, and what the drafter proposes never
+    changes the output, only how much of it is accepted. New requests use the new weights only.
     """
 
     def __init__(self, model: PreTrainedModel, drafter_id: str, version: int = 0):
@@ -43,9 +46,8 @@ class HFDrafter:
         self, state: _State, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Proposal:
         session = state.session
-        if state.version != self.version or session.model is not self.model:
-            state.session, state.version = CacheSession(self.model), self.version
-            session = state.session
+        if session.model is not self.model:  # swapped: continue on the new weights, keep the cache
+            session.model, state.version = self.model, self.version
         pending = tokens[session.length :]  # at least the last settled token
         logits = session.feed(pending, last_only=True)[-1]
         drafts: list[int] = []

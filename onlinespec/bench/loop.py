@@ -1,0 +1,159 @@
+"""``onlinespec bench loop``: what the learning loop costs the server, and whether workers keep up.
+
+Real Redis (``REDIS_URL``, or a private server started here), the real writer, updater, registry
+and swap watcher, on the demo models (or ``--target``/``--drafter``):
+
+- ``logging_overhead``: seconds spent capturing feedback (top-K copies, building the record,
+  queuing it) / seconds of decoding, over the same requests. Goal <= 0.03.
+- ``swap_stall_ms``: the longest engine stall a swap caused: the swap itself between steps plus
+  the extra time of the first step after it (the drafter's cache is re-prefilled). Goal <= 20.
+- ``worker_rate_ratio``: generated tokens per second one worker learns from (rounds through the
+  updater: read, learn, publish, ack) / generated tokens per second one server produces.
+  Goal >= 3.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+
+from onlinespec import keys
+from onlinespec.bench.common import emit, machine, set_threads
+from onlinespec.bench.engine import _prompts
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.hotswap import SwapWatcher
+from onlinespec.learn.learner import LearnerConfig
+from onlinespec.learn.optim import OptimConfig
+from onlinespec.models import load_model, load_tokenizer
+from onlinespec.redis_server import EmbeddedRedis, connect
+from onlinespec.registry import Registry
+from onlinespec.sampling import SamplingParams
+from onlinespec.stream import FeedbackWriter
+from onlinespec.update import Updater, bootstrap_drafter
+
+__all__ = ["run"]
+
+TARGET = "bench-target"
+DRAFTER = "bench-drafter"
+
+
+def _serve(engine, prompts, params, writer, watcher=None, step_times=None):
+    """Decode every prompt; returns (decode seconds, capture seconds, generated tokens)."""
+    decode = capture = 0.0
+    tokens = 0
+    for i, prompt in enumerate(prompts):
+        gen = engine.start(prompt, SamplingParams(**{**params.__dict__, "seed": i}))
+        while not gen.finished:
+            t0 = time.perf_counter()
+            swapped = watcher.apply() if watcher is not None else []
+            out = gen.step()
+            dt = time.perf_counter() - t0
+            if step_times is not None:
+                step_times.append((dt, bool(swapped)))
+            decode += dt
+        t0 = time.perf_counter()
+        if writer is not None:
+            writer.submit(gen.record())
+        capture += gen.stats.capture_seconds + (time.perf_counter() - t0)
+        decode += time.perf_counter() - t0
+        tokens += len(gen.generated)
+    return decode, capture, tokens
+
+
+def run(args) -> int:
+    threads = set_threads(args.threads)
+    target_name = args.target or "demo:target"
+    drafter_name = args.drafter or "demo:drafter-1l"
+    n = args.prompts or (4 if args.quick else 16)
+    max_new = args.max_new_tokens or (32 if args.quick else 96)
+    tokenizer = load_tokenizer(target_name)
+    target = load_model(target_name)
+    base = load_model(drafter_name)
+    prompts = _prompts(tokenizer, args.domain, n)
+    params = SamplingParams(max_new_tokens=max_new, temperature=1.0)
+
+    server = None
+    url = args.redis_url
+    if not url:
+        server = EmbeddedRedis().start()
+        url = server.url
+    client = connect(url)
+    root = tempfile.mkdtemp(prefix="onlinespec-bench-registry-")
+    try:
+        registry = Registry(root, client, keep=5)
+        for key in client.scan_iter(match="onlinespec:*bench-*"):
+            client.delete(key)
+        bootstrap_drafter(registry, DRAFTER, base)
+        served = HFDrafter(registry.load_model(DRAFTER, registry.latest(DRAFTER))[0], DRAFTER,
+                           version=registry.latest(DRAFTER))
+        config = EngineConfig(k=args.k, target_id=TARGET)
+        engine = SpeculativeEngine(target, served, tokenizer=tokenizer, config=config)
+        writer = FeedbackWriter(client, TARGET)
+        _serve(engine, prompts[:1], SamplingParams(max_new_tokens=8), None)  # warm-up
+
+        # 1. logging overhead on the served path
+        decode, capture, tokens = _serve(engine, prompts, params, writer)
+        writer.flush()
+        server_rate = tokens / decode
+
+        # 2. worker rate: rounds over what was just logged (and more of the same if needed)
+        updater = Updater(client, registry, TARGET, consumer="bench", round_records=args.round_records)
+        client.set(keys.learner_config(DRAFTER), json.dumps(
+            LearnerConfig(optim=OptimConfig(lr=1e-3, hint="last", adaptive=True)).to_dict()))
+        learned_tokens, learn_seconds = 0, 0.0
+        while True:
+            result = updater.run_round(DRAFTER)
+            if result.status != "published":
+                break
+            learned_tokens += result.metrics["generated_tokens"]
+            learn_seconds += result.seconds
+        worker_rate = learned_tokens / learn_seconds if learn_seconds else 0.0
+
+        # 3. swap stall: serve while versions are published from another thread
+        watcher = SwapWatcher(client, registry, {DRAFTER: served}, poll_seconds=0.05, rollback=False).start()
+        stop = threading.Event()
+
+        def publisher():
+            model = registry.load_model(DRAFTER, registry.latest(DRAFTER))[0]
+            while not stop.wait(0.5):
+                with torch.no_grad():
+                    model.lm_head.weight.mul_(1.0 + 1e-4)
+                registry.publish(DRAFTER, model, parent=registry.latest(DRAFTER))
+
+        thread = threading.Thread(target=publisher, daemon=True)
+        thread.start()
+        steps: list[tuple[float, bool]] = []
+        _serve(engine, prompts, params, None, watcher, steps)
+        stop.set()
+        thread.join()
+        watcher.stop()
+        writer.close()
+        plain = statistics.median(dt for dt, swapped in steps if not swapped)
+        stalls = [(dt - plain) * 1000 for dt, swapped in steps if swapped]
+    finally:
+        client.close()
+        if server:
+            server.stop()
+
+    result = {
+        "logging_overhead": capture / decode,
+        "swap_stall_ms": max(stalls) if stalls else 0.0,
+        "swaps": len(stalls),
+        "worker_rate_ratio": worker_rate / server_rate,
+        "server_tokens_per_s": server_rate,
+        "worker_tokens_per_s": worker_rate,
+        "median_step_ms": plain * 1000,
+        "writer_dropped": writer.stats.dropped,
+        "target": target_name, "drafter": drafter_name, "k": args.k, "prompts": n,
+        "max_new_tokens": max_new, "round_records": args.round_records, "threads": threads, "machine": machine(),
+    }
+    table = [(k, result[k]) for k in ("logging_overhead", "swap_stall_ms", "swaps", "worker_rate_ratio",
+                                      "server_tokens_per_s", "worker_tokens_per_s", "median_step_ms", "writer_dropped")]
+    emit(table, result, args.json)
+    return 0
