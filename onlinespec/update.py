@@ -62,13 +62,14 @@ class Updater:
     """Runs rounds for any drafter of one target; holds learners between rounds."""
 
     def __init__(self, redis_client, registry: Registry, target: str, consumer: str,
-                 round_records: int = 16, min_idle_ms: int = 60_000):
+                 round_records: int = 16, min_idle_ms: int = 60_000, default_config: LearnerConfig | None = None):
         self.redis = redis_client
         self.registry = registry
         self.target = target
         self.consumer = consumer
         self.round_records = round_records
         self.min_idle_ms = min_idle_ms
+        self.default_config = default_config
         self.learners: dict[str, tuple[int, DrafterLearner, str]] = {}  # drafter -> (version, learner, config json)
 
     def _learner(self, drafter: str, latest: int, config: LearnerConfig) -> DrafterLearner:
@@ -99,7 +100,7 @@ class Updater:
         delivery = reader.read(self.round_records)
         if not delivery.records:
             return RoundResult(drafter, "idle", latest, latest, 0, delivery.dead, time.perf_counter() - t0)
-        config = learner_config(self.redis, drafter)
+        config = learner_config(self.redis, drafter, self.default_config)
         learner = self._learner(drafter, latest, config)
         metrics = learner.round(delivery.records).to_dict()
         try:

@@ -122,3 +122,20 @@ def test_hedge_stays_finite_and_normalized_over_a_million_updates(optimistic):
 def test_hedge_refuses_non_finite_losses():
     with pytest.raises(ValueError):
         Hedge(3).update([0.1, float("nan"), 0.2])
+
+
+def test_the_shipped_learner_config_loads_and_unknown_keys_are_refused(tmp_path):
+    from pathlib import Path
+
+    from onlinespec.learn.learner import LearnerConfig
+
+    root = Path(__file__).resolve().parents[1]
+    config = LearnerConfig.from_yaml(root / "configs" / "learner.yaml")
+    assert config.optim.hint == "last" and config.loss.kl == 1.0
+    assert LearnerConfig.from_dict(config.to_dict()) == config
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: 0.1}\nlearning_rate: 3\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        LearnerConfig.from_yaml(bad)
+    with pytest.raises(ValueError):
+        LearnerConfig.from_dict({"optim": {"hint": "future"}})

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("ONLINESPEC_WORKER_THREADS", "1")))
     ap.add_argument("--round-records", type=int, default=int(os.environ.get("ONLINESPEC_ROUND_RECORDS", "16")))
     ap.add_argument("--period", type=float, default=float(os.environ.get("ONLINESPEC_UPDATE_PERIOD", "10")))
+    ap.add_argument("--learner-config", default=os.environ.get("ONLINESPEC_LEARNER_CONFIG"),
+                    help="YAML of LearnerConfig defaults (configs/learner.yaml); live config in Redis wins")
     ap.add_argument("--no-trigger", action="store_true", help="only run jobs; another process enqueues them")
     ap.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     args = ap.parse_args(argv)
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     from workers import jobs
     from workers.trigger import Trigger
 
-    jobs.configure(redis_url=args.redis_url, registry_root=args.registry, round_records=args.round_records)
+    jobs.configure(redis_url=args.redis_url, registry_root=args.registry, round_records=args.round_records,
+                   learner_config=args.learner_config)
     client = connect(args.redis_url)
     queue = Queue(keys.UPDATE_QUEUE, connection=client, serializer=JSONSerializer)
     trigger = None

@@ -7,6 +7,7 @@ import socket
 from dataclasses import asdict
 
 from onlinespec import keys
+from onlinespec.learn.learner import LearnerConfig
 from onlinespec.redis_server import connect
 from onlinespec.registry import Registry
 from onlinespec.update import POOL, PoolUpdater, Updater
@@ -19,10 +20,11 @@ _settings: dict = {}
 
 
 def configure(redis_url: str | None = None, registry_root: str | None = None, round_records: int | None = None,
-              min_idle_ms: int | None = None) -> None:
+              min_idle_ms: int | None = None, learner_config: str | None = None) -> None:
     """Called once by the worker entry point; jobs fall back to the environment otherwise."""
     _settings.update({k: v for k, v in dict(redis_url=redis_url, registry_root=registry_root,
-                                             round_records=round_records, min_idle_ms=min_idle_ms).items() if v})
+                                             round_records=round_records, min_idle_ms=min_idle_ms,
+                                             learner_config=learner_config).items() if v})
     _updaters.clear()
     _pools.clear()
 
@@ -31,10 +33,12 @@ def _updater(target: str) -> Updater:
     if target not in _updaters:
         client = connect(_settings.get("redis_url") or os.environ.get("REDIS_URL"))
         root = _settings.get("registry_root") or os.environ.get("ONLINESPEC_REGISTRY", "registry")
+        path = _settings.get("learner_config") or os.environ.get("ONLINESPEC_LEARNER_CONFIG")
         _updaters[target] = Updater(
             client, Registry(root, client), target, consumer=f"{socket.gethostname()}-{os.getpid()}",
             round_records=int(_settings.get("round_records") or os.environ.get("ONLINESPEC_ROUND_RECORDS", 16)),
             min_idle_ms=int(_settings.get("min_idle_ms") or os.environ.get("ONLINESPEC_MIN_IDLE_MS", 60_000)),
+            default_config=LearnerConfig.from_yaml(path) if path else None,
         )
     return _updaters[target]
 

@@ -46,6 +46,20 @@ def _timed(fn, prompts):
     return outputs, time.perf_counter() - t0
 
 
+def tie_margin(target, prompt: list[int], reference: list[int], other: list[int]) -> dict | None:
+    """Where two greedy outputs first differ: the target's top-2 logit margin there (a
+    floating-point near-tie between a batched verification and one-token decoding shows up as
+    a tiny margin), from one full forward over the reference."""
+    i = next((j for j, (a, b) in enumerate(zip(reference, other)) if a != b), None)
+    if i is None:
+        return None
+    with torch.no_grad():
+        logits = target(torch.tensor([prompt + reference[:i + 1]])).logits[0, len(prompt) + i - 1].float()
+    top = logits.topk(2)
+    return {"position": i, "reference_token": reference[i], "other_token": other[i],
+            "logit_margin": float(top.values[0] - top.values[1])}
+
+
 def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: int) -> dict:
     eos = tokenizer.eos_token_id
     params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -97,6 +111,8 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
         "efficiency": speedup / theory,
         "ratio_vs_hf": (n_spec / t_spec) / (n_hf / t_hf),
         "lossless": all(s.tokens == b.tokens for s, b in zip(spec, base)),
+        "first_difference": next((tie_margin(target, p, b.tokens, s.tokens)
+                                  for p, s, b in zip(prompts, spec, base) if s.tokens != b.tokens), None),
         "hf_assisted_lossless": all(h == b.tokens for h, b in zip(hf, base)),
         "generated_tokens": n_spec,
         "prompts": len(prompts),
@@ -122,5 +138,7 @@ def run(args) -> int:
         "mean_accepted_length", "acceptance_rate", "cost_ratio", "verify_cost_ratio",
         "theoretical_speedup", "efficiency", "ratio_vs_hf", "lossless", "hf_assisted_lossless",
     )]
+    if result["first_difference"]:
+        table.append(("first_difference", result["first_difference"]))
     emit(table, result, args.json)
     return 0 if result["lossless"] else 1

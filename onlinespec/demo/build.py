@@ -52,10 +52,10 @@ class ModelSpec:
 
 
 SPECS = (
-    ModelSpec("target", 6, 384, 6, 1024, ("python", "shakespeare", "docs"), 1000, 2e-3, False),
+    ModelSpec("target", 6, 384, 6, 1024, ("python", "shakespeare", "docs"), 800, 2e-3, False),
     # Drafters: short budgets and one domain each, on purpose (room for online learning).
-    ModelSpec("drafter-1l", 1, 256, 4, 704, ("python",), 250, 2e-3, True),
-    ModelSpec("drafter-2l", 2, 192, 3, 512, ("shakespeare",), 250, 2e-3, True),
+    ModelSpec("drafter-1l", 1, 256, 4, 704, ("python",), 200, 2e-3, True),
+    ModelSpec("drafter-2l", 2, 192, 3, 512, ("shakespeare",), 200, 2e-3, True),
 )
 DOMAIN_MIX = {"python": 0.55, "shakespeare": 0.40, "docs": 0.05}  # docs is small: keep epochs low
 

@@ -66,6 +66,13 @@ class LearnerConfig:
         return asdict(self)
 
     @classmethod
+    def from_yaml(cls, path) -> LearnerConfig:
+        import yaml
+
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    @classmethod
     def from_dict(cls, d: dict) -> LearnerConfig:
         d = dict(d)
         loss = LossConfig(**d.pop("loss", {}))
