@@ -46,9 +46,9 @@ def tiny_tokenizer(vocab: int = VOCAB):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = {"<eos>": 0}
-    for i in range(1, vocab):
-        chars[chr(0x21 + i)] = i  # printable, distinct, no spaces
+    chars = {"<eos>": 0, " ": 1, "\n": 2}
+    for i in range(3, vocab):
+        chars[chr(0x21 + i)] = i  # printable and distinct
     tok = Tokenizer(models.WordLevel(chars, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()

@@ -1,0 +1,239 @@
+"""The HTTP API: OpenAI-compatible completions and chat, streaming, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from onlinespec.engine import StepOutput
+from onlinespec.errors import InvalidRequestError
+from onlinespec.sampling import SamplingParams
+from serving.engine_loop import EngineLoop, QueueFull, RequestHandle
+from serving.metrics import Metrics
+from serving.protocol import ChatRequest, CompletionRequest, error_body, new_id, now
+
+__all__ = ["ServerState", "create_app", "DEFAULT_CHAT_TEMPLATE"]
+
+# Used when the tokenizer has no chat template of its own (the demo models have none).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@dataclass
+class ServerState:
+    loop: EngineLoop
+    tokenizer: object
+    model_name: str
+    metrics: Metrics
+    max_prompt_tokens: int = 1536
+    max_tokens: int = 512
+    redis: object | None = None  # None: feedback logging explicitly disabled
+    extra: dict = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+
+
+def _render_chat(tokenizer, messages) -> str:
+    msgs = [m.model_dump() for m in messages]
+    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="OnlineSpec", version="0.1.0")
+    app.state.server = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, exc: ApiError):
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{where or 'body'}: {err.get('msg')}")
+        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
+        param = ".".join(str(x) for x in first if x != "body") or None
+        return JSONResponse(error_body("; ".join(parts), param=param), status_code=400)
+
+    def _params(req, prompt_len: int) -> SamplingParams:
+        if req.model != state.model_name:
+            raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{state.model_name}'",
+                           param="model", code="model_not_found")
+        if prompt_len > state.max_prompt_tokens:
+            raise ApiError(400, f"prompt has {prompt_len} tokens, more than this server's limit of "
+                           f"{state.max_prompt_tokens}", param="prompt")
+        max_new = req.max_completion_tokens or req.max_tokens or 16
+        if max_new > state.max_tokens:
+            raise ApiError(400, f"max_tokens={max_new} exceeds this server's limit of {state.max_tokens}",
+                           param="max_tokens")
+        try:
+            return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
+                                  top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()), k=req.k,
+                                  ignore_eos=req.ignore_eos)
+        except InvalidRequestError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def _submit(prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+        try:
+            return state.loop.submit(prompt_ids, params)
+        except QueueFull as exc:
+            state.metrics.rejected.inc(label="queue_full")
+            raise ApiError(429, f"server busy: {exc}; retry later", type_="rate_limit_error") from None
+
+    def _spec(handle: RequestHandle) -> dict:
+        gen = handle.generation
+        drafter = gen.drafter if gen else None
+        stats = gen.stats if gen else None
+        return {
+            "mean_accepted_length": stats.mean_accepted_length if stats else None,
+            "drafted_tokens": stats.drafted if stats else 0,
+            "accepted_tokens": stats.accepted if stats else 0,
+            "drafter_id": drafter.drafter_id if drafter else None,
+            "drafter_version": drafter.version if drafter else None,
+        }
+
+    def _usage(prompt_len: int, completion: int) -> dict:
+        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
+
+    async def _next(handle: RequestHandle, request: Request) -> StepOutput:
+        while True:
+            try:
+                item = await asyncio.wait_for(handle.outputs.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    handle.cancel()
+                    raise asyncio.CancelledError from None
+                continue
+            if isinstance(item, InvalidRequestError):
+                raise ApiError(400, str(item))
+            if isinstance(item, Exception):
+                raise ApiError(500, f"generation failed: {item}", type_="server_error")
+            return item
+
+    async def _collect(handle, request) -> tuple[str, list[int], str]:
+        text, tokens = [], []
+        while True:
+            out = await _next(handle, request)
+            text.append(out.text)
+            tokens += out.tokens
+            if out.finished:
+                return "".join(text), tokens, out.finish_reason.value
+
+    def _stream(handle, request, kind: str, rid: str, prompt_len: int, include_usage: bool):
+        created = now()
+        obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
+
+        def chunk(delta_text, finish, first=False):
+            if kind == "completion":
+                choice = {"index": 0, "text": delta_text, "logprobs": None, "finish_reason": finish}
+            else:
+                delta = {"content": delta_text}
+                if first:
+                    delta["role"] = "assistant"
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
+
+        async def events():
+            completion = 0
+            first = True
+            try:
+                while True:
+                    out = await _next(handle, request)
+                    completion += len(out.tokens)
+                    finish = out.finish_reason.value if out.finished else None
+                    if out.text or finish or first:
+                        yield f"data: {json.dumps(chunk(out.text, finish, first))}\n\n"
+                        first = False
+                    if out.finished:
+                        break
+                if include_usage:
+                    tail = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [],
+                            "usage": _usage(prompt_len, completion), "speculative": _spec(handle)}
+                    yield f"data: {json.dumps(tail)}\n\n"
+                yield "data: [DONE]\n\n"
+            except ApiError as exc:
+                yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param))}\n\n"
+            finally:
+                handle.cancel()  # a no-op when finished; frees the engine when the client left
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _serve(req, prompt_ids: list[int], request: Request, kind: str):
+        params = _params(req, len(prompt_ids))
+        handle = _submit(prompt_ids, params)
+        rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return _stream(handle, request, kind, rid, len(prompt_ids), include_usage)
+        try:
+            text, tokens, finish = await _collect(handle, request)
+        finally:
+            handle.cancel()
+        if kind == "completion":
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+            obj = "chat.completion"
+        return {"id": rid, "object": obj, "created": now(), "model": state.model_name, "choices": [choice],
+                "usage": _usage(len(prompt_ids), len(tokens)), "speculative": _spec(handle)}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        if isinstance(req.prompt, list):
+            if any(not isinstance(t, int) or t < 0 for t in req.prompt):
+                raise ApiError(400, "prompt token ids must be non-negative integers", param="prompt")
+            prompt_ids = list(req.prompt)
+        else:
+            prompt_ids = state.tokenizer.encode(req.prompt)
+        if not prompt_ids:
+            raise ApiError(400, "prompt encodes to no tokens", param="prompt")
+        return await _serve(req, prompt_ids, request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        prompt_ids = state.tokenizer.encode(_render_chat(state.tokenizer, req.messages))
+        return await _serve(req, prompt_ids, request, "chat")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+                                            "owned_by": "onlinespec"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        checks = {"models": True, "engine_loop": state.loop._thread.is_alive()}
+        if state.redis is None:
+            checks["redis"] = "disabled"
+        else:
+            try:
+                checks["redis"] = bool(await asyncio.to_thread(state.redis.ping))
+            except Exception as exc:  # noqa: BLE001
+                checks["redis"] = f"unreachable: {exc}"
+        ok = checks["engine_loop"] and checks["redis"] in (True, "disabled")
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

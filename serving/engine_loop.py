@@ -1,0 +1,146 @@
+"""The engine loop: one thread owns the engine and interleaves every request step by step.
+
+Requests wait in a bounded queue; up to ``max_active`` run at once, each advancing one
+speculative step per turn (round-robin), so no request holds the engine for its whole length.
+Between steps the loop applies hot swaps. Every step's output goes to the request's asyncio
+queue; a cancelled request (client gone) is dropped at its next turn. Each finished request's
+feedback record goes to the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from onlinespec.engine import Generation, SpeculativeEngine, StepOutput
+from onlinespec.errors import InvalidRequestError
+from onlinespec.sampling import SamplingParams
+from serving.metrics import Metrics
+
+__all__ = ["QueueFull", "RequestHandle", "EngineLoop"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the configured queue depth."""
+
+
+@dataclass
+class RequestHandle:
+    prompt: list[int]
+    params: SamplingParams
+    outputs: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    cancelled: bool = False
+    generation: Generation | None = None
+    error: Exception | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+class EngineLoop:
+    def __init__(self, engine: SpeculativeEngine, metrics: Metrics, writer=None, watcher=None,
+                 max_active: int = 8, max_queue: int = 64):
+        self.engine = engine
+        self.metrics = metrics
+        self.writer = writer
+        self.watcher = watcher
+        self.max_active = max_active
+        self.max_queue = max_queue
+        self.pending: queue.Queue[RequestHandle] = queue.Queue()
+        self.active: deque[RequestHandle] = deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @property
+    def depth(self) -> int:
+        return self.pending.qsize() + len(self.active)
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
+        if self.pending.qsize() >= self.max_queue:
+            raise QueueFull(f"{self.pending.qsize()} requests are already waiting (max_queue={self.max_queue})")
+        handle = RequestHandle(prompt, params, asyncio.Queue(), asyncio.get_running_loop())
+        self.pending.put(handle)
+        self.metrics.queue_depth.set(self.depth)
+        return handle
+
+    def _admit(self) -> None:
+        while len(self.active) < self.max_active:
+            try:
+                handle = self.pending.get(timeout=0.05 if not self.active else 0)
+            except queue.Empty:
+                return
+            if handle.cancelled:
+                self.metrics.cancelled.inc()
+                continue
+            try:
+                handle.generation = self.engine.start(handle.prompt, handle.params)
+            except InvalidRequestError as exc:
+                handle.error = exc
+                handle._put(exc)
+                continue
+            self.active.append(handle)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._admit()
+            self.metrics.queue_depth.set(self.depth)
+            if not self.active:
+                continue
+            handle = self.active.popleft()
+            if handle.cancelled:
+                self.metrics.cancelled.inc()
+                continue
+            if self.watcher is not None:
+                for drafter, version in self.watcher.apply():
+                    self.metrics.swaps.inc()
+                    log.info("swapped in %s v%s", drafter, version)
+            try:
+                self._step(handle)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
+                log.exception("request failed")
+                handle._put(exc)
+                continue
+            if not handle.generation.finished:
+                self.active.append(handle)
+
+    def _step(self, handle: RequestHandle) -> None:
+        gen = handle.generation
+        drafter = self.engine.drafter
+        out: StepOutput = gen.step()
+        if out.tokens and handle.first_token is None:
+            handle.first_token = time.perf_counter()
+            self.metrics.ttft.observe(handle.first_token - handle.submitted)
+        if drafter is not None and out.drafted:
+            self.metrics.observe_step(drafter.drafter_id, drafter.version, out.drafted, out.accepted, gen.stats)
+            if self.watcher is not None:
+                self.watcher.observe(drafter.drafter_id, drafter.version, out.drafted, out.accepted)
+        self.metrics.generated_tokens.inc(len(out.tokens))
+        handle._put(out)
+        if gen.finished:
+            self.metrics.latency.observe(time.perf_counter() - handle.submitted)
+            self.metrics.requests.inc(label=out.finish_reason.value)
+            if self.writer is not None:
+                record = gen.record()
+                if record is not None:
+                    self.writer.submit(record)

@@ -1,0 +1,114 @@
+"""Prometheus text-format metrics, written out by hand (no client library needed).
+
+Speculative-decoding counters mirror vLLM's (``num_drafts``, ``num_draft_tokens``,
+``num_accepted_tokens``, ``num_accepted_tokens_per_pos``), labelled by drafter and version so
+a regression after a swap is visible per version.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+__all__ = ["Counter", "Gauge", "Histogram", "Metrics"]
+
+PREFIX = "onlinespec_"
+
+
+def _labels(labels: dict) -> str:
+    if not labels:
+        return ""
+    body = ",".join(f'{k}="{str(v)}"' for k, v in sorted(labels.items()))
+    return "{" + body + "}"
+
+
+class Counter:
+    def __init__(self, name: str, help_: str, label: str | None = None):
+        self.name, self.help, self.label = PREFIX + name, help_, label
+        self.values: dict[tuple, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def inc(self, amount: float = 1.0, label: str | None = None, **labels) -> None:
+        if label is not None:
+            labels = {self.label: label}
+        with self._lock:
+            self.values[tuple(sorted(labels.items()))] += amount
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        for key, value in sorted(self.values.items()):
+            lines.append(f"{self.name}{_labels(dict(key))} {value:g}")
+        return lines
+
+
+class Gauge(Counter):
+    def set(self, value: float, **labels) -> None:
+        with self._lock:
+            self.values[tuple(sorted(labels.items()))] = value
+
+    def render(self) -> list[str]:
+        lines = super().render()
+        lines[1] = f"# TYPE {self.name} gauge"
+        return lines
+
+
+class Histogram:
+    def __init__(self, name: str, help_: str, buckets: tuple[float, ...]):
+        self.name, self.help, self.buckets = PREFIX + name, help_, buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self.sum += value
+            self.count += 1
+            for i, b in enumerate(self.buckets):
+                if value <= b:
+                    self.counts[i] += 1
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for b, c in zip(self.buckets, self.counts):
+            lines.append(f'{self.name}_bucket{{le="{b:g}"}} {c}')
+        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum:g}",
+                  f"{self.name}_count {self.count}"]
+        return lines
+
+
+class Metrics:
+    def __init__(self):
+        lat = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.requests = Counter("requests_total", "Finished requests by finish reason.", label="finish_reason")
+        self.cancelled = Counter("requests_cancelled_total", "Requests dropped because the client went away.")
+        self.rejected = Counter("requests_rejected_total", "Requests refused (queue full, limits).", label="reason")
+        self.generated_tokens = Counter("generated_tokens_total", "Tokens generated.")
+        self.latency = Histogram("request_latency_seconds", "Request latency, queueing included.", lat)
+        self.ttft = Histogram("time_to_first_token_seconds", "Time to first token, queueing included.", lat)
+        self.queue_depth = Gauge("queue_depth", "Requests waiting or running.")
+        self.num_drafts = Counter("spec_decode_num_drafts_total", "Speculative steps (drafts verified).")
+        self.num_draft_tokens = Counter("spec_decode_num_draft_tokens_total", "Draft tokens proposed.")
+        self.num_accepted_tokens = Counter("spec_decode_num_accepted_tokens_total", "Draft tokens accepted.")
+        self.accepted_per_pos = Counter("spec_decode_num_accepted_tokens_per_pos_total",
+                                        "Draft tokens accepted at each block position.")
+        self.swaps = Counter("drafter_swaps_total", "Drafter versions swapped in.")
+        self.extra: list = []  # callables returning more lines (writer, watcher, learners)
+
+    def observe_step(self, drafter: str, version: int, drafted: int, accepted: int, _stats=None) -> None:
+        labels = {"drafter": drafter, "version": version}
+        self.num_drafts.inc(**labels)
+        self.num_draft_tokens.inc(drafted, **labels)
+        self.num_accepted_tokens.inc(accepted, **labels)
+        for pos in range(accepted):
+            self.accepted_per_pos.inc(**labels, position=pos)
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in (self.requests, self.cancelled, self.rejected, self.generated_tokens, self.latency, self.ttft,
+                  self.queue_depth, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                  self.accepted_per_pos, self.swaps):
+            lines += m.render()
+        for fn in self.extra:
+            lines += fn()
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,78 @@
+"""Assembling a server: models, engine, loop, optional Redis feedback and hot swap, uvicorn."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+
+from onlinespec.engine import SpeculativeEngine
+from serving.app import ServerState, create_app
+from serving.engine_loop import EngineLoop
+from serving.metrics import Metrics
+
+__all__ = ["build_state", "BackgroundServer"]
+
+
+def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=None, watcher=None, redis=None,
+                max_active: int = 8, max_queue: int = 64, max_prompt_tokens: int = 1536,
+                max_tokens: int = 512) -> ServerState:
+    metrics = Metrics()
+    if writer is not None:
+        metrics.extra.append(lambda: [
+            "# HELP onlinespec_feedback_queue_depth Feedback records waiting to be written.",
+            "# TYPE onlinespec_feedback_queue_depth gauge",
+            f"onlinespec_feedback_queue_depth {writer.depth}",
+            "# HELP onlinespec_feedback_dropped_total Feedback records dropped (queue full or Redis down).",
+            "# TYPE onlinespec_feedback_dropped_total counter",
+            f'onlinespec_feedback_dropped_total{{reason="queue_full"}} {writer.stats.dropped_full}',
+            f'onlinespec_feedback_dropped_total{{reason="unreachable"}} {writer.stats.dropped_unreachable}',
+            "# HELP onlinespec_feedback_written_total Feedback records written to Redis.",
+            "# TYPE onlinespec_feedback_written_total counter",
+            f"onlinespec_feedback_written_total {writer.stats.written}",
+        ])
+    if watcher is not None:
+        metrics.extra.append(lambda: [
+            "# HELP onlinespec_drafter_refusals_total Versions refused by validation.",
+            "# TYPE onlinespec_drafter_refusals_total counter",
+            f"onlinespec_drafter_refusals_total {watcher.stats.refusals}",
+            "# HELP onlinespec_drafter_rollbacks_total Versions rolled back after a regression.",
+            "# TYPE onlinespec_drafter_rollbacks_total counter",
+            f"onlinespec_drafter_rollbacks_total {watcher.stats.rollbacks}",
+        ])
+    loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue).start()
+    return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
+                       max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens)
+
+
+@dataclass
+class BackgroundServer:
+    """uvicorn in a thread, on loopback: for tests and the embedded mode."""
+
+    state: ServerState
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def start(self, timeout: float = 20.0) -> BackgroundServer:
+        config = uvicorn.Config(create_app(self.state), host=self.host, port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        if not self.server.started:
+            raise RuntimeError("the HTTP server did not start")
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.state.loop.stop()
