@@ -28,6 +28,19 @@ def _bench(args) -> int:
     return run(args)
 
 
+def _serve(args) -> int:
+    from serving.__main__ import main as serve_main
+
+    serve_main(args.rest)
+    return 0
+
+
+def _up(args) -> int:
+    from onlinespec.up import run
+
+    return run(args)
+
+
 def _worker(args) -> int:
     from workers.__main__ import main as worker_main
 
@@ -56,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None, help="loop: Redis to use (default: start a private one)")
     p.add_argument("--round-records", type=int, default=16, help="loop: records per learning round")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("up", help="Redis + server + workers on this machine (the demo by default)")
+    p.add_argument("--config", default=None, help="service YAML (default: configs/demo.yaml)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.set_defaults(func=_up)
+
+    p = sub.add_parser("serve", help="run the HTTP server (see python -m serving --help)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("worker", help="run an RQ worker for drafter updates (see --help of python -m workers)",
                        add_help=False)

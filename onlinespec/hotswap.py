@@ -50,7 +50,7 @@ class SwapStats:
 
 class SwapWatcher:
     def __init__(self, redis_client, registry: Registry, drafters: dict[str, HFDrafter], poll_seconds: float = 2.0,
-                 rollback: bool = True, min_drafted: int = 2000, margin: float = 0.05):
+                 rollback: bool = True, min_drafted: int = 2000, margin: float = 0.05, pool_target: str | None = None):
         self.redis = redis_client
         self.registry = registry
         self.drafters = drafters
@@ -60,6 +60,8 @@ class SwapWatcher:
         self.stats = SwapStats()
         self.parents: dict[str, int | None] = {}  # drafter -> parent of the version serving now
         self.refused: set[tuple[str, int]] = set()
+        self.pool_target = pool_target
+        self.choice: str | None = None  # the drafter the pool's Hedge weights choose to serve
         self._ready: dict[str, tuple[object, int, int | None]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -96,6 +98,10 @@ class SwapWatcher:
     def check_all(self) -> None:
         for drafter in self.drafters:
             self.check(drafter)
+        if self.pool_target is not None and len(self.drafters) > 1:
+            choice = self.redis.hget(keys.pool_key(self.pool_target), "serving")
+            if choice is not None and choice.decode() in self.drafters:
+                self.choice = choice.decode()
 
     def check(self, drafter: str) -> bool:
         """Load and validate the latest version if it is new; True when one is ready to apply."""

@@ -6,7 +6,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -58,6 +58,12 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, exc: HTTPException):
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
+            exc.status_code, "invalid_request_error")
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_, exc: RequestValidationError):

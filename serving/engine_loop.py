@@ -52,8 +52,9 @@ class RequestHandle:
 
 class EngineLoop:
     def __init__(self, engine: SpeculativeEngine, metrics: Metrics, writer=None, watcher=None,
-                 max_active: int = 8, max_queue: int = 64):
+                 max_active: int = 8, max_queue: int = 64, drafters: dict | None = None):
         self.engine = engine
+        self.drafters = drafters or {}
         self.metrics = metrics
         self.writer = writer
         self.watcher = watcher
@@ -115,6 +116,11 @@ class EngineLoop:
                 for drafter, version in self.watcher.apply():
                     self.metrics.swaps.inc()
                     log.info("swapped in %s v%s", drafter, version)
+                choice = self.watcher.choice
+                current = self.engine.drafter.drafter_id if self.engine.drafter else None
+                if choice and choice != current and choice in self.drafters:
+                    self.engine.set_drafter(self.drafters[choice])  # the pool's weights moved
+                    log.info("pool: now serving %s", choice)
             try:
                 self._step(handle)
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop

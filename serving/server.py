@@ -18,7 +18,7 @@ __all__ = ["build_state", "BackgroundServer"]
 
 def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=None, watcher=None, redis=None,
                 max_active: int = 8, max_queue: int = 64, max_prompt_tokens: int = 1536,
-                max_tokens: int = 512) -> ServerState:
+                max_tokens: int = 512, drafters: dict | None = None) -> ServerState:
     metrics = Metrics()
     if writer is not None:
         metrics.extra.append(lambda: [
@@ -42,7 +42,8 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
             "# TYPE onlinespec_drafter_rollbacks_total counter",
             f"onlinespec_drafter_rollbacks_total {watcher.stats.rollbacks}",
         ])
-    loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue).start()
+    loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
+                      drafters=drafters).start()
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
                        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens)
 
@@ -55,8 +56,11 @@ class BackgroundServer:
     host: str = "127.0.0.1"
     port: int = 0
 
+    app: object = None  # a prepared app (admin routes added); default: create_app(state)
+
     def start(self, timeout: float = 20.0) -> BackgroundServer:
-        config = uvicorn.Config(create_app(self.state), host=self.host, port=self.port, log_level="warning")
+        app = self.app or create_app(self.state)
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

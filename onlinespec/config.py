@@ -1,0 +1,67 @@
+"""The service configuration: YAML with environment overrides, typed and validated."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["DrafterSpec", "ServiceConfig", "load_config", "DEFAULT_CONFIG"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    id: str
+    model: str
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    target_id: str
+    target_model: str
+    drafters: tuple[DrafterSpec, ...]
+    serving: dict
+    redis_url: str | None
+    stream_maxlen: int
+    registry: str
+    workers: dict
+    learner: str | None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def admin_token(self) -> str | None:
+        return os.environ.get("ONLINESPEC_ADMIN_TOKEN") or self.serving.get("admin_token")
+
+
+def load_config(path: str | Path | None = None) -> ServiceConfig:
+    path = Path(path or os.environ.get("ONLINESPEC_CONFIG") or DEFAULT_CONFIG)
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        target = raw["target"]
+        drafters = tuple(DrafterSpec(str(d["id"]), str(d["model"])) for d in raw.get("drafters", []))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: needs target.id, target.model and drafters[].id/model ({exc})") from None
+    if len({d.id for d in drafters}) != len(drafters):
+        raise ValueError(f"{path}: drafter ids must be unique")
+    base = path.resolve().parents[1] if path.resolve().parent.name == "configs" else path.resolve().parent
+    learner = raw.get("learner")
+    if learner and not Path(learner).is_absolute():
+        learner = str(base / learner)
+    registry = os.environ.get("ONLINESPEC_REGISTRY") or raw.get("registry") or ".onlinespec/registry"
+    return ServiceConfig(
+        target_id=os.environ.get("ONLINESPEC_TARGET_ID") or str(target["id"]),
+        target_model=os.environ.get("ONLINESPEC_TARGET_MODEL") or str(target["model"]),
+        drafters=drafters,
+        serving=dict(raw.get("serving") or {}),
+        redis_url=os.environ.get("REDIS_URL") or (raw.get("redis") or {}).get("url"),
+        stream_maxlen=int((raw.get("redis") or {}).get("stream_maxlen", 100_000)),
+        registry=registry,
+        workers=dict(raw.get("workers") or {}),
+        learner=learner,
+        source=str(path),
+    )

@@ -1,0 +1,119 @@
+"""``python -m serving`` (or ``onlinespec serve``): the HTTP server process.
+
+Loads the target and drafters of the config, checks they share a vocabulary, registers the
+drafters' base versions, then serves with feedback logging and hot swap when Redis is
+configured (``--no-redis`` serves without either: nothing is learned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+
+def build(config_path: str | None = None, no_redis: bool = False):
+    """(app, state, cleanup) for a config: used by the CLI and by ``onlinespec up``."""
+    import torch
+
+    from onlinespec import keys
+    from onlinespec.config import load_config
+    from onlinespec.drafters.hf import HFDrafter
+    from onlinespec.engine import EngineConfig, SpeculativeEngine
+    from onlinespec.hotswap import SwapWatcher
+    from onlinespec.learn.learner import LearnerConfig
+    from onlinespec.models import check_same_vocab, load_model, load_tokenizer
+    from onlinespec.redis_server import connect
+    from onlinespec.registry import Registry
+    from onlinespec.stream import FeedbackWriter
+    from onlinespec.update import bootstrap_drafter
+    from serving.admin import admin_router
+    from serving.app import create_app
+    from serving.dashboard import dashboard_router
+    from serving.server import build_state
+
+    cfg = load_config(config_path)
+    s = cfg.serving
+    if s.get("threads"):
+        torch.set_num_threads(int(s["threads"]))
+    tokenizer = load_tokenizer(cfg.target_model)
+    target = load_model(cfg.target_model)
+    bases = {}
+    for spec in cfg.drafters:
+        model = load_model(spec.model)
+        check_same_vocab(cfg.target_model, target, spec.model, model, tokenizer, _maybe_tokenizer(spec.model))
+        bases[spec.id] = model
+
+    redis = registry = writer = watcher = None
+    drafters: dict[str, HFDrafter] = {}
+    if not no_redis:
+        redis = connect(cfg.redis_url)
+        registry = Registry(cfg.registry, redis)
+        default_learner = LearnerConfig.from_yaml(cfg.learner) if cfg.learner else LearnerConfig()
+        for did, model in bases.items():
+            bootstrap_drafter(registry, did, model)
+            redis.sadd(keys.drafters_set(cfg.target_id), did)
+            redis.set(keys.learner_config(did), json.dumps(default_learner.to_dict()), nx=True)
+            latest = registry.latest(did)
+            drafters[did] = HFDrafter(registry.load_model(did, latest)[0], did, version=latest)
+        writer = FeedbackWriter(redis, cfg.target_id, maxlen=cfg.stream_maxlen)
+        watcher = SwapWatcher(redis, registry, drafters, rollback=bool(s.get("rollback", True)),
+                              margin=float(s.get("rollback_margin", 0.05)),
+                              min_drafted=int(s.get("rollback_min_drafted", 2000)), pool_target=cfg.target_id).start()
+    else:
+        drafters = {did: HFDrafter(model, did, version=0) for did, model in bases.items()}
+
+    first = next(iter(drafters.values()), None)
+    engine = SpeculativeEngine(target, first, tokenizer=tokenizer, config=EngineConfig(
+        k=s.get("k"), k_max=int(s.get("k_max", 8)), feedback_topk=int(s.get("feedback_topk", 32)),
+        capture_feedback=writer is not None, target_id=cfg.target_id))
+    state = build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
+                        max_active=int(s.get("max_active", 8)), max_queue=int(s.get("max_queue", 64)),
+                        max_prompt_tokens=int(s.get("max_prompt_tokens", 1536)),
+                        max_tokens=int(s.get("max_tokens", 512)), drafters=drafters)
+    app = create_app(state)
+    if redis is not None:
+        app.include_router(admin_router(cfg.admin_token, redis, registry, drafters, cfg.target_id))
+    app.include_router(dashboard_router(state, redis, registry, drafters, cfg.target_id))
+
+    def cleanup():
+        state.loop.stop()
+        if watcher:
+            watcher.stop()
+        if writer:
+            writer.close()
+
+    return app, state, cfg, cleanup
+
+
+def _maybe_tokenizer(name: str):
+    try:
+        from onlinespec.models import load_tokenizer
+
+        return load_tokenizer(name)
+    except Exception:  # noqa: BLE001 - a drafter without its own tokenizer shares the target's
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="onlinespec serve", description=__doc__)
+    ap.add_argument("--config", default=os.environ.get("ONLINESPEC_CONFIG"))
+    ap.add_argument("--host", default=None)
+    ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--no-redis", action="store_true", help="serve without feedback logging and hot swap")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
+    import uvicorn
+
+    app, state, cfg, cleanup = build(args.config, args.no_redis)
+    host = args.host or os.environ.get("ONLINESPEC_HOST") or cfg.serving.get("host", "127.0.0.1")
+    port = args.port or int(os.environ.get("ONLINESPEC_PORT") or cfg.serving.get("port", 8000))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The server process as `onlinespec serve` builds it from a config: models loaded by path,
+Redis feedback, admin API behind a token, dashboard data, and an RQ worker process learning."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from onlinespec import keys
+from tests.tiny import tiny_llama, tiny_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKEN = "s3cret"
+
+
+@pytest.fixture()
+def service(tmp_path, redis_url, redis_client, monkeypatch):
+    target = tiny_llama(layers=2, hidden=48, heads=4, seed=7)
+    drafter = copy.deepcopy(target)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        drafter.lm_head.weight.add_(torch.randn_like(drafter.lm_head.weight) * 1.5 * drafter.lm_head.weight.std())
+    tok = tiny_tokenizer()
+    for name, model in (("target", target), ("d1", drafter), ("d2", tiny_llama(layers=1, hidden=32, heads=2, seed=9))):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    learner = tmp_path / "learner.yaml"
+    learner.write_text("optim: {lr: 0.05, adaptive: true, hint: last}\ntrainable: lm_head\n")
+    config = tmp_path / "service.yaml"
+    config.write_text(f"""
+target: {{id: tiny, model: {tmp_path / 'target'}}}
+drafters:
+  - {{id: d1, model: {tmp_path / 'd1'}}}
+  - {{id: d2, model: {tmp_path / 'd2'}}}
+serving: {{k: 4, max_tokens: 64, admin_token: {TOKEN}, threads: 1}}
+registry: {tmp_path / 'registry'}
+learner: {learner}
+""")
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    from serving.__main__ import build
+    from serving.server import BackgroundServer
+
+    app, state, cfg, cleanup = build(str(config))
+    srv = BackgroundServer(state, app=app).start()
+    yield srv, cfg, tmp_path
+    srv.stop()
+    cleanup()
+
+
+def admin(srv, method, path, token=TOKEN, **kw):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.request(method, srv.url + "/admin" + path, headers=headers, timeout=30, **kw)
+
+
+def test_admin_routes_need_the_token(service):
+    srv, _, _ = service
+    assert admin(srv, "GET", "/drafters", token=None).status_code == 401
+    assert admin(srv, "GET", "/drafters", token="wrong").status_code == 401
+    body = admin(srv, "GET", "/drafters").json()
+    assert [d["id"] for d in body["drafters"]] == ["d1", "d2"]
+    assert body["drafters"][0]["latest"] == 1 and body["drafters"][0]["learner"]["trainable"] == "lm_head"
+
+
+def test_admin_learner_settings_are_validated_and_applied(service, redis_client):
+    srv, _, _ = service
+    r = admin(srv, "PUT", "/drafters/d1/learner", json={"optim": {"lr": 0.2}, "ensemble_size": 3})
+    assert r.status_code == 200 and r.json()["optim"]["lr"] == 0.2 and r.json()["optim"]["adaptive"] is True
+    stored = json.loads(redis_client.get(keys.learner_config("d1")))
+    assert stored["ensemble_size"] == 3
+    bad = admin(srv, "PUT", "/drafters/d1/learner", json={"optim": {"hint": "psychic"}})
+    assert bad.status_code == 400 and "hint" in bad.json()["error"]["message"]
+    assert admin(srv, "PUT", "/drafters/nope/learner", json={}).status_code == 404
+    assert admin(srv, "POST", "/drafters/d1/pause").json()["paused"] is True
+    assert redis_client.exists(keys.paused_key("d1"))
+    assert admin(srv, "POST", "/drafters/d1/resume").json()["paused"] is False
+    assert admin(srv, "POST", "/drafters/d1/update").status_code == 200
+    assert admin(srv, "POST", "/drafters/d1/update").status_code == 409  # one in flight
+    assert admin(srv, "POST", "/drafters/d1/rollback", json={"version": 99}).status_code == 400
+
+
+def test_admin_disabled_without_a_token(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serving.admin import admin_router
+
+    app = FastAPI()
+    app.include_router(admin_router(None, None, None, {}, "t"))
+    r = TestClient(app).get("/admin/drafters", headers={"Authorization": "Bearer anything"})
+    assert r.status_code == 403 and "disabled" in r.json()["detail"]
+
+
+@pytest.mark.slow
+def test_served_traffic_is_learned_and_swapped_in(service, redis_url):
+    srv, cfg, tmp = service
+    env = {**os.environ, "PYTHONPATH": ROOT, "REDIS_URL": redis_url}
+    worker = subprocess.Popen([sys.executable, "-m", "workers", "--target", "tiny", "--registry", cfg.registry,
+                               "--round-records", "8", "--period", "1", "--learner-config", cfg.learner],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        i = 0
+        while time.time() < deadline:
+            httpx.post(srv.url + "/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": f"abc{i % 7}def", "max_tokens": 24, "temperature": 1.0, "seed": i})
+            i += 1
+            versions = {d["id"]: d["serving_version"] for d in admin(srv, "GET", "/drafters").json()["drafters"]}
+            if versions["d1"] >= 4 and versions["d2"] >= 3:
+                break
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        log = worker.communicate(timeout=30)[0]
+    assert versions["d1"] >= 4 and versions["d2"] >= 3, log[-2000:]
+    data = httpx.get(srv.url + "/dashboard/data", timeout=30).json()
+    assert data["rounds"]["d1"] and data["rounds"]["d1"][-1]["served_loss"] >= 0
+    assert any(e["type"] == "published" for e in data["events"])
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert "onlinespec_feedback_written_total" in metrics and 'version="' in metrics
+    html = httpx.get(srv.url + "/dashboard").text
+    assert "<svg" in html and "http" not in html.split("<script>")[1]  # no CDN: nothing fetched from outside
