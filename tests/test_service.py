@@ -125,3 +125,36 @@ def test_served_traffic_is_learned_and_swapped_in(service, redis_url):
     assert "onlinespec_feedback_written_total" in metrics and 'version="' in metrics
     html = httpx.get(srv.url + "/dashboard").text
     assert "<svg" in html and "http" not in html.split("<script>")[1]  # no CDN: nothing fetched from outside
+
+
+def _chromium():
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_dashboard_renders_live_data_in_headless_chromium(service, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium): dashboard browser test skipped")
+    srv, _, _ = service
+    sampler = srv.state.extra["sampler"]
+    sampler.sample()
+    for i in range(3):
+        httpx.post(srv.url + "/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": f"xyz{i}", "max_tokens": 20, "temperature": 0})
+        sampler.sample()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=6000"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", srv.url + "/dashboard"],
+                         capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([browser, *flags, "--window-size=1280,900", f"--screenshot={tmp_path / 'dashboard.png'}",
+                    srv.url + "/dashboard"], capture_output=True, timeout=120)
+    import re
+
+    points = {m.group(1): int(m.group(2)) for m in re.finditer(r'<svg id="(\w+)"[^>]*data-points="(\d+)"', dom)}
+    assert points.get("accept", 0) > 0, dom[:2000]  # accepted length per drafter version, from the live server
+    assert points.get("lag", 0) > 0
+    assert 'class="series"' in dom and "d1 v1" in dom
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
