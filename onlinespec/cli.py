@@ -41,6 +41,18 @@ def _up(args) -> int:
     return run(args)
 
 
+def _traffic(args) -> int:
+    from onlinespec.traffic import run
+
+    return run(args)
+
+
+def _watch(args) -> int:
+    from onlinespec.watch import run
+
+    return run(args)
+
+
 def _worker(args) -> int:
     from workers.__main__ import main as worker_main
 
@@ -77,6 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.set_defaults(func=_up)
+
+    p = sub.add_parser("traffic", help="send generation traffic from held-out text with domain shifts")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="default: the first model the server lists")
+    p.add_argument("--schedule", default="python:60,shakespeare:60,docs:60",
+                   help="phases domain:seconds (or domain:requests with --by-count), in order")
+    p.add_argument("--by-count", action="store_true")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--rate", type=float, default=0.0, help="requests per second overall (0: as fast as served)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_traffic)
+
+    p = sub.add_parser("watch", help="live terminal view of versions, acceptance, weights and lag")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--once", action="store_true")
+    p.add_argument("--count", type=int, default=0)
+    p.set_defaults(func=_watch)
 
     p = sub.add_parser("serve", help="run the HTTP server (see python -m serving --help)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -158,3 +158,22 @@ def test_dashboard_renders_live_data_in_headless_chromium(service, tmp_path):
     assert points.get("lag", 0) > 0
     assert 'class="series"' in dom and "d1 v1" in dom
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+def test_traffic_and_watch_commands_against_the_live_server(service, capsys):
+    from onlinespec.cli import build_parser
+    from onlinespec.traffic import run as traffic
+    from onlinespec.watch import run as watch
+
+    srv, _, _ = service
+    args = build_parser().parse_args(["traffic", "--url", srv.url, "--schedule", "python:3,docs:3", "--by-count",
+                                      "--concurrency", "2", "--max-tokens", "12", "--json"])
+    assert traffic(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["requests"] >= 6 and summary["errors"] == 0
+    assert summary["by_version"][0]["drafter"] == "d1" and summary["by_version"][0]["mean_accepted_length"] >= 1
+    srv.state.extra["sampler"].sample()
+    assert watch(build_parser().parse_args(["watch", "--url", srv.url, "--once"])) == 0
+    screen = capsys.readouterr().out
+    assert "d1: serving v1" in screen and "d2: serving v1" in screen and "queue depth" in screen
