@@ -28,13 +28,6 @@ def _bench(args) -> int:
     return run(args)
 
 
-def _serve(args) -> int:
-    from serving.__main__ import main as serve_main
-
-    serve_main(args.rest)
-    return 0
-
-
 def _up(args) -> int:
     from onlinespec.up import run
 
@@ -51,13 +44,6 @@ def _watch(args) -> int:
     from onlinespec.watch import run
 
     return run(args)
-
-
-def _worker(args) -> int:
-    from workers.__main__ import main as worker_main
-
-    worker_main(args.rest)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,17 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0)
     p.set_defaults(func=_watch)
 
-    p = sub.add_parser("serve", help="run the HTTP server (see python -m serving --help)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_serve)
-
-    p = sub.add_parser("worker", help="run an RQ worker for drafter updates (see --help of python -m workers)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_worker)
+    # Listed for --help; main() hands their arguments to their own parsers.
+    sub.add_parser("serve", help="run the HTTP server (onlinespec serve --help)")
+    sub.add_parser("worker", help="run an RQ worker for drafter updates (onlinespec worker --help)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":
+        from serving.__main__ import main as serve_main
+
+        return serve_main(argv[1:])
+    if argv and argv[0] == "worker":
+        from workers.__main__ import main as worker_main
+
+        return worker_main(argv[1:])
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args) or 0)
