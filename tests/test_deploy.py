@@ -47,3 +47,17 @@ def test_docker_compose_config_validates():
         assert result.returncode == 0, result.stderr
         return
     pytest.skip("neither `docker compose` nor `docker-compose` is installed: compose CLI validation skipped")
+
+
+def test_every_shipped_config_loads():
+    from onlinespec.config import load_config
+    from onlinespec.learn.learner import LearnerConfig
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if "target" in raw:
+            cfg = load_config(path)
+            assert cfg.drafters and cfg.learner and Path(cfg.learner).is_file(), path
+            LearnerConfig.from_yaml(cfg.learner)
+        else:
+            LearnerConfig.from_yaml(path)
