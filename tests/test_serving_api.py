@@ -142,3 +142,21 @@ def test_concurrent_requests_interleave_and_a_full_queue_answers_429(server):
     assert 429 in statuses  # max_queue=4: some were refused with a clear error...
     assert statuses.count(200) >= 4  # ...and the rest were served
     assert all(r["usage"]["completion_tokens"] == 150 for r in results)
+
+
+def test_client_disconnect_cancels_its_request(server):
+    state = server.state
+    before = state.metrics.cancelled.values.get((), 0)
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/completions",
+                         json={"model": MODEL, "prompt": "long one", "max_tokens": 200, "temperature": 0,
+                               "ignore_eos": True, "stream": True}) as r:
+            next(r.iter_lines())  # the first event arrives...
+        # ...and the client leaves before the 200 tokens are done
+    import time
+
+    deadline = time.time() + 10
+    while time.time() < deadline and state.metrics.cancelled.values.get((), 0) <= before:
+        time.sleep(0.05)
+    assert state.metrics.cancelled.values.get((), 0) == before + 1
+    assert state.loop.depth == 0

@@ -6,9 +6,11 @@ import json
 import os
 import platform
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["set_threads", "machine", "emit"]
+__all__ = ["set_threads", "machine", "emit", "Setup", "setup", "heldout_prompts"]
 
 
 def set_threads(n: int | None) -> int:
@@ -34,3 +36,41 @@ def emit(table: list[tuple[str, object]], result: dict, as_json: bool) -> None:
         print(f"{key:<{width}}  {shown}")
     if as_json:
         print(json.dumps(result, sort_keys=True))
+
+
+def heldout_prompts(tokenizer, domain: str, n: int) -> list[list[int]]:
+    """``n`` held-out demo prompts of a domain, spread over the file, as token ids."""
+    from onlinespec.demo.prompts import load_prompts
+
+    rows = load_prompts(domain)
+    step = max(1, len(rows) // n)
+    return [tokenizer.encode(r.text) for r in rows[::step][:n]]
+
+
+@dataclass(frozen=True)
+class Setup:
+    threads: int
+    target_name: str
+    drafter_name: str
+    tokenizer: object
+    target: object
+    drafter: object
+    prompts: list[list[int]]
+    max_new_tokens: int
+
+
+def setup(args) -> Setup:
+    """What every benchmark starts from: threads, models (demo by default), held-out prompts."""
+    threads = set_threads(args.threads)
+    from onlinespec.models import load_model, load_tokenizer
+
+    target_name = args.target or "demo:target"
+    drafter_name = args.drafter or "demo:drafter-1l"
+    tokenizer = load_tokenizer(target_name)
+    n = args.prompts or (4 if args.quick else 16)
+    return Setup(
+        threads=threads, target_name=target_name, drafter_name=drafter_name, tokenizer=tokenizer,
+        target=load_model(target_name), drafter=load_model(drafter_name),
+        prompts=heldout_prompts(tokenizer, args.domain, n),
+        max_new_tokens=args.max_new_tokens or (32 if args.quick else 96),
+    )

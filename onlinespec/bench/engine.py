@@ -22,21 +22,12 @@ import time
 import torch
 
 from onlinespec.adaptive import theoretical_speedup
-from onlinespec.bench.common import emit, machine, set_threads
+from onlinespec.bench.common import emit, machine, setup
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.models import load_model, load_tokenizer
 from onlinespec.sampling import SamplingParams
 
 __all__ = ["run", "measure"]
-
-
-def _prompts(tokenizer, domain: str, n: int) -> list[list[int]]:
-    from onlinespec.demo.prompts import load_prompts
-
-    rows = load_prompts(domain)
-    step = max(1, len(rows) // n)
-    return [tokenizer.encode(r.text) for r in rows[::step][:n]]
 
 
 def _timed(fn, prompts):
@@ -121,18 +112,11 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
 
 
 def run(args) -> int:
-    threads = set_threads(args.threads)
-    target_name = args.target or "demo:target"
-    drafter_name = args.drafter or "demo:drafter-1l"
-    n = args.prompts or (4 if args.quick else 16)
-    max_new = args.max_new_tokens or (32 if args.quick else 96)
-    tokenizer = load_tokenizer(target_name)
-    target = load_model(target_name)
-    drafter = load_model(drafter_name)
-    prompts = _prompts(tokenizer, args.domain, n)
-    result = measure(target, drafter, tokenizer, prompts, max_new, args.k)
-    result.update({"target": target_name, "drafter": drafter_name, "domain": args.domain,
-                   "threads": threads, "machine": machine()})
+    s = setup(args)
+    target = s.target
+    result = measure(target, s.drafter, s.tokenizer, s.prompts, s.max_new_tokens, args.k)
+    result.update({"target": s.target_name, "drafter": s.drafter_name, "domain": args.domain,
+                   "threads": s.threads, "machine": machine()})
     table = [(key, result[key]) for key in (
         "target_tokens_per_s", "engine_tokens_per_s", "hf_assisted_tokens_per_s", "speedup",
         "mean_accepted_length", "acceptance_rate", "cost_ratio", "verify_cost_ratio",

@@ -23,14 +23,12 @@ import time
 import torch
 
 from onlinespec import keys
-from onlinespec.bench.common import emit, machine, set_threads
-from onlinespec.bench.engine import _prompts
+from onlinespec.bench.common import emit, machine, setup
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
 from onlinespec.hotswap import SwapWatcher
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.learn.optim import OptimConfig
-from onlinespec.models import load_model, load_tokenizer
 from onlinespec.redis_server import EmbeddedRedis, connect
 from onlinespec.registry import Registry
 from onlinespec.sampling import SamplingParams
@@ -67,15 +65,10 @@ def _serve(engine, prompts, params, writer, watcher=None, step_times=None):
 
 
 def run(args) -> int:
-    threads = set_threads(args.threads)
-    target_name = args.target or "demo:target"
-    drafter_name = args.drafter or "demo:drafter-1l"
-    n = args.prompts or (4 if args.quick else 16)
-    max_new = args.max_new_tokens or (32 if args.quick else 96)
-    tokenizer = load_tokenizer(target_name)
-    target = load_model(target_name)
-    base = load_model(drafter_name)
-    prompts = _prompts(tokenizer, args.domain, n)
+    s = setup(args)
+    threads, target_name, drafter_name = s.threads, s.target_name, s.drafter_name
+    tokenizer, target, base, prompts, max_new = s.tokenizer, s.target, s.drafter, s.prompts, s.max_new_tokens
+    n = len(prompts)
     params = SamplingParams(max_new_tokens=max_new, temperature=1.0)
 
     server = None

@@ -1,0 +1,45 @@
+"""The benchmark commands run end to end and end with one JSON object holding the named keys."""
+
+import json
+
+import pytest
+
+from onlinespec.cli import main
+from tests.tiny import perturbed, tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-models")
+    target = tiny_llama(layers=2, hidden=64, seed=0)
+    tok = tiny_tokenizer()
+    for name, model in (("target", target), ("drafter", perturbed(target, 0.05, seed=1))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_engine_json(model_dirs, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "engine", "--quick", "--json", "--prompts", "2", "--max-new-tokens", "12", "--threads", "1",
+              "--target", str(model_dirs / "target"), "--drafter", str(model_dirs / "drafter")])
+    out = last_json(capsys)
+    assert done.value.code == 0 and out["lossless"] is True
+    for key in ("target_tokens_per_s", "engine_tokens_per_s", "hf_assisted_tokens_per_s", "mean_accepted_length",
+                "speedup", "theoretical_speedup", "efficiency", "ratio_vs_hf", "acceptance_rate", "cost_ratio"):
+        assert isinstance(out[key], float) and out[key] >= 0, key
+
+
+def test_bench_loop_json(model_dirs, capsys, redis_url):
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "loop", "--quick", "--json", "--prompts", "2", "--max-new-tokens", "12", "--threads", "1",
+              "--redis-url", redis_url, "--target", str(model_dirs / "target"),
+              "--drafter", str(model_dirs / "drafter")])
+    out = last_json(capsys)
+    assert done.value.code == 0
+    assert 0 <= out["logging_overhead"] < 1 and out["worker_rate_ratio"] > 0 and out["writer_dropped"] == 0
+    assert "swap_stall_ms" in out
