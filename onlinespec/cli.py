@@ -23,8 +23,10 @@ def _models(args) -> int:
 def _bench(args) -> int:
     if args.what == "engine":
         from onlinespec.bench.engine import run
-    else:
+    elif args.what == "loop":
         from onlinespec.bench.loop import run
+    else:
+        from onlinespec.bench.adapt import run
     return run(args)
 
 
@@ -46,6 +48,12 @@ def _watch(args) -> int:
     return run(args)
 
 
+def _tune(args) -> int:
+    from onlinespec.tune import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="onlinespec", description="Speculative decoding with drafters that learn online.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -54,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures (and --json)")
-    p.add_argument("what", choices=["engine", "loop"])
+    p.add_argument("what", choices=["engine", "loop", "adapt"])
     p.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a smoke run in under a minute")
     p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     p.add_argument("--target", default=None, help="target model path or hub id (default: demo:target)")
@@ -66,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--redis-url", default=None, help="loop: Redis to use (default: start a private one)")
     p.add_argument("--round-records", type=int, default=16, help="loop: records per learning round")
+    p.add_argument("--drafters", nargs="*", default=None, help="adapt: drafters (default: the two demo drafters)")
+    p.add_argument("--schedule", default="python,shakespeare,docs,python", help="adapt: domain of each phase")
+    p.add_argument("--rounds-per-phase", type=int, default=None)
+    p.add_argument("--per-round", type=int, default=None, help="adapt: prompts per round")
+    p.add_argument("--seeds", type=int, default=None, help="adapt: streams (medians are reported)")
+    p.add_argument("--methods", nargs="*", default=None, help="adapt: a subset of the methods")
+    p.add_argument("--window", type=int, default=4, help="adapt: rounds in the dynamic regret comparator")
+    p.add_argument("--prompt-tokens", type=int, default=96, help="adapt: prompt tokens kept (the last ones)")
+    p.add_argument("--plot", default=None, help="adapt: write a PNG of accepted length and regret")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("up", help="Redis + server + workers on this machine (the demo by default)")
@@ -97,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true")
     p.add_argument("--count", type=int, default=0)
     p.set_defaults(func=_watch)
+
+    p = sub.add_parser("tune", help="export/import feedback; replay it through learner configs and rank them")
+    p.add_argument("action", choices=["export", "import", "run"])
+    p.add_argument("--config", default=None, help="service YAML (for the target id)")
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--target", default=None, help="target id (default: the config's)")
+    p.add_argument("--out", default="feedback.msgpack", help="export: file to write; run: best config YAML")
+    p.add_argument("--count", type=int, default=None, help="export: at most this many records")
+    p.add_argument("--file", default="feedback.msgpack", help="import/run: an exported file")
+    p.add_argument("--space", default="configs/tune.yaml", help="run: search space YAML")
+    p.add_argument("--drafter", default="demo:drafter-1l", help="run: the drafter model to start from")
+    p.add_argument("--k", type=int, default=4, help="run: draft length for the predicted accepted length")
+    p.add_argument("--apply", default=None, help="run: base URL of a live server to apply the best config to")
+    p.add_argument("--drafter-id", default="drafter-1l", help="run --apply: which drafter")
+    p.add_argument("--token", default=None, help="run --apply: admin token (or ONLINESPEC_ADMIN_TOKEN)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_tune)
 
     # Listed for --help; main() hands their arguments to their own parsers.
     sub.add_parser("serve", help="run the HTTP server (onlinespec serve --help)")

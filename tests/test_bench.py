@@ -43,3 +43,21 @@ def test_bench_loop_json(model_dirs, capsys, redis_url):
     assert done.value.code == 0
     assert 0 <= out["logging_overhead"] < 1 and out["worker_rate_ratio"] > 0 and out["writer_dropped"] == 0
     assert "swap_stall_ms" in out
+
+
+def test_bench_adapt_json_and_plot(model_dirs, capsys, tmp_path):
+    plot = tmp_path / "adapt.png"
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "adapt", "--quick", "--json", "--threads", "1", "--target", str(model_dirs / "target"),
+              "--drafters", str(model_dirs / "drafter"), str(model_dirs / "target"),
+              "--schedule", "python,docs", "--rounds-per-phase", "2", "--per-round", "2", "--max-new-tokens", "12",
+              "--plot", str(plot)])
+    out = last_json(capsys)
+    assert done.value.code == 0
+    assert set(out["methods"]) == {"static", "osd", "ogd", "optimistic", "ensemble", "pool", "optimistic-tv",
+                                   "optimistic-acclen"}
+    for m in out["methods"].values():
+        assert len(m["per_round_mean_accepted_length"]) == 4 and m["mean_accepted_length"] >= 1
+        assert m["regret_vs_best_fixed"] >= -1e-9
+    assert out["ratio_vs_static"] > 0 and out["ratio_vs_osd"] > 0
+    assert plot.stat().st_size > 5_000

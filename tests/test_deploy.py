@@ -59,5 +59,10 @@ def test_every_shipped_config_loads():
             cfg = load_config(path)
             assert cfg.drafters and cfg.learner and Path(cfg.learner).is_file(), path
             LearnerConfig.from_yaml(cfg.learner)
+        elif "space" in raw:
+            from onlinespec.tune import candidates
+
+            points = candidates(raw, LearnerConfig.from_yaml(ROOT / raw["base"]))
+            assert len(points) == raw["trials"]
         else:
             LearnerConfig.from_yaml(path)

@@ -1,0 +1,252 @@
+"""``onlinespec bench adapt``: does online learning pay on a drifting stream, and which kind?
+
+A stream of held-out prompts whose domain shifts (python -> shakespeare -> docs -> python by
+default) is served in rounds of greedy speculative decoding; between rounds each method learns
+from the round's feedback through the same ``DrafterLearner`` the workers run. Every method
+sees the identical stream for a seed. The target decodes each prompt once (cached); serving is
+replayed exactly from the drafter's teacher-forced predictions (``onlinespec.replay``), so a
+method costs drafter work only. Tokens/s per round are modelled from the step costs measured
+on this machine (one verification of k+1 positions, one drafter token).
+
+Methods: ``static`` (no updates); ``osd`` (forward KL on rejected positions only, as in Online
+Speculative Decoding); ``ogd`` (all positions); ``optimistic`` (hint = last gradient);
+``ensemble`` (step-size grid weighted by optimistic Hedge); ``pool`` (Hedge over both demo
+drafters, each learning optimistically); and the optimistic learner with each loss family
+(``optimistic-tv``, ``optimistic-acclen``; ``optimistic`` itself is the KL one).
+
+Regret: each method's cumulative prequential loss (1 - acceptance probability of the served
+drafter, before the round's update) against the best method in hindsight (fixed comparator)
+and against the best method of each ``--window``-round window (dynamic comparator).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import statistics
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from onlinespec.bench.common import emit, machine, set_threads
+from onlinespec.learn.learner import DrafterLearner, LearnerConfig
+from onlinespec.learn.losses import LossConfig
+from onlinespec.learn.optim import OptimConfig
+from onlinespec.learn.pool import DrafterPool
+from onlinespec.replay import replay_greedy, trace_target
+
+__all__ = ["run", "METHODS", "simulate"]
+
+BASE_OPTIM = OptimConfig(lr=3e-3, hint="none", adaptive=True, max_grad_norm=1.0)
+
+
+def _configs() -> dict[str, LearnerConfig | None]:
+    kl = LossConfig()
+    opt = replace(BASE_OPTIM, hint="last")
+    return {
+        "static": None,
+        "osd": LearnerConfig(loss=LossConfig(positions="rejected"), optim=BASE_OPTIM),
+        "ogd": LearnerConfig(loss=kl, optim=BASE_OPTIM),
+        "optimistic": LearnerConfig(loss=kl, optim=opt),
+        "ensemble": LearnerConfig(loss=kl, optim=opt, ensemble_size=3, grid_factor=3.0),
+        "pool": LearnerConfig(loss=kl, optim=opt),
+        "optimistic-tv": LearnerConfig(loss=LossConfig(kl=0.0, tv=1.0), optim=opt),
+        "optimistic-acclen": LearnerConfig(loss=LossConfig(kl=0.5, chain=1.0, focal=0.5, positional_decay=0.8),
+                                           optim=opt),
+    }
+
+
+METHODS = tuple(_configs())
+LOSS_FAMILIES = {"kl": "optimistic", "tv": "optimistic-tv", "accepted_length": "optimistic-acclen"}
+
+
+def _stream(prompts: dict[str, list[int]], schedule: list[str], rounds_per_phase: int, per_round: int,
+            seed: int) -> list[list[int]]:
+    """Rounds of prompt indices; each phase draws from one domain without replacement."""
+    rng = random.Random(seed)
+    pools = {d: rng.sample(idx, len(idx)) for d, idx in prompts.items()}
+    cursor = {d: 0 for d in prompts}
+    rounds = []
+    for domain in schedule:
+        for _ in range(rounds_per_phase):
+            pick = []
+            for _ in range(per_round):
+                pool = pools[domain]
+                pick.append(pool[cursor[domain] % len(pool)])
+                cursor[domain] += 1
+            rounds.append(pick)
+    return rounds
+
+
+def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, rounds, k: int, costs: dict) -> dict:
+    """Serve ``rounds`` (lists of trace indices) with one method; per-round figures."""
+    names = list(drafters)
+    learners = {}
+    if config is not None:
+        chosen = names if method == "pool" else names[:1]
+        learners = {n: DrafterLearner(copy.deepcopy(drafters[n]), config) for n in chosen}
+    pool = DrafterPool(names) if method == "pool" else None
+    serving = names[0]
+    static_model = copy.deepcopy(drafters[names[0]]).eval()
+    static_eval = None if learners else DrafterLearner(static_model, LearnerConfig(optim=OptimConfig(lr=0.0)))
+    out = {"mal": [], "tokens_per_s": [], "loss": []}
+    for round_idx in rounds:
+        batch = [traces[i] for i in round_idx]
+        if pool is not None:
+            serving = pool.drafters[int(np.argmax(pool.hedge.weights))]
+        model = learners[serving].served_model() if learners else static_model
+        records, stats = replay_greedy(model, batch, k)
+        out["mal"].append((stats["accepted"] + stats["spec_steps"]) / max(1, stats["spec_steps"]))
+        seconds = stats["steps"] * costs["verify"] + stats["drafted"] * costs["draft"]
+        out["tokens_per_s"].append(stats["tokens"] / seconds)
+        if not learners:
+            out["loss"].append(static_eval.evaluate(records)["tv"])
+            continue
+        if pool is not None:
+            served_models = {n: learners[n].served_model() for n in names}
+            losses = pool.round(served_models, records).losses
+            out["loss"].append(losses[names.index(serving)])
+            for n in names:
+                learners[n].round(records)
+        else:
+            out["loss"].append(learners[serving].round(records).served_loss)
+    return out
+
+
+def _measure_costs(target, drafter, prompt: list[int], k: int) -> dict:
+    """Seconds of one verification of k+1 positions and of one drafter token, on this machine."""
+    from onlinespec.lm import CacheSession
+
+    def timed(model, n_new, reps=20):
+        s = CacheSession(model)
+        s.feed(prompt, last_only=True)
+        base = s.length
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            s.feed(prompt[:n_new])
+            s.rewind(base)
+        return (time.perf_counter() - t0) / reps
+
+    with torch.inference_mode():
+        timed(target, k + 1, 3)
+        return {"verify": timed(target, k + 1), "draft": timed(drafter, 1)}
+
+
+def _regret(losses: dict[str, list[float]], window: int) -> dict:
+    cum = {m: float(np.sum(v)) for m, v in losses.items()}
+    best_fixed = min(cum.values())
+    n = len(next(iter(losses.values())))
+    dynamic = 0.0
+    for start in range(0, n, window):
+        dynamic += min(float(np.sum(v[start:start + window])) for v in losses.values())
+    return {m: {"cumulative_loss": cum[m], "regret_vs_best_fixed": cum[m] - best_fixed,
+                "regret_vs_window_best": cum[m] - dynamic} for m in losses}
+
+
+def _plot(path: str, per_method: dict, regret_curves: dict, schedule: list[str], rounds_per_phase: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    for m, curve in per_method.items():
+        ax1.plot(curve, label=m, lw=2 if m in ("static", "osd") else 1.2)
+    for i, d in enumerate(schedule):
+        ax1.axvspan(i * rounds_per_phase, (i + 1) * rounds_per_phase, alpha=0.05 * (1 + i % 2), color="gray")
+        ax1.text(i * rounds_per_phase + 0.5, ax1.get_ylim()[1] if i else 1.0, d, va="top", fontsize=8)
+    ax1.set_ylabel("mean accepted length (median of seeds)")
+    ax1.legend(fontsize=8, ncol=4)
+    for m, curve in regret_curves.items():
+        ax2.plot(curve, label=m)
+    ax2.set_ylabel("cumulative loss - best fixed method")
+    ax2.set_xlabel("round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run(args) -> int:
+    from onlinespec.bench.common import heldout_prompts
+    from onlinespec.models import load_model, load_tokenizer
+
+    threads = set_threads(args.threads)
+    target_name = args.target or "demo:target"
+    drafter_names = args.drafters or ["demo:drafter-1l", "demo:drafter-2l"]
+    tok = load_tokenizer(target_name)
+    target = load_model(target_name)
+    drafters = {n: load_model(n) for n in drafter_names}
+    schedule = args.schedule.split(",")
+    quick = args.quick
+    per_round = args.per_round or (4 if quick else 8)
+    rounds_per_phase = args.rounds_per_phase or (3 if quick else 8)
+    max_new = args.max_new_tokens or (32 if quick else 64)
+    seeds = list(range(args.seeds or (1 if quick else 3)))
+    per_domain = min(per_round * rounds_per_phase * schedule.count(max(set(schedule), key=schedule.count)), 240)
+
+    # the target decodes every prompt once; all methods and seeds reuse it
+    traces, by_domain = [], {}
+    t0 = time.perf_counter()
+    for domain in dict.fromkeys(schedule):
+        by_domain[domain] = []
+        for p in heldout_prompts(tok, domain, per_domain):
+            by_domain[domain].append(len(traces))
+            traces.append(trace_target(target, p[-args.prompt_tokens:], max_new, 32, domain))
+    trace_seconds = time.perf_counter() - t0
+    costs = _measure_costs(target, next(iter(drafters.values())), traces[0].prompt, args.k)
+
+    configs = _configs()
+    methods = [m for m in (args.methods or METHODS) if m in configs]
+    results = {m: [] for m in methods}
+    for seed in seeds:
+        rounds = _stream(by_domain, schedule, rounds_per_phase, per_round, seed)
+        for m in methods:
+            torch.manual_seed(seed)
+            results[m].append(simulate(m, configs[m], drafters, traces, rounds, args.k, costs))
+            print(f"seed {seed} {m:<18} mean accepted length {np.mean(results[m][-1]['mal']):.3f}", flush=True)
+
+    n_rounds = len(results[methods[0]][0]["mal"])
+    median_curve = {m: [statistics.median(r["mal"][i] for r in results[m]) for i in range(n_rounds)] for m in methods}
+    summary = {}
+    for m in methods:
+        summary[m] = {
+            "mean_accepted_length": statistics.median(float(np.mean(r["mal"])) for r in results[m]),
+            "tokens_per_s": statistics.median(float(np.mean(r["tokens_per_s"])) for r in results[m]),
+            "prequential_loss": statistics.median(float(np.mean(r["loss"])) for r in results[m]),
+            "per_round_mean_accepted_length": median_curve[m],
+        }
+    # regret on the median-seed losses of each method
+    losses = {m: [statistics.median(r["loss"][i] for r in results[m]) for i in range(n_rounds)] for m in methods}
+    regret = _regret(losses, args.window)
+    for m in methods:
+        summary[m].update(regret[m])
+    online = [m for m in methods if m not in ("static", "osd")]
+    best = max(online, key=lambda m: summary[m]["mean_accepted_length"]) if online else None
+    result = {
+        "methods": summary,
+        "best_online_method": best,
+        "best_by_loss_family": {fam: m for fam, m in LOSS_FAMILIES.items() if m in summary},
+        "ratio_vs_static": (summary[best]["mean_accepted_length"] / summary["static"]["mean_accepted_length"]
+                            if best and "static" in summary else None),
+        "ratio_vs_osd": (summary[best]["mean_accepted_length"] / summary["osd"]["mean_accepted_length"]
+                         if best and "osd" in summary else None),
+        "schedule": schedule, "rounds": n_rounds, "per_round": per_round, "k": args.k, "seeds": len(seeds),
+        "max_new_tokens": max_new, "target_decode_seconds": trace_seconds, "step_costs_s": costs,
+        "threads": threads, "machine": machine(), "target": target_name, "drafters": drafter_names,
+    }
+    print(f"\n{'method':<19}{'acc. len':>9}{'tok/s*':>8}{'preq. loss':>11}{'regret fixed':>13}{'regret window':>14}")
+    for m in methods:
+        s = summary[m]
+        print(f"{m:<19}{s['mean_accepted_length']:>9.3f}{s['tokens_per_s']:>8.1f}{s['prequential_loss']:>11.4f}"
+              f"{s['regret_vs_best_fixed']:>13.3f}{s['regret_vs_window_best']:>14.3f}")
+    print("* modelled from the measured step costs")
+    if args.plot:
+        best_fixed = min(float(np.sum(v)) for v in losses.values()) / n_rounds
+        curves = {m: list(np.cumsum(np.asarray(losses[m]) - best_fixed)) for m in methods}
+        _plot(args.plot, median_curve, curves, schedule, rounds_per_phase)
+        print(f"plot: {args.plot}")
+    table = [("best_online_method", best), ("ratio_vs_static", result["ratio_vs_static"]),
+             ("ratio_vs_osd", result["ratio_vs_osd"])]
+    emit(table, result, args.json)
+    return 0

@@ -1,0 +1,107 @@
+"""Greedy speculative decoding replayed without the target: for benchmarks and tuning.
+
+With greedy verification the output is the target's greedy continuation whatever the drafter
+proposes, and a drafted token is accepted iff it equals that continuation. A block that
+starts at position ``i`` therefore accepts the run of consecutive positions ``j >= i`` where
+the drafter's teacher-forced argmax equals the target's token (capped at ``k``): drafting
+``d1`` given the true prefix is the teacher-forced argmax at ``i``, and ``d2`` only matters
+once ``d1`` was accepted, i.e. when its prefix is the true prefix again. So one target decode
+per prompt (cached across methods) and one drafter forward per round replay exactly what the
+engine would have done, records included.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.feedback import FeedbackRecord
+from onlinespec.learn.batch import collate
+from onlinespec.sampling import SamplingParams
+
+__all__ = ["TargetTrace", "trace_target", "replay_greedy"]
+
+
+@dataclass(frozen=True)
+class TargetTrace:
+    """The target's greedy continuation of a prompt and its top-K log-probs at each position."""
+
+    domain: str
+    prompt: list[int]
+    generated: list[int]
+    topk_ids: np.ndarray  # int32 [G, K]
+    topk_logprobs: np.ndarray  # float16 [G, K]
+
+
+def trace_target(target, prompt: list[int], max_new_tokens: int, topk: int, domain: str = "",
+                 eos_token_ids: set[int] | None = None, ignore_eos: bool = False) -> TargetTrace:
+    engine = SpeculativeEngine(target, None, config=EngineConfig(feedback_topk=topk), eos_token_ids=eos_token_ids)
+    record = engine.generate(prompt, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)).record
+    return TargetTrace(domain, list(prompt), record.tokens[record.prompt_len:].tolist(),
+                       record.topk_ids, record.topk_logprobs)
+
+
+@torch.no_grad()
+def _drafter_argmax(drafter, traces: list[TargetTrace]) -> list[np.ndarray]:
+    """Teacher-forced drafter argmax predicting each generated position, per trace."""
+    from onlinespec.learn.forward import drafter_logits
+
+    fake = [_record(t, np.zeros(len(t.generated), bool), np.zeros(len(t.generated), bool),
+                    np.zeros(len(t.generated), np.int16), np.full(len(t.generated), -1, np.int32), "", 0)
+            for t in traces]
+    batch = collate(fake)
+    best = drafter_logits(drafter, batch).argmax(-1).numpy()
+    out, start = [], 0
+    for t in traces:
+        out.append(best[start:start + len(t.generated)])
+        start += len(t.generated)
+    return out
+
+
+def _record(t: TargetTrace, drafted, accepted, block_index, draft_tokens, drafter_id, version) -> FeedbackRecord:
+    return FeedbackRecord(
+        request_id=uuid.uuid4().hex, target_id="replay", drafter_id=drafter_id, drafter_version=version,
+        created=0.0, temperature=0.0, top_p=1.0, top_k=0,
+        tokens=np.asarray(t.prompt + t.generated, dtype=np.int32), prompt_len=len(t.prompt),
+        topk_ids=t.topk_ids, topk_logprobs=t.topk_logprobs, drafted=drafted, accepted=accepted,
+        block_index=block_index, draft_tokens=draft_tokens,
+    )
+
+
+def replay_greedy(drafter, traces: list[TargetTrace], k: int, drafter_id: str = "replay", version: int = 0):
+    """(records, stats) the engine would produce serving ``traces`` greedily with fixed ``k``.
+    stats: steps, spec_steps, drafted, accepted (summed over traces)."""
+    records, steps, spec_steps, drafted_total, accepted_total = [], 0, 0, 0, 0
+    for t, guess in zip(traces, _drafter_argmax(drafter, traces)):
+        g = len(t.generated)
+        truth = np.asarray(t.generated)
+        match = guess == truth
+        drafted = np.zeros(g, bool)
+        accepted = np.zeros(g, bool)
+        block_index = np.zeros(g, np.int16)
+        draft_tokens = np.full(g, -1, np.int32)
+        i = 0
+        while i < g:
+            m = min(k, g - 1 - i)  # the engine never drafts past max_new_tokens - 1
+            n = 0
+            while n < m and match[i + n]:
+                n += 1
+            # positions i .. i+n-1 accepted; i+n is the target's token (a correction if n < m)
+            for j in range(min(n + 1, g - i)):
+                block_index[i + j] = j
+                if j < m:
+                    drafted[i + j] = True
+                    draft_tokens[i + j] = guess[i + j]
+                    accepted[i + j] = j < n
+            steps += 1
+            spec_steps += m > 0
+            drafted_total += m
+            accepted_total += n
+            i += n + 1
+        records.append(_record(t, drafted, accepted, block_index, draft_tokens, drafter_id, version))
+    return records, {"steps": steps, "spec_steps": spec_steps, "drafted": drafted_total, "accepted": accepted_total,
+                     "tokens": sum(len(t.generated) for t in traces)}
