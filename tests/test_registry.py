@@ -92,3 +92,12 @@ def test_gc_keeps_the_newest_and_the_latest(registry):
     with pytest.raises(CheckpointError):
         registry.rollback("d", 1)  # collected: refused, the pointer stays
     assert registry.latest("d") == 6
+
+
+def test_versions_left_by_a_reset_redis_are_never_overwritten(registry, redis_client):
+    model = tiny_llama(layers=1, hidden=32, heads=2, seed=1)
+    registry.publish("d", model, parent=None)
+    registry.publish("d", model, parent=1)
+    redis_client.delete(keys.latest_key("d"), keys.version_counter("d"))  # Redis lost its state
+    m = registry.publish("d", model, parent=None)
+    assert m.version == 3 and registry.versions("d") == [1, 2, 3] and registry.latest("d") == 3
