@@ -39,16 +39,17 @@ from onlinespec.replay import replay_greedy, trace_target
 
 __all__ = ["run", "METHODS", "simulate"]
 
-BASE_OPTIM = OptimConfig(lr=3e-3, hint="none", adaptive=True, max_grad_norm=1.0)
+BASE_OPTIM = OptimConfig(lr=3e-4, hint="none", adaptive=True, max_grad_norm=1.0)
 
 
-def _configs() -> dict[str, LearnerConfig | None]:
+def _configs(lr: float | None = None) -> dict[str, LearnerConfig | None]:
     kl = LossConfig()
-    opt = replace(BASE_OPTIM, hint="last")
+    base = replace(BASE_OPTIM, lr=lr) if lr else BASE_OPTIM
+    opt = replace(base, hint="last")
     return {
         "static": None,
-        "osd": LearnerConfig(loss=LossConfig(positions="rejected"), optim=BASE_OPTIM),
-        "ogd": LearnerConfig(loss=kl, optim=BASE_OPTIM),
+        "osd": LearnerConfig(loss=LossConfig(positions="rejected"), optim=base),
+        "ogd": LearnerConfig(loss=kl, optim=base),
         "optimistic": LearnerConfig(loss=kl, optim=opt),
         "ensemble": LearnerConfig(loss=kl, optim=opt, ensemble_size=3, grid_factor=3.0),
         "pool": LearnerConfig(loss=kl, optim=opt),
@@ -196,7 +197,7 @@ def run(args) -> int:
     trace_seconds = time.perf_counter() - t0
     costs = _measure_costs(target, next(iter(drafters.values())), traces[0].prompt, args.k)
 
-    configs = _configs()
+    configs = _configs(args.lr)
     methods = [m for m in (args.methods or METHODS) if m in configs]
     results = {m: [] for m in methods}
     for seed in seeds:
