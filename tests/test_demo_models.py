@@ -48,7 +48,7 @@ def test_greedy_output_equals_the_demo_target_alone(demo, drafter_name):
 
 def test_learning_on_demo_feedback_raises_heldout_acceptance(demo):
     tok, target, d1, _ = demo
-    learner = DrafterLearner(d1, LearnerConfig(optim=OptimConfig(lr=3e-3, hint="last", adaptive=True,
+    learner = DrafterLearner(d1, LearnerConfig(optim=OptimConfig(lr=1e-4, hint="last", adaptive=True,
                                                                  max_grad_norm=1.0)))
     engine = SpeculativeEngine(target, HFDrafter(learner.served_model(), "d1"), tokenizer=tok,
                                config=EngineConfig(k=4, feedback_topk=32))
