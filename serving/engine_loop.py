@@ -138,7 +138,7 @@ class EngineLoop:
             handle.first_token = time.perf_counter()
             self.metrics.ttft.observe(handle.first_token - handle.submitted)
         if drafter is not None and out.drafted:
-            self.metrics.observe_step(drafter.drafter_id, drafter.version, out.drafted, out.accepted, gen.stats)
+            self.metrics.observe_step(drafter.drafter_id, drafter.version, out.drafted, out.accepted)
             if self.watcher is not None:
                 self.watcher.observe(drafter.drafter_id, drafter.version, out.drafted, out.accepted)
         self.metrics.generated_tokens.inc(len(out.tokens))

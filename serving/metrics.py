@@ -15,6 +15,11 @@ __all__ = ["Counter", "Gauge", "Histogram", "Metrics"]
 PREFIX = "onlinespec_"
 
 
+def _value(v: float) -> str:
+    """Exact in the exposition: ``:g`` would print 1234567 as 1.23457e+06."""
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
 def _labels(labels: dict) -> str:
     if not labels:
         return ""
@@ -37,7 +42,7 @@ class Counter:
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
         for key, value in sorted(self.values.items()):
-            lines.append(f"{self.name}{_labels(dict(key))} {value:g}")
+            lines.append(f"{self.name}{_labels(dict(key))} {_value(value)}")
         return lines
 
 
@@ -72,7 +77,7 @@ class Histogram:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
         for b, c in zip(self.buckets, self.counts):
             lines.append(f'{self.name}_bucket{{le="{b:g}"}} {c}')
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum:g}",
+        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {_value(self.sum)}",
                   f"{self.name}_count {self.count}"]
         return lines
 
@@ -93,9 +98,13 @@ class Metrics:
         self.accepted_per_pos = Counter("spec_decode_num_accepted_tokens_per_pos_total",
                                         "Draft tokens accepted at each block position.")
         self.swaps = Counter("drafter_swaps_total", "Drafter versions swapped in.")
-        self.extra: list = []  # callables returning more lines (writer, watcher, learners)
+        self.sampled: list[tuple[Counter, object]] = []  # (metric, callable -> {label tuple: value})
 
-    def observe_step(self, drafter: str, version: int, drafted: int, accepted: int, _stats=None) -> None:
+    def sample(self, metric: Counter, read) -> None:
+        """A metric whose values are read from elsewhere (the writer, the watcher) at each scrape."""
+        self.sampled.append((metric, read))
+
+    def observe_step(self, drafter: str, version: int, drafted: int, accepted: int) -> None:
         labels = {"drafter": drafter, "version": version}
         self.num_drafts.inc(**labels)
         self.num_draft_tokens.inc(drafted, **labels)
@@ -109,6 +118,7 @@ class Metrics:
                   self.queue_depth, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
                   self.accepted_per_pos, self.swaps):
             lines += m.render()
-        for fn in self.extra:
-            lines += fn()
+        for metric, read in self.sampled:
+            metric.values = dict(read())
+            lines += metric.render()
         return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ import uvicorn
 from onlinespec.engine import SpeculativeEngine
 from serving.app import ServerState, create_app
 from serving.engine_loop import EngineLoop
-from serving.metrics import Metrics
+from serving.metrics import Counter, Gauge, Metrics
 
 __all__ = ["build_state", "BackgroundServer"]
 
@@ -21,27 +21,18 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
                 max_tokens: int = 512, drafters: dict | None = None) -> ServerState:
     metrics = Metrics()
     if writer is not None:
-        metrics.extra.append(lambda: [
-            "# HELP onlinespec_feedback_queue_depth Feedback records waiting to be written.",
-            "# TYPE onlinespec_feedback_queue_depth gauge",
-            f"onlinespec_feedback_queue_depth {writer.depth}",
-            "# HELP onlinespec_feedback_dropped_total Feedback records dropped (queue full or Redis down).",
-            "# TYPE onlinespec_feedback_dropped_total counter",
-            f'onlinespec_feedback_dropped_total{{reason="queue_full"}} {writer.stats.dropped_full}',
-            f'onlinespec_feedback_dropped_total{{reason="unreachable"}} {writer.stats.dropped_unreachable}',
-            "# HELP onlinespec_feedback_written_total Feedback records written to Redis.",
-            "# TYPE onlinespec_feedback_written_total counter",
-            f"onlinespec_feedback_written_total {writer.stats.written}",
-        ])
+        metrics.sample(Gauge("feedback_queue_depth", "Feedback records waiting to be written."),
+                       lambda: {(): writer.depth})
+        metrics.sample(Counter("feedback_dropped_total", "Feedback records dropped (queue full or Redis down)."),
+                       lambda: {(("reason", "queue_full"),): writer.stats.dropped_full,
+                                (("reason", "unreachable"),): writer.stats.dropped_unreachable})
+        metrics.sample(Counter("feedback_written_total", "Feedback records written to Redis."),
+                       lambda: {(): writer.stats.written})
     if watcher is not None:
-        metrics.extra.append(lambda: [
-            "# HELP onlinespec_drafter_refusals_total Versions refused by validation.",
-            "# TYPE onlinespec_drafter_refusals_total counter",
-            f"onlinespec_drafter_refusals_total {watcher.stats.refusals}",
-            "# HELP onlinespec_drafter_rollbacks_total Versions rolled back after a regression.",
-            "# TYPE onlinespec_drafter_rollbacks_total counter",
-            f"onlinespec_drafter_rollbacks_total {watcher.stats.rollbacks}",
-        ])
+        metrics.sample(Counter("drafter_refusals_total", "Versions refused by validation."),
+                       lambda: {(): watcher.stats.refusals})
+        metrics.sample(Counter("drafter_rollbacks_total", "Versions rolled back after a regression."),
+                       lambda: {(): watcher.stats.rollbacks})
     loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
                       drafters=drafters).start()
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
