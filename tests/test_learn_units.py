@@ -103,6 +103,41 @@ def test_adaptive_variant_keeps_its_state_across_rounds():
     assert torch.equal(opt.play()["x"], again.play()["x"])
 
 
+def test_rmsprop_preconditioner_keeps_its_step_size_where_adagrad_shrinks():
+    """With a constant gradient AdaGrad's t-th step is lr / sqrt(t); the averaged squares
+    (sq_decay < 1, bias-corrected) keep every step at lr, so the learner still moves late in a
+    long stream, after a shift."""
+    moves = {}
+    for decay in (1.0, 0.99):
+        opt = OnlineOptimizer({"x": torch.zeros(1)}, OptimConfig(lr=0.1, adaptive=True, sq_decay=decay))
+        steps = []
+        for _ in range(100):
+            before = opt.play()["x"].clone()
+            opt.step({"x": torch.tensor([3.0])})
+            steps.append(float((before - opt.play()["x"]).abs()))
+        moves[decay] = steps
+    assert moves[1.0][0] == pytest.approx(0.1) and moves[1.0][-1] == pytest.approx(0.01, rel=1e-3)
+    assert all(m == pytest.approx(0.1, rel=1e-4) for m in moves[0.99])
+    with pytest.raises(ValueError, match="sq_decay"):
+        OptimConfig(sq_decay=0.0)
+
+
+def test_discounted_hedge_switches_after_a_shift_where_plain_hedge_stays():
+    """Expert 0 is best for 200 rounds, then expert 1. Plain Hedge carries the whole history
+    and keeps expert 0 for about as long again; a discounted one follows within a few rounds."""
+    losses = [[0.2, 0.6]] * 200 + [[0.6, 0.2]] * 10
+    plain, discounted = Hedge(2, eta=4.0), Hedge(2, eta=4.0, discount=0.5)
+    for ell in losses:
+        plain.update(ell)
+        discounted.update(ell)
+    assert plain.weights[0] > 0.999
+    assert discounted.weights[1] > 0.95  # steady state: exp(-eta * 0.4 / (1 - 0.5)) against 1
+    again = Hedge.from_state(discounted.state())
+    assert again.discount == 0.5 and np.allclose(again.weights, discounted.weights)
+    with pytest.raises(ValueError, match="discount"):
+        Hedge(2, discount=1.5)
+
+
 @pytest.mark.parametrize("optimistic", [False, True])
 def test_hedge_stays_finite_and_normalized_over_a_million_updates(optimistic):
     rng = np.random.default_rng(0)
@@ -131,7 +166,7 @@ def test_the_shipped_learner_config_loads_and_unknown_keys_are_refused(tmp_path)
 
     root = Path(__file__).resolve().parents[1]
     config = LearnerConfig.from_yaml(root / "configs" / "learner.yaml")
-    assert config.optim.hint == "last" and config.loss.kl == 1.0
+    assert config.optim.hint == "none" and config.optim.sq_decay == 0.99 and config.loss.kl == 1.0
     assert LearnerConfig.from_dict(config.to_dict()) == config
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {lr: 0.1}\nlearning_rate: 3\n")

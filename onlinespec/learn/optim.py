@@ -3,7 +3,10 @@
 The learner keeps a base iterate ``w``. Each round it *plays* (serves) ``w - lr * P(h)``, where
 ``h`` is a hint of the next gradient built from past gradients (``none``: plain OGD; ``last``:
 the previous gradient; ``ema``: an exponential average), and ``P`` is the preconditioner
-(identity, or AdaGrad's diagonal for the adaptive variant, whose state persists across rounds).
+(identity, or a diagonal of past squared gradients for the adaptive variant, whose state
+persists across rounds: their sum, AdaGrad, with ``sq_decay = 1``; an exponential average,
+RMSProp-style with bias correction, with ``sq_decay < 1``, whose step sizes do not shrink over
+a long stream and so keep tracking after a shift).
 When the round's gradient ``g`` (taken at the played point) arrives: ``w <- w - lr * P(g)``.
 With good hints optimistic OGD's regret scales with sum ||g_t - h_t||^2 instead of sum ||g_t||^2.
 
@@ -28,7 +31,8 @@ class OptimConfig:
     hint: str = "none"  # "none" (OGD) | "last" | "ema"
     hint_weight: float = 1.0  # scales the hint: 0 turns optimism off
     hint_decay: float = 0.9  # for "ema"
-    adaptive: bool = False  # AdaGrad diagonal preconditioner, state kept across rounds
+    adaptive: bool = False  # diagonal preconditioner, state kept across rounds
+    sq_decay: float = 1.0  # 1: AdaGrad (sum of squared gradients); < 1: their exponential average
     eps: float = 1e-8
     max_grad_norm: float = 0.0  # 0: no clipping
 
@@ -39,6 +43,8 @@ class OptimConfig:
             raise ValueError(f"hint must be none, last or ema, got {self.hint!r}")
         if not 0 <= self.hint_decay < 1:
             raise ValueError("hint_decay must be in [0, 1)")
+        if not 0 < self.sq_decay <= 1:
+            raise ValueError("sq_decay must be in (0, 1]")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,10 +58,15 @@ class OnlineOptimizer:
         self.sq: Params = {}  # AdaGrad accumulators
         self.rounds = 0
 
-    def _precondition(self, name: str, g: torch.Tensor) -> torch.Tensor:
-        if not self.config.adaptive:
+    def _precondition(self, name: str, g: torch.Tensor, updates: int) -> torch.Tensor:
+        """``g`` scaled by the diagonal preconditioner after ``updates`` squared-gradient updates."""
+        c = self.config
+        if not c.adaptive:
             return g
-        return g / (self.sq[name].sqrt() + self.config.eps) if name in self.sq else torch.zeros_like(g)
+        if name not in self.sq:
+            return torch.zeros_like(g)
+        sq = self.sq[name] if c.sq_decay == 1 else self.sq[name] / (1 - c.sq_decay ** updates)
+        return g / (sq.sqrt() + c.eps)
 
     def play(self) -> Params:
         """Parameters to serve this round: the base iterate moved along the hint."""
@@ -63,7 +74,7 @@ class OnlineOptimizer:
         if c.hint == "none" or not self.hint or c.hint_weight == 0:
             return {k: v.clone() for k, v in self.w.items()}
         return {
-            k: v - c.lr * c.hint_weight * self._precondition(k, self.hint[k]) if k in self.hint else v.clone()
+            k: v - c.lr * c.hint_weight * self._precondition(k, self.hint[k], self.rounds) if k in self.hint else v.clone()
             for k, v in self.w.items()
         }
 
@@ -77,8 +88,9 @@ class OnlineOptimizer:
         for k, g in grads.items():
             g = g.float()
             if c.adaptive:
-                self.sq[k] = self.sq.get(k, torch.zeros_like(g)) + g * g
-            self.w[k] -= c.lr * self._precondition(k, g)
+                sq = self.sq.get(k, torch.zeros_like(g))
+                self.sq[k] = sq + g * g if c.sq_decay == 1 else c.sq_decay * sq + (1 - c.sq_decay) * g * g
+            self.w[k] -= c.lr * self._precondition(k, g, self.rounds + 1)
             if c.hint == "last":
                 self.hint[k] = g.clone()
             elif c.hint == "ema":

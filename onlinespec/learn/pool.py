@@ -33,10 +33,11 @@ class PoolRound:
 
 
 class DrafterPool:
-    def __init__(self, drafters: list[str], eta: float = 4.0, optimistic: bool = True, hedge: Hedge | None = None):
+    def __init__(self, drafters: list[str], eta: float = 4.0, optimistic: bool = True, hedge: Hedge | None = None,
+                 discount: float = 1.0):
         assert drafters, "a pool needs at least one drafter"
         self.drafters = list(drafters)
-        self.hedge = hedge or Hedge(len(drafters), eta, optimistic)
+        self.hedge = hedge or Hedge(len(drafters), eta, optimistic, discount)
         assert self.hedge.n == len(self.drafters), "Hedge state does not match the pool"
 
     @torch.no_grad()
