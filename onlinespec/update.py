@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from onlinespec import keys
-from onlinespec.learn.learner import DrafterLearner, LearnerConfig
+from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
 from onlinespec.registry import PublishConflict, Registry
 from onlinespec.stream import FeedbackReader
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RoundResult:
     drafter: str
-    status: str  # "published" | "idle" | "paused" | "conflict"
+    status: str  # "published" | "idle" | "paused" | "conflict" | "skipped" (none of the records was its own)
     version: int | None = None
     parent: int | None = None
     records: int = 0
@@ -101,8 +101,13 @@ class Updater:
         if not delivery.records:
             return RoundResult(drafter, "idle", latest, latest, 0, delivery.dead, time.perf_counter() - t0)
         config = learner_config(self.redis, drafter, self.default_config)
+        own = records_to_learn(delivery.records, drafter, config)
+        if not own:  # learn_from=served and another drafter served all of them: nothing to learn
+            reader.ack(delivery.ids)
+            return RoundResult(drafter, "skipped", latest, latest, len(delivery), delivery.dead,
+                               time.perf_counter() - t0)
         learner = self._learner(drafter, latest, config)
-        metrics = learner.round(delivery.records).to_dict()
+        metrics = learner.round(own).to_dict()
         try:
             manifest = self.registry.publish(
                 drafter, learner.served_model(), parent=latest, learner_state=learner.state(),
@@ -131,9 +136,10 @@ class PoolUpdater:
     serving processes read ``serving`` from it to pick the drafter for the next requests."""
 
     def __init__(self, redis_client, registry: Registry, target: str, consumer: str, round_records: int = 16,
-                 eta: float = 4.0, min_idle_ms: int = 60_000):
+                 eta: float = 4.0, min_idle_ms: int = 60_000, discount: float = 1.0):
         self.redis, self.registry, self.target = redis_client, registry, target
         self.consumer, self.round_records, self.eta, self.min_idle_ms = consumer, round_records, eta, min_idle_ms
+        self.discount = discount
         self.models: dict[str, tuple[int, object]] = {}
 
     def _model(self, drafter: str):
@@ -158,7 +164,9 @@ class PoolUpdater:
         raw = self.redis.hget(keys.pool_key(self.target), "state")
         state = json.loads(raw) if raw else None
         hedge = Hedge.from_state(state["hedge"]) if state and state["drafters"] == drafters else None
-        pool = DrafterPool(drafters, eta=self.eta, hedge=hedge)
+        if hedge is not None:  # the configured rates apply to the kept losses
+            hedge.eta, hedge.discount = self.eta, self.discount
+        pool = DrafterPool(drafters, eta=self.eta, hedge=hedge, discount=self.discount)
         result = pool.round({d: self._model(d) for d in drafters}, delivery.records)
         self.redis.hset(keys.pool_key(self.target), mapping={
             "state": json.dumps({"drafters": drafters, "hedge": pool.hedge.state()}),

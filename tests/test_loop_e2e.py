@@ -149,6 +149,22 @@ def test_malformed_feedback_goes_to_the_dead_letter_stream(setup, redis_client):
     assert pending["pending"] == 0  # good ones acknowledged after publish, bad ones put aside
 
 
+def test_a_drafter_learning_only_what_it_served_skips_the_others_records(setup, redis_client):
+    """learn_from=served: records served by another drafter are acknowledged without a new
+    version; its own records are learned from as usual."""
+    target, registry = setup
+    config = LearnerConfig.from_dict({**json.loads(redis_client.get(keys.learner_config("frozen"))),
+                                      "learn_from": "served"})
+    redis_client.set(keys.learner_config("frozen"), json.dumps(config.to_dict()))
+    _submit_records(target, registry.load_model("learned", 1)[0], redis_client, 4)  # served by "learned"
+    updater = Updater(redis_client, registry, TARGET, consumer="w1", round_records=10)
+    result = updater.run_round("frozen")
+    assert result.status == "skipped" and result.records == 4
+    assert registry.latest("frozen") == 1
+    assert redis_client.xpending(keys.feedback_stream(TARGET), keys.learner_group("frozen"))["pending"] == 0
+    assert updater.run_round("learned").status == "published"  # learn_from=all: learns from them
+
+
 def test_worker_dying_mid_round_publishes_nothing_and_records_are_redelivered(setup, redis_client, monkeypatch):
     target, registry = setup
     _submit_records(target, registry.load_model("learned", 1)[0], redis_client, 4)
@@ -212,9 +228,10 @@ def test_pool_weights_move_to_the_drafter_that_fits_the_traffic(setup, redis_cli
     _submit_records(target, registry.load_model("learned", 1)[0], redis_client, 12)  # served by "learned"
     from onlinespec.update import PoolUpdater
 
-    pool = PoolUpdater(redis_client, registry, TARGET, consumer="w", round_records=4)
+    pool = PoolUpdater(redis_client, registry, TARGET, consumer="w", round_records=4, discount=0.5)
     for _ in range(3):
         assert pool.run_round().status == "published"
+    assert json.loads(redis_client.hget(keys.pool_key(TARGET), "state"))["hedge"]["discount"] == 0.5
     weights = json.loads(redis_client.hget(keys.pool_key(TARGET), "weights"))
     losses = json.loads(redis_client.hget(keys.pool_key(TARGET), "losses"))
     assert redis_client.hget(keys.pool_key(TARGET), "serving") == b"good"

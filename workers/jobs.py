@@ -58,8 +58,9 @@ def update_pool(target: str) -> dict:
     """One round of the drafter pool's Hedge weights (full information over every drafter)."""
     if target not in _pools:
         base = _updater(target)
+        hedge = base.default_config or LearnerConfig()  # the pool's Hedge: hedge_eta, hedge_discount
         _pools[target] = PoolUpdater(base.redis, base.registry, target, base.consumer, base.round_records,
-                                     min_idle_ms=base.min_idle_ms)
+                                     eta=hedge.hedge_eta, min_idle_ms=base.min_idle_ms, discount=hedge.hedge_discount)
     pool = _pools[target]
     result = pool.run_round()
     pool.redis.delete(keys.inflight_key(POOL))

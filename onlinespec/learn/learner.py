@@ -31,7 +31,7 @@ from onlinespec.learn.hedge import Hedge
 from onlinespec.learn.losses import LossConfig, compute_loss
 from onlinespec.learn.optim import OnlineOptimizer, OptimConfig
 
-__all__ = ["LearnerConfig", "RoundMetrics", "DrafterLearner"]
+__all__ = ["LearnerConfig", "RoundMetrics", "DrafterLearner", "records_to_learn"]
 
 
 @dataclass(frozen=True)
@@ -42,18 +42,24 @@ class LearnerConfig:
     grid_factor: float = 3.0  # step sizes lr * factor^j, j centred on 0
     hedge_eta: float = 4.0
     optimistic_hedge: bool = True
+    hedge_discount: float = 1.0  # < 1: past losses fade, Hedge tracks the recent best (drifting traffic)
     trainable: str = ".*"  # regex on parameter names; the rest stays frozen
     regret_window: int = 20  # rounds in the sliding-window (dynamic) comparator
     max_len: int = 1024
     steps_per_round: int = 1  # gradient steps on each round's batch (the first at the played point)
+    learn_from: str = "all"  # all: every record of the target | served: only those this drafter served
 
     def __post_init__(self):
         if self.steps_per_round < 1:
             raise ValueError("steps_per_round must be >= 1")
+        if self.learn_from not in ("all", "served"):
+            raise ValueError(f"learn_from must be all or served, got {self.learn_from!r}")
         if self.ensemble_size < 1:
             raise ValueError("ensemble_size must be >= 1")
         if self.grid_factor <= 1:
             raise ValueError("grid_factor must be > 1")
+        if not 0 < self.hedge_discount <= 1:
+            raise ValueError("hedge_discount must be in (0, 1]")
         if self.regret_window < 1:
             raise ValueError("regret_window must be >= 1")
         re.compile(self.trainable)
@@ -103,6 +109,14 @@ class RoundMetrics:
         return asdict(self)
 
 
+def records_to_learn(records: list[FeedbackRecord], drafter: str, config: LearnerConfig) -> list[FeedbackRecord]:
+    """The records a drafter learns from. ``served`` keeps each drafter of a pool a specialist:
+    it learns the traffic it wins and keeps what it knew of the rest (no forgetting by proxy)."""
+    if config.learn_from == "served":
+        return [r for r in records if r.drafter_id == drafter]
+    return list(records)
+
+
 def _trainable_names(model, pattern: str) -> list[str]:
     rx = re.compile(pattern)
     return [n for n, _ in model.named_parameters() if rx.search(n)]
@@ -120,7 +134,7 @@ class DrafterLearner:
         self.optimizers = [
             OnlineOptimizer(start, replace(config.optim, lr=lr)) for lr in config.step_sizes()
         ]
-        self.hedge = Hedge(config.ensemble_size, config.hedge_eta, config.optimistic_hedge)
+        self.hedge = Hedge(config.ensemble_size, config.hedge_eta, config.optimistic_hedge, config.hedge_discount)
         self.work = copy.deepcopy(model).float()  # evaluated and differentiated in place
         for n, p in self.work.named_parameters():
             p.requires_grad_(n in self.names)
