@@ -80,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-round", type=int, default=None, help="adapt: prompts per round")
     p.add_argument("--seeds", type=int, default=None, help="adapt: streams (medians are reported)")
     p.add_argument("--methods", nargs="*", default=None, help="adapt: a subset of the methods")
-    p.add_argument("--window", type=int, default=4, help="adapt: rounds in the dynamic regret comparator")
+    p.add_argument("--window", type=int, default=8, help="adapt: rounds in the dynamic regret comparator")
     p.add_argument("--prompt-tokens", type=int, default=96, help="adapt: prompt tokens kept (the last ones)")
-    p.add_argument("--lr", type=float, default=None, help="adapt: step size of every learner (default 3e-4)")
+    p.add_argument("--lr", type=float, default=None, help="adapt: step size of every learner (default 2e-4)")
+    p.add_argument("--learner-config", default=None,
+                   help="loop: learner settings the worker rate is measured with (default configs/learner.yaml)")
     p.add_argument("--plot", default=None, help="adapt: write a PNG of accepted length and regret")
     p.set_defaults(func=_bench)
 

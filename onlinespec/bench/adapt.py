@@ -10,9 +10,10 @@ on this machine (one verification of k+1 positions, one drafter token).
 
 Methods: ``static`` (no updates); ``osd`` (forward KL on rejected positions only, as in Online
 Speculative Decoding); ``ogd`` (all positions); ``optimistic`` (hint = last gradient);
-``ensemble`` (step-size grid weighted by optimistic Hedge); ``pool`` (Hedge over both demo
-drafters, each learning optimistically); and the optimistic learner with each loss family
-(``optimistic-tv``, ``optimistic-acclen``; ``optimistic`` itself is the KL one).
+``ensemble`` (step-size grid weighted by optimistic Hedge); ``pool`` (discounted Hedge over both
+demo drafters, each learning only the traffic it served); and the optimistic learner with each
+loss family (``optimistic-tv``, ``optimistic-acclen``; ``optimistic`` itself is the KL one).
+All learners share one optimizer setting (``BASE_OPTIM``, ``STEPS_PER_ROUND``).
 
 Regret: each method's cumulative prequential loss (1 - acceptance probability of the served
 drafter, before the round's update) against the best method in hindsight (fixed comparator)
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from onlinespec.bench.common import emit, machine, set_threads
-from onlinespec.learn.learner import DrafterLearner, LearnerConfig
+from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
 from onlinespec.learn.losses import LossConfig
 from onlinespec.learn.optim import OptimConfig
 from onlinespec.learn.pool import DrafterPool
@@ -39,23 +40,29 @@ from onlinespec.replay import replay_greedy, trace_target
 
 __all__ = ["run", "METHODS", "simulate"]
 
-BASE_OPTIM = OptimConfig(lr=3e-4, hint="none", adaptive=True, max_grad_norm=1.0)
+# Every method shares one optimizer (tuned on the demo stream, docs/adaptation.md): step 2e-4 with an
+# RMSProp-style preconditioner (step sizes do not shrink over the stream, so learners keep tracking
+# after a shift), 8 gradient steps per round, gradients clipped at norm 1.
+BASE_OPTIM = OptimConfig(lr=2e-4, hint="none", adaptive=True, sq_decay=0.99, max_grad_norm=1.0)
+STEPS_PER_ROUND = 8
 
 
 def _configs(lr: float | None = None) -> dict[str, LearnerConfig | None]:
     kl = LossConfig()
     base = replace(BASE_OPTIM, lr=lr) if lr else BASE_OPTIM
     opt = replace(base, hint="last")
+    step = {"steps_per_round": STEPS_PER_ROUND}
     return {
         "static": None,
-        "osd": LearnerConfig(loss=LossConfig(positions="rejected"), optim=base),
-        "ogd": LearnerConfig(loss=kl, optim=base),
-        "optimistic": LearnerConfig(loss=kl, optim=opt),
-        "ensemble": LearnerConfig(loss=kl, optim=opt, ensemble_size=3, grid_factor=3.0),
-        "pool": LearnerConfig(loss=kl, optim=opt),
-        "optimistic-tv": LearnerConfig(loss=LossConfig(kl=0.0, tv=1.0), optim=opt),
+        "osd": LearnerConfig(loss=LossConfig(positions="rejected"), optim=base, **step),
+        "ogd": LearnerConfig(loss=kl, optim=base, **step),
+        "optimistic": LearnerConfig(loss=kl, optim=opt, **step),
+        "ensemble": LearnerConfig(loss=kl, optim=opt, ensemble_size=3, grid_factor=3.0, hedge_discount=0.5, **step),
+        # discounted Hedge follows the recent best drafter; each drafter learns only the traffic it served
+        "pool": LearnerConfig(loss=kl, optim=base, hedge_eta=8.0, hedge_discount=0.5, learn_from="served", **step),
+        "optimistic-tv": LearnerConfig(loss=LossConfig(kl=0.0, tv=1.0), optim=opt, **step),
         "optimistic-acclen": LearnerConfig(loss=LossConfig(kl=0.5, chain=1.0, focal=0.5, positional_decay=0.8),
-                                           optim=opt),
+                                           optim=opt, **step),
     }
 
 
@@ -88,7 +95,8 @@ def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, 
     if config is not None:
         chosen = names if method == "pool" else names[:1]
         learners = {n: DrafterLearner(copy.deepcopy(drafters[n]), config) for n in chosen}
-    pool = DrafterPool(names) if method == "pool" else None
+    pool = (DrafterPool(names, config.hedge_eta, config.optimistic_hedge, discount=config.hedge_discount)
+            if method == "pool" else None)
     serving = names[0]
     static_model = copy.deepcopy(drafters[names[0]]).eval()
     static_eval = None if learners else DrafterLearner(static_model, LearnerConfig(optim=OptimConfig(lr=0.0)))
@@ -98,7 +106,7 @@ def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, 
         if pool is not None:
             serving = pool.drafters[int(np.argmax(pool.hedge.weights))]
         model = learners[serving].served_model() if learners else static_model
-        records, stats = replay_greedy(model, batch, k)
+        records, stats = replay_greedy(model, batch, k, drafter_id=serving)
         out["mal"].append((stats["accepted"] + stats["spec_steps"]) / max(1, stats["spec_steps"]))
         seconds = stats["steps"] * costs["verify"] + stats["drafted"] * costs["draft"]
         out["tokens_per_s"].append(stats["tokens"] / seconds)
@@ -110,7 +118,9 @@ def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, 
             losses = pool.round(served_models, records).losses
             out["loss"].append(losses[names.index(serving)])
             for n in names:
-                learners[n].round(records)
+                own = records_to_learn(records, n, config)
+                if own:
+                    learners[n].round(own)
         else:
             out["loss"].append(learners[serving].round(records).served_loss)
     return out
@@ -180,8 +190,8 @@ def run(args) -> int:
     drafters = {n: load_model(n) for n in drafter_names}
     schedule = args.schedule.split(",")
     quick = args.quick
-    per_round = args.per_round or (4 if quick else 8)
-    rounds_per_phase = args.rounds_per_phase or (3 if quick else 8)
+    per_round = args.per_round or 4
+    rounds_per_phase = args.rounds_per_phase or (3 if quick else 16)
     max_new = args.max_new_tokens or (32 if quick else 64)
     seeds = list(range(args.seeds or (1 if quick else 3)))
     per_domain = min(per_round * rounds_per_phase * schedule.count(max(set(schedule), key=schedule.count)), 240)

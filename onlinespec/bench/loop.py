@@ -10,8 +10,8 @@ and swap watcher, on the demo models (or ``--target``/``--drafter``):
   it: ``swap_apply_ms_max`` (the swap itself) and ``p99_ordinary_step_excess_ms`` (how far an
   ordinary step strays above the median on this machine without any swap: the noise floor).
 - ``worker_rate_ratio``: generated tokens per second one worker learns from (rounds through the
-  updater: read, learn, publish, ack) / generated tokens per second one server produces.
-  Goal >= 3.
+  updater: read, learn, publish, ack) / generated tokens per second one server produces, with
+  the shipped learner settings (``configs/learner.yaml``, or ``--learner-config``). Goal >= 3.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,6 @@ from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
 from onlinespec.hotswap import SwapWatcher
 from onlinespec.learn.learner import LearnerConfig
-from onlinespec.learn.optim import OptimConfig
 from onlinespec.redis_server import EmbeddedRedis, connect
 from onlinespec.registry import Registry
 from onlinespec.sampling import SamplingParams
@@ -67,6 +67,13 @@ def _serve(engine, prompts, params, writer, watcher=None, step_times=None):
     return decode, capture, tokens
 
 
+def _learner_config(path: str | None) -> LearnerConfig:
+    if path:
+        return LearnerConfig.from_yaml(path)
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "learner.yaml"
+    return LearnerConfig.from_yaml(shipped) if shipped.exists() else LearnerConfig()
+
+
 def run(args) -> int:
     s = setup(args)
     threads, target_name, drafter_name = s.threads, s.target_name, s.drafter_name
@@ -100,8 +107,7 @@ def run(args) -> int:
 
         # 2. worker rate: rounds over what was just logged (and more of the same if needed)
         updater = Updater(client, registry, TARGET, consumer="bench", round_records=args.round_records)
-        client.set(keys.learner_config(DRAFTER), json.dumps(
-            LearnerConfig(optim=OptimConfig(lr=1e-3, hint="last", adaptive=True)).to_dict()))
+        client.set(keys.learner_config(DRAFTER), json.dumps(_learner_config(args.learner_config).to_dict()))
         learned_tokens, learn_seconds = 0, 0.0
         while True:
             result = updater.run_round(DRAFTER)
