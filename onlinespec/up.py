@@ -37,7 +37,19 @@ def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> None
     raise RuntimeError(f"the server was not ready after {timeout:.0f}s")
 
 
+class _Stop(Exception):
+    """A signal asked the whole local service to stop."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
 def run(args) -> int:
+    # SIGTERM (kill, systemd, a supervisor) and SIGINT (Ctrl-C, also when started in the background,
+    # where a shell leaves SIGINT ignored) stop everything started here, not only this process.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _raise_stop)
     cfg = load_config(args.config)
     host = args.host or cfg.serving.get("host", "127.0.0.1")
     port = args.port or int(cfg.serving.get("port", 8000))
@@ -77,10 +89,12 @@ def run(args) -> int:
         dead = [p for p in procs if p.poll() is not None]
         print(f"{' '.join(dead[0].args[:4])} exited with {dead[0].returncode}: stopping", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stop):
         print("\nstopping ...", flush=True)
         return 0
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
         for p in reversed(procs):  # workers first: they finish their round and acknowledge
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "s3cret"
 
 
-@pytest.fixture()
-def service(tmp_path, redis_url, redis_client, monkeypatch):
+def write_service(tmp_path, extra: str = "") -> str:
+    """Tiny target and two drafters saved as Hugging Face directories, and a service YAML."""
     target = tiny_llama(layers=2, hidden=48, heads=4, seed=7)
     drafter = copy.deepcopy(target)
     torch.manual_seed(3)
@@ -42,12 +42,18 @@ drafters:
 serving: {{k: 4, max_tokens: 64, admin_token: {TOKEN}, threads: 1}}
 registry: {tmp_path / 'registry'}
 learner: {learner}
-""")
+{extra}""")
+    return str(config)
+
+
+@pytest.fixture()
+def service(tmp_path, redis_url, redis_client, monkeypatch):
+    config = write_service(tmp_path)
     monkeypatch.setenv("REDIS_URL", redis_url)
     from serving.__main__ import build
     from serving.server import BackgroundServer
 
-    app, state, cfg, cleanup = build(str(config))
+    app, state, cfg, cleanup = build(config)
     srv = BackgroundServer(state, app=app).start()
     yield srv, cfg, tmp_path
     srv.stop()
@@ -199,3 +205,52 @@ def test_tune_applies_the_best_config_to_a_live_deployment(service, redis_client
     assert done.value.code == 0 and "applied to d1" in capsys.readouterr().out
     live = admin(srv, "GET", "/drafters/d1/learner").json()
     assert live["optim"]["lr"] == 0.05 and live["trainable"] == "lm_head"
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(c) for c in f.read().split()}
+    except FileNotFoundError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc to list child processes")
+def test_up_stops_everything_it_started_on_sigterm(tmp_path):
+    """`onlinespec up` killed the usual way (SIGTERM: kill, systemd, a supervisor) stops the
+    server, the workers and the Redis it started, not only itself."""
+    from onlinespec.redis_server import _free_port
+
+    config = write_service(tmp_path, "workers: {count: 1, period: 1}\n")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # up starts its own Redis
+    env.update(PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    up = subprocess.Popen([sys.executable, "-m", "onlinespec", "up", "--config", config, "--port", str(port)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        for line in up.stdout:
+            if "send traffic" in line or time.time() > deadline:
+                break
+        assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).status_code == 200
+        started = _children(up.pid)
+        assert len(started) == 3, started  # redis-server, the server, one worker
+        up.send_signal(signal.SIGTERM)
+        out, _ = up.communicate(timeout=60)
+        assert up.returncode == 0 and "stopping" in out
+        deadline = time.time() + 10
+        while any(_alive(p) for p in started) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in started if _alive(p)]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
