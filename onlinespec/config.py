@@ -8,9 +8,10 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["DrafterSpec", "ServiceConfig", "load_config", "DEFAULT_CONFIG"]
+__all__ = ["DrafterSpec", "ServiceConfig", "load_config", "resolve_beside", "CONFIGS", "DEFAULT_CONFIG"]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/ (not in a wheel)
+DEFAULT_CONFIG = CONFIGS / "demo.yaml"
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class ServiceConfig:
         return os.environ.get("ONLINESPEC_ADMIN_TOKEN") or self.serving.get("admin_token")
 
 
+def resolve_beside(yaml_path: str | Path, relative: str) -> str:
+    """A path named inside a YAML file: absolute as is; relative to the repository root for a
+    file in a ``configs/`` directory (``learner: configs/learner.yaml``), else to its directory."""
+    if Path(relative).is_absolute():
+        return relative
+    here = Path(yaml_path).resolve().parent
+    return str((here.parent if here.name == "configs" else here) / relative)
+
+
 def load_config(path: str | Path | None = None) -> ServiceConfig:
     path = Path(path or os.environ.get("ONLINESPEC_CONFIG") or DEFAULT_CONFIG)
     raw = yaml.safe_load(path.read_text()) or {}
@@ -48,10 +58,9 @@ def load_config(path: str | Path | None = None) -> ServiceConfig:
         raise ValueError(f"{path}: needs target.id, target.model and drafters[].id/model ({exc})") from None
     if len({d.id for d in drafters}) != len(drafters):
         raise ValueError(f"{path}: drafter ids must be unique")
-    base = path.resolve().parents[1] if path.resolve().parent.name == "configs" else path.resolve().parent
     learner = raw.get("learner")
-    if learner and not Path(learner).is_absolute():
-        learner = str(base / learner)
+    if learner:
+        learner = resolve_beside(path, learner)
     registry = os.environ.get("ONLINESPEC_REGISTRY") or raw.get("registry") or ".onlinespec/registry"
     return ServiceConfig(
         target_id=os.environ.get("ONLINESPEC_TARGET_ID") or str(target["id"]),

@@ -155,6 +155,7 @@ def run(args) -> int:
             print(f"imported {n} records into {keys.feedback_stream(target)}")
         return 0
 
+    from onlinespec.config import resolve_beside
     from onlinespec.models import load_model
 
     records, skipped = read_file(args.file)
@@ -162,9 +163,7 @@ def run(args) -> int:
         print(f"no valid records in {args.file} ({skipped} skipped)", file=sys.stderr)
         return 1
     space = yaml.safe_load(Path(args.space).read_text())
-    base_path = space.get("base")
-    if base_path and not Path(base_path).is_absolute():
-        base_path = str(Path(args.space).resolve().parent.parent / base_path)
+    base_path = space.get("base") and resolve_beside(args.space, space["base"])
     base = LearnerConfig.from_yaml(base_path) if base_path else LearnerConfig()
     drafter = load_model(args.drafter)
     trials = []

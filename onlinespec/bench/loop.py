@@ -21,12 +21,12 @@ import statistics
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 
 from onlinespec import keys
 from onlinespec.bench.common import emit, machine, setup
+from onlinespec.config import CONFIGS
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
 from onlinespec.hotswap import SwapWatcher
@@ -70,7 +70,7 @@ def _serve(engine, prompts, params, writer, watcher=None, step_times=None):
 def _learner_config(path: str | None) -> LearnerConfig:
     if path:
         return LearnerConfig.from_yaml(path)
-    shipped = Path(__file__).resolve().parents[2] / "configs" / "learner.yaml"
+    shipped = CONFIGS / "learner.yaml"
     return LearnerConfig.from_yaml(shipped) if shipped.exists() else LearnerConfig()
 
 
