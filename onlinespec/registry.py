@@ -10,7 +10,7 @@ and ``manifest.json`` (version, parent, sha256 of every file, stream watermark, 
   compare-and-set from the parent, so two workers never both advance a drafter from one parent.
 - Loading verifies checksums, exact parameter names and shapes, and finite values; a version
   that fails is refused with :class:`CheckpointError` and the caller keeps what it had.
-- Old versions are removed past ``keep``, never the latest one.
+- Old versions are removed past ``keep``: the latest and its ancestors are kept first.
 """
 
 from __future__ import annotations
@@ -247,14 +247,35 @@ class Registry:
             maxlen=10_000, approximate=True,
         )
 
+    def lineage(self, drafter: str, version: int) -> list[int]:
+        """``version`` and its ancestors that are still on disk, newest first, by the manifests'
+        parent links (a missing or unreadable manifest ends the chain)."""
+        chain: list[int] = []
+        current: int | None = version
+        while current is not None and current not in chain and self.path(drafter, current).is_dir():
+            chain.append(current)
+            try:
+                current = self.manifest(drafter, current).parent
+            except CheckpointError:
+                break
+        return chain
+
     def gc(self, drafter: str) -> list[int]:
-        """Keep the latest version and the ``keep - 1`` newest before it. Versions numbered after
-        the latest are left alone: another worker may be writing one right now."""
+        """Keep ``keep`` versions: the latest and its ancestors first (the versions a rollback
+        goes back to), then the newest others. Versions numbered after the latest are left alone:
+        another worker may be writing one right now.
+
+        Counting ancestry first matters: a worker that lost the compare-and-set removes its
+        directory only after the winner's collection may have run, and a version published
+        after a rollback has an old parent; counting by number alone removed real history
+        (the parent, or the first version) in favour of those."""
         latest = self.latest(drafter)
         if latest is None:
             return []
-        older = [v for v in self.versions(drafter) if v < latest]
-        doomed = older[: max(0, len(older) - (self.keep - 1))]
+        keep = self.lineage(drafter, latest)[: max(1, self.keep)]
+        others = sorted((v for v in self.versions(drafter) if v < latest and v not in keep), reverse=True)
+        kept = set(keep) | set(others[: max(0, self.keep - len(keep))])
+        doomed = sorted(v for v in self.versions(drafter) if v < latest and v not in kept)
         for v in doomed:
             shutil.rmtree(self.path(drafter, v), ignore_errors=True)
         return doomed

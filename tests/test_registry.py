@@ -88,10 +88,27 @@ def test_gc_keeps_the_newest_and_the_latest(registry):
     assert json.loads(registry.manifest("d", 3).to_json())["version"] == 3
     registry.publish("d", model, parent=3)  # continues from the rolled-back version
     assert registry.latest("d") == 6 and registry.manifest("d", 6).parent == 3
-    assert registry.versions("d") == [4, 5, 6]
+    assert registry.versions("d") == [3, 5, 6]  # the parent is kept: v6 can still be rolled back
+    registry.rollback("d", 3, reason="v6 hurt")
+    assert registry.latest("d") == 3
+    registry.rollback("d", 6, reason="back again")
     with pytest.raises(CheckpointError):
         registry.rollback("d", 1)  # collected: refused, the pointer stays
     assert registry.latest("d") == 6
+
+
+def test_gc_keeps_the_ancestry_over_a_losing_workers_leftovers(registry):
+    """A worker that lost the compare-and-set removes its directory after the winner may have
+    collected: those directories must not push the winner's parent out."""
+    import shutil
+
+    model = tiny_llama(layers=1, hidden=32, heads=2, seed=1)
+    registry.publish("d", model, parent=None)
+    for loser in (2, 3):  # written, renamed, not yet removed after losing the race
+        shutil.copytree(registry.path("d", 1), registry.path("d", loser))
+    m = registry.publish("d", model, parent=1)
+    assert m.version == 4 and registry.lineage("d", 4) == [4, 1]
+    assert 1 in registry.versions("d") and len(registry.versions("d")) == 3
 
 
 def test_versions_left_by_a_reset_redis_are_never_overwritten(registry, redis_client):
