@@ -2,7 +2,10 @@
 
 Writer (serving side): :meth:`FeedbackWriter.submit` never waits for Redis. A background thread
 batches records and pipelines ``XADD ... MAXLEN ~ N``. When Redis is unreachable the batch is
-dropped and counted, and the thread reconnects with backoff by itself.
+dropped and counted, and the thread reconnects with backoff by itself. No error ends the
+thread: a record that cannot be encoded is dropped and counted, and any other failure of a
+write (a connection torn down mid-reply surfaces from redis-py as ``ValueError``, not only as
+``ConnectionError``) is handled like an unreachable Redis.
 
 Reader (worker side): one consumer group per drafter. Entries are acknowledged only after the
 version that learned from them is durably published; entries left pending by a dead consumer
@@ -34,13 +37,14 @@ class WriterStats:
     submitted: int = 0
     written: int = 0
     dropped_full: int = 0  # the in-process queue was full (Redis too slow)
-    dropped_unreachable: int = 0  # Redis could not be reached
+    dropped_unreachable: int = 0  # Redis could not be reached (or the write failed)
+    dropped_unencodable: int = 0  # the record could not be encoded (a bug upstream: logged)
     reconnects: int = 0
     encode_seconds: float = 0.0
 
     @property
     def dropped(self) -> int:
-        return self.dropped_full + self.dropped_unreachable
+        return self.dropped_full + self.dropped_unreachable + self.dropped_unencodable
 
 
 class FeedbackWriter:
@@ -95,19 +99,22 @@ class FeedbackWriter:
             if not items:
                 continue
             t0 = time.perf_counter()
-            payloads = [encode(r) for r in items]
+            payloads = self._encode(items)
             self.stats.encode_seconds += time.perf_counter() - t0
+            if not payloads:
+                continue
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for payload in payloads:
                     pipe.xadd(self.stream, {"r": payload}, maxlen=self.maxlen, approximate=True)
                 pipe.execute()
-                self.stats.written += len(items)
+                self.stats.written += len(payloads)
                 backoff = 0.1
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                self.stats.dropped_unreachable += len(items)
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any failed write
+                self.stats.dropped_unreachable += len(payloads)
                 self.stats.reconnects += 1
-                log.warning("feedback writer: Redis unreachable (%s); dropped %d records", exc, len(items))
+                log.warning("feedback writer: write failed (%s: %s); dropped %d records",
+                            type(exc).__name__, exc, len(payloads))
                 if self._stop.wait(backoff):
                     break
                 backoff = min(backoff * 2, 5.0)
@@ -115,6 +122,17 @@ class FeedbackWriter:
                     self.redis.connection_pool.disconnect()  # the next command reconnects
                 except Exception:  # noqa: BLE001 - best effort
                     pass
+
+    def _encode(self, items: list[FeedbackRecord]) -> list[bytes]:
+        payloads = []
+        for r in items:
+            try:
+                payloads.append(encode(r))
+            except Exception:  # noqa: BLE001 - one bad record must not stop the others
+                self.stats.dropped_unencodable += 1
+                log.exception("feedback writer: could not encode record %s; dropped",
+                              getattr(r, "request_id", "?"))
+        return payloads
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything queued so far has been written or dropped."""

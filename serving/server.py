@@ -23,9 +23,11 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
     if writer is not None:
         metrics.sample(Gauge("feedback_queue_depth", "Feedback records waiting to be written."),
                        lambda: {(): writer.depth})
-        metrics.sample(Counter("feedback_dropped_total", "Feedback records dropped (queue full or Redis down)."),
+        metrics.sample(Counter("feedback_dropped_total",
+                               "Feedback records dropped (queue full, Redis down or write failed, unencodable)."),
                        lambda: {(("reason", "queue_full"),): writer.stats.dropped_full,
-                                (("reason", "unreachable"),): writer.stats.dropped_unreachable})
+                                (("reason", "unreachable"),): writer.stats.dropped_unreachable,
+                                (("reason", "unencodable"),): writer.stats.dropped_unencodable})
         metrics.sample(Counter("feedback_written_total", "Feedback records written to Redis."),
                        lambda: {(): writer.stats.written})
     if watcher is not None:

@@ -89,6 +89,41 @@ def test_writer_drops_and_counts_while_redis_is_down_then_recovers(record):
         server.stop()
 
 
+def test_writer_thread_survives_any_failed_write_and_unencodable_records(record, redis_client):
+    """A connection torn down mid-reply surfaces from redis-py as ValueError ("I/O operation on
+    closed file"), and a record can fail to encode: neither may end the writer's thread, or all
+    later feedback would be dropped in silence."""
+    import dataclasses
+
+    stream = keys.feedback_stream("t-survive")
+    redis_client.delete(stream)
+    writer = FeedbackWriter(redis_client, "t-survive", batch=1, flush_seconds=0.01)
+    real_pipeline = redis_client.pipeline
+    failures = [ValueError("I/O operation on closed file."), RuntimeError("anything else")]
+
+    def failing_pipeline(*args, **kwargs):
+        if failures:
+            raise failures.pop(0)
+        return real_pipeline(*args, **kwargs)
+
+    redis_client.pipeline = failing_pipeline
+    try:
+        broken = dataclasses.replace(record, tokens=None)  # encode() cannot serialise it
+        for r in (record, record, broken, record):
+            assert writer.submit(r)
+        deadline = time.time() + 10
+        while writer.stats.written + writer.stats.dropped < 4 and time.time() < deadline:
+            time.sleep(0.05)
+        assert writer._thread.is_alive()
+        assert writer.stats.dropped_unreachable == 2 and writer.stats.dropped_unencodable == 1
+        assert writer.stats.written == 1 and redis_client.xlen(stream) == 1
+        assert decode(redis_client.xrange(stream)[0][1][b"r"]).request_id == record.request_id
+    finally:
+        del redis_client.pipeline
+        writer.close()
+        redis_client.delete(stream)
+
+
 def test_writer_queue_full_drops_instead_of_blocking(record, redis_client):
     writer = FeedbackWriter(redis_client, "t", queue_size=2, flush_seconds=5.0, batch=1000)
     writer._stop.set()  # the thread exits at once: nothing drains the queue
