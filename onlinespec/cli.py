@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="run: draft length for the predicted accepted length")
     p.add_argument("--apply", default=None, help="run: base URL of a live server to apply the best config to")
     p.add_argument("--drafter-id", default="drafter-1l", help="run --apply: which drafter")
-    p.add_argument("--token", default=None, help="run --apply: admin token (or ONLINESPEC_ADMIN_TOKEN)")
+    p.add_argument("--token", default=None, help="run --apply: admin token (default: ONLINESPEC_ADMIN_TOKEN)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_tune)
 

@@ -37,6 +37,11 @@ def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> None
     raise RuntimeError(f"the server was not ready after {timeout:.0f}s")
 
 
+# SIGTERM (kill, systemd, a supervisor), SIGINT (Ctrl-C, also when started in the background,
+# where a shell leaves SIGINT ignored) and SIGHUP stop everything started here, not only this process.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class _Stop(Exception):
     """A signal asked the whole local service to stop."""
 
@@ -46,9 +51,7 @@ def _raise_stop(signum, frame):
 
 
 def run(args) -> int:
-    # SIGTERM (kill, systemd, a supervisor) and SIGINT (Ctrl-C, also when started in the background,
-    # where a shell leaves SIGINT ignored) stop everything started here, not only this process.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, _raise_stop)
     cfg = load_config(args.config)
     host = args.host or cfg.serving.get("host", "127.0.0.1")
@@ -93,7 +96,7 @@ def run(args) -> int:
         print("\nstopping ...", flush=True)
         return 0
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
         for p in reversed(procs):  # workers first: they finish their round and acknowledge
             if p.poll() is None:
