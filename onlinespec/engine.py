@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -106,6 +106,21 @@ class GenerationStats:
         self.accepted_hist[accepted] += 1
         for i in range(accepted):
             self.accepted_per_pos[i] += 1
+
+    @classmethod
+    def combine(cls, many) -> GenerationStats:
+        """The stats of several generations taken together (counts and histograms summed)."""
+        total = cls()
+        for s in many:
+            for f in fields(cls):
+                mine, theirs = getattr(total, f.name), getattr(s, f.name)
+                if isinstance(mine, list):  # histograms: summed position by position
+                    mine.extend([0] * (len(theirs) - len(mine)))
+                    for i, v in enumerate(theirs):
+                        mine[i] += v
+                else:
+                    setattr(total, f.name, mine + theirs)
+        return total
 
 
 @dataclass(frozen=True)

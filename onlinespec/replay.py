@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.engine import EngineConfig, GenerationStats, SpeculativeEngine
 from onlinespec.feedback import FeedbackRecord
 from onlinespec.learn.batch import collate
 from onlinespec.sampling import SamplingParams
@@ -72,10 +72,11 @@ def _record(t: TargetTrace, drafted, accepted, block_index, draft_tokens, drafte
     )
 
 
-def replay_greedy(drafter, traces: list[TargetTrace], k: int, drafter_id: str = "replay", version: int = 0):
-    """(records, stats) the engine would produce serving ``traces`` greedily with fixed ``k``.
-    stats: steps, spec_steps, drafted, accepted (summed over traces)."""
-    records, steps, spec_steps, drafted_total, accepted_total = [], 0, 0, 0, 0
+def replay_greedy(drafter, traces: list[TargetTrace], k: int, drafter_id: str = "replay",
+                  version: int = 0) -> tuple[list[FeedbackRecord], GenerationStats]:
+    """(records, stats) the engine would produce serving ``traces`` greedily with fixed ``k``;
+    the stats are summed over the traces and carry no timings."""
+    records, stats = [], GenerationStats()
     for t, guess in zip(traces, _drafter_argmax(drafter, traces)):
         g = len(t.generated)
         truth = np.asarray(t.generated)
@@ -97,11 +98,7 @@ def replay_greedy(drafter, traces: list[TargetTrace], k: int, drafter_id: str = 
                     drafted[i + j] = True
                     draft_tokens[i + j] = guess[i + j]
                     accepted[i + j] = j < n
-            steps += 1
-            spec_steps += m > 0
-            drafted_total += m
-            accepted_total += n
+            stats.add(m, n, 0.0, 0.0)
             i += n + 1
         records.append(_record(t, drafted, accepted, block_index, draft_tokens, drafter_id, version))
-    return records, {"steps": steps, "spec_steps": spec_steps, "drafted": drafted_total, "accepted": accepted_total,
-                     "tokens": sum(len(t.generated) for t in traces)}
+    return records, stats

@@ -7,9 +7,9 @@
 
 ``run`` replays the records, in their logged order and in rounds, through every learner
 configuration the search space yields (grid or random), exactly as a worker would (the same
-``DrafterLearner``), scoring each by its mean prequential loss (1 - acceptance probability of
-the served drafter on each round, before learning from it) and the mean accepted length that
-loss predicts for draft length ``k``. The ranked table is printed; the best configuration is
+``DrafterLearner``), scoring each by its mean prequential loss (1 - the acceptance the served
+drafter got at each request's temperature on each round, before learning from it) and the mean
+accepted length that loss predicts for draft length ``k``. The ranked table is printed; the best configuration is
 written as YAML and, with ``--apply``, sent to a live deployment through the admin API.
 
 The file is a msgpack stream: a header map, then one record payload (the codec's bytes) per
@@ -190,7 +190,7 @@ def run(args) -> int:
     if args.apply:
         import httpx
 
-        token = os.environ.get("ONLINESPEC_ADMIN_TOKEN") or args.token
+        token = args.token or os.environ.get("ONLINESPEC_ADMIN_TOKEN")  # an explicit flag wins
         r = httpx.put(f"{args.apply.rstrip('/')}/admin/drafters/{args.drafter_id}/learner",
                       json=best.config.to_dict(), headers={"Authorization": f"Bearer {token}"}, timeout=30)
         if r.status_code != 200:

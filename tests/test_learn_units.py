@@ -9,7 +9,7 @@ from onlinespec.engine import EngineConfig, SpeculativeEngine
 from onlinespec.learn.batch import collate
 from onlinespec.learn.forward import drafter_logits
 from onlinespec.learn.hedge import Hedge
-from onlinespec.learn.losses import LossConfig, compute_loss, position_terms
+from onlinespec.learn.losses import LossConfig, acceptance, compute_loss, position_terms, sharpened_log_p
 from onlinespec.learn.optim import OnlineOptimizer, OptimConfig
 from onlinespec.sampling import SamplingParams, probs
 from onlinespec.verify import verify
@@ -46,6 +46,70 @@ def test_tv_is_one_minus_the_engines_acceptance_probability():
     assert abs(accepted / trials - float(alpha[i])) < 5 * se + 1e-3
 
 
+def test_greedy_acceptance_is_exactly_what_the_engine_accepted():
+    target = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=1)
+    drafter = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=2)
+    engine = SpeculativeEngine(target, HFDrafter(drafter, "d"), config=EngineConfig(k=3, feedback_topk=4))
+    records = [engine.generate([1 + s, 2, 3], SamplingParams(max_new_tokens=30, ignore_eos=True)).record
+               for s in range(4)]
+    batch = collate(records)
+    with torch.no_grad():
+        served = acceptance(drafter_logits(drafter, batch), batch)
+    drafted = batch.drafted
+    assert set(served.tolist()) <= {0.0, 1.0}
+    assert 0 < int(batch.accepted[drafted].sum()) < int(drafted.sum())  # both outcomes occur
+    assert served[drafted].bool().tolist() == batch.accepted[drafted].tolist()
+    # the prequential loss of a greedy round is the share of positions whose argmax differs
+    out = compute_loss(drafter_logits(drafter, batch), batch, LossConfig())
+    assert out.prequential == pytest.approx(float(1 - served.mean()))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 0.2])
+def test_acceptance_and_sharpened_target_are_exact_when_every_id_is_logged(temperature):
+    target = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=1)
+    drafter = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=2)
+    engine = SpeculativeEngine(target, HFDrafter(drafter, "d"), config=EngineConfig(k=3, feedback_topk=V))
+    params = SamplingParams(max_new_tokens=16, temperature=temperature, seed=4, ignore_eos=True)
+    record = engine.generate([1, 2, 3], params).record
+    batch = collate([record])
+    with torch.no_grad():
+        seq = torch.tensor([record.tokens.tolist()])
+        p = probs(target(seq).logits[0], params)[record.prompt_len - 1: -1]
+        q = probs(drafter(seq).logits[0], params)[record.prompt_len - 1: -1]
+        served = acceptance(drafter_logits(drafter, batch), batch)
+        p_t = sharpened_log_p(batch.p_log, batch.temperature).exp()
+    assert torch.allclose(served, torch.minimum(p, q).sum(-1), atol=2e-3)
+    # K = V: the rest bucket is empty and p_T is the target at T, in logged-id order
+    assert torch.allclose(p_t[:, :V], p.gather(1, batch.p_ids), atol=2e-3)
+    assert float(p_t[:, V].max()) < 1e-3  # fp16 log-probs leave a little mass unaccounted
+
+
+def test_temperature_floor_trains_greedy_requests_toward_the_argmax_only():
+    target = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=1)
+    engine = SpeculativeEngine(target, None, config=EngineConfig(feedback_topk=V))
+    greedy = collate([engine.generate([1, 2, 3], SamplingParams(max_new_tokens=12, ignore_eos=True)).record])
+    sampled = collate([engine.generate([1, 2, 3], SamplingParams(max_new_tokens=12, temperature=1.0, seed=1,
+                                                                 ignore_eos=True)).record])
+
+    def copy_and_sharp(batch):  # a drafter that copies the logged p, one that is p at temperature 0.05
+        copy = torch.full((batch.positions, V), -30.0).scatter_(1, batch.p_ids, batch.p_log)
+        sharp = torch.full((batch.positions, V), -30.0).scatter_(1, batch.p_ids, batch.p_log / 0.05)
+        return copy, sharp
+
+    def kl(logits, batch, cfg):
+        return compute_loss(logits, batch, cfg).kl
+
+    floored = LossConfig(temperature_floor=0.05)
+    copy, sharp = copy_and_sharp(greedy)
+    # the logged target (temperature 1) prefers the copy ...
+    assert kl(copy, greedy, LossConfig()) < 1e-3 < kl(sharp, greedy, LossConfig())
+    # ... a greedy request verifies against the argmax: with a low floor the target is sharp too
+    assert kl(sharp, greedy, floored) < 1e-3 < kl(copy, greedy, floored)
+    # requests sampled at temperature 1 keep the logged target whatever the floor
+    copy, sharp = copy_and_sharp(sampled)
+    assert kl(copy, sampled, floored) < 1e-3 < kl(sharp, sampled, floored)
+
+
 def test_loss_terms_vanish_when_q_equals_p():
     model = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=1)
     engine = SpeculativeEngine(model, HFDrafter(model, "same"), config=EngineConfig(k=4, feedback_topk=V))
@@ -54,7 +118,7 @@ def test_loss_terms_vanish_when_q_equals_p():
     cfg = LossConfig(kl=1, tv=1, chain=1, focal=1)
     with torch.no_grad():
         out = compute_loss(drafter_logits(model, batch), batch, cfg)
-    assert out.kl < 1e-3 and out.tv < 1e-3 and out.chain < 1e-2
+    assert out.kl < 1e-3 and out.prequential < 1e-3 and out.chain < 1e-2
 
 
 def test_osd_positions_use_only_rejected_drafts():

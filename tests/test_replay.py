@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.engine import EngineConfig, GenerationStats, SpeculativeEngine
 from onlinespec.replay import replay_greedy, trace_target
 from onlinespec.sampling import SamplingParams
 from tests.test_engine_greedy import prompts
@@ -17,9 +17,11 @@ def test_replay_matches_the_engine(target, close_drafter_model, k):
     traces = [trace_target(target, p, 40, topk=8, ignore_eos=True) for p in ps]
     records, stats = replay_greedy(close_drafter_model, traces, k)
     real = [engine.generate(p, SamplingParams(max_new_tokens=40, ignore_eos=True)) for p in ps]
-    assert stats["accepted"] == sum(r.stats.accepted for r in real) > 0
-    assert stats["steps"] == sum(r.stats.steps for r in real)
-    assert stats["drafted"] == sum(r.stats.drafted for r in real)
+    served = GenerationStats.combine(r.stats for r in real)
+    assert served.accepted > 0
+    for name in ("steps", "spec_steps", "drafted", "accepted", "rejections", "accepted_hist", "accepted_per_pos"):
+        assert getattr(stats, name) == getattr(served, name), name
+    assert stats.mean_accepted_length == served.mean_accepted_length
     for rec, r in zip(records, real):
         rec.validate()
         assert rec.tokens.tolist() == r.record.tokens.tolist()

@@ -15,9 +15,10 @@ demo drafters, each learning only the traffic it served); and the optimistic lea
 loss family (``optimistic-tv``, ``optimistic-acclen``; ``optimistic`` itself is the KL one).
 All learners share one optimizer setting (``BASE_OPTIM``, ``STEPS_PER_ROUND``).
 
-Regret: each method's cumulative prequential loss (1 - acceptance probability of the served
-drafter, before the round's update) against the best method in hindsight (fixed comparator)
-and against the best method of each ``--window``-round window (dynamic comparator).
+Regret: each method's cumulative prequential loss (1 - the served drafter's acceptance before
+the round's update; the stream is greedy, so 1 - argmax agreement with the target) against the
+best method in hindsight (fixed comparator) and against the best method of each
+``--window``-round window (dynamic comparator).
 """
 
 from __future__ import annotations
@@ -107,11 +108,11 @@ def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, 
             serving = pool.drafters[int(np.argmax(pool.hedge.weights))]
         model = learners[serving].served_model() if learners else static_model
         records, stats = replay_greedy(model, batch, k, drafter_id=serving)
-        out["mal"].append((stats["accepted"] + stats["spec_steps"]) / max(1, stats["spec_steps"]))
-        seconds = stats["steps"] * costs["verify"] + stats["drafted"] * costs["draft"]
-        out["tokens_per_s"].append(stats["tokens"] / seconds)
+        out["mal"].append(stats.mean_accepted_length)
+        seconds = stats.steps * costs["verify"] + stats.drafted * costs["draft"]
+        out["tokens_per_s"].append(sum(len(t.generated) for t in batch) / seconds)
         if not learners:
-            out["loss"].append(static_eval.evaluate(records)["tv"])
+            out["loss"].append(static_eval.evaluate(records)["prequential_loss"])
             continue
         if pool is not None:
             served_models = {n: learners[n].served_model() for n in names}

@@ -24,7 +24,7 @@ import torch
 from onlinespec.adaptive import theoretical_speedup
 from onlinespec.bench.common import emit, machine, setup
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.engine import EngineConfig, GenerationStats, SpeculativeEngine
 from onlinespec.sampling import SamplingParams
 
 __all__ = ["run", "measure"]
@@ -77,14 +77,11 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
     n_base = sum(len(r.tokens) for r in base)
     n_spec = sum(len(r.tokens) for r in spec)
     n_hf = sum(len(t) for t in hf)
-    drafted = sum(r.stats.drafted for r in spec)
-    accepted = sum(r.stats.accepted for r in spec)
-    spec_steps = sum(r.stats.spec_steps for r in spec)
-    rejections = sum(r.stats.rejections for r in spec)
-    a = accepted / (accepted + rejections) if accepted + rejections else 0.0
+    total = GenerationStats.combine(r.stats for r in spec)
+    a = total.accepted / (total.accepted + total.rejections) if total.accepted + total.rejections else 0.0
     t_token = t_base / max(1, sum(r.stats.steps for r in base))
-    t_draft = sum(r.stats.draft_seconds for r in spec) / max(1, drafted)
-    t_verify = sum(r.stats.verify_seconds for r in spec) / max(1, sum(r.stats.steps for r in spec))
+    t_draft = total.draft_seconds / max(1, total.drafted)
+    t_verify = total.verify_seconds / max(1, total.steps)
     c = t_draft / t_token
     speedup = (n_spec / t_spec) / (n_base / t_base)
     theory = theoretical_speedup(a, k, c)
@@ -92,7 +89,7 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
         "target_tokens_per_s": n_base / t_base,
         "engine_tokens_per_s": n_spec / t_spec,
         "hf_assisted_tokens_per_s": n_hf / t_hf,
-        "mean_accepted_length": (accepted + spec_steps) / max(1, spec_steps),
+        "mean_accepted_length": total.mean_accepted_length,
         "acceptance_rate": a,
         "cost_ratio": c,
         "verify_cost_ratio": t_verify / t_token,

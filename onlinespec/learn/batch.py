@@ -30,6 +30,7 @@ class FeedbackBatch:
     block_index: torch.Tensor  # [N] int64
     block: torch.Tensor  # [N] int64, a block id unique within the batch
     records: int
+    temperature: torch.Tensor  # [N] float32: the sampling temperature of the request (0: greedy)
 
     @property
     def positions(self) -> int:
@@ -40,7 +41,7 @@ def collate(records: list[FeedbackRecord], max_len: int = 1024, pad_id: int = 0)
     """Long records keep their last ``max_len`` tokens (generated positions whose context was cut
     away entirely are dropped)."""
     assert records, "collate() needs at least one record"
-    seqs, rows, cols, ids, logs, dr, ac, bi, blocks = [], [], [], [], [], [], [], [], []
+    seqs, rows, cols, ids, logs, dr, ac, bi, blocks, temps = [], [], [], [], [], [], [], [], [], []
     block_base = 0
     for b, r in enumerate(records):
         tokens = r.tokens.astype(np.int64)
@@ -59,6 +60,7 @@ def collate(records: list[FeedbackRecord], max_len: int = 1024, pad_id: int = 0)
         ac.append(r.accepted[keep])
         bi.append(r.block_index[keep].astype(np.int64))
         blocks.append(block_id[keep])
+        temps.append(np.full(int(keep.sum()), r.temperature, dtype=np.float32))
     T = max(s.size for s in seqs)
     input_ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), T), dtype=np.int64)
@@ -78,4 +80,5 @@ def collate(records: list[FeedbackRecord], max_len: int = 1024, pad_id: int = 0)
         block_index=cat(bi).long(),
         block=cat(blocks).long(),
         records=len(records),
+        temperature=cat(temps).float(),
     )

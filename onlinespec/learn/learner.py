@@ -94,7 +94,7 @@ class RoundMetrics:
     round: int
     records: int
     positions: int
-    served_loss: float  # tv of the served drafter before the update: 1 - acceptance probability
+    served_loss: float  # served drafter before the update: 1 - acceptance at each request's temperature
     served_kl: float
     base_losses: list[float]
     weights: list[float]
@@ -103,7 +103,7 @@ class RoundMetrics:
     cumulative_loss: float
     regret_vs_best_fixed: float  # cumulative served loss - best base learner's, over all rounds
     dynamic_regret: float  # the same over the last ``regret_window`` rounds
-    mean_alpha: float  # mean acceptance probability of the served drafter on the batch
+    mean_alpha: float  # mean acceptance of the served drafter on the batch (losses.acceptance)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,7 +182,7 @@ class DrafterLearner:
         batch = collate(records, self.config.max_len)
         with torch.no_grad():
             out, _ = self._loss(self.served_params(), batch, grad=False)
-        return {"tv": out.tv, "kl": out.kl, "mean_alpha": float(out.alpha.mean()), "positions": batch.positions}
+        return {"prequential_loss": out.prequential, "kl": out.kl, "mean_alpha": float(out.alpha.mean()), "positions": batch.positions}
 
     def round(self, records: list[FeedbackRecord]) -> RoundMetrics:
         batch = collate(records, self.config.max_len)
@@ -192,7 +192,7 @@ class DrafterLearner:
             served, _ = self._loss(parent, batch, grad=False)
         # 2. every base learner's loss (and gradient) at its played point, before any update
         outs, grads = zip(*(self._loss(opt.play(), batch, grad=True) for opt in self.optimizers))
-        base = np.array([o.tv for o in outs])
+        base = np.array([o.prequential for o in outs])
         self.hedge.update(base)
         # 3. gradient steps (further ones re-evaluate the same batch at the moved point)
         for opt, g in zip(self.optimizers, grads):
@@ -203,16 +203,16 @@ class DrafterLearner:
         change = math.sqrt(sum(float(((new[n] - parent[n]) ** 2).sum()) for n in self.names))
 
         self.rounds += 1
-        self.cumulative += served.tv
+        self.cumulative += served.prequential
         self.base_cumulative += base
-        self.window.append((served.tv, base))
+        self.window.append((served.prequential, base))
         win_served = sum(s for s, _ in self.window)
         win_base = np.sum([b for _, b in self.window], axis=0)
         return RoundMetrics(
             round=self.rounds,
             records=batch.records,
             positions=batch.positions,
-            served_loss=served.tv,
+            served_loss=served.prequential,
             served_kl=served.kl,
             base_losses=base.tolist(),
             weights=self.hedge.weights.tolist(),

@@ -15,7 +15,7 @@ from onlinespec.feedback import FeedbackRecord
 from onlinespec.learn.batch import collate
 from onlinespec.learn.forward import drafter_logits
 from onlinespec.learn.hedge import Hedge
-from onlinespec.learn.losses import position_terms
+from onlinespec.learn.losses import acceptance
 
 __all__ = ["PoolRound", "DrafterPool"]
 
@@ -45,8 +45,7 @@ class DrafterPool:
         batch = collate(records, max_len)
         losses = []
         for name in self.drafters:
-            _, alpha = position_terms(drafter_logits(models[name], batch), batch)
-            losses.append(float((1 - alpha).mean()))
+            losses.append(float((1 - acceptance(drafter_logits(models[name], batch), batch)).mean()))
         return losses
 
     def round(self, models, records) -> PoolRound:
