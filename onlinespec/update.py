@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from onlinespec import keys
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
-from onlinespec.registry import PublishConflict, Registry
+from onlinespec.registry import CheckpointError, PublishConflict, Registry, expected_shapes
 from onlinespec.stream import FeedbackReader
 
-__all__ = ["RoundResult", "Updater", "PoolUpdater", "bootstrap_drafter", "learner_config", "POOL"]
+__all__ = ["RoundResult", "Updater", "PoolUpdater", "bootstrap_drafter", "repair_latest", "learner_config", "POOL"]
 
 POOL = "__pool__"  # the pool's consumer group reads every record, like each drafter's
 
@@ -40,13 +40,48 @@ class RoundResult:
     metrics: dict | None = None
 
 
+def repair_latest(registry: Registry, drafter: str, expected=None) -> int | None:
+    """Point the drafter back at its newest version older than the latest that loads (checksums,
+    names and shapes in ``expected``, finite values), when the latest itself does not: its files
+    were lost or damaged (a registry volume reset beside a Redis that kept its pointer, a disk
+    fault). Returns the version now latest, or None when no older version loads either. The
+    move is a compare-and-set rollback with its reason in the events stream."""
+    latest = registry.latest(drafter)
+    if latest is None:
+        return None
+    try:
+        registry.load_weights(drafter, latest, expected)
+        return latest
+    except CheckpointError as exc:
+        problem = str(exc)
+    log.error("%s: the latest version cannot be loaded (%s); looking for an older one", drafter, problem)
+    for v in sorted((v for v in registry.versions(drafter) if v < latest), reverse=True):
+        try:
+            registry.load_weights(drafter, v, expected)
+        except CheckpointError:
+            continue
+        try:
+            registry.rollback(drafter, v, reason=f"latest unloadable: {problem}"[:500])
+        except (CheckpointError, PublishConflict):  # another process moved it first: theirs stands
+            return registry.latest(drafter)
+        log.warning("%s: rolled back from unloadable v%s to v%s", drafter, latest, v)
+        return v
+    return None
+
+
 def bootstrap_drafter(registry: Registry, drafter: str, model) -> int:
-    """Register the base model as the drafter's first version, unless one exists."""
+    """Make sure the drafter has a latest version that loads: register the base model as its first
+    version when it has none; when the latest cannot be loaded, go back to the newest version that
+    can (:func:`repair_latest`) or, when none can, publish the base model on top of it."""
     latest = registry.latest(drafter)
     if latest is not None:
-        return latest
+        repaired = repair_latest(registry, drafter, expected_shapes(model))
+        if repaired is not None:
+            return repaired
+        log.error("%s: no kept version loads; serving and learning restart from the base model", drafter)
     try:
-        return registry.publish(drafter, model, parent=None, note="base model").version
+        return registry.publish(drafter, model, parent=latest, note="base model" if latest is None else
+                                f"base model (no kept version of v{latest}'s line could be loaded)").version
     except PublishConflict:
         return registry.latest(drafter)
 
@@ -106,7 +141,14 @@ class Updater:
             reader.ack(delivery.ids)
             return RoundResult(drafter, "skipped", latest, latest, len(delivery), delivery.dead,
                                time.perf_counter() - t0)
-        learner = self._learner(drafter, latest, config)
+        try:
+            learner = self._learner(drafter, latest, config)
+        except CheckpointError:  # its files were lost or damaged: continue from the newest that loads
+            repaired = repair_latest(self.registry, drafter)
+            if repaired is None or repaired == latest:
+                raise
+            latest = repaired
+            learner = self._learner(drafter, latest, config)
         metrics = learner.round(own).to_dict()
         try:
             manifest = self.registry.publish(

@@ -207,6 +207,45 @@ def test_refused_version_keeps_the_old_one_serving(setup, redis_client):
     assert events[-1][b"type"] == b"refused"
 
 
+def test_a_damaged_latest_version_is_repaired_by_the_worker(setup, redis_client):
+    """The latest version's files are damaged after it was published: the next round goes back to
+    the newest version that loads (a rollback event says why) and learns on from there."""
+    target, registry = setup
+    updater = Updater(redis_client, registry, TARGET, consumer="w1", round_records=10)
+    _submit_records(target, registry.load_model("learned", 1)[0], redis_client, 4)
+    assert updater.run_round("learned").version == 2
+    weights = registry.path("learned", 2) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # a disk fault: the file is cut short
+    fresh = Updater(redis_client, registry, TARGET, consumer="w2", round_records=10)  # no learner cached
+    _submit_records(target, registry.load_model("learned", 1)[0], redis_client, 4, seed=1)
+    result = fresh.run_round("learned")
+    assert result.status == "published" and result.parent == 1 and result.records == 4
+    assert registry.latest("learned") == result.version and registry.manifest("learned", result.version).parent == 1
+    rollback = [e[1] for e in redis_client.xrange(keys.events_stream) if e[1][b"type"] == b"rollback"]
+    assert rollback and b"latest unloadable" in rollback[-1][b"reason"] and rollback[-1][b"from"] == b"2"
+
+
+def test_startup_survives_a_registry_lost_beside_a_redis_that_kept_its_pointer(setup, redis_client):
+    """Redis points at versions whose files are gone (the registry volume was reset): bootstrap
+    goes back to the newest version that still loads, or registers the base model again."""
+    import shutil
+
+    target, registry = setup
+    base = registry.load_model("frozen", 1)[0]
+    parent = 1
+    for _ in range(2):
+        parent = registry.publish("frozen", base, parent=parent).version
+    shutil.rmtree(registry.path("frozen", 3))
+    assert bootstrap_drafter(registry, "frozen", base) == 2 and registry.latest("frozen") == 2
+    shutil.rmtree(registry.root / "frozen")  # every version gone
+    version = bootstrap_drafter(registry, "frozen", base)
+    assert version == 4 and registry.latest("frozen") == 4  # numbers never reused
+    model, manifest = registry.load_model("frozen", 4)
+    assert manifest.parent == 2 and "base model" in manifest.note
+    for a, b in zip(base.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_regressing_version_is_rolled_back(setup, redis_client):
     target, registry = setup
     served = HFDrafter(registry.load_model("learned", 1)[0], "learned", version=1)
