@@ -3,8 +3,9 @@
 Prompts are the held-out snippets of the demo domains (never trained on). The schedule is a
 list of ``domain:seconds`` (or ``domain:requests`` with ``--by-count``) phases, played in
 order; ``--concurrency`` clients send requests, ``--rate`` caps requests per second overall.
-A progress line runs while it works; the summary table gives requests, tokens/s and the mean
-accepted length per drafter version, as the responses' ``speculative`` fields report them.
+A progress line runs while it works; the summary tables give requests, tokens and the mean
+accepted length (tokens per draft step, pooled over requests) per drafter version and per phase,
+from the responses' ``speculative`` fields.
 """
 
 from __future__ import annotations
@@ -41,26 +42,46 @@ def parse_schedule(text: str) -> list[Phase]:
     return phases
 
 
+@dataclass
+class _Tally:
+    requests: int = 0
+    tokens: int = 0
+    accepted: int = 0  # draft tokens accepted
+    draft_steps: int = 0  # steps that verified drafts
+
+    def add(self, tokens: int, accepted: int, draft_steps: int) -> None:
+        self.requests += 1
+        self.tokens += tokens
+        self.accepted += accepted
+        self.draft_steps += draft_steps
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens per draft step over all the requests (not a mean of per-request means)."""
+        return (self.accepted + self.draft_steps) / self.draft_steps if self.draft_steps else None
+
+
 class _Stats:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests = self.errors = self.tokens = 0
-        self.by_version = defaultdict(lambda: [0, 0, 0.0])  # (drafter, version) -> requests, tokens, sum(mal*steps)
-        self.steps = defaultdict(float)
+        self.by_version: dict[tuple, _Tally] = defaultdict(_Tally)  # (drafter, version)
+        self.by_phase: dict[int, _Tally] = defaultdict(_Tally)  # phase index at the time of sending
 
-    def add(self, body: dict) -> None:
+    def add(self, body: dict, phase: int) -> None:
         spec = body.get("speculative") or {}
         n = body["usage"]["completion_tokens"]
+        accepted = int(spec.get("accepted_tokens") or 0)
+        steps = spec.get("draft_steps")
+        if steps is None:  # a server without draft_steps: recover it from the mean
+            mal = spec.get("mean_accepted_length") or 1.0
+            steps = round(accepted / (mal - 1)) if mal > 1 else 0
         key = (spec.get("drafter_id"), spec.get("drafter_version"))
         with self.lock:
             self.requests += 1
             self.tokens += n
-            row = self.by_version[key]
-            row[0] += 1
-            row[1] += n
-            if spec.get("mean_accepted_length"):
-                row[2] += spec["mean_accepted_length"] * n  # token-weighted mean
-                self.steps[key] += n
+            self.by_version[key].add(n, accepted, int(steps))
+            self.by_phase[phase].add(n, accepted, int(steps))
 
 
 def run(args) -> int:
@@ -84,13 +105,15 @@ def run(args) -> int:
                         next_slot[0] = max(next_slot[0], time.monotonic()) + interval
                     if wait > 0 and stop.wait(wait):
                         return
-                domain = current["phase"].domain
-                body = {"model": args.model, "prompt": rng.choice(prompts[domain]), "max_tokens": args.max_tokens,
-                        "temperature": args.temperature, "seed": next(counter)}
+                phase, domain = current["index"], current["phase"].domain
+                with slot_lock:  # one generator shared by the clients
+                    prompt, seed = rng.choice(prompts[domain]), next(counter)
+                body = {"model": args.model, "prompt": prompt, "max_tokens": args.max_tokens,
+                        "temperature": args.temperature, "seed": seed}
                 try:
                     r = http.post("/v1/completions", json=body)
                     if r.status_code == 200:
-                        stats.add(r.json())
+                        stats.add(r.json(), phase)
                     else:
                         with stats.lock:
                             stats.errors += 1
@@ -124,16 +147,25 @@ def run(args) -> int:
     elapsed = time.monotonic() - t_start
     print(file=sys.stderr)
     rows = []
-    for (drafter, version), (n, tokens, mal_sum) in sorted(stats.by_version.items(), key=lambda kv: str(kv[0])):
-        steps = stats.steps[(drafter, version)]
-        rows.append({"drafter": drafter, "version": version, "requests": n, "tokens": tokens,
-                     "mean_accepted_length": mal_sum / steps if steps else None})
+    for (drafter, version), t in sorted(stats.by_version.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] if isinstance(kv[0][1], int) else -1)):
+        rows.append({"drafter": drafter, "version": version, "requests": t.requests, "tokens": t.tokens,
+                     "mean_accepted_length": t.mean_accepted_length})
+    phase_rows = [{"phase": i, "domain": phases[i].domain, "requests": t.requests, "tokens": t.tokens,
+                   "mean_accepted_length": t.mean_accepted_length} for i, t in sorted(stats.by_phase.items())]
+
+    def mal(value):
+        return f"{value:.3f}" if value else "-"
+
     print(f"{'drafter':<14}{'version':>8}{'requests':>10}{'tokens':>9}{'mean acc. len':>15}")
     for r in rows:
-        mal = f"{r['mean_accepted_length']:.3f}" if r["mean_accepted_length"] else "-"
-        print(f"{str(r['drafter']):<14}{str(r['version']):>8}{r['requests']:>10}{r['tokens']:>9}{mal:>15}")
+        print(f"{str(r['drafter']):<14}{str(r['version']):>8}{r['requests']:>10}{r['tokens']:>9}"
+              f"{mal(r['mean_accepted_length']):>15}")
+    print(f"\n{'phase':<22}{'requests':>10}{'tokens':>9}{'mean acc. len':>15}")
+    for r in phase_rows:
+        print(f"{str(r['phase'] + 1) + ' ' + r['domain']:<22}{r['requests']:>10}{r['tokens']:>9}"
+              f"{mal(r['mean_accepted_length']):>15}")
     summary = {"requests": stats.requests, "errors": stats.errors, "seconds": elapsed,
-               "tokens_per_s": stats.tokens / elapsed if elapsed else 0.0, "by_version": rows}
+               "tokens_per_s": stats.tokens / elapsed if elapsed else 0.0, "by_version": rows, "by_phase": phase_rows}
     print(f"total: {stats.requests} requests, {stats.errors} errors, {summary['tokens_per_s']:.1f} tokens/s")
     if args.json:
         print(json.dumps(summary))

@@ -108,6 +108,7 @@ def create_app(state: ServerState) -> FastAPI:
             "mean_accepted_length": stats.mean_accepted_length if stats else None,
             "drafted_tokens": stats.drafted if stats else 0,
             "accepted_tokens": stats.accepted if stats else 0,
+            "draft_steps": stats.spec_steps if stats else 0,  # steps that verified drafts
             "drafter_id": drafter.drafter_id if drafter else None,
             "drafter_version": drafter.version if drafter else None,
         }

@@ -179,6 +179,9 @@ def test_traffic_and_watch_commands_against_the_live_server(service, capsys):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["requests"] >= 6 and summary["errors"] == 0
     assert summary["by_version"][0]["drafter"] == "d1" and summary["by_version"][0]["mean_accepted_length"] >= 1
+    assert [p["domain"] for p in summary["by_phase"]] == ["python", "docs"]
+    assert sum(p["requests"] for p in summary["by_phase"]) == summary["requests"]
+    assert all(p["mean_accepted_length"] >= 1 for p in summary["by_phase"])
     srv.state.extra["sampler"].sample()
     assert watch(build_parser().parse_args(["watch", "--url", srv.url, "--once"])) == 0
     screen = capsys.readouterr().out
@@ -254,3 +257,21 @@ def test_up_stops_everything_it_started_on_sigterm(tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_traffic_pools_the_accepted_length_over_requests():
+    """Tokens per draft step over all requests, not a mean of per-request means."""
+    from onlinespec.traffic import _Stats
+
+    stats = _Stats()
+    for accepted, steps, phase in ((6, 2, 0), (0, 4, 0), (3, 3, 1)):
+        body = {"usage": {"completion_tokens": accepted + steps},
+                "speculative": {"drafter_id": "d", "drafter_version": 1, "accepted_tokens": accepted,
+                                "draft_steps": steps, "mean_accepted_length": (accepted + steps) / steps}}
+        stats.add(body, phase)
+    assert stats.by_phase[0].mean_accepted_length == pytest.approx((6 + 0 + 2 + 4) / 6)
+    assert stats.by_phase[1].mean_accepted_length == pytest.approx(2.0)
+    assert stats.by_version[("d", 1)].mean_accepted_length == pytest.approx((9 + 9) / 9)
+    old = {"usage": {"completion_tokens": 8}, "speculative": {"accepted_tokens": 6, "mean_accepted_length": 4.0}}
+    stats.add(old, 2)  # a server without draft_steps: recovered from the mean
+    assert stats.by_phase[2].draft_steps == 2

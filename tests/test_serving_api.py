@@ -45,6 +45,8 @@ def test_greedy_completion_equals_the_targets_own_output(client, target, tokeniz
         spec = resp.model_extra["speculative"]
         assert spec["drafter_id"] == "close" and spec["drafter_version"] == 1
         assert spec["mean_accepted_length"] >= 1 and spec["accepted_tokens"] <= spec["drafted_tokens"]
+        steps = spec["draft_steps"]
+        assert steps >= 1 and spec["mean_accepted_length"] == pytest.approx((spec["accepted_tokens"] + steps) / steps)
 
 
 def test_streaming_completion_concatenates_to_the_same_text(client, target, tokenizer):
