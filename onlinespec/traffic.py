@@ -147,7 +147,11 @@ def run(args) -> int:
     elapsed = time.monotonic() - t_start
     print(file=sys.stderr)
     rows = []
-    for (drafter, version), t in sorted(stats.by_version.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] if isinstance(kv[0][1], int) else -1)):
+    def by_drafter_then_version(item):
+        (drafter, version), _ = item
+        return str(drafter), version if isinstance(version, int) else -1
+
+    for (drafter, version), t in sorted(stats.by_version.items(), key=by_drafter_then_version):
         rows.append({"drafter": drafter, "version": version, "requests": t.requests, "tokens": t.tokens,
                      "mean_accepted_length": t.mean_accepted_length})
     phase_rows = [{"phase": i, "domain": phases[i].domain, "requests": t.requests, "tokens": t.tokens,
