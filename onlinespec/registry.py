@@ -272,10 +272,11 @@ class Registry:
         latest = self.latest(drafter)
         if latest is None:
             return []
+        older = [v for v in self.versions(drafter) if v < latest]
         keep = self.lineage(drafter, latest)[: max(1, self.keep)]
-        others = sorted((v for v in self.versions(drafter) if v < latest and v not in keep), reverse=True)
+        others = sorted((v for v in older if v not in keep), reverse=True)
         kept = set(keep) | set(others[: max(0, self.keep - len(keep))])
-        doomed = sorted(v for v in self.versions(drafter) if v < latest and v not in kept)
+        doomed = [v for v in older if v not in kept]
         for v in doomed:
             shutil.rmtree(self.path(drafter, v), ignore_errors=True)
         return doomed
