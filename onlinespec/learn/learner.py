@@ -187,11 +187,15 @@ class DrafterLearner:
     def round(self, records: list[FeedbackRecord]) -> RoundMetrics:
         batch = collate(records, self.config.max_len)
         parent = self.served_params()
-        # 1. prequential loss of what was served
-        with torch.no_grad():
-            served, _ = self._loss(parent, batch, grad=False)
-        # 2. every base learner's loss (and gradient) at its played point, before any update
+        # 1.-2. every base learner's loss (and gradient) at its played point, before any update, and
+        # the prequential loss of what was served: with one learner that is its played point
+        # (weight 1), whose loss was just measured; an ensemble serves the weighted average
         outs, grads = zip(*(self._loss(opt.play(), batch, grad=True) for opt in self.optimizers))
+        if len(self.optimizers) == 1:
+            served = outs[0]
+        else:
+            with torch.no_grad():
+                served, _ = self._loss(parent, batch, grad=False)
         base = np.array([o.prequential for o in outs])
         self.hedge.update(base)
         # 3. gradient steps (further ones re-evaluate the same batch at the moved point)
