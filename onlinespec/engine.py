@@ -31,6 +31,8 @@ from onlinespec.feedback import FeedbackRecord, RecordBuilder
 from onlinespec.lm import CacheSession
 from onlinespec.sampling import SamplingParams
 from onlinespec.stops import FinishReason, StopState
+from onlinespec.suffix import RequestIndex, SuffixCache
+from onlinespec.suffix import propose as propose_with_suffix
 from onlinespec.verify import verify
 
 __all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "StepOutput", "GenerationResult", "GenerationStats"]
@@ -63,6 +65,8 @@ class StepOutput:
     accepted: int  # of which the target accepted
     finished: bool
     finish_reason: FinishReason | None
+    copied: int = 0  # of the drafts, copied by suffix speculation rather than drafted by the drafter
+    copied_accepted: int = 0  # of the accepted drafts, copied ones
 
 
 @dataclass
@@ -78,6 +82,8 @@ class GenerationStats:
     accepted_per_pos: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    copied: int = 0  # drafts copied by suffix speculation (included in drafted)
+    copied_accepted: int = 0  # of which accepted (included in accepted)
     capture_seconds: float = 0.0  # copying the target's top-K into the feedback record
 
     @property
@@ -161,8 +167,12 @@ class SpeculativeEngine:
         tokenizer=None,
         config: EngineConfig = EngineConfig(),
         eos_token_ids: set[int] | None = None,
+        suffix: SuffixCache | None = None,
     ):
+        """``suffix``: copy drafts from the request's own text and from past outputs (this cache,
+        which learns every finished request's output) wherever the suffix matches."""
         self.target = target.eval()
+        self.suffix = suffix
         self.tokenizer = tokenizer
         self.config = config
         self.vocab_size = _vocab_size(target)
@@ -244,6 +254,9 @@ class Generation:
         self.target = CacheSession(engine.target)
         self.drafter = engine.drafter
         self.dstate = self.drafter.begin(prompt) if self.drafter is not None else None
+        suffix = engine.suffix
+        self.index = RequestIndex(suffix.config) if suffix is not None else None
+        self.scope = tenant if suffix is not None and suffix.config.scope == "tenant" else None
         self.builder = (
             RecordBuilder(
                 prompt=list(prompt),
@@ -290,7 +303,15 @@ class Generation:
         k = self._draft_length()
 
         t0 = time.perf_counter()
-        proposal = drafter.propose(self.dstate, self.tokens, k, self.params, self.generator) if k else _NO_DRAFTS
+        copied: list[bool] = []
+        if not k:
+            proposal = _NO_DRAFTS
+        elif self.index is not None:
+            proposal, copied = propose_with_suffix(drafter, self.dstate, self.index, self.engine.suffix, self.scope,
+                                                   self.tokens, k, self.params, self.generator,
+                                                   self.engine.vocab_size)
+        else:
+            proposal = drafter.propose(self.dstate, self.tokens, k, self.params, self.generator)
         t1 = time.perf_counter()
         drafts = proposal.tokens
         # logits: [m+1, V] at the last settled token and each of the m drafts
@@ -316,6 +337,11 @@ class Generation:
                 drafter.rewind(self.dstate, len(self.tokens) - 1)
         m = len(drafts)
         self.stats.add(m, verdict.accepted, t1 - t0, t2 - t1)
+        n_copied, n_copied_accepted = sum(copied), sum(copied[: verdict.accepted])
+        self.stats.copied += n_copied
+        self.stats.copied_accepted += n_copied_accepted
+        if self.finished and self.engine.suffix is not None:
+            self.engine.suffix.add_output(self.prompt, self.generated, self.scope)
         if drafter is not None and self.params.k is None and self.engine.config.k is None:
             ctl = self.engine.controller(drafter)
             if m:
@@ -327,6 +353,8 @@ class Generation:
             text=self.stop.take_text() if self.engine.tokenizer is not None else "",
             drafted=m,
             accepted=verdict.accepted,
+            copied=n_copied,
+            copied_accepted=n_copied_accepted,
             finished=self.finished,
             finish_reason=self.stop.finish_reason,
         )

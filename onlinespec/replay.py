@@ -22,6 +22,7 @@ from onlinespec.engine import EngineConfig, GenerationStats, SpeculativeEngine
 from onlinespec.feedback import FeedbackRecord
 from onlinespec.learn.batch import collate
 from onlinespec.sampling import SamplingParams
+from onlinespec.suffix import RequestIndex, SuffixCache, best_match
 
 __all__ = ["TargetTrace", "trace_target", "replay_greedy"]
 
@@ -72,14 +73,44 @@ def _record(t: TargetTrace, drafted, accepted, block_index, draft_tokens, drafte
     )
 
 
+def _copied(t: TargetTrace, suffix: SuffixCache, scope) -> np.ndarray:
+    """Per generated position, the token suffix speculation copies there (-1: none, the drafter drafts).
+
+    A draft is only ever judged at a position whose prefix is the target's own text, so the
+    engine's lookups are these, made along the true sequence.
+    """
+    index = RequestIndex(suffix.config)
+    context = list(t.prompt)
+    out = np.full(len(t.generated), -1, np.int64)
+    for j, token in enumerate(t.generated):
+        index.extend(context)
+        match = best_match(index, suffix, context, scope)
+        if match is not None:
+            out[j] = match.token
+        context.append(token)
+    return out
+
+
 def replay_greedy(drafter, traces: list[TargetTrace], k: int, drafter_id: str = "replay",
-                  version: int = 0) -> tuple[list[FeedbackRecord], GenerationStats]:
+                  version: int = 0, suffix: SuffixCache | None = None,
+                  scope=None) -> tuple[list[FeedbackRecord], GenerationStats]:
     """(records, stats) the engine would produce serving ``traces`` greedily with fixed ``k``;
-    the stats are summed over the traces and carry no timings."""
+    the stats are summed over the traces and carry no timings.
+
+    ``suffix``: serve with suffix speculation over this cache as it is now; the caller adds the
+    outputs (``suffix.add_output``) when their requests would have finished. ``stats.copied``
+    then counts the copied drafts the target judged (accepted or first rejected): which drafts
+    after a rejection were copied depends on the rejected token, which a replay never sees.
+    """
     records, stats = [], GenerationStats()
     for t, guess in zip(traces, _drafter_argmax(drafter, traces)):
         g = len(t.generated)
         truth = np.asarray(t.generated)
+        copied = np.zeros(g, bool)
+        if suffix is not None:
+            lookup = _copied(t, suffix, scope)
+            copied = lookup >= 0
+            guess = np.where(copied, lookup, guess)
         match = guess == truth
         drafted = np.zeros(g, bool)
         accepted = np.zeros(g, bool)
@@ -99,6 +130,9 @@ def replay_greedy(drafter, traces: list[TargetTrace], k: int, drafter_id: str = 
                     draft_tokens[i + j] = guess[i + j]
                     accepted[i + j] = j < n
             stats.add(m, n, 0.0, 0.0)
+            # drafts past a rejection were drafted after a wrong token: only judged ones are known here
+            stats.copied += int(copied[i:i + min(n + 1, m)].sum())
+            stats.copied_accepted += int(copied[i:i + n].sum())
             i += n + 1
         records.append(_record(t, drafted, accepted, block_index, draft_tokens, drafter_id, version))
     return records, stats

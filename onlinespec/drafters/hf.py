@@ -42,14 +42,18 @@ class HFDrafter:
     def begin(self, prompt: list[int]) -> _State:
         return _State(CacheSession(self.model), self.version)
 
+    def next_logits(self, state: _State, tokens: list[int]) -> torch.Tensor:
+        """Logits [V] for the token after ``tokens``, feeding only what the cache lacks."""
+        session = state.session
+        if session.model is not self.model:  # swapped: continue on the new weights, keep the cache
+            session.model, state.version = self.model, self.version
+        return session.feed(tokens[session.length :], last_only=True)[-1]  # at least the last token
+
     def propose(
         self, state: _State, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Proposal:
         session = state.session
-        if session.model is not self.model:  # swapped: continue on the new weights, keep the cache
-            session.model, state.version = self.model, self.version
-        pending = tokens[session.length :]  # at least the last settled token
-        logits = session.feed(pending, last_only=True)[-1]
+        logits = self.next_logits(state, tokens)
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
         for i in range(k):
