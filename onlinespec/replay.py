@@ -24,7 +24,7 @@ from onlinespec.learn.batch import collate
 from onlinespec.sampling import SamplingParams
 from onlinespec.suffix import RequestIndex, SuffixCache, best_match
 
-__all__ = ["TargetTrace", "trace_target", "replay_greedy"]
+__all__ = ["TargetTrace", "trace_target", "replay_greedy", "predictions"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,21 @@ def _copied(t: TargetTrace, suffix: SuffixCache, scope) -> np.ndarray:
     return out
 
 
+def predictions(drafter, traces: list[TargetTrace], suffix: SuffixCache | None = None,
+                scope=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per trace, (the token served at each generated position given the true prefix, whether
+    suffix speculation copied it): what greedy verification judges, position by position."""
+    out = []
+    for t, guess in zip(traces, _drafter_argmax(drafter, traces)):
+        copied = np.zeros(len(t.generated), bool)
+        if suffix is not None:
+            lookup = _copied(t, suffix, scope)
+            copied = lookup >= 0
+            guess = np.where(copied, lookup, guess)
+        out.append((guess, copied))
+    return out
+
+
 def replay_greedy(drafter, traces: list[TargetTrace], k: int, drafter_id: str = "replay",
                   version: int = 0, suffix: SuffixCache | None = None,
                   scope=None) -> tuple[list[FeedbackRecord], GenerationStats]:
@@ -103,14 +118,9 @@ def replay_greedy(drafter, traces: list[TargetTrace], k: int, drafter_id: str = 
     after a rejection were copied depends on the rejected token, which a replay never sees.
     """
     records, stats = [], GenerationStats()
-    for t, guess in zip(traces, _drafter_argmax(drafter, traces)):
+    for t, (guess, copied) in zip(traces, predictions(drafter, traces, suffix, scope)):
         g = len(t.generated)
         truth = np.asarray(t.generated)
-        copied = np.zeros(g, bool)
-        if suffix is not None:
-            lookup = _copied(t, suffix, scope)
-            copied = lookup >= 0
-            guess = np.where(copied, lookup, guess)
         match = guess == truth
         drafted = np.zeros(g, bool)
         accepted = np.zeros(g, bool)

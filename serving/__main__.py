@@ -27,6 +27,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
     from onlinespec.redis_server import connect
     from onlinespec.registry import Registry
     from onlinespec.stream import FeedbackWriter
+    from onlinespec.suffix import SuffixCache, SuffixConfig
     from onlinespec.update import bootstrap_drafter
     from serving.admin import admin_router
     from serving.app import create_app
@@ -65,9 +66,11 @@ def build(config_path: str | None = None, no_redis: bool = False):
         drafters = {did: HFDrafter(model, did, version=0) for did, model in bases.items()}
 
     first = next(iter(drafters.values()), None)
+    suffix = SuffixConfig.from_dict(s.get("suffix"))
     engine = SpeculativeEngine(target, first, tokenizer=tokenizer, config=EngineConfig(
         k=s.get("k"), k_max=int(s.get("k_max", 8)), feedback_topk=int(s.get("feedback_topk", 32)),
-        capture_feedback=writer is not None, target_id=cfg.target_id))
+        capture_feedback=writer is not None, target_id=cfg.target_id),
+        suffix=SuffixCache(suffix) if suffix.enabled else None)
     state = build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
                         max_active=int(s.get("max_active", 8)), max_queue=int(s.get("max_queue", 64)),
                         max_prompt_tokens=int(s.get("max_prompt_tokens", 1536)),

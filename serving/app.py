@@ -93,9 +93,9 @@ def create_app(state: ServerState) -> FastAPI:
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc)) from None
 
-    def _submit(prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+    def _submit(prompt_ids: list[int], params: SamplingParams, user: str | None) -> RequestHandle:
         try:
-            return state.loop.submit(prompt_ids, params)
+            return state.loop.submit(prompt_ids, params, tenant=user)
         except QueueFull as exc:
             state.metrics.rejected.inc(label="queue_full")
             raise ApiError(429, f"server busy: {exc}; retry later", type_="rate_limit_error") from None
@@ -109,6 +109,9 @@ def create_app(state: ServerState) -> FastAPI:
             "drafted_tokens": stats.drafted if stats else 0,
             "accepted_tokens": stats.accepted if stats else 0,
             "draft_steps": stats.spec_steps if stats else 0,  # steps that verified drafts
+            # drafts copied by suffix speculation (counted in drafted/accepted above)
+            "copied_tokens": stats.copied if stats else 0,
+            "copied_accepted_tokens": stats.copied_accepted if stats else 0,
             "drafter_id": drafter.drafter_id if drafter else None,
             "drafter_version": drafter.version if drafter else None,
         }
@@ -181,7 +184,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def _serve(req, prompt_ids: list[int], request: Request, kind: str):
         params = _params(req, len(prompt_ids))
-        handle = _submit(prompt_ids, params)
+        handle = _submit(prompt_ids, params, req.user)
         rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:

@@ -42,6 +42,7 @@ class RequestHandle:
     cancelled: bool = False
     generation: Generation | None = None
     error: Exception | None = None
+    tenant: str | None = None  # the request's ``user``: scopes suffix speculation and tags feedback
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -77,10 +78,10 @@ class EngineLoop:
     def depth(self) -> int:
         return self.pending.qsize() + len(self.active)
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
+    def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None) -> RequestHandle:
         if self.pending.qsize() >= self.max_queue:
             raise QueueFull(f"{self.pending.qsize()} requests are already waiting (max_queue={self.max_queue})")
-        handle = RequestHandle(prompt, params, asyncio.Queue(), asyncio.get_running_loop())
+        handle = RequestHandle(prompt, params, asyncio.Queue(), asyncio.get_running_loop(), tenant=tenant)
         self.pending.put(handle)
         self.metrics.queue_depth.set(self.depth)
         return handle
@@ -95,7 +96,7 @@ class EngineLoop:
                 self.metrics.cancelled.inc()
                 continue
             try:
-                handle.generation = self.engine.start(handle.prompt, handle.params)
+                handle.generation = self.engine.start(handle.prompt, handle.params, tenant=handle.tenant)
             except InvalidRequestError as exc:
                 handle.error = exc
                 handle._put(exc)
@@ -138,9 +139,12 @@ class EngineLoop:
             handle.first_token = time.perf_counter()
             self.metrics.ttft.observe(handle.first_token - handle.submitted)
         if drafter is not None and out.drafted:
-            self.metrics.observe_step(drafter.drafter_id, drafter.version, out.drafted, out.accepted)
-            if self.watcher is not None:
-                self.watcher.observe(drafter.drafter_id, drafter.version, out.drafted, out.accepted)
+            self.metrics.observe_step(drafter.drafter_id, drafter.version, out.drafted, out.accepted,
+                                      out.copied, out.copied_accepted)
+            own = out.drafted - out.copied
+            if self.watcher is not None and own:
+                # the rollback guard judges the drafter's own drafts: copies do not depend on its version
+                self.watcher.observe(drafter.drafter_id, drafter.version, own, out.accepted - out.copied_accepted)
         self.metrics.generated_tokens.inc(len(out.tokens))
         handle._put(out)
         if gen.finished:

@@ -2,7 +2,9 @@
 
 Speculative-decoding counters mirror vLLM's (``num_drafts``, ``num_draft_tokens``,
 ``num_accepted_tokens``, ``num_accepted_tokens_per_pos``), labelled by drafter and version so
-a regression after a swap is visible per version.
+a regression after a swap is visible per version. They count every draft; the ``copied`` ones
+(suffix speculation, same labels) are also counted apart, so the drafter's own acceptance per
+version is the difference.
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ class Metrics:
         self.num_accepted_tokens = Counter("spec_decode_num_accepted_tokens_total", "Draft tokens accepted.")
         self.accepted_per_pos = Counter("spec_decode_num_accepted_tokens_per_pos_total",
                                         "Draft tokens accepted at each block position.")
+        self.copied_tokens = Counter("spec_decode_num_copied_tokens_total",
+                                     "Draft tokens copied by suffix speculation (counted in draft tokens too).")
+        self.copied_accepted_tokens = Counter("spec_decode_num_copied_accepted_tokens_total",
+                                              "Copied draft tokens accepted (counted in accepted tokens too).")
         self.swaps = Counter("drafter_swaps_total", "Drafter versions swapped in.")
         self.sampled: list[tuple[Counter, object]] = []  # (metric, callable -> {label tuple: value})
 
@@ -104,11 +110,15 @@ class Metrics:
         """A metric whose values are read from elsewhere (the writer, the watcher) at each scrape."""
         self.sampled.append((metric, read))
 
-    def observe_step(self, drafter: str, version: int, drafted: int, accepted: int) -> None:
+    def observe_step(self, drafter: str, version: int, drafted: int, accepted: int, copied: int = 0,
+                     copied_accepted: int = 0) -> None:
         labels = {"drafter": drafter, "version": version}
         self.num_drafts.inc(**labels)
         self.num_draft_tokens.inc(drafted, **labels)
         self.num_accepted_tokens.inc(accepted, **labels)
+        if copied:
+            self.copied_tokens.inc(copied, **labels)
+            self.copied_accepted_tokens.inc(copied_accepted, **labels)
         for pos in range(accepted):
             self.accepted_per_pos.inc(**labels, position=pos)
 
@@ -116,7 +126,7 @@ class Metrics:
         lines: list[str] = []
         for m in (self.requests, self.cancelled, self.rejected, self.generated_tokens, self.latency, self.ttft,
                   self.queue_depth, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
-                  self.accepted_per_pos, self.swaps):
+                  self.accepted_per_pos, self.copied_tokens, self.copied_accepted_tokens, self.swaps):
             lines += m.render()
         for metric, read in self.sampled:
             metric.values = dict(read())

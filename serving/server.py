@@ -35,6 +35,12 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
                        lambda: {(): watcher.stats.refusals})
         metrics.sample(Counter("drafter_rollbacks_total", "Versions rolled back after a regression."),
                        lambda: {(): watcher.stats.rollbacks})
+    if engine.suffix is not None:
+        cache = engine.suffix
+        metrics.sample(Gauge("suffix_cache_tokens", "Output tokens suffix speculation can copy from."),
+                       lambda: {(): cache.tokens})
+        metrics.sample(Gauge("suffix_cache_entries", "n-grams indexed by suffix speculation."),
+                       lambda: {(): len(cache)})
     loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
                       drafters=drafters).start()
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,

@@ -55,7 +55,8 @@ def test_bench_adapt_json_and_plot(model_dirs, capsys, tmp_path):
     out = last_json(capsys)
     assert done.value.code == 0
     assert set(out["methods"]) == {"static", "osd", "ogd", "optimistic", "ensemble", "pool", "optimistic-tv",
-                                   "optimistic-acclen"}
+                                   "optimistic-acclen", "lookup", "suffix", "pool+suffix"}
+    assert out["best_online_method"] not in ("static", "lookup")  # those learn nothing
     for m in out["methods"].values():
         assert len(m["per_round_mean_accepted_length"]) == 4 and m["mean_accepted_length"] >= 1
         assert m["regret_vs_best_fixed"] >= -1e-9

@@ -162,3 +162,51 @@ def test_client_disconnect_cancels_its_request(server):
         time.sleep(0.05)
     assert state.metrics.cancelled.values.get((), 0) == before + 1
     assert state.loop.depth == 0
+
+
+def test_suffix_speculation_over_http_learns_per_user_and_keeps_the_output(target, tokenizer):
+    from types import SimpleNamespace
+
+    from onlinespec.suffix import SuffixCache
+    from tests.tiny import perturbed
+
+    class GuardSpy:  # records what the rollback guard is shown; swaps nothing
+        choice = None
+        seen: list = []
+        stats = SimpleNamespace(refusals=0, rollbacks=0, swaps=0)
+
+        def apply(self):
+            return []
+
+        def observe(self, drafter, version, drafted, accepted):
+            self.seen.append((drafted, accepted))
+
+    spy = GuardSpy()
+    engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 1.0, seed=7), "bad", version=1),
+                               tokenizer=tokenizer, config=EngineConfig(k=4, target_id=MODEL), suffix=SuffixCache())
+    srv = BackgroundServer(build_state(engine, tokenizer, MODEL, watcher=spy, max_tokens=200)).start()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+        def ask(user):
+            resp = c.completions.create(model=MODEL, prompt="the same request again", max_tokens=40,
+                                        temperature=0, user=user)
+            return resp.choices[0].text, resp.model_extra["speculative"]
+
+        first_text, first = ask("alice")
+        other_text, other = ask("bob")
+        again_text, again = ask("alice")
+        assert first_text == other_text == again_text == target_greedy_text(target, tokenizer,
+                                                                             "the same request again", 40)
+        assert other["copied_accepted_tokens"] == first["copied_accepted_tokens"]  # bob never sees alice's text
+        assert again["copied_accepted_tokens"] > first["copied_accepted_tokens"] + 5
+        assert again["mean_accepted_length"] > first["mean_accepted_length"]
+        # the guard is shown the drafter's own drafts only: all three requests' drafts minus the copies
+        copied = sum(s["copied_tokens"] for s in (first, other, again))
+        drafted = sum(s["drafted_tokens"] for s in (first, other, again))
+        assert sum(d for d, _ in spy.seen) == drafted - copied
+        text = httpx.get(srv.url + "/metrics").text
+        assert 'onlinespec_spec_decode_num_copied_accepted_tokens_total{drafter="bad",version="1"}' in text
+        assert "onlinespec_suffix_cache_tokens" in text
+    finally:
+        srv.stop()

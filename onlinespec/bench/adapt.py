@@ -37,7 +37,8 @@ from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_l
 from onlinespec.learn.losses import LossConfig
 from onlinespec.learn.optim import OptimConfig
 from onlinespec.learn.pool import DrafterPool
-from onlinespec.replay import replay_greedy, trace_target
+from onlinespec.replay import predictions, replay_greedy, trace_target
+from onlinespec.suffix import SuffixCache, SuffixConfig
 
 __all__ = ["run", "METHODS", "simulate"]
 
@@ -67,7 +68,22 @@ def _configs(lr: float | None = None) -> dict[str, LearnerConfig | None]:
     }
 
 
-METHODS = tuple(_configs())
+# Suffix speculation on top of a method: drafts copied from the request's own text ("lookup": that
+# only, nothing learned across requests) or also from every finished output (a SuffixCache, which
+# learns from the traffic without gradients); the drafter drafts where nothing matches.
+SUFFIX = {"lookup": ("static", SuffixConfig(max_tokens=0)), "suffix": ("static", SuffixConfig()),
+          "pool+suffix": ("pool", SuffixConfig())}
+NOT_LEARNING = ("static", "lookup")  # never the best *online* method
+
+
+def _method_configs(lr: float | None = None) -> dict[str, tuple[LearnerConfig | None, SuffixConfig | None]]:
+    configs = {m: (c, None) for m, c in _configs(lr).items()}
+    for m, (base, suffix) in SUFFIX.items():
+        configs[m] = (configs[base][0], suffix)
+    return configs
+
+
+METHODS = tuple(_method_configs())
 LOSS_FAMILIES = {"kl": "optimistic", "tv": "optimistic-tv", "accepted_length": "optimistic-acclen"}
 
 
@@ -89,15 +105,22 @@ def _stream(prompts: dict[str, list[int]], schedule: list[str], rounds_per_phase
     return rounds
 
 
-def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, rounds, k: int, costs: dict) -> dict:
-    """Serve ``rounds`` (lists of trace indices) with one method; per-round figures."""
+def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, rounds, k: int, costs: dict,
+             suffix: SuffixConfig | None = None) -> dict:
+    """Serve ``rounds`` (lists of trace indices) with one method; per-round figures.
+
+    ``suffix``: serve with suffix speculation; its cache learns every output of a round once the
+    round is served (a round's requests are in flight together).
+    """
     names = list(drafters)
     learners = {}
+    is_pool = method.split("+")[0] == "pool"
     if config is not None:
-        chosen = names if method == "pool" else names[:1]
+        chosen = names if is_pool else names[:1]
         learners = {n: DrafterLearner(copy.deepcopy(drafters[n]), config) for n in chosen}
     pool = (DrafterPool(names, config.hedge_eta, config.optimistic_hedge, discount=config.hedge_discount)
-            if method == "pool" else None)
+            if is_pool else None)
+    cache = SuffixCache(suffix) if suffix is not None else None
     serving = names[0]
     static_model = copy.deepcopy(drafters[names[0]]).eval()
     static_eval = None if learners else DrafterLearner(static_model, LearnerConfig(optim=OptimConfig(lr=0.0)))
@@ -107,23 +130,32 @@ def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, 
         if pool is not None:
             serving = pool.drafters[int(np.argmax(pool.hedge.weights))]
         model = learners[serving].served_model() if learners else static_model
-        records, stats = replay_greedy(model, batch, k, drafter_id=serving)
+        records, stats = replay_greedy(model, batch, k, drafter_id=serving, suffix=cache)
         out["mal"].append(stats.mean_accepted_length)
-        seconds = stats.steps * costs["verify"] + stats.drafted * costs["draft"]
+        # copied drafts cost no drafter forward
+        seconds = stats.steps * costs["verify"] + (stats.drafted - stats.copied) * costs["draft"]
         out["tokens_per_s"].append(sum(len(t.generated) for t in batch) / seconds)
+        served_loss = None
+        if cache is not None:  # what was served is the drafter and the copies together
+            served = predictions(model, batch, cache)
+            served_loss = 1.0 - float(np.mean(np.concatenate([g == np.asarray(t.generated)
+                                                              for (g, _), t in zip(served, batch)])))
+            for t in batch:
+                cache.add_output(t.prompt, t.generated)
         if not learners:
-            out["loss"].append(static_eval.evaluate(records)["prequential_loss"])
+            out["loss"].append(served_loss if cache is not None else static_eval.evaluate(records)["prequential_loss"])
             continue
         if pool is not None:
             served_models = {n: learners[n].served_model() for n in names}
             losses = pool.round(served_models, records).losses
-            out["loss"].append(losses[names.index(serving)])
+            out["loss"].append(losses[names.index(serving)] if cache is None else served_loss)
             for n in names:
                 own = records_to_learn(records, n, config)
                 if own:
                     learners[n].round(own)
         else:
-            out["loss"].append(learners[serving].round(records).served_loss)
+            loss = learners[serving].round(records).served_loss
+            out["loss"].append(loss if cache is None else served_loss)
     return out
 
 
@@ -208,14 +240,15 @@ def run(args) -> int:
     trace_seconds = time.perf_counter() - t0
     costs = _measure_costs(target, next(iter(drafters.values())), traces[0].prompt, args.k)
 
-    configs = _configs(args.lr)
+    configs = _method_configs(args.lr)
     methods = [m for m in (args.methods or METHODS) if m in configs]
     results = {m: [] for m in methods}
     for seed in seeds:
         rounds = _stream(by_domain, schedule, rounds_per_phase, per_round, seed)
         for m in methods:
             torch.manual_seed(seed)
-            results[m].append(simulate(m, configs[m], drafters, traces, rounds, args.k, costs))
+            config, suffix = configs[m]
+            results[m].append(simulate(m, config, drafters, traces, rounds, args.k, costs, suffix))
             print(f"seed {seed} {m:<18} mean accepted length {np.mean(results[m][-1]['mal']):.3f}", flush=True)
 
     n_rounds = len(results[methods[0]][0]["mal"])
@@ -233,7 +266,7 @@ def run(args) -> int:
     regret = _regret(losses, args.window)
     for m in methods:
         summary[m].update(regret[m])
-    online = [m for m in methods if m not in ("static", "osd")]
+    online = [m for m in methods if m not in NOT_LEARNING + ("osd",)]
     best = max(online, key=lambda m: summary[m]["mean_accepted_length"]) if online else None
     result = {
         "methods": summary,
