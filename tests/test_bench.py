@@ -28,9 +28,10 @@ def test_bench_engine_json(model_dirs, capsys):
         main(["bench", "engine", "--quick", "--json", "--prompts", "2", "--max-new-tokens", "12", "--threads", "1",
               "--target", str(model_dirs / "target"), "--drafter", str(model_dirs / "drafter")])
     out = last_json(capsys)
-    assert done.value.code == 0 and out["lossless"] is True
+    assert done.value.code == 0 and out["lossless"] is True and out["suffix_lossless"] is True
     for key in ("target_tokens_per_s", "engine_tokens_per_s", "hf_assisted_tokens_per_s", "mean_accepted_length",
-                "speedup", "theoretical_speedup", "efficiency", "ratio_vs_hf", "acceptance_rate", "cost_ratio"):
+                "speedup", "theoretical_speedup", "efficiency", "ratio_vs_hf", "acceptance_rate", "cost_ratio",
+                "suffix_tokens_per_s", "suffix_speedup", "suffix_mean_accepted_length", "suffix_copied_share"):
         assert isinstance(out[key], float) and out[key] >= 0, key
 
 
