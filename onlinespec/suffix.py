@@ -170,7 +170,8 @@ def propose(drafter, state, index: RequestIndex, cache: SuffixCache | None, scop
 
     Returns the proposal and, per draft, whether it was copied. A drafter with ``next_logits``
     (Hugging Face drafters) is consulted position by position and fed lazily, only when it
-    must propose; any other drafter proposes the rest of the block at its first miss.
+    must propose; any other drafter only after settled tokens: the whole block when the first
+    position has no match, nothing after a copied run.
     """
     index.extend(tokens)
     drafts: list[int] = []
@@ -197,7 +198,9 @@ def propose(drafter, state, index: RequestIndex, cache: SuffixCache | None, scop
                 qs.append(q)
             copied.append(False)
             continue
-        rest = drafter.propose(state, context, k - len(drafts), params, generator)
+        if drafts:  # other drafters propose only after settled tokens: the copied run ends the block
+            break
+        rest = drafter.propose(state, tokens, k, params, generator)
         drafts += rest.tokens.tolist()
         copied += [False] * len(rest)
         qs += list(rest.q) if rest.q is not None else [None] * len(rest)
