@@ -29,7 +29,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=256)  # scopes suffix speculation; the record's tenant
     # OnlineSpec extensions
     k: int | None = Field(default=None, ge=1, le=32)
     ignore_eos: bool = False

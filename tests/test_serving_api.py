@@ -98,6 +98,7 @@ def test_models_health_ready_metrics(server, client):
         ({"model": MODEL, "prompt": ""}, 400, "prompt"),
         ({"model": "gpt-9", "prompt": "x"}, 404, "gpt-9"),
         ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "x", "user": "u" * 1000}, 400, "user"),
         ({"model": MODEL, "prompt": "x" * 400}, 400, "limit"),
         ({"model": MODEL, "prompt": [1, 2, 100000]}, 400, "out of range"),
     ],

@@ -196,15 +196,18 @@ def _plot(path: str, per_method: dict, regret_curves: dict, schedule: list[str],
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    palette = plt.get_cmap("tab20").colors  # one colour per method, the same in both panels
+    style = {m: {"color": palette[(2 * i) % 20 + (2 * i) // 20 % 2], "ls": "--" if "suffix" in m or m == "lookup"
+                 else "-", "lw": 2 if m in ("static", "osd") else 1.2} for i, m in enumerate(per_method)}
     for m, curve in per_method.items():
-        ax1.plot(curve, label=m, lw=2 if m in ("static", "osd") else 1.2)
+        ax1.plot(curve, label=m, **style[m])
     for i, d in enumerate(schedule):
         ax1.axvspan(i * rounds_per_phase, (i + 1) * rounds_per_phase, alpha=0.05 * (1 + i % 2), color="gray")
         ax1.text(i * rounds_per_phase + 0.5, ax1.get_ylim()[1] if i else 1.0, d, va="top", fontsize=8)
     ax1.set_ylabel("mean accepted length (median of seeds)")
     ax1.legend(fontsize=8, ncol=4)
     for m, curve in regret_curves.items():
-        ax2.plot(curve, label=m)
+        ax2.plot(curve, label=m, **style[m])
     ax2.set_ylabel("cumulative loss - best fixed method")
     ax2.set_xlabel("round")
     fig.tight_layout()
@@ -263,6 +266,8 @@ def run(args) -> int:
         }
     # regret on the median-seed losses of each method
     losses = {m: [statistics.median(r["loss"][i] for r in results[m]) for i in range(n_rounds)] for m in methods}
+    for m in methods:
+        summary[m]["per_round_prequential_loss"] = losses[m]
     regret = _regret(losses, args.window)
     for m in methods:
         summary[m].update(regret[m])
