@@ -48,12 +48,19 @@ class _Tally:
     tokens: int = 0
     accepted: int = 0  # draft tokens accepted
     draft_steps: int = 0  # steps that verified drafts
+    copied_accepted: int = 0  # of the accepted drafts, copied by suffix speculation
 
-    def add(self, tokens: int, accepted: int, draft_steps: int) -> None:
+    def add(self, tokens: int, accepted: int, draft_steps: int, copied_accepted: int = 0) -> None:
         self.requests += 1
         self.tokens += tokens
         self.accepted += accepted
         self.draft_steps += draft_steps
+        self.copied_accepted += copied_accepted
+
+    @property
+    def copied_share(self) -> float | None:
+        """Share of the accepted drafts that suffix speculation copied."""
+        return self.copied_accepted / self.accepted if self.accepted else None
 
     @property
     def mean_accepted_length(self) -> float | None:
@@ -76,12 +83,13 @@ class _Stats:
         if steps is None:  # a server without draft_steps: recover it from the mean
             mal = spec.get("mean_accepted_length") or 1.0
             steps = round(accepted / (mal - 1)) if mal > 1 else 0
+        copied = int(spec.get("copied_accepted_tokens") or 0)
         key = (spec.get("drafter_id"), spec.get("drafter_version"))
         with self.lock:
             self.requests += 1
             self.tokens += n
-            self.by_version[key].add(n, accepted, int(steps))
-            self.by_phase[phase].add(n, accepted, int(steps))
+            self.by_version[key].add(n, accepted, int(steps), copied)
+            self.by_phase[phase].add(n, accepted, int(steps), copied)
 
 
 def run(args) -> int:
@@ -153,21 +161,26 @@ def run(args) -> int:
 
     for (drafter, version), t in sorted(stats.by_version.items(), key=by_drafter_then_version):
         rows.append({"drafter": drafter, "version": version, "requests": t.requests, "tokens": t.tokens,
-                     "mean_accepted_length": t.mean_accepted_length})
+                     "mean_accepted_length": t.mean_accepted_length, "copied_share": t.copied_share})
     phase_rows = [{"phase": i, "domain": phases[i].domain, "requests": t.requests, "tokens": t.tokens,
-                   "mean_accepted_length": t.mean_accepted_length} for i, t in sorted(stats.by_phase.items())]
+                   "mean_accepted_length": t.mean_accepted_length, "copied_share": t.copied_share}
+                  for i, t in sorted(stats.by_phase.items())]
 
     def mal(value):
         return f"{value:.3f}" if value else "-"
 
-    print(f"{'drafter':<14}{'version':>8}{'requests':>10}{'tokens':>9}{'mean acc. len':>15}")
+    def share(value):
+        return f"{value:.2f}" if value is not None else "-"
+
+    print(f"{'drafter':<14}{'version':>8}{'requests':>10}{'tokens':>9}{'mean acc. len':>15}{'copied':>8}")
     for r in rows:
         print(f"{str(r['drafter']):<14}{str(r['version']):>8}{r['requests']:>10}{r['tokens']:>9}"
-              f"{mal(r['mean_accepted_length']):>15}")
-    print(f"\n{'phase':<22}{'requests':>10}{'tokens':>9}{'mean acc. len':>15}")
+              f"{mal(r['mean_accepted_length']):>15}{share(r['copied_share']):>8}")
+    print(f"\n{'phase':<22}{'requests':>10}{'tokens':>9}{'mean acc. len':>15}{'copied':>8}")
     for r in phase_rows:
         print(f"{str(r['phase'] + 1) + ' ' + r['domain']:<22}{r['requests']:>10}{r['tokens']:>9}"
-              f"{mal(r['mean_accepted_length']):>15}")
+              f"{mal(r['mean_accepted_length']):>15}{share(r['copied_share']):>8}")
+    print("copied: share of the accepted drafts that suffix speculation copied")
     summary = {"requests": stats.requests, "errors": stats.errors, "seconds": elapsed,
                "tokens_per_s": stats.tokens / elapsed if elapsed else 0.0, "by_version": rows, "by_phase": phase_rows}
     print(f"total: {stats.requests} requests, {stats.errors} errors, {summary['tokens_per_s']:.1f} tokens/s")

@@ -267,8 +267,10 @@ def test_traffic_pools_the_accepted_length_over_requests():
     for accepted, steps, phase in ((6, 2, 0), (0, 4, 0), (3, 3, 1)):
         body = {"usage": {"completion_tokens": accepted + steps},
                 "speculative": {"drafter_id": "d", "drafter_version": 1, "accepted_tokens": accepted,
-                                "draft_steps": steps, "mean_accepted_length": (accepted + steps) / steps}}
+                                "draft_steps": steps, "mean_accepted_length": (accepted + steps) / steps,
+                                "copied_accepted_tokens": accepted // 3}}
         stats.add(body, phase)
+    assert stats.by_phase[0].copied_share == pytest.approx(2 / 6) and stats.by_phase[1].copied_share == pytest.approx(1 / 3)
     assert stats.by_phase[0].mean_accepted_length == pytest.approx((6 + 0 + 2 + 4) / 6)
     assert stats.by_phase[1].mean_accepted_length == pytest.approx(2.0)
     assert stats.by_version[("d", 1)].mean_accepted_length == pytest.approx((9 + 9) / 9)
