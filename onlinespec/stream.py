@@ -27,7 +27,7 @@ from onlinespec import keys
 from onlinespec.codec import CodecError, decode, encode
 from onlinespec.feedback import FeedbackRecord
 
-__all__ = ["WriterStats", "FeedbackWriter", "Delivery", "FeedbackReader"]
+__all__ = ["WriterStats", "FeedbackWriter", "Delivery", "FeedbackReader", "recent_records"]
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +234,34 @@ class FeedbackReader:
 
     def ack(self, ids: list[bytes]) -> int:
         return int(self.redis.xack(self.stream, self.group, *ids)) if ids else 0
+
+
+def recent_records(client, target: str, max_tokens: int, batch: int = 200) -> tuple[list[FeedbackRecord], int]:
+    """The newest records of the target's feedback stream, oldest first, until their generated
+    tokens reach ``max_tokens``; and how many entries failed validation (skipped: the workers
+    keep them aside when they read them). Read-only: no group, nothing acknowledged."""
+    stream = keys.feedback_stream(target)
+    records: list[FeedbackRecord] = []
+    bad = tokens = 0
+    upper = "+"
+    while tokens < max_tokens:
+        entries = client.xrevrange(stream, max=upper, min="-", count=batch)
+        if not entries:
+            break
+        for entry_id, fields in entries:
+            try:
+                payload = fields.get(b"r")
+                if payload is None:
+                    raise CodecError("entry has no 'r' field")
+                record = decode(payload)
+            except CodecError:
+                bad += 1
+                continue
+            records.append(record)
+            tokens += len(record.tokens) - record.prompt_len
+            if tokens >= max_tokens:
+                break
+        upper = "(" + entries[-1][0].decode()
+        if len(entries) < batch:
+            break
+    return records[::-1], bad

@@ -75,6 +75,16 @@ class SuffixCache:
     def __len__(self) -> int:
         return len(self._next)
 
+    def warm(self, records) -> int:
+        """Learn logged feedback records' outputs, oldest first (a restarted server's start);
+        each record's tenant is its scope under ``scope: tenant``. Returns the outputs learned."""
+        before = self.added
+        for r in records:
+            tokens = [int(t) for t in r.tokens]
+            scope = r.tenant if self.config.scope == "tenant" else None
+            self.add_output(tokens[:r.prompt_len], tokens[r.prompt_len:], scope)
+        return self.added - before
+
     def add_output(self, prompt: list[int], generated: list[int], scope: object = None) -> None:
         """Learn a finished request's output; the prompt's last tokens let its first tokens match."""
         if not generated or self.config.max_tokens == 0:

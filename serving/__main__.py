@@ -12,6 +12,8 @@ import json
 import logging
 import os
 
+log = logging.getLogger("onlinespec.server")
+
 
 def build(config_path: str | None = None, no_redis: bool = False):
     """(app, state, cleanup) for a config: used by the CLI and by ``onlinespec up``."""
@@ -26,7 +28,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
     from onlinespec.models import check_same_vocab, load_model, load_tokenizer
     from onlinespec.redis_server import connect
     from onlinespec.registry import Registry
-    from onlinespec.stream import FeedbackWriter
+    from onlinespec.stream import FeedbackWriter, recent_records
     from onlinespec.suffix import SuffixCache, SuffixConfig
     from onlinespec.update import bootstrap_drafter
     from serving.admin import admin_router
@@ -67,10 +69,14 @@ def build(config_path: str | None = None, no_redis: bool = False):
 
     first = next(iter(drafters.values()), None)
     suffix = SuffixConfig.from_dict(s.get("suffix"))
+    cache = SuffixCache(suffix) if suffix.enabled else None
+    if cache is not None and redis is not None:  # a restart keeps what suffix speculation learned
+        records, bad = recent_records(redis, cfg.target_id, suffix.max_tokens)
+        log.info("suffix speculation: warmed from %d logged outputs (%d tokens)%s", cache.warm(records),
+                 cache.tokens, f"; {bad} malformed records skipped" if bad else "")
     engine = SpeculativeEngine(target, first, tokenizer=tokenizer, config=EngineConfig(
         k=s.get("k"), k_max=int(s.get("k_max", 8)), feedback_topk=int(s.get("feedback_topk", 32)),
-        capture_feedback=writer is not None, target_id=cfg.target_id),
-        suffix=SuffixCache(suffix) if suffix.enabled else None)
+        capture_feedback=writer is not None, target_id=cfg.target_id), suffix=cache)
     state = build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
                         max_active=int(s.get("max_active", 8)), max_queue=int(s.get("max_queue", 64)),
                         max_prompt_tokens=int(s.get("max_prompt_tokens", 1536)),

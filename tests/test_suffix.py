@@ -196,3 +196,37 @@ def test_suffix_config_rejects_nonsense():
     with pytest.raises(ValueError, match="unknown"):
         SuffixConfig.from_dict({"max_n": 4, "mx_tokens": 3})
     assert SuffixConfig.from_dict({"max_n": 4}).max_n == 4
+
+
+def test_a_restarted_server_warms_the_cache_from_the_feedback_stream(target, redis_client):
+    """The logged records carry every output and its tenant: a fresh cache relearns the newest."""
+    from onlinespec import keys
+    from onlinespec.codec import encode
+    from onlinespec.stream import recent_records
+
+    engine = SpeculativeEngine(target, bad_drafter(target), config=EngineConfig(k=4, target_id="t"),
+                               suffix=SuffixCache())
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    ps = prompts(5, seed=2)
+    stream = keys.feedback_stream("t")
+    for i, p in enumerate(ps):
+        record = engine.generate(p, params, tenant="a" if i % 2 == 0 else "b").record
+        redis_client.xadd(stream, {"r": encode(record)})
+        if i == 2:
+            redis_client.xadd(stream, {"r": b"\x93not a record"})  # malformed: skipped, counted
+    records, bad = recent_records(redis_client, "t", max_tokens=10**6, batch=2)
+    assert bad == 1 and len(records) == 5
+    assert [r.tokens[:r.prompt_len].tolist() for r in records] == ps  # oldest first
+    newest, _ = recent_records(redis_client, "t", max_tokens=45)
+    assert len(newest) == 2 and newest[-1].tokens.tolist() == records[-1].tokens.tolist()  # 30 + 30 >= 45
+
+    warm = SuffixCache()
+    assert warm.warm(records) == 5
+    assert warm.tokens == engine.suffix.tokens == 150
+    for r in records:
+        context = r.tokens[:r.prompt_len + 10].tolist()
+        assert warm.lookup(context, r.tenant) == engine.suffix.lookup(context, r.tenant)
+    restarted = SpeculativeEngine(target, bad_drafter(target), config=EngineConfig(k=4), suffix=warm)
+    cold = SpeculativeEngine(target, bad_drafter(target), config=EngineConfig(k=4), suffix=SuffixCache())
+    again = restarted.generate(ps[0], params, tenant="a").stats
+    assert again.copied_accepted > cold.generate(ps[0], params, tenant="a").stats.copied_accepted
