@@ -216,7 +216,10 @@ def propose(drafter, state, index: RequestIndex, cache: SuffixCache | None, scop
         qs += list(rest.q) if rest.q is not None else [None] * len(rest)
         break
     q = None
-    if any(row is not None for row in qs):  # sampled drafter rows; copied ones are one-hot
-        q = torch.stack([row if row is not None else torch.zeros(vocab_size).index_fill_(0, torch.tensor([d]), 1.0)
+    sampled = [row for row in qs if row is not None]
+    if sampled:  # the drafter's rows are distributions; copied ones are one-hot, on the same device
+        device = sampled[0].device
+        q = torch.stack([row if row is not None else
+                         torch.zeros(vocab_size, device=device).index_fill_(0, torch.tensor([d], device=device), 1.0)
                          for row, d in zip(qs, drafts)])
     return Proposal(torch.tensor(drafts, dtype=torch.long), q), copied
