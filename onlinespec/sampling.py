@@ -13,7 +13,7 @@ import torch
 
 from onlinespec.errors import InvalidRequestError
 
-__all__ = ["SamplingParams", "probs", "logprobs_raw"]
+__all__ = ["SamplingParams", "probs", "draw", "logprobs_raw"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,16 @@ def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.softmax(logits, dim=-1)
+
+
+def draw(logits: torch.Tensor, params: SamplingParams,
+         generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """One token from logits [V]: (the argmax, None) for greedy settings, else (a sample from
+    ``probs``, that distribution): what a drafter proposes and the ``q`` it proposed from."""
+    if params.greedy:
+        return int(logits.argmax()), None
+    q = probs(logits, params)
+    return int(torch.multinomial(q, 1, generator=generator)), q
 
 
 def logprobs_raw(logits: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from onlinespec.drafters.base import Proposal
-from onlinespec.sampling import SamplingParams, probs
+from onlinespec.sampling import SamplingParams, draw
 
 __all__ = ["SuffixConfig", "SuffixCache", "RequestIndex", "Match", "best_match", "propose"]
 
@@ -198,14 +198,9 @@ def propose(drafter, state, index: RequestIndex, cache: SuffixCache | None, scop
         if drafter is None:
             break
         if hasattr(drafter, "next_logits"):
-            logits = drafter.next_logits(state, context)
-            if params.greedy:
-                drafts.append(int(logits.argmax()))
-                qs.append(None)
-            else:
-                q = probs(logits, params)
-                drafts.append(int(torch.multinomial(q, 1, generator=generator)))
-                qs.append(q)
+            token, q = draw(drafter.next_logits(state, context), params, generator)
+            drafts.append(token)
+            qs.append(q)
             copied.append(False)
             continue
         if drafts:  # other drafters propose only after settled tokens: the copied run ends the block

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel
 
 from onlinespec.drafters.base import Proposal
 from onlinespec.lm import CacheSession
-from onlinespec.sampling import SamplingParams, probs
+from onlinespec.sampling import SamplingParams, draw
 
 __all__ = ["HFDrafter"]
 
@@ -52,20 +52,13 @@ class HFDrafter:
     def propose(
         self, state: _State, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Proposal:
-        session = state.session
-        logits = self.next_logits(state, tokens)
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
-        for i in range(k):
-            if params.greedy:
-                token = int(logits.argmax())
-            else:
-                q = probs(logits, params)
-                token = int(torch.multinomial(q, 1, generator=generator))
-                qs.append(q)
+        for _ in range(k):  # each draft is fed only to draft the next: the last one is verified, not fed
+            token, q = draw(self.next_logits(state, tokens + drafts), params, generator)
             drafts.append(token)
-            if i + 1 < k:  # the last draft is verified by the target, not fed to the drafter
-                logits = session.feed([token], last_only=True)[-1]
+            if q is not None:
+                qs.append(q)
         return Proposal(torch.tensor(drafts, dtype=torch.long), torch.stack(qs) if qs else None)
 
     def rewind(self, state: _State, keep: int) -> None:
