@@ -24,7 +24,7 @@ from onlinespec.learn.batch import collate
 from onlinespec.sampling import SamplingParams
 from onlinespec.suffix import RequestIndex, SuffixCache, best_match
 
-__all__ = ["TargetTrace", "trace_target", "replay_greedy", "predictions"]
+__all__ = ["TargetTrace", "trace_target", "replay_greedy", "replay_served", "predictions"]
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,14 @@ def replay_greedy(drafter, traces: list[TargetTrace], k: int, drafter_id: str = 
     then counts the copied drafts the target judged (accepted or first rejected): which drafts
     after a rejection were copied depends on the rejected token, which a replay never sees.
     """
+    return replay_served(traces, predictions(drafter, traces, suffix, scope), k, drafter_id, version)
+
+
+def replay_served(traces: list[TargetTrace], served: list[tuple[np.ndarray, np.ndarray]], k: int,
+                  drafter_id: str = "replay", version: int = 0) -> tuple[list[FeedbackRecord], GenerationStats]:
+    """:func:`replay_greedy` from :func:`predictions` already made (a caller that also scores them)."""
     records, stats = [], GenerationStats()
-    for t, (guess, copied) in zip(traces, predictions(drafter, traces, suffix, scope)):
+    for t, (guess, copied) in zip(traces, served):
         g = len(t.generated)
         truth = np.asarray(t.generated)
         match = guess == truth

@@ -37,7 +37,7 @@ from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_l
 from onlinespec.learn.losses import LossConfig
 from onlinespec.learn.optim import OptimConfig
 from onlinespec.learn.pool import DrafterPool
-from onlinespec.replay import predictions, replay_greedy, trace_target
+from onlinespec.replay import predictions, replay_served, trace_target
 from onlinespec.suffix import SuffixCache, SuffixConfig
 
 __all__ = ["run", "METHODS", "simulate"]
@@ -130,14 +130,14 @@ def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, 
         if pool is not None:
             serving = pool.drafters[int(np.argmax(pool.hedge.weights))]
         model = learners[serving].served_model() if learners else static_model
-        records, stats = replay_greedy(model, batch, k, drafter_id=serving, suffix=cache)
+        served = predictions(model, batch, cache)
+        records, stats = replay_served(batch, served, k, drafter_id=serving)
         out["mal"].append(stats.mean_accepted_length)
         # copied drafts cost no drafter forward
         seconds = stats.steps * costs["verify"] + (stats.drafted - stats.copied) * costs["draft"]
         out["tokens_per_s"].append(sum(len(t.generated) for t in batch) / seconds)
         served_loss = None
         if cache is not None:  # what was served is the drafter and the copies together
-            served = predictions(model, batch, cache)
             served_loss = 1.0 - float(np.mean(np.concatenate([g == np.asarray(t.generated)
                                                               for (g, _), t in zip(served, batch)])))
             for t in batch:
