@@ -215,9 +215,7 @@ class FeedbackReader:
             last = entry_id
             payload = fields.get(b"r")
             try:
-                if payload is None:
-                    raise CodecError("entry has no 'r' field")
-                records.append(decode(payload))
+                records.append(_decode_entry(fields))
                 good_ids.append(entry_id)
             except CodecError as exc:
                 self.redis.xadd(
@@ -236,6 +234,14 @@ class FeedbackReader:
         return int(self.redis.xack(self.stream, self.group, *ids)) if ids else 0
 
 
+def _decode_entry(fields: dict) -> FeedbackRecord:
+    """The record in a stream entry's ``r`` field; :class:`CodecError` when it is missing or invalid."""
+    payload = fields.get(b"r")
+    if payload is None:
+        raise CodecError("entry has no 'r' field")
+    return decode(payload)
+
+
 def recent_records(client, target: str, max_tokens: int, batch: int = 200) -> tuple[list[FeedbackRecord], int]:
     """The newest records of the target's feedback stream, oldest first, until their generated
     tokens reach ``max_tokens``; and how many entries failed validation (skipped: the workers
@@ -248,12 +254,9 @@ def recent_records(client, target: str, max_tokens: int, batch: int = 200) -> tu
         entries = client.xrevrange(stream, max=upper, min="-", count=batch)
         if not entries:
             break
-        for entry_id, fields in entries:
+        for _, fields in entries:
             try:
-                payload = fields.get(b"r")
-                if payload is None:
-                    raise CodecError("entry has no 'r' field")
-                record = decode(payload)
+                record = _decode_entry(fields)
             except CodecError:
                 bad += 1
                 continue
