@@ -80,7 +80,7 @@ class SuffixCache:
         each record's tenant is its scope under ``scope: tenant``. Returns the outputs learned."""
         before = self.added
         for r in records:
-            tokens = [int(t) for t in r.tokens]
+            tokens = r.tokens.tolist()
             scope = r.tenant if self.config.scope == "tenant" else None
             self.add_output(tokens[:r.prompt_len], tokens[r.prompt_len:], scope)
         return self.added - before

@@ -86,6 +86,7 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
     n_base = sum(len(r.tokens) for r in base)
     n_spec = sum(len(r.tokens) for r in spec)
     n_hf = sum(len(t) for t in hf)
+    n_suf = sum(len(r.tokens) for r in suf)
     total = GenerationStats.combine(r.stats for r in spec)
     a = total.accepted / (total.accepted + total.rejections) if total.accepted + total.rejections else 0.0
     t_token = t_base / max(1, sum(r.stats.steps for r in base))
@@ -111,8 +112,8 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
         "first_difference": next((tie_margin(target, p, b.tokens, s.tokens)
                                   for p, s, b in zip(prompts, spec, base) if s.tokens != b.tokens), None),
         "hf_assisted_lossless": all(h == b.tokens for h, b in zip(hf, base)),
-        "suffix_tokens_per_s": sum(len(r.tokens) for r in suf) / t_suf,
-        "suffix_speedup": (sum(len(r.tokens) for r in suf) / t_suf) / (n_base / t_base),
+        "suffix_tokens_per_s": n_suf / t_suf,
+        "suffix_speedup": (n_suf / t_suf) / (n_base / t_base),
         "suffix_mean_accepted_length": suf_total.mean_accepted_length,
         "suffix_copied_share": suf_total.copied / max(1, suf_total.drafted),
         "suffix_lossless": all(s.tokens == b.tokens for s, b in zip(suf, base)),
