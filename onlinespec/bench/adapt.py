@@ -136,26 +136,29 @@ def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, 
         # copied drafts cost no drafter forward
         seconds = stats.steps * costs["verify"] + (stats.drafted - stats.copied) * costs["draft"]
         out["tokens_per_s"].append(sum(len(t.generated) for t in batch) / seconds)
-        served_loss = None
+        loss = None  # the prequential loss of what was served, before learning from the round
         if cache is not None:  # what was served is the drafter and the copies together
-            served_loss = 1.0 - float(np.mean(np.concatenate([g == np.asarray(t.generated)
-                                                              for (g, _), t in zip(served, batch)])))
+            loss = 1.0 - float(np.mean(np.concatenate([g == np.asarray(t.generated)
+                                                       for (g, _), t in zip(served, batch)])))
             for t in batch:
                 cache.add_output(t.prompt, t.generated)
         if not learners:
-            out["loss"].append(served_loss if cache is not None else static_eval.evaluate(records)["prequential_loss"])
-            continue
-        if pool is not None:
+            if loss is None:
+                loss = static_eval.evaluate(records)["prequential_loss"]
+        elif pool is not None:
             served_models = {n: learners[n].served_model() for n in names}
             losses = pool.round(served_models, records).losses
-            out["loss"].append(losses[names.index(serving)] if cache is None else served_loss)
+            if loss is None:
+                loss = losses[names.index(serving)]
             for n in names:
                 own = records_to_learn(records, n, config)
                 if own:
                     learners[n].round(own)
         else:
-            loss = learners[serving].round(records).served_loss
-            out["loss"].append(loss if cache is None else served_loss)
+            drafter_loss = learners[serving].round(records).served_loss
+            if loss is None:
+                loss = drafter_loss
+        out["loss"].append(loss)
     return out
 
 
