@@ -38,6 +38,14 @@ class ServiceConfig:
     def admin_token(self) -> str | None:
         return os.environ.get("ONLINESPEC_ADMIN_TOKEN") or self.serving.get("admin_token")
 
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """Keys accepted on /v1 (``ONLINESPEC_API_KEYS``, comma-separated, or ``serving.api_keys``);
+        empty: any key is accepted (each key still scopes its own suffix speculation)."""
+        raw = os.environ.get("ONLINESPEC_API_KEYS")
+        keys = raw.split(",") if raw else list(self.serving.get("api_keys") or [])
+        return tuple(str(k).strip() for k in keys if str(k).strip())
+
 
 def resolve_beside(yaml_path: str | Path, relative: str) -> str:
     """A path named inside a YAML file: absolute as is; relative to the repository root for a

@@ -207,8 +207,11 @@ class SpeculativeEngine:
         params: SamplingParams = SamplingParams(),
         request_id: str | None = None,
         tenant: str | None = None,
+        isolated: bool = False,
     ) -> Generation:
-        return Generation(self, prompt, params, request_id, tenant)
+        """``tenant`` scopes suffix speculation's past outputs (with ``scope: tenant``);
+        ``isolated``: copy only from this request's own text, and keep nothing of its output."""
+        return Generation(self, prompt, params, request_id, tenant, isolated)
 
     def stream(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> Iterator[StepOutput]:
         gen = self.start(prompt, params)
@@ -225,7 +228,8 @@ class SpeculativeEngine:
 class Generation:
     """One request in flight: its caches, stop state, statistics and feedback."""
 
-    def __init__(self, engine: SpeculativeEngine, prompt, params: SamplingParams, request_id, tenant):
+    def __init__(self, engine: SpeculativeEngine, prompt, params: SamplingParams, request_id, tenant,
+                 isolated: bool = False):
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.flatten().tolist()
         prompt = [int(t) for t in prompt]
@@ -256,6 +260,9 @@ class Generation:
         self.dstate = self.drafter.begin(prompt) if self.drafter is not None else None
         suffix = engine.suffix
         self.index = RequestIndex(suffix.config) if suffix is not None else None
+        # Past outputs are copied within the request's tenant, or across all requests with scope
+        # "shared"; an isolated request copies only from its own text and leaves nothing behind.
+        self.cache = None if isolated else suffix
         self.scope = tenant if suffix is not None and suffix.config.scope == "tenant" else None
         self.builder = (
             RecordBuilder(
@@ -307,7 +314,7 @@ class Generation:
         if not k:
             proposal = _NO_DRAFTS
         elif self.index is not None:
-            proposal, copied = propose_with_suffix(drafter, self.dstate, self.index, self.engine.suffix, self.scope,
+            proposal, copied = propose_with_suffix(drafter, self.dstate, self.index, self.cache, self.scope,
                                                    self.tokens, k, self.params, self.generator,
                                                    self.engine.vocab_size)
         else:
@@ -340,8 +347,8 @@ class Generation:
         n_copied, n_copied_accepted = sum(copied), sum(copied[: verdict.accepted])
         self.stats.copied += n_copied
         self.stats.copied_accepted += n_copied_accepted
-        if self.finished and self.engine.suffix is not None:
-            self.engine.suffix.add_output(self.prompt, self.generated, self.scope)
+        if self.finished and self.cache is not None:
+            self.cache.add_output(self.prompt, self.generated, self.scope)
         if drafter is not None and self.params.k is None and self.engine.config.k is None:
             ctl = self.engine.controller(drafter)
             if m:

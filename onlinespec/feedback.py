@@ -58,10 +58,12 @@ class FeedbackRecord:
         """Target probability outside the logged top-K, per position: float32 [G]."""
         return np.clip(1.0 - np.exp(self.topk_logprobs.astype(np.float32)).sum(-1), 0.0, 1.0)
 
-    def validate(self) -> None:
-        """Raise ValueError when fields disagree in type, length or value."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError when fields disagree in type, length or value, or (with
+        ``vocab_size``) name a token id outside the vocabulary."""
         g = self.generated
         checks = [
+            (g >= 1, "no generated positions"),
             (self.schema == SCHEMA_VERSION, f"schema {self.schema} != {SCHEMA_VERSION}"),
             (self.tokens.dtype == np.int32 and self.tokens.ndim == 1, "tokens must be int32 [N]"),
             (0 < self.prompt_len <= self.tokens.size, "prompt_len out of range"),
@@ -80,7 +82,14 @@ class FeedbackRecord:
             (bool(np.all(self.draft_tokens[self.accepted] == self.tokens[self.prompt_len:][self.accepted])),
              "accepted draft differs from the output token"),
             (self.temperature >= 0 and 0 < self.top_p <= 1 and self.top_k >= 0, "bad sampling settings"),
+            (self.topk_ids.ndim == 2 and self.topk_ids.shape[-1] >= 1, "no top-K log-probs"),
+            (bool(np.all(self.tokens >= 0)) and bool(np.all(self.topk_ids >= 0)), "negative token id"),
+            (bool(np.all(self.block_index >= 0)), "negative block index"),
         ]
+        if vocab_size is not None:
+            top = max(int(self.tokens.max(initial=0)), int(self.topk_ids.max(initial=0)),
+                      int(self.draft_tokens.max(initial=-1)))
+            checks.append((top < vocab_size, f"token id {top} outside the vocabulary of {vocab_size}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid feedback record {self.request_id!r}: {message}")

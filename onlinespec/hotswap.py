@@ -14,8 +14,11 @@ the drafter is rolled back to the parent (the learners then continue from it).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from onlinespec import keys
@@ -62,6 +65,7 @@ class SwapWatcher:
         self.refused: set[tuple[str, int]] = set()
         self.pool_target = pool_target
         self.choice: str | None = None  # the drafter the pool's Hedge weights choose to serve
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ready: dict[str, tuple[object, int, int | None]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -96,7 +100,9 @@ class SwapWatcher:
                 self._stop.wait(1.0)
 
     def check_all(self) -> None:
-        for drafter in self.drafters:
+        for drafter, handle in self.drafters.items():
+            # what this replica serves is kept from collection while it keeps saying so
+            self.registry.mark_serving(drafter, self.replica, handle.version, ttl=max(30.0, 10 * self.poll_seconds))
             self.check(drafter)
         if self.pool_target is not None and len(self.drafters) > 1:
             choice = self.redis.hget(keys.pool_key(self.pool_target), "serving")
@@ -158,8 +164,8 @@ class SwapWatcher:
             return
         if stats.acceptance < before.acceptance - self.margin:
             reason = f"acceptance {stats.acceptance:.3f} < parent v{parent} {before.acceptance:.3f} - {self.margin}"
-            try:
-                self.registry.rollback(drafter, parent, reason=reason)
+            try:  # only while the judged version is still the latest: never over a newer one
+                self.registry.rollback(drafter, parent, reason=reason, expect=version)
             except (CheckpointError, PublishConflict) as exc:
                 log.warning("rollback of %s v%s failed: %s", drafter, version, exc)
                 return

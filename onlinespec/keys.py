@@ -5,7 +5,8 @@ from __future__ import annotations
 __all__ = [
     "feedback_stream", "dead_letter_stream", "learner_group", "events_stream", "latest_key",
     "version_counter", "learner_metrics_stream", "learner_latest", "learner_config", "paused_key",
-    "inflight_key", "UPDATE_QUEUE", "pool_key", "drafters_set",
+    "inflight_key", "UPDATE_QUEUE", "pool_key", "drafters_set", "backoff_key", "health_key", "learned_key",
+    "spec_key", "serving_key", "pinned_key", "dead_letter_seen", "dead_letter_count", "written_key",
 ]
 
 UPDATE_QUEUE = "onlinespec-updates"
@@ -71,3 +72,49 @@ def pool_key(target: str) -> str:
 def drafters_set(target: str) -> str:
     """Set of the drafter ids that learn from a target's feedback (registered at bootstrap)."""
     return f"onlinespec:drafters:{target}"
+
+
+def backoff_key(drafter: str) -> str:
+    """Set (with expiry) after a failed round: the trigger waits until it expires (retry backoff)."""
+    return f"onlinespec:learner:{drafter}:backoff"
+
+
+def health_key(drafter: str) -> str:
+    """Hash: rounds, failed_rounds, consecutive_failures, last_error, redelivered_skipped."""
+    return f"onlinespec:learner:{drafter}:health"
+
+
+def learned_key(drafter: str) -> str:
+    """Sorted set: feedback entry ids a published version learned (score: that version). Written
+    atomically with the latest pointer, so a redelivered entry is acknowledged, not learned twice."""
+    return f"onlinespec:drafter:{drafter}:learned"
+
+
+def spec_key(drafter: str) -> str:
+    """JSON: the architecture and parameter shapes every version of the drafter must have."""
+    return f"onlinespec:drafter:{drafter}:spec"
+
+
+def serving_key(drafter: str) -> str:
+    """Hash: serving replica -> JSON {version, until}; versions served are never collected."""
+    return f"onlinespec:drafter:{drafter}:serving"
+
+
+def pinned_key(drafter: str) -> str:
+    """The version an operator pinned (never collected while pinned)."""
+    return f"onlinespec:drafter:{drafter}:pinned"
+
+
+def dead_letter_seen(target: str, entry_id: str) -> str:
+    """Set once (with expiry) by the first reader that puts an entry aside: one dead letter per entry."""
+    return f"onlinespec:feedback:{target}:dead:{entry_id}"
+
+
+def dead_letter_count(target: str) -> str:
+    """Counter of feedback entries put aside (invalid, or failing every round)."""
+    return f"onlinespec:feedback:{target}:dead-count"
+
+
+def written_key(target: str, request_id: str) -> str:
+    """Set (with expiry) with each record's XADD, in one script: a retried batch adds nothing twice."""
+    return f"onlinespec:feedback:{target}:written:{request_id}"

@@ -46,6 +46,7 @@ class EmbeddedRedis:
     port: int = 0
     appendonly: bool = False
     data_dir: str | None = None  # kept across runs when given; a temporary one otherwise
+    log_file: str | None = None  # the server's output; default: redis.log in its directory
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         binary = redis_binary()
@@ -60,11 +61,15 @@ class EmbeddedRedis:
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--maxmemory-policy", "noeviction", "--daemonize", "no", "--loglevel", "warning"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log_path = self.log_file or os.path.join(self.dir, "redis.log")
+        with open(log_path, "ab") as log:  # a file, not a pipe nobody reads (a full pipe blocks the server)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {self.proc.stderr.read().decode(errors='replace')}")
+                with open(log_path, "rb") as f:
+                    tail = f.read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {tail}")
             try:
                 if redis.Redis(port=self.port, socket_timeout=0.5).ping():
                     return self

@@ -10,7 +10,13 @@ and ``manifest.json`` (version, parent, sha256 of every file, stream watermark, 
   compare-and-set from the parent, so two workers never both advance a drafter from one parent.
 - Loading verifies checksums, exact parameter names and shapes, and finite values; a version
   that fails is refused with :class:`CheckpointError` and the caller keeps what it had.
-- Old versions are removed past ``keep``: the latest and its ancestors are kept first.
+- Every version must fit the drafter's spec (architecture and parameter shapes, recorded when
+  the server registers the drafter): loading and publishing check it, so a wrong-shape version is
+  neither served nor learned from nor written.
+- Old versions are removed past ``keep``: the latest and its ancestors are kept first; the
+  latest, a pinned version and every version a live replica serves are never removed.
+- The stream entries a version learned are recorded with the pointer move, in one script, so a
+  round redelivered after a crash between publish and acknowledge is not learned twice.
 """
 
 from __future__ import annotations
@@ -30,17 +36,27 @@ from safetensors.torch import load_file, save_file
 from onlinespec import keys
 from onlinespec.errors import OnlineSpecError
 
-__all__ = ["CheckpointError", "PublishConflict", "Manifest", "Registry", "expected_shapes"]
+__all__ = ["CheckpointError", "PublishConflict", "Manifest", "Registry", "expected_shapes", "model_spec",
+           "ARCH_KEYS"]
 
-# Compare-and-set of the latest pointer: ARGV[1] the expected parent ("" for none), ARGV[2] the new.
+# Compare-and-set of the latest pointer: ARGV[1] the expected parent ("" for none), ARGV[2] the new,
+# ARGV[3] how many learned ids to keep, ARGV[4..] the stream ids this version learned (KEYS[2]).
 _CAS = """
 local cur = redis.call('GET', KEYS[1])
 if (cur == false and ARGV[1] == '') or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2])
+  for i = 4, #ARGV do redis.call('ZADD', KEYS[2], ARGV[2], ARGV[i]) end
+  if #ARGV >= 4 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[3]) - 1) end
   return 1
 end
 return 0
 """
+LEARNED_KEPT = 200_000  # learned ids remembered per drafter: far more than any redelivery window
+
+# Config keys that decide what a checkpoint's tensors mean: a version must agree on all of them.
+ARCH_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "hidden_act",
+             "max_position_embeddings", "rms_norm_eps")
 
 
 class CheckpointError(OnlineSpecError):
@@ -78,6 +94,13 @@ def expected_shapes(model) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in state.items()}
 
 
+def model_spec(model) -> dict:
+    """What every version of a drafter must keep: its architecture keys and parameter shapes."""
+    config = model.config.to_dict()
+    return {"arch": {k: config.get(k) for k in ARCH_KEYS},
+            "shapes": {k: list(v) for k, v in expected_shapes(model).items()}}
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -110,6 +133,35 @@ class Registry:
         value = self.redis.get(keys.latest_key(drafter))
         return int(value) if value is not None else None
 
+    def spec(self, drafter: str) -> dict | None:
+        raw = self.redis.get(keys.spec_key(drafter))
+        return json.loads(raw) if raw else None
+
+    def set_spec(self, drafter: str, model) -> bool:
+        """Record the architecture the drafter's versions must have (the server does this when it
+        registers its configured drafter); True when it changed."""
+        spec = json.dumps(model_spec(model), sort_keys=True)
+        old = self.redis.get(keys.spec_key(drafter))
+        self.redis.set(keys.spec_key(drafter), spec)
+        return old is not None and old.decode() != spec
+
+    def _expected(self, drafter: str, expected) -> dict | None:
+        if expected is not None:
+            return expected
+        spec = self.spec(drafter)
+        return {k: torch.Size(v) for k, v in spec["shapes"].items()} if spec else None
+
+    def check_arch(self, drafter: str, version: int | str, config: dict) -> None:
+        """A config that disagrees with the drafter's spec on what its tensors mean is refused."""
+        spec = self.spec(drafter)
+        if spec is None:
+            return
+        bad = {k: (config.get(k), v) for k, v in spec["arch"].items() if config.get(k) != v}
+        if bad:
+            name = next(iter(bad))
+            raise CheckpointError(f"{drafter} v{version}: architecture differs from the drafter's "
+                                  f"({name}: {bad[name][0]!r}, expected {bad[name][1]!r})")
+
     def versions(self, drafter: str) -> list[int]:
         base = self.root / drafter
         if not base.is_dir():
@@ -136,7 +188,8 @@ class Registry:
 
     def load_weights(self, drafter: str, version: int, expected: dict[str, torch.Size] | None = None):
         """Verified weights of a version: (state dict, manifest). ``expected`` (name -> shape)
-        must match exactly, and every value must be finite."""
+        must match exactly (default: the drafter's spec), and every value must be finite."""
+        expected = self._expected(drafter, expected)
         manifest = self.verify(drafter, version)
         try:
             weights = load_file(str(self.path(drafter, version) / "model.safetensors"))
@@ -162,6 +215,10 @@ class Registry:
         weights, manifest = self.load_weights(drafter, version, expected)
         try:
             config = AutoConfig.from_pretrained(self.path(drafter, version))
+        except Exception as exc:
+            raise CheckpointError(f"{drafter} v{version}: unreadable config: {exc}") from None
+        self.check_arch(drafter, version, config.to_dict())
+        try:
             model = AutoModelForCausalLM.from_config(config)
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except Exception as exc:
@@ -190,9 +247,20 @@ class Registry:
         watermark: str | None = None,
         metrics: dict | None = None,
         note: str = "",
+        learned: list | None = None,
     ) -> Manifest:
         """Write a new version and move the latest pointer from ``parent`` to it (or raise
-        :class:`PublishConflict` and leave the pointer alone)."""
+        :class:`PublishConflict` and leave the pointer alone). ``learned``: the stream ids this
+        version learned, recorded with the pointer move. A model that does not fit the drafter's
+        spec is refused with :class:`CheckpointError` before anything is written."""
+        expected = self._expected(drafter, None)
+        if expected is not None:
+            shapes = expected_shapes(model)
+            if {k: tuple(v) for k, v in shapes.items()} != {k: tuple(v) for k, v in expected.items()}:
+                wrong = sorted(set(shapes) ^ set(expected)) or [k for k in shapes if tuple(shapes[k]) != tuple(expected[k])]
+                raise CheckpointError(f"{drafter}: refusing to publish a model whose parameters do not fit "
+                                      f"the drafter ({wrong[:3]})")
+            self.check_arch(drafter, "(new)", model.config.to_dict())
         current = self.latest(drafter)
         if current != parent:
             raise PublishConflict(f"{drafter}: latest is v{current}, not the parent v{parent}")
@@ -224,7 +292,9 @@ class Registry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if not self._cas(keys=[keys.latest_key(drafter)], args=["" if parent is None else str(parent), str(version)]):
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in (learned or [])]
+        if not self._cas(keys=[keys.latest_key(drafter), keys.learned_key(drafter)],
+                         args=["" if parent is None else str(parent), str(version), LEARNED_KEPT, *ids]):
             shutil.rmtree(self.path(drafter, version), ignore_errors=True)
             raise PublishConflict(f"{drafter}: another worker advanced from v{parent} first")
         self.redis.xadd(
@@ -235,17 +305,43 @@ class Registry:
         self.gc(drafter)
         return manifest
 
-    def rollback(self, drafter: str, to_version: int, reason: str = "") -> None:
-        """Point the drafter back at a kept version (learners continue from it)."""
-        self.verify(drafter, to_version)
-        current = self.latest(drafter)
-        if not self._cas(keys=[keys.latest_key(drafter)], args=["" if current is None else str(current), str(to_version)]):
-            raise PublishConflict(f"{drafter}: latest moved during rollback")
+    def rollback(self, drafter: str, to_version: int, reason: str = "", expect: int | None = None) -> None:
+        """Point the drafter back at a kept version (learners continue from it). ``expect``: the
+        version judged bad; the move happens only while it is still the latest (a version
+        published meanwhile is not overwritten by a verdict on its predecessor)."""
+        self.load_weights(drafter, to_version)
+        current = self.latest(drafter) if expect is None else expect
+        if not self._cas(keys=[keys.latest_key(drafter), keys.learned_key(drafter)],
+                         args=["" if current is None else str(current), str(to_version), LEARNED_KEPT]):
+            raise PublishConflict(f"{drafter}: latest is no longer v{current}; rollback to v{to_version} not done")
         self.redis.xadd(
             keys.events_stream,
             {"type": "rollback", "drafter": drafter, "version": to_version, "from": current or "", "reason": reason},
             maxlen=10_000, approximate=True,
         )
+
+    def mark_serving(self, drafter: str, replica: str, version: int, ttl: float = 60.0) -> None:
+        """A serving replica says which version it serves (refreshed by its watcher); kept from gc."""
+        self.redis.hset(keys.serving_key(drafter), replica, json.dumps({"version": version, "until": time.time() + ttl}))
+
+    def protected(self, drafter: str) -> set[int]:
+        """Versions gc never removes: pinned, and served by a replica that reported in time."""
+        out, now, stale = set(), time.time(), []
+        pinned = self.redis.get(keys.pinned_key(drafter))
+        if pinned is not None:
+            out.add(int(pinned))
+        for replica, raw in self.redis.hgetall(keys.serving_key(drafter)).items():
+            try:
+                entry = json.loads(raw)
+                if entry["until"] >= now:
+                    out.add(int(entry["version"]))
+                    continue
+            except (ValueError, KeyError, TypeError):
+                pass
+            stale.append(replica)
+        if stale:
+            self.redis.hdel(keys.serving_key(drafter), *stale)
+        return out
 
     def lineage(self, drafter: str, version: int) -> list[int]:
         """``version`` and its ancestors that are still on disk, newest first, by the manifests'
@@ -275,7 +371,7 @@ class Registry:
         older = [v for v in self.versions(drafter) if v < latest]
         keep = self.lineage(drafter, latest)[: max(1, self.keep)]
         others = sorted((v for v in older if v not in keep), reverse=True)
-        kept = set(keep) | set(others[: max(0, self.keep - len(keep))])
+        kept = set(keep) | set(others[: max(0, self.keep - len(keep))]) | self.protected(drafter)
         doomed = [v for v in older if v not in kept]
         for v in doomed:
             shutil.rmtree(self.path(drafter, v), ignore_errors=True)

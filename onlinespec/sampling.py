@@ -13,7 +13,12 @@ import torch
 
 from onlinespec.errors import InvalidRequestError
 
-__all__ = ["SamplingParams", "probs", "draw", "logprobs_raw"]
+__all__ = ["SamplingParams", "probs", "draw", "logprobs_raw", "GREEDY_BELOW"]
+
+# Temperatures below this are served greedily (vLLM's _SAMPLING_EPS): dividing logits by 1e-300
+# overflows to inf and the softmax to NaN, while the distribution it approximates is the argmax.
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,12 @@ class SamplingParams:
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidRequestError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not (self.temperature >= 0) or self.temperature != self.temperature:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (0 <= self.temperature < float("inf")):
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
+        if self.seed is not None and not (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise InvalidRequestError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -73,6 +82,7 @@ def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_p = torch.softmax(sorted_logits, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
         drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop[..., 0] = False  # rounding can make the first "mass before" exceed a tiny top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.softmax(logits, dim=-1)

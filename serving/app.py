@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
+import logging
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, HTTPException, Request
@@ -17,7 +20,9 @@ from serving.engine_loop import EngineLoop, QueueFull, RequestHandle
 from serving.metrics import Metrics
 from serving.protocol import ChatRequest, CompletionRequest, error_body, new_id, now
 
-__all__ = ["ServerState", "create_app", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["ServerState", "create_app", "DEFAULT_CHAT_TEMPLATE", "bearer_token", "tenant_of"]
+
+log = logging.getLogger(__name__)
 
 # Used when the tokenizer has no chat template of its own (the demo models have none).
 DEFAULT_CHAT_TEMPLATE = (
@@ -35,7 +40,39 @@ class ServerState:
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
     redis: object | None = None  # None: feedback logging explicitly disabled
+    # Keys accepted on /v1 (serving.api_keys or ONLINESPEC_API_KEYS); empty: any key is accepted.
+    api_keys: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The credential of an ``Authorization: Bearer <token>`` header (the scheme is
+    case-insensitive, RFC 7235); None for a missing header or any other scheme."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def secret_in(given: str | None, secrets) -> bool:
+    """Constant-time membership (bytes: ``compare_digest`` refuses non-ASCII str)."""
+    if not given:
+        return False
+    raw = given.encode("utf-8", "surrogateescape")
+    found = False
+    for s in secrets:
+        found |= hmac.compare_digest(raw, s.encode("utf-8"))
+    return found
+
+
+def tenant_of(api_key: str | None, user: str | None) -> str | None:
+    """The request's tenant: who may copy whose outputs (suffix speculation) and the feedback
+    record's tag. It derives from the API key (a one-way hash: no secret reaches Redis); the
+    ``user`` field only narrows it within one key, since any client can write any ``user``.
+    No key, no tenant: such a request copies only from its own text."""
+    if not api_key:
+        return None
+    tenant = "key:" + hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return tenant + "/user:" + user if user else tenant
 
 
 class ApiError(Exception):
@@ -65,6 +102,12 @@ def create_app(state: ServerState) -> FastAPI:
             exc.status_code, "invalid_request_error")
         return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_, exc: Exception):  # a bug: still an OpenAI-style JSON body, never plain text
+        log.error("unhandled error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); see the server log",
+                                       "server_error"), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_, exc: RequestValidationError):
         parts = []
@@ -93,9 +136,16 @@ def create_app(state: ServerState) -> FastAPI:
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc)) from None
 
-    def _submit(prompt_ids: list[int], params: SamplingParams, user: str | None) -> RequestHandle:
+    def _tenant(req, request: Request) -> str | None:
+        key = bearer_token(request.headers.get("authorization"))
+        if state.api_keys and not secret_in(key, state.api_keys):
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                           type_="authentication_error", code="invalid_api_key")
+        return tenant_of(key, req.user)
+
+    def _submit(prompt_ids: list[int], params: SamplingParams, tenant: str | None) -> RequestHandle:
         try:
-            return state.loop.submit(prompt_ids, params, tenant=user)
+            return state.loop.submit(prompt_ids, params, tenant=tenant)
         except QueueFull as exc:
             state.metrics.rejected.inc(label="queue_full")
             raise ApiError(429, f"server busy: {exc}; retry later", type_="rate_limit_error") from None
@@ -182,9 +232,9 @@ def create_app(state: ServerState) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def _serve(req, prompt_ids: list[int], request: Request, kind: str):
+    async def _serve(req, prompt_ids: list[int], request: Request, kind: str, tenant: str | None):
         params = _params(req, len(prompt_ids))
-        handle = _submit(prompt_ids, params, req.user)
+        handle = _submit(prompt_ids, params, tenant)
         rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
@@ -205,6 +255,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        tenant = _tenant(req, request)  # a bad key is refused before any work
         if isinstance(req.prompt, list):
             if any(not isinstance(t, int) or t < 0 for t in req.prompt):
                 raise ApiError(400, "prompt token ids must be non-negative integers", param="prompt")
@@ -213,12 +264,13 @@ def create_app(state: ServerState) -> FastAPI:
             prompt_ids = state.tokenizer.encode(req.prompt)
         if not prompt_ids:
             raise ApiError(400, "prompt encodes to no tokens", param="prompt")
-        return await _serve(req, prompt_ids, request, "completion")
+        return await _serve(req, prompt_ids, request, "completion", tenant)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
+        tenant = _tenant(req, request)
         prompt_ids = state.tokenizer.encode(_render_chat(state.tokenizer, req.messages))
-        return await _serve(req, prompt_ids, request, "chat")
+        return await _serve(req, prompt_ids, request, "chat", tenant)
 
     @app.get("/v1/models")
     async def models():
@@ -231,7 +283,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
-        checks = {"models": True, "engine_loop": state.loop._thread.is_alive()}
+        checks = {"models": True, "engine_loop": state.loop.alive}
         if state.redis is None:
             checks["redis"] = "disabled"
         else:
@@ -239,8 +291,14 @@ def create_app(state: ServerState) -> FastAPI:
                 checks["redis"] = bool(await asyncio.to_thread(state.redis.ping))
             except Exception as exc:  # noqa: BLE001
                 checks["redis"] = f"unreachable: {exc}"
-        ok = checks["engine_loop"] and checks["redis"] in (True, "disabled")
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+        # Serving does not need Redis: without it feedback is buffered (then counted as lost) and
+        # versions stop changing, so an unreachable Redis degrades the server but keeps it ready.
+        ok = bool(checks["engine_loop"])
+        body = {"ready": ok, "checks": checks, "degraded": checks["redis"] not in (True, "disabled")}
+        if state.loop.restarts:
+            body["engine_loop_restarts"] = state.loop.restarts
+            body["last_crash"] = state.loop.last_crash
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():

@@ -1,5 +1,10 @@
 """The live dashboard: ``/dashboard`` (one HTML file, no CDN) and ``/dashboard/data`` (JSON).
 
+What anyone who reaches the port may read: model-level aggregates (accepted length per drafter
+version, pool weights, queue and learner lag, versions and round losses, event types). What
+needs the admin bearer token: learner hyperparameters and the reasons of events (paths, error
+texts). Nothing per tenant is shown at all.
+
 A sampler thread records, every ``period`` seconds, the mean accepted length of each drafter
 version since the previous sample (from the engine's counters), the pool's weights, and the
 queue and worker lag, so the charts have history even when nobody is looking.
@@ -13,7 +18,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import HTMLResponse
 
 from onlinespec import keys
@@ -70,7 +75,8 @@ class Sampler:
         self.lag.append(lag)
 
 
-def dashboard_router(state, redis, registry, drafters: dict, target: str, period: float = 2.0) -> APIRouter:
+def dashboard_router(state, redis, registry, drafters: dict, target: str, period: float = 2.0,
+                     admin_token: str | None = None) -> APIRouter:
     router = APIRouter()
     sampler = Sampler(state, redis, target, drafters, period)
     state.extra["sampler"] = sampler
@@ -80,8 +86,11 @@ def dashboard_router(state, redis, registry, drafters: dict, target: str, period
         return PAGE.read_text()
 
     @router.get("/dashboard/data")
-    def data():
+    def data(authorization: str | None = Header(default=None)):
         from serving.admin import drafter_overview
+        from serving.app import bearer_token, secret_in
+
+        admin = bool(admin_token) and secret_in(bearer_token(authorization), (admin_token,))
 
         out = {"target": target, "time": time.time(), "accepted_length": list(sampler.accept),
                "pool_weights": list(sampler.pool), "lag": list(sampler.lag), "drafters": [], "rounds": {},
@@ -93,12 +102,18 @@ def dashboard_router(state, redis, registry, drafters: dict, target: str, period
             out["rollbacks"] = watcher.stats.rollbacks
         if redis is None:
             return out
+        out["admin"] = admin
         for did, handle in drafters.items():
-            out["drafters"].append(drafter_overview(redis, registry, did, handle.version))
+            overview = drafter_overview(redis, registry, did, handle.version)
+            if not admin:
+                overview.pop("learner")
+            out["drafters"].append(overview)
             rounds = redis.xrevrange(keys.learner_metrics_stream(did), count=300)
             out["rounds"][did] = [json.loads(fields[b"m"]) for _, fields in reversed(rounds)]
         for entry_id, fields in redis.xrevrange(keys.events_stream, count=50):
             event = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+            if not admin:
+                event.pop("reason", None)
             event["t"] = int(entry_id.decode().split("-")[0]) / 1000
             out["events"].append(event)
         return out

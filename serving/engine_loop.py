@@ -5,6 +5,11 @@ speculative step per turn (round-robin), so no request holds the engine for its 
 Between steps the loop applies hot swaps. Every step's output goes to the request's asyncio
 queue; a cancelled request (client gone) is dropped at its next turn. Each finished request's
 feedback record goes to the writer.
+
+No request can stop the loop: any exception while starting or stepping a request fails that
+request alone (it gets the error; the others go on). An exception outside a request (a swap, a
+metric) restarts the loop after a short backoff: the requests it held get an error, the restart
+is counted (``engine_loop_restarts_total``) and readiness is false until a pass completes.
 """
 
 from __future__ import annotations
@@ -42,13 +47,16 @@ class RequestHandle:
     cancelled: bool = False
     generation: Generation | None = None
     error: Exception | None = None
-    tenant: str | None = None  # the request's ``user``: scopes suffix speculation and tags feedback
+    tenant: str | None = None  # from the API key (and ``user``): scopes suffix speculation, tags feedback
 
     def cancel(self) -> None:
         self.cancelled = True
 
     def _put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        except RuntimeError:  # its event loop is closed (server shutting down): nobody is listening
+            self.cancelled = True
 
 
 class EngineLoop:
@@ -63,6 +71,9 @@ class EngineLoop:
         self.max_queue = max_queue
         self.pending: queue.Queue[RequestHandle] = queue.Queue()
         self.active: deque[RequestHandle] = deque()
+        self.healthy = True  # false from a crash of the loop until its next clean pass
+        self.restarts = 0
+        self.last_crash = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -73,6 +84,11 @@ class EngineLoop:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+    @property
+    def alive(self) -> bool:
+        """The loop thread runs and its last pass completed (what readiness reports)."""
+        return self._thread.is_alive() and self.healthy
 
     @property
     def depth(self) -> int:
@@ -96,14 +112,41 @@ class EngineLoop:
                 self.metrics.cancelled.inc()
                 continue
             try:
-                handle.generation = self.engine.start(handle.prompt, handle.params, tenant=handle.tenant)
-            except InvalidRequestError as exc:
-                handle.error = exc
-                handle._put(exc)
+                # No identity under scope "tenant": the request copies only from its own text.
+                suffix = self.engine.suffix
+                isolated = handle.tenant is None and suffix is not None and suffix.config.scope == "tenant"
+                handle.generation = self.engine.start(handle.prompt, handle.params, tenant=handle.tenant,
+                                                      isolated=isolated)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
+                if not isinstance(exc, InvalidRequestError):
+                    log.exception("request failed to start")
+                self._fail(handle, exc)
                 continue
             self.active.append(handle)
 
+    def _fail(self, handle: RequestHandle, exc: Exception) -> None:
+        handle.error = exc
+        self.metrics.request_errors.inc(label="invalid" if isinstance(exc, InvalidRequestError) else "internal")
+        handle._put(exc)
+
     def _run(self) -> None:
+        """Supervises :meth:`_serve`: a crash outside any request restarts it after a backoff."""
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self._serve()
+            except Exception as exc:  # noqa: BLE001 - the loop must come back whatever went wrong
+                self.healthy = False
+                self.restarts += 1
+                self.metrics.loop_restarts.inc()
+                self.last_crash = f"{type(exc).__name__}: {exc}"
+                log.exception("engine loop crashed (restart %d in %.1fs)", self.restarts, backoff)
+                while self.active:  # their caches may be half-updated: fail them, keep the waiting ones
+                    self._fail(self.active.popleft(), RuntimeError(f"engine loop restarted: {self.last_crash}"))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             self._admit()
             self.metrics.queue_depth.set(self.depth)
@@ -126,10 +169,11 @@ class EngineLoop:
                 self._step(handle)
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
                 log.exception("request failed")
-                handle._put(exc)
+                self._fail(handle, exc)
                 continue
             if not handle.generation.finished:
                 self.active.append(handle)
+            self.healthy = True
 
     def _step(self, handle: RequestHandle) -> None:
         gen = handle.generation

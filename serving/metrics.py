@@ -90,6 +90,11 @@ class Metrics:
         self.requests = Counter("requests_total", "Finished requests by finish reason.", label="finish_reason")
         self.cancelled = Counter("requests_cancelled_total", "Requests dropped because the client went away.")
         self.rejected = Counter("requests_rejected_total", "Requests refused (queue full, limits).", label="reason")
+        self.request_errors = Counter("request_errors_total",
+                                      "Requests that failed in the engine (invalid: found late; internal: a bug).",
+                                      label="kind")
+        self.loop_restarts = Counter("engine_loop_restarts_total",
+                                     "Times the engine loop crashed outside any request and was restarted.")
         self.generated_tokens = Counter("generated_tokens_total", "Tokens generated.")
         self.latency = Histogram("request_latency_seconds", "Request latency, queueing included.", lat)
         self.ttft = Histogram("time_to_first_token_seconds", "Time to first token, queueing included.", lat)
@@ -124,7 +129,8 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in (self.requests, self.cancelled, self.rejected, self.generated_tokens, self.latency, self.ttft,
+        for m in (self.requests, self.cancelled, self.rejected, self.request_errors, self.loop_restarts,
+                  self.generated_tokens, self.latency, self.ttft,
                   self.queue_depth, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
                   self.accepted_per_pos, self.copied_tokens, self.copied_accepted_tokens, self.swaps):
             lines += m.render()

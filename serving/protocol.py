@@ -6,9 +6,21 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["CompletionRequest", "ChatMessage", "ChatRequest", "StreamOptions", "error_body", "new_id"]
+__all__ = ["CompletionRequest", "ChatMessage", "ChatRequest", "StreamOptions", "error_body", "new_id", "MAX_SEED"]
+
+MAX_SEED = 2**63 - 1  # seeds are int64, as in vLLM: torch's generator refuses 2**64 and beyond
+_INT32 = 2**31 - 1  # a bound for counts whose real limit the server checks with its own message
+
+
+def _check_text(value: str, name: str) -> str:
+    """A string that can be encoded: JSON allows lone surrogates (\\ud800), UTF-8 does not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid Unicode text (lone surrogate at index {exc.start})") from None
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -19,12 +31,12 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    seed: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=_INT32)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=_INT32)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(default=0, ge=0, le=_INT32)
+    seed: int | None = Field(default=None, ge=-MAX_SEED - 1, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -33,6 +45,16 @@ class _Sampling(BaseModel):
     # OnlineSpec extensions
     k: int | None = Field(default=None, ge=1, le=32)
     ignore_eos: bool = False
+    # Accepted by the OpenAI API but not served here: refused with 400 rather than silently ignored.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("logprobs", "top_logprobs"):
+            if getattr(self, name) not in (None, 0):  # False == 0: "no log-probs" is fine
+                raise ValueError(f"{name} is not supported by this server; leave it out")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -42,7 +64,12 @@ class _Sampling(BaseModel):
         items = [v] if isinstance(v, str) else v
         if len(items) > 4 or any(not s for s in items):
             raise ValueError("stop must be up to 4 non-empty strings")
-        return items
+        return [_check_text(s, "stop") for s in items]
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v):
+        return v if v is None else _check_text(v, "user")
 
 
 class CompletionRequest(_Sampling):
@@ -53,12 +80,21 @@ class CompletionRequest(_Sampling):
     def _prompt(cls, v):
         if (isinstance(v, str) and v == "") or (isinstance(v, list) and not v):
             raise ValueError("prompt must not be empty")
+        if isinstance(v, str):
+            _check_text(v, "prompt")
+        elif any(t < 0 or t > _INT32 for t in v):
+            raise ValueError("prompt token ids must be integers in [0, 2**31)")
         return v
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        return _check_text(v, "content")
 
 
 class ChatRequest(_Sampling):

@@ -18,13 +18,17 @@ __all__ = ["build_state", "BackgroundServer"]
 
 def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=None, watcher=None, redis=None,
                 max_active: int = 8, max_queue: int = 64, max_prompt_tokens: int = 1536,
-                max_tokens: int = 512, drafters: dict | None = None) -> ServerState:
+                max_tokens: int = 512, drafters: dict | None = None, api_keys=()) -> ServerState:
     metrics = Metrics()
     if writer is not None:
         metrics.sample(Gauge("feedback_queue_depth", "Feedback records waiting to be written."),
                        lambda: {(): writer.depth})
+        metrics.sample(Gauge("feedback_buffered", "Feedback records encoded and waiting for Redis."),
+                       lambda: {(): len(writer.buffer)})
+        metrics.sample(Counter("feedback_write_failures_total", "Feedback writes that failed and were retried."),
+                       lambda: {(): writer.stats.failed_writes})
         metrics.sample(Counter("feedback_dropped_total",
-                               "Feedback records dropped (queue full, Redis down or write failed, unencodable)."),
+                               "Feedback records lost (queue full; Redis away until the buffer overflowed; unencodable)."),
                        lambda: {(("reason", "queue_full"),): writer.stats.dropped_full,
                                 (("reason", "unreachable"),): writer.stats.dropped_unreachable,
                                 (("reason", "unencodable"),): writer.stats.dropped_unencodable})
@@ -35,6 +39,9 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
                        lambda: {(): watcher.stats.refusals})
         metrics.sample(Counter("drafter_rollbacks_total", "Versions rolled back after a regression."),
                        lambda: {(): watcher.stats.rollbacks})
+    if redis is not None and drafters:
+        _learner_metrics(metrics, redis, [*drafters, *(["__pool__"] if len(drafters) > 1 else [])],
+                         engine.config.target_id)
     if engine.suffix is not None:
         cache = engine.suffix
         metrics.sample(Gauge("suffix_cache_tokens", "Output tokens suffix speculation can copy from."),
@@ -44,7 +51,36 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
     loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
                       drafters=drafters).start()
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
-                       max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens)
+                       max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, api_keys=tuple(api_keys))
+
+
+def _learner_metrics(metrics: Metrics, redis, drafters: list[str], target: str) -> None:
+    """Learning faults, read from Redis at each scrape (the last values while Redis is away)."""
+    from onlinespec import keys
+
+    last: dict = {}
+
+    def read() -> dict:
+        try:
+            pipe = redis.pipeline(transaction=False)
+            for d in drafters:
+                pipe.hmget(keys.health_key(d), ["failed_rounds", "redelivered_skipped"])
+            pipe.get(keys.dead_letter_count(target))
+            *health, dead = pipe.execute()
+            last.update(failed={(("drafter", d),): int(h[0] or 0) for d, h in zip(drafters, health)},
+                        skipped={(("drafter", d),): int(h[1] or 0) for d, h in zip(drafters, health)},
+                        dead={(): int(dead or 0)})
+        except Exception:  # noqa: BLE001 - a scrape must not fail because Redis is away
+            pass
+        return last
+
+    metrics.sample(Counter("learner_failed_rounds_total", "Learning rounds that failed (retried after a backoff)."),
+                   lambda: read().get("failed", {}))
+    metrics.sample(Counter("learner_redelivered_skipped_total",
+                           "Redelivered feedback entries acknowledged as already learned (not learned twice)."),
+                   lambda: last.get("skipped", {}))
+    metrics.sample(Counter("feedback_dead_letters_total", "Feedback entries put aside (invalid, or failing every round)."),
+                   lambda: last.get("dead", {}))
 
 
 @dataclass

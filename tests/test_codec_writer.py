@@ -64,62 +64,76 @@ def test_malformed_payloads_are_refused_with_a_reason(record):
         assert str(info.value), reason
 
 
-def test_writer_drops_and_counts_while_redis_is_down_then_recovers(record):
+def _records(record, n, prefix="r"):
+    import dataclasses
+
+    return [dataclasses.replace(record, request_id=f"{prefix}{i}") for i in range(n)]
+
+
+def _wait(condition, seconds=15.0):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_writer_keeps_records_while_redis_is_down_and_writes_them_when_it_returns(record):
     server = EmbeddedRedis(port=_free_port())  # not started yet: Redis is down
     client = connect(server.url, socket_connect_timeout=0.2, socket_timeout=0.5)
-    writer = FeedbackWriter(client, "t", batch=4, flush_seconds=0.01)
+    writer = FeedbackWriter(client, "t", batch=4, flush_seconds=0.01, max_buffer=6)
     try:
         t0 = time.perf_counter()
-        for _ in range(10):
-            assert writer.submit(record)
+        for r in _records(record, 10):
+            assert writer.submit(r)
         assert time.perf_counter() - t0 < 0.05  # submit never waits for Redis
-        deadline = time.time() + 10
-        while writer.stats.dropped_unreachable < 10 and time.time() < deadline:
-            time.sleep(0.05)
-        assert writer.stats.dropped_unreachable == 10 and writer.stats.written == 0
+        assert _wait(lambda: writer.stats.failed_writes >= 2)
+        # the buffer holds the newest 6; exactly the 4 pushed out are counted as lost
+        assert writer.stats.written == 0 and writer.stats.dropped_unreachable == 4 and len(writer.buffer) == 6
+        assert writer.redis.connection_pool is not client.connection_pool  # never the callers' connections
         server.start()  # Redis comes (back) up on the same port
-        deadline = time.time() + 15
-        while writer.stats.written == 0 and time.time() < deadline:
-            writer.submit(record)
-            time.sleep(0.2)
-        assert writer.stats.written > 0
-        assert client.xlen(keys.feedback_stream("t")) == writer.stats.written
+        assert _wait(lambda: writer.stats.written == 6)
+        stored = [decode(f[b"r"]).request_id for _, f in client.xrange(keys.feedback_stream("t"))]
+        assert stored == [f"r{i}" for i in range(4, 10)]
+        assert writer.stats.dropped == 4 and writer.stats.duplicates == 0
     finally:
         writer.close()
         server.stop()
 
 
-def test_writer_thread_survives_any_failed_write_and_unencodable_records(record, redis_client):
-    """A connection torn down mid-reply surfaces from redis-py as ValueError ("I/O operation on
-    closed file"), and a record can fail to encode: neither may end the writer's thread, or all
-    later feedback would be dropped in silence."""
+def test_writer_retries_failed_writes_without_losing_or_duplicating(record, redis_client):
+    """A write can fail before Redis ran it (connection refused, torn down: redis-py raises
+    ValueError for the latter) or after (the reply was lost): the batch is retried, nothing is
+    lost, nothing is added twice; and an unencodable record is dropped and counted alone."""
     import dataclasses
 
     stream = keys.feedback_stream("t-survive")
     redis_client.delete(stream)
-    writer = FeedbackWriter(redis_client, "t-survive", batch=1, flush_seconds=0.01)
-    real_pipeline = redis_client.pipeline
-    failures = [ValueError("I/O operation on closed file."), RuntimeError("anything else")]
+    writer = FeedbackWriter(redis_client, "t-survive", batch=2, flush_seconds=0.01)
+    real = writer._add_once
+    plan = ["before", "after", "before"]  # failures, in order; then writes succeed
 
-    def failing_pipeline(*args, **kwargs):
-        if failures:
-            raise failures.pop(0)
-        return real_pipeline(*args, **kwargs)
+    def flaky(*args, **kwargs):
+        step = plan.pop(0) if plan else None
+        if step == "before":
+            raise ValueError("I/O operation on closed file.")
+        out = real(*args, **kwargs)
+        if step == "after":
+            raise ConnectionError("reply lost")
+        return out
 
-    redis_client.pipeline = failing_pipeline
+    writer._add_once = flaky
     try:
+        good = _records(record, 5, "s")
         broken = dataclasses.replace(record, tokens=None)  # encode() cannot serialise it
-        for r in (record, record, broken, record):
+        for r in (*good[:2], broken, *good[2:]):
             assert writer.submit(r)
-        deadline = time.time() + 10
-        while writer.stats.written + writer.stats.dropped < 4 and time.time() < deadline:
-            time.sleep(0.05)
-        assert writer._thread.is_alive()
-        assert writer.stats.dropped_unreachable == 2 and writer.stats.dropped_unencodable == 1
-        assert writer.stats.written == 1 and redis_client.xlen(stream) == 1
-        assert decode(redis_client.xrange(stream)[0][1][b"r"]).request_id == record.request_id
+        assert _wait(lambda: writer.stats.written >= 5 and not writer.depth)
+        assert writer._thread.is_alive() and writer.stats.failed_writes == 3
+        assert writer.stats.dropped_unencodable == 1 and writer.stats.dropped_unreachable == 0
+        ids = [decode(f[b"r"]).request_id for _, f in redis_client.xrange(stream)]
+        assert sorted(ids) == sorted(r.request_id for r in good)  # each once, none lost
+        assert writer.stats.written == 5 and writer.stats.duplicates == 2  # the batch whose reply was lost
     finally:
-        del redis_client.pipeline
         writer.close()
         redis_client.delete(stream)
 
@@ -143,7 +157,7 @@ def test_trigger_keeps_one_job_in_flight_per_drafter(record, redis_client):
     assert len(queue) == 1
     job = queue.jobs[0]
     assert job.func_name == "workers.jobs.update_drafter" and tuple(job.args) == ("t", "d")
-    assert job.retries_left == 3 and job.timeout == 600
+    assert job.timeout == 600 and redis_client.get(keys.inflight_key("d")).decode() == job.id
     redis_client.delete(keys.inflight_key("d"))  # what the job does when it completes
     assert trigger.check() == ["d"]
     redis_client.set(keys.paused_key("d"), "1")

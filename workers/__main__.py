@@ -2,7 +2,8 @@
 
 One process, torch imported once, models kept between jobs (``SimpleWorker``: no fork per
 job), thread counts set explicitly, JSON serializer, a trigger thread, and RQ's warm shutdown
-on SIGINT/SIGTERM (the current round finishes; an interrupted round publishes nothing).
+on SIGINT/SIGTERM (the current round finishes; an interrupted round publishes nothing). When
+Redis goes away the worker waits for it and reconnects (backoff up to 30 s) instead of exiting.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,8 +26,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="YAML of LearnerConfig defaults (configs/learner.yaml); live config in Redis wins")
     ap.add_argument("--no-trigger", action="store_true", help="only run jobs; another process enqueues them")
     ap.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    ap.add_argument("--log-level", default=os.environ.get("ONLINESPEC_WORKER_LOG_LEVEL", "INFO"),
+                    help="INFO logs every job (RQ's lines too); WARNING only problems")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(levelname)s %(message)s")
 
     import torch  # once per process, before any job
 
@@ -47,9 +51,20 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_trigger:
         trigger = Trigger(client, queue, args.target, min_records=args.round_records, period=args.period)
         trigger.start()
-    worker = SimpleWorker([queue], connection=client, serializer=JSONSerializer)
+    import redis
+
+    log = logging.getLogger("onlinespec.worker")
+    backoff = 1.0
     try:
-        worker.work(burst=args.burst, logging_level="INFO")
+        while True:
+            try:
+                worker = SimpleWorker([queue], connection=client, serializer=JSONSerializer)
+                worker.work(burst=args.burst, logging_level=args.log_level)
+                return  # burst done, or a warm shutdown (SIGTERM / SIGINT)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unreachable (%s); reconnecting in %.0fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
     finally:
         if trigger:
             trigger.stop()

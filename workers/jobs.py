@@ -1,9 +1,20 @@
-"""RQ job functions. Arguments are ids only (JSON serializer); models live in the worker."""
+"""RQ job functions. Arguments are ids only (JSON serializer); models live in the worker.
+
+Every round runs inside :func:`_guarded`: while it runs, a heartbeat keeps the drafter's
+in-flight mark alive for ``HEARTBEAT_TTL`` seconds at a time, so a worker killed mid-round
+frees the drafter within that time instead of the whole job timeout; whatever the round does,
+the mark is cleared when it ends. A failed round is counted (``failed_rounds`` in the drafter's
+health hash, shown in ``/metrics`` and the dashboard) and sets a backoff (2 s doubling to 5
+minutes with consecutive failures) after which the trigger enqueues the next round: that is the
+retry, and its records are the failed round's, still pending.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 from dataclasses import asdict
 
 from onlinespec import keys
@@ -12,11 +23,19 @@ from onlinespec.redis_server import connect
 from onlinespec.registry import Registry
 from onlinespec.update import POOL, PoolUpdater, Updater
 
-__all__ = ["update_drafter", "update_pool", "configure"]
+__all__ = ["update_drafter", "update_pool", "configure", "HEARTBEAT_TTL", "backoff_seconds"]
 
+log = logging.getLogger(__name__)
+
+HEARTBEAT_TTL = 30  # seconds a killed worker's round keeps its drafter marked in flight
 _updaters: dict[str, Updater] = {}
 _pools: dict[str, PoolUpdater] = {}
 _settings: dict = {}
+
+
+def backoff_seconds(consecutive_failures: int) -> float:
+    """Wait before the retry after the n-th failure in a row: 2, 4, 8, ... capped at 300 s."""
+    return min(2.0 * 2 ** max(0, consecutive_failures - 1), 300.0)
 
 
 def configure(redis_url: str | None = None, registry_root: str | None = None, round_records: int | None = None,
@@ -43,12 +62,56 @@ def _updater(target: str) -> Updater:
     return _updaters[target]
 
 
+def _guarded(redis, drafter: str, run):
+    """Run one round with a heartbeat on the in-flight mark; count and back off on failure."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    mark, token = keys.inflight_key(drafter), job.id if job is not None else "direct"
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            try:
+                redis.set(mark, token, ex=HEARTBEAT_TTL)
+            except Exception as exc:  # noqa: BLE001 - Redis away: the round will fail on its own
+                log.warning("heartbeat of %s: %s", drafter, exc)
+            if stop.wait(HEARTBEAT_TTL / 3):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{drafter}", daemon=True)
+    thread.start()
+    health = keys.health_key(drafter)
+    try:
+        result = run()
+        redis.hincrby(health, "rounds", 1)
+        redis.hset(health, "consecutive_failures", 0)
+        return result
+    except Exception as exc:
+        try:
+            pipe = redis.pipeline()
+            pipe.hincrby(health, "failed_rounds", 1)
+            pipe.hincrby(health, "consecutive_failures", 1)
+            pipe.hset(health, "last_error", f"{type(exc).__name__}: {exc}"[:500])
+            n = int(pipe.execute()[1])
+            redis.set(keys.backoff_key(drafter), n, ex=max(1, round(backoff_seconds(n))))
+            log.error("round of %s failed (%d in a row; retry in %.0fs): %s", drafter, n, backoff_seconds(n), exc)
+        except Exception:  # noqa: BLE001 - Redis away too: the mark's expiry still frees the drafter
+            log.exception("could not record the failed round of %s", drafter)
+        raise
+    finally:
+        stop.set()
+        thread.join(5)
+        try:
+            redis.delete(mark)
+        except Exception:  # noqa: BLE001 - the heartbeat stopped: the mark expires by itself
+            pass
+
+
 def update_drafter(target: str, drafter: str) -> dict:
-    """One learning round. Clears the drafter's in-flight mark when it completes; after an
-    exception the mark stays until its expiry, so RQ's retry stays the only job in flight."""
+    """One learning round of one drafter."""
     updater = _updater(target)
-    result = updater.run_round(drafter)
-    updater.redis.delete(keys.inflight_key(drafter))
+    result = _guarded(updater.redis, drafter, lambda: updater.run_round(drafter))
     out = asdict(result)
     out.pop("metrics", None)  # kept in Redis under onlinespec:learner:*; the job result stays small
     return out
@@ -62,6 +125,4 @@ def update_pool(target: str) -> dict:
         _pools[target] = PoolUpdater(base.redis, base.registry, target, base.consumer, base.round_records,
                                      eta=hedge.hedge_eta, min_idle_ms=base.min_idle_ms, discount=hedge.hedge_discount)
     pool = _pools[target]
-    result = pool.run_round()
-    pool.redis.delete(keys.inflight_key(POOL))
-    return asdict(result)
+    return asdict(_guarded(pool.redis, POOL, pool.run_round))

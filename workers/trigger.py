@@ -1,7 +1,10 @@
 """Enqueues update jobs: when enough new feedback is pending, or on a period when some is.
 
 Every worker process may run a trigger; the in-flight mark (SET NX with expiry) keeps at most
-one update job per drafter queued or running, whichever trigger saw the backlog first.
+one update job per drafter queued or running, whichever trigger saw the backlog first. The mark
+lives ``queue_ttl`` seconds while the job waits in the queue, then the running job's heartbeat
+keeps it (``workers.jobs``) and clears it when the round ends, however it ends. A drafter whose
+last round failed waits out its backoff key; the next round retries the same pending records.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import threading
 import time
 import uuid
 
-from rq import Queue, Retry
+from rq import Queue
 
 from onlinespec import keys
 from onlinespec.stream import FeedbackReader
@@ -24,10 +27,10 @@ log = logging.getLogger(__name__)
 
 class Trigger:
     def __init__(self, redis_client, queue: Queue, target: str, min_records: int = 16, period: float = 10.0,
-                 job_timeout: int = 600, retries: int = 3, poll: float = 0.5):
+                 job_timeout: int = 600, queue_ttl: int = 600, poll: float = 0.5):
         self.redis, self.queue, self.target = redis_client, queue, target
         self.min_records, self.period, self.poll = min_records, period, poll
-        self.job_timeout, self.retries = job_timeout, retries
+        self.job_timeout, self.queue_ttl = job_timeout, queue_ttl
         self.last_enqueued: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -40,8 +43,8 @@ class Trigger:
         enqueued = []
         drafters = self.drafters()
         for drafter in drafters + ([POOL] if len(drafters) >= 2 else []):
-            if self.redis.exists(keys.paused_key(drafter)):
-                continue
+            if self.redis.exists(keys.paused_key(drafter), keys.backoff_key(drafter)):
+                continue  # paused, or waiting out the backoff after a failed round
             reader = FeedbackReader(self.redis, self.target, drafter, consumer="trigger")
             pending = reader.pending_new(limit=self.min_records)
             due = time.time() - self.last_enqueued.get(drafter, 0.0) >= self.period
@@ -51,16 +54,13 @@ class Trigger:
         return enqueued
 
     def enqueue(self, drafter: str, force: bool = False) -> bool:
-        ttl = self.job_timeout * (self.retries + 1) + 60
-        if not self.redis.set(keys.inflight_key(drafter), "1", nx=True, ex=ttl) and not force:
+        job_id = f"update-{drafter.strip('_')}-{uuid.uuid4().hex[:8]}"
+        if not self.redis.set(keys.inflight_key(drafter), job_id, nx=True, ex=self.queue_ttl) and not force:
             return False
         func, args = ("workers.jobs.update_pool", (self.target,)) if drafter == POOL else (
             "workers.jobs.update_drafter", (self.target, drafter))
-        self.queue.enqueue_call(
-            func, args=args, timeout=self.job_timeout,
-            retry=Retry(max=self.retries, interval=[2, 10, 30][: self.retries] or [2]),
-            job_id=f"update-{drafter.strip('_')}-{uuid.uuid4().hex[:8]}", result_ttl=600, failure_ttl=86_400,
-        )
+        self.queue.enqueue_call(func, args=args, timeout=self.job_timeout, job_id=job_id, result_ttl=600,
+                                failure_ttl=86_400)
         self.last_enqueued[drafter] = time.time()
         return True
 
