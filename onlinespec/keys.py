@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = [
     "feedback_stream", "dead_letter_stream", "learner_group", "events_stream", "latest_key",
     "version_counter", "learner_metrics_stream", "learner_latest", "learner_config", "paused_key",
-    "inflight_key", "UPDATE_QUEUE", "pool_key", "drafters_set", "backoff_key", "health_key", "learned_key",
+    "inflight_key", "UPDATE_QUEUE", "pool_key", "drafters_set", "backoff_key", "health_key", "learned_key", "relearned_key",
     "spec_key", "serving_key", "pinned_key", "dead_letter_seen", "dead_letter_count", "written_key",
 ]
 
@@ -88,6 +88,12 @@ def learned_key(drafter: str) -> str:
     """Sorted set: feedback entry ids a published version learned (score: that version). Written
     atomically with the latest pointer, so a redelivered entry is acknowledged, not learned twice."""
     return f"onlinespec:drafter:{drafter}:learned"
+
+
+def relearned_key(drafter: str) -> str:
+    """Counter: entries a published version learned that an earlier version had learned already
+    (a detector for double learning: it stays 0 unless redelivery protection failed)."""
+    return f"onlinespec:drafter:{drafter}:relearned"
 
 
 def spec_key(drafter: str) -> str:

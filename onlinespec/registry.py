@@ -40,12 +40,15 @@ __all__ = ["CheckpointError", "PublishConflict", "Manifest", "Registry", "expect
            "ARCH_KEYS"]
 
 # Compare-and-set of the latest pointer: ARGV[1] the expected parent ("" for none), ARGV[2] the new,
-# ARGV[3] how many learned ids to keep, ARGV[4..] the stream ids this version learned (KEYS[2]).
+# ARGV[3] how many learned ids to keep, ARGV[4..] the stream ids this version learned (KEYS[2]);
+# ids some version had learned already are counted in KEYS[3] (a detector: it should stay 0).
 _CAS = """
 local cur = redis.call('GET', KEYS[1])
 if (cur == false and ARGV[1] == '') or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2])
-  for i = 4, #ARGV do redis.call('ZADD', KEYS[2], ARGV[2], ARGV[i]) end
+  local new = 0
+  for i = 4, #ARGV do new = new + redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[i]) end
+  if #ARGV - 3 > new then redis.call('INCRBY', KEYS[3], #ARGV - 3 - new) end
   if #ARGV >= 4 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[3]) - 1) end
   return 1
 end
@@ -293,7 +296,7 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in (learned or [])]
-        if not self._cas(keys=[keys.latest_key(drafter), keys.learned_key(drafter)],
+        if not self._cas(keys=[keys.latest_key(drafter), keys.learned_key(drafter), keys.relearned_key(drafter)],
                          args=["" if parent is None else str(parent), str(version), LEARNED_KEPT, *ids]):
             shutil.rmtree(self.path(drafter, version), ignore_errors=True)
             raise PublishConflict(f"{drafter}: another worker advanced from v{parent} first")
@@ -311,7 +314,7 @@ class Registry:
         published meanwhile is not overwritten by a verdict on its predecessor)."""
         self.load_weights(drafter, to_version)
         current = self.latest(drafter) if expect is None else expect
-        if not self._cas(keys=[keys.latest_key(drafter), keys.learned_key(drafter)],
+        if not self._cas(keys=[keys.latest_key(drafter), keys.learned_key(drafter), keys.relearned_key(drafter)],
                          args=["" if current is None else str(current), str(to_version), LEARNED_KEPT]):
             raise PublishConflict(f"{drafter}: latest is no longer v{current}; rollback to v{to_version} not done")
         self.redis.xadd(

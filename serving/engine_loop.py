@@ -71,6 +71,7 @@ class EngineLoop:
         self.max_queue = max_queue
         self.pending: queue.Queue[RequestHandle] = queue.Queue()
         self.active: deque[RequestHandle] = deque()
+        self._current: RequestHandle | None = None  # popped from active for this pass
         self.healthy = True  # false from a crash of the loop until its next clean pass
         self.restarts = 0
         self.last_crash = ""
@@ -141,8 +142,12 @@ class EngineLoop:
                 self.metrics.loop_restarts.inc()
                 self.last_crash = f"{type(exc).__name__}: {exc}"
                 log.exception("engine loop crashed (restart %d in %.1fs)", self.restarts, backoff)
-                while self.active:  # their caches may be half-updated: fail them, keep the waiting ones
-                    self._fail(self.active.popleft(), RuntimeError(f"engine loop restarted: {self.last_crash}"))
+                held = [self._current] if self._current is not None else []
+                self._current = None
+                while self.active:
+                    held.append(self.active.popleft())
+                for handle in held:  # their caches may be half-updated: fail them, keep the waiting ones
+                    self._fail(handle, RuntimeError(f"engine loop restarted: {self.last_crash}"))
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -152,9 +157,10 @@ class EngineLoop:
             self.metrics.queue_depth.set(self.depth)
             if not self.active:
                 continue
-            handle = self.active.popleft()
+            handle = self._current = self.active.popleft()
             if handle.cancelled:
                 self.metrics.cancelled.inc()
+                self._current = None
                 continue
             if self.watcher is not None:
                 for drafter, version in self.watcher.apply():
@@ -169,10 +175,12 @@ class EngineLoop:
                 self._step(handle)
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
                 log.exception("request failed")
+                self._current = None
                 self._fail(handle, exc)
                 continue
             if not handle.generation.finished:
                 self.active.append(handle)
+            self._current = None
             self.healthy = True
 
     def _step(self, handle: RequestHandle) -> None:

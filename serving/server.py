@@ -65,10 +65,13 @@ def _learner_metrics(metrics: Metrics, redis, drafters: list[str], target: str) 
             pipe = redis.pipeline(transaction=False)
             for d in drafters:
                 pipe.hmget(keys.health_key(d), ["failed_rounds", "redelivered_skipped"])
+                pipe.get(keys.relearned_key(d))
             pipe.get(keys.dead_letter_count(target))
-            *health, dead = pipe.execute()
+            *rows, dead = pipe.execute()
+            health, relearned = rows[0::2], rows[1::2]
             last.update(failed={(("drafter", d),): int(h[0] or 0) for d, h in zip(drafters, health)},
                         skipped={(("drafter", d),): int(h[1] or 0) for d, h in zip(drafters, health)},
+                        relearned={(("drafter", d),): int(r or 0) for d, r in zip(drafters, relearned)},
                         dead={(): int(dead or 0)})
         except Exception:  # noqa: BLE001 - a scrape must not fail because Redis is away
             pass
@@ -79,6 +82,9 @@ def _learner_metrics(metrics: Metrics, redis, drafters: list[str], target: str) 
     metrics.sample(Counter("learner_redelivered_skipped_total",
                            "Redelivered feedback entries acknowledged as already learned (not learned twice)."),
                    lambda: last.get("skipped", {}))
+    metrics.sample(Counter("learner_relearned_entries_total",
+                           "Feedback entries learned by a second version (double learning: should stay 0)."),
+                   lambda: last.get("relearned", {}))
     metrics.sample(Counter("feedback_dead_letters_total", "Feedback entries put aside (invalid, or failing every round)."),
                    lambda: last.get("dead", {}))
 

@@ -69,6 +69,10 @@ def test_admin_routes_need_the_token(service):
     srv, _, _ = service
     assert admin(srv, "GET", "/drafters", token=None).status_code == 401
     assert admin(srv, "GET", "/drafters", token="wrong").status_code == 401
+    for header in (TOKEN, f"Token {TOKEN}", f"Bearer{TOKEN}", "Bearer s3cr\u00e9t".encode()):  # strict, never a 500
+        r = httpx.get(srv.url + "/admin/drafters", headers={"Authorization": header}, timeout=30)
+        assert r.status_code == 401, header
+    assert httpx.get(srv.url + "/admin/drafters", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
     body = admin(srv, "GET", "/drafters").json()
     assert [d["id"] for d in body["drafters"]] == ["d1", "d2"]
     assert body["drafters"][0]["latest"] == 1 and body["drafters"][0]["learner"]["trainable"] == "lm_head"
@@ -89,6 +93,19 @@ def test_admin_learner_settings_are_validated_and_applied(service, redis_client)
     assert admin(srv, "POST", "/drafters/d1/update").status_code == 200
     assert admin(srv, "POST", "/drafters/d1/update").status_code == 409  # one in flight
     assert admin(srv, "POST", "/drafters/d1/rollback", json={"version": 99}).status_code == 400
+
+
+def test_dashboard_data_shows_details_only_to_the_admin(service, redis_client):
+    srv, _, _ = service
+    redis_client.xadd(keys.events_stream, {"type": "refused", "drafter": "d1", "version": 9,
+                                           "reason": "/secret/path/v9: checksum mismatch"})
+    public = httpx.get(srv.url + "/dashboard/data", timeout=30).json()
+    assert public["admin"] is False and [d["id"] for d in public["drafters"]] == ["d1", "d2"]
+    assert all("learner" not in d for d in public["drafters"])
+    assert public["events"] and all("reason" not in e for e in public["events"])
+    full = httpx.get(srv.url + "/dashboard/data", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    assert full["admin"] is True and full["drafters"][0]["learner"]["trainable"] == "lm_head"
+    assert any("checksum" in e.get("reason", "") for e in full["events"])
 
 
 def test_admin_disabled_without_a_token(tmp_path):

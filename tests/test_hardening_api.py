@@ -1,0 +1,180 @@
+"""No request can hurt other requests: hostile inputs get 400 with an OpenAI-style body, an
+exception inside the engine fails one request, a crashed loop comes back, suffix speculation
+never copies across API keys, admin auth is strict."""
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.suffix import SuffixCache
+from serving.app import bearer_token, tenant_of
+from serving.server import BackgroundServer, build_state
+from tests.tiny import perturbed
+
+MODEL = "tiny-target"
+
+
+@pytest.fixture(scope="module")
+def server(target, tokenizer):
+    # a weak drafter: what is accepted is mostly what suffix speculation copies
+    engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 3.0, seed=5), "weak", version=1),
+                               tokenizer=tokenizer, config=EngineConfig(k=4, target_id=MODEL), suffix=SuffixCache())
+    state = build_state(engine, tokenizer, MODEL, max_queue=8, max_tokens=200, max_prompt_tokens=300)
+    srv = BackgroundServer(state).start()
+    yield srv
+    srv.stop()
+
+
+def post(srv, body, path="/v1/completions", key="k-default", **kw):
+    """JSON as a client may send it: escapes (\\ud800) and a key in any bytes."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}".encode()
+    return httpx.post(srv.url + path, content=json.dumps({"model": MODEL, **body}), headers=headers, timeout=60, **kw)
+
+
+def ok(srv, **extra):
+    r = post(srv, {"prompt": "abc", "max_tokens": 8, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**63, -(2**63) - 1, 10**30])
+def test_out_of_range_seed_is_a_400_and_the_engine_keeps_serving(server, seed):
+    r = post(server, {"prompt": "abc", "max_tokens": 4, "temperature": 1.0, "seed": seed})
+    assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
+    ok(server)
+    assert ok(server, seed=2**63 - 1, temperature=1.0)["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 1e-300), ("top_p", 1e-300), ("temperature", 1e-6)])
+def test_tiny_temperature_or_top_p_is_served_greedily_not_a_500(server, field, value):
+    greedy = ok(server)["choices"][0]["text"]
+    body = {"temperature": 1.0, "seed": 3, field: value}
+    assert ok(server, **body)["choices"][0]["text"] == greedy
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "ab\ud800cd"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x\udfffy"}]}),
+    ("/v1/completions", {"prompt": "abc", "stop": ["\ud800"]}),
+    ("/v1/completions", {"prompt": "abc", "user": "\ud800"}),
+])
+def test_lone_surrogates_are_a_400_with_a_json_body(server, path, body):
+    r = post(server, {"max_tokens": 4, **body}, path=path)
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
+    message = r.json()["error"]["message"]
+    assert "surrogate" in message or "unicode" in message
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "abc", "logprobs": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}),
+])
+def test_logprobs_are_refused_not_silently_ignored(server, path, body):
+    r = post(server, {"max_tokens": 4, **body}, path=path)
+    assert r.status_code == 400 and "logprobs is not supported" in r.json()["error"]["message"]
+    assert post(server, {"max_tokens": 4, "logprobs": False, **{k: v for k, v in body.items() if "logprobs" not in k}},
+                path=path).status_code == 200
+
+
+def test_an_exception_inside_the_engine_fails_that_request_alone(server, monkeypatch):
+    engine = server.state.loop.engine
+    real = engine.start
+
+    def explode(prompt, params, **kw):
+        if params.max_new_tokens == 7:
+            raise RuntimeError("boom in start")
+        return real(prompt, params, **kw)
+
+    monkeypatch.setattr(engine, "start", explode)
+    r = post(server, {"prompt": "abc", "max_tokens": 7})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    ok(server)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'onlinespec_request_errors_total{kind="internal"} 1' in metrics
+
+
+def test_a_crash_outside_any_request_restarts_the_loop_and_is_reported(server, monkeypatch):
+    loop = server.state.loop
+    crashes = [RuntimeError("swap exploded")]
+
+    class Watcher:
+        choice = None
+
+        def apply(self):
+            if crashes:
+                raise crashes.pop()
+            return []
+
+        def observe(self, *a):
+            pass
+
+    monkeypatch.setattr(loop, "watcher", Watcher())
+    before = loop.restarts
+    r = post(server, {"prompt": "abc", "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 500  # the request held by the crashed pass gets an error, not a hang
+    assert ok(server)["choices"][0]["text"]  # the loop came back
+    assert loop.restarts == before + 1 and loop.alive
+    assert "swap exploded" in httpx.get(server.url + "/ready").json()["last_crash"]
+    assert "onlinespec_engine_loop_restarts_total 1" in httpx.get(server.url + "/metrics").text
+
+
+def test_suffix_speculation_never_copies_across_api_keys(server):
+    body = {"prompt": "kqzkqzkqz wvu", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+
+    def copied(key, user=None):
+        r = post(server, {**body, **({"user": user} if user else {})}, key=key)
+        assert r.status_code == 200
+        return r.json()["speculative"]["copied_accepted_tokens"], r.json()["choices"][0]["text"]
+
+    alone, text = copied(None)
+    assert copied(None) == (alone, text)  # no key: copies only from its own text, learns nothing
+    first, _ = copied("key-one")
+    assert first == alone  # nothing from the requests without a key
+    again, same = copied("key-one")
+    assert again > first and same == text  # its own past output: copied, output unchanged
+    assert copied("key-two")[0] == alone  # another key learns nothing of key-one's text
+    assert copied("key-two", user="someone")[0] == alone
+
+
+def test_tenant_derives_from_the_key_and_bearer_parsing_is_strict():
+    assert tenant_of(None, "bob") is None
+    t = tenant_of("sk-1", None)
+    assert t.startswith("key:") and "sk-1" not in t and tenant_of("sk-1", "bob") == t + "/user:bob"
+    assert tenant_of("sk-2", None) != t
+    assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer abc") == "abc"
+    assert bearer_token("abc") is None and bearer_token("Basic abc") is None and bearer_token("Bearer ") is None
+
+
+def test_api_keys_when_configured_are_required(target, tokenizer):
+    engine = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(target_id=MODEL))
+    state = build_state(engine, tokenizer, MODEL, api_keys=("good-key",))
+    srv = BackgroundServer(state).start()
+    try:
+        for key in (None, "bad-key", "gööd"):
+            r = post(srv, {"prompt": "abc", "max_tokens": 2}, key=key)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert post(srv, {"prompt": "abc", "max_tokens": 2}, key="good-key").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_redis_urls_are_printed_without_their_password():
+    from onlinespec.up import redact
+
+    assert redact("redis://:hunter2@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact("rediss://user:hunter2@host/0") == "rediss://user:***@host/0"
+    assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_prompt_token_ids_beyond_int32_are_a_400(server):
+    r = post(server, {"prompt": [1, 2, 10**30], "max_tokens": 2})
+    assert r.status_code == 400
+    torch.manual_seed(0)
+    ok(server)
