@@ -25,6 +25,8 @@ def _bench(args) -> int:
         from onlinespec.bench.engine import run
     elif args.what == "loop":
         from onlinespec.bench.loop import run
+    elif args.what == "faults":
+        from onlinespec.bench.faults import run
     else:
         from onlinespec.bench.adapt import run
     return run(args)
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures (and --json)")
-    p.add_argument("what", choices=["engine", "loop", "adapt"])
+    p.add_argument("what", choices=["engine", "loop", "adapt", "faults"])
     p.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a smoke run in under a minute")
     p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     p.add_argument("--target", default=None, help="target model path or hub id (default: demo:target)")
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learner-config", default=None,
                    help="loop: learner settings the worker rate is measured with (default configs/learner.yaml)")
     p.add_argument("--plot", default=None, help="adapt: write a PNG of accepted length and regret")
+    p.add_argument("--config", default=None, help="faults: service YAML (default: configs/demo.yaml)")
+    p.add_argument("--scenarios", nargs="*", default=None,
+                   help="faults: a subset of redis_kill worker_kill worker_kill_after_publish poison hostile_seed")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("up", help="Redis + server + workers on this machine (the demo by default)")

@@ -60,6 +60,8 @@ class EmbeddedRedis:
             self.dir = tempfile.mkdtemp(prefix="onlinespec-redis-")
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                # every acknowledged write is on disk: a SIGKILL loses no feedback record silently
+                *(["--appendfsync", "always"] if self.appendonly else []),
                 "--maxmemory-policy", "noeviction", "--daemonize", "no", "--loglevel", "warning"]
         log_path = self.log_file or os.path.join(self.dir, "redis.log")
         with open(log_path, "ab") as log:  # a file, not a pipe nobody reads (a full pipe blocks the server)

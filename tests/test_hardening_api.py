@@ -11,7 +11,6 @@ import torch
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
 from onlinespec.suffix import SuffixCache
-from serving.app import bearer_token, tenant_of
 from serving.server import BackgroundServer, build_state
 from tests.tiny import perturbed
 
@@ -144,6 +143,8 @@ def test_suffix_speculation_never_copies_across_api_keys(server):
 
 
 def test_tenant_derives_from_the_key_and_bearer_parsing_is_strict():
+    from serving.app import bearer_token, tenant_of
+
     assert tenant_of(None, "bob") is None
     t = tenant_of("sk-1", None)
     assert t.startswith("key:") and "sk-1" not in t and tenant_of("sk-1", "bob") == t + "/user:bob"
