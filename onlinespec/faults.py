@@ -16,7 +16,8 @@ __all__ = ["failpoint", "FAILPOINTS"]
 FAILPOINTS = ("before_publish", "before_ack")
 
 
-def failpoint(name: str) -> None:
+def failpoint(name: str, detail: str = "") -> None:
+    """Die here if armed; ``detail`` (what the process was doing) goes into the once-file."""
     assert name in FAILPOINTS, f"unknown failpoint {name!r}"
     armed = os.environ.get("ONLINESPEC_FAILPOINTS")
     if not armed or name not in armed.split(","):
@@ -24,7 +25,10 @@ def failpoint(name: str) -> None:
     once = os.environ.get("ONLINESPEC_FAILPOINT_ONCE")
     if once:
         try:
-            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, detail.encode())
+            os.fsync(fd)
+            os.close(fd)
         except FileExistsError:
             return  # fired already, in an earlier life of this command
     os.kill(os.getpid(), signal.SIGKILL)

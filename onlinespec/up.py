@@ -86,12 +86,12 @@ class Supervisor:
                     print(f"{c.name} could not be restarted: {exc}", file=self.log, flush=True)
 
     def stop(self) -> None:
-        for c in reversed(self.children):  # workers first: they finish their round and acknowledge
-            if c.proc is not None and c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
+        """Stop the children in reverse order of start, each after the one started after it:
+        workers finish their round and acknowledge while the server and Redis still run."""
         for c in reversed(self.children):
-            if c.proc is None:
+            if c.proc is None or c.proc.poll() is not None:
                 continue
+            c.proc.send_signal(signal.SIGTERM)
             try:
                 c.proc.wait(30)
             except subprocess.TimeoutExpired:

@@ -188,7 +188,7 @@ class Updater:
             latest = repaired
             learner = self._learner(drafter, latest, config)
         metrics = learner.round(own).to_dict()
-        failpoint("before_publish")
+        failpoint("before_publish", drafter)
         try:
             manifest = self.registry.publish(
                 drafter, learner.served_model(), parent=latest, learner_state=learner.state(),
@@ -198,7 +198,7 @@ class Updater:
         except PublishConflict:
             self.learners.pop(drafter, None)  # someone else advanced: rebuild from theirs next time
             return RoundResult(drafter, "conflict", None, latest, len(delivery), delivery.dead, time.perf_counter() - t0)
-        failpoint("before_ack")
+        failpoint("before_ack", drafter)
         reader.ack(delivery.ids)  # only now: the version that learned from them is durable
         self.learners[drafter] = (manifest.version, learner, self.learners[drafter][2])
         seconds = time.perf_counter() - t0

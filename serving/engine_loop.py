@@ -156,6 +156,7 @@ class EngineLoop:
             self._admit()
             self.metrics.queue_depth.set(self.depth)
             if not self.active:
+                self.healthy = True  # an idle pass is a clean pass too: ready for traffic again
                 continue
             handle = self._current = self.active.popleft()
             if handle.cancelled:

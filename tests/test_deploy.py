@@ -23,6 +23,8 @@ def test_compose_file_has_the_services_an_operator_needs():
         assert "registry:/data" in services[name]["volumes"]
         assert services[name]["environment"]["REDIS_URL"].startswith("redis://redis:")
     assert "registry" in compose["volumes"]
+    for name in ("redis", "server", "worker"):  # what crashes comes back without a human
+        assert services[name]["restart"] == "unless-stopped", name
 
 
 def test_dockerfile_installs_cpu_torch_before_the_package():

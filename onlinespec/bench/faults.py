@@ -319,6 +319,7 @@ def run_scenario(name: str, config: str, workdir: Path, warmup: float = 20.0, af
             fired = svc.supervise(warmup + after, until=lambda: (workdir / "failpoint-fired").exists())
             result.checks["worker killed"] = fired
             t_fault = time.time()
+            killed = (workdir / "failpoint-fired").read_text() if fired else ""
         else:
             svc.supervise(warmup, until=lambda: all(v and v >= 2 for v in svc.latest().values()))
             t_fault = time.time()
@@ -340,8 +341,10 @@ def run_scenario(name: str, config: str, workdir: Path, warmup: float = 20.0, af
         elif name == "hostile_seed":
             status = traffic.send({"prompt": "hello", "seed": 2**64, "temperature": 1.0})
             result.checks["seed 2**64 refused with 400"] = status == 400
-        elif name == "worker_kill_after_publish":
-            settled = lambda: svc.metric("learner_redelivered_skipped_total") > 0  # noqa: E731
+        elif name.startswith("worker_kill"):
+            resumed_by = killed or None  # the drafter whose round was killed must learn again
+            if name.endswith("after_publish"):
+                settled = lambda: svc.metric("learner_redelivered_skipped_total") > 0  # noqa: E731
         svc.supervise(after, until=lambda: svc.published_since(t_fault, resumed_by) is not None
                       and (settled is None or settled()))
         result.resumed_s = svc.published_since(t_fault, resumed_by)
@@ -370,7 +373,7 @@ def run_scenario(name: str, config: str, workdir: Path, warmup: float = 20.0, af
                 result.checks["latest loads"] = False
         if name.startswith("worker_kill"):
             skipped = int(svc.metric("learner_redelivered_skipped_total"))
-            result.notes = f"{skipped} redelivered entries acknowledged as already learned"
+            result.notes = f"{killed} killed; {skipped} redelivered entries acknowledged as already learned"
             if name.endswith("after_publish"):  # relearned == 0 is part of ok
                 result.checks["redelivered entries acknowledged, not relearned"] = skipped > 0
     finally:
