@@ -47,6 +47,9 @@ class EmbeddedRedis:
     appendonly: bool = False
     data_dir: str | None = None  # kept across runs when given; a temporary one otherwise
     log_file: str | None = None  # the server's output; default: redis.log in its directory
+    # Its own session: a Ctrl-C meant for the supervisor (the terminal signals the whole
+    # foreground group) must not stop Redis before the workers have finished with it.
+    own_session: bool = False
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         binary = redis_binary()
@@ -65,7 +68,7 @@ class EmbeddedRedis:
                 "--maxmemory-policy", "noeviction", "--daemonize", "no", "--loglevel", "warning"]
         log_path = self.log_file or os.path.join(self.dir, "redis.log")
         with open(log_path, "ab") as log:  # a file, not a pipe nobody reads (a full pipe blocks the server)
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=self.own_session)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -6,7 +6,8 @@ two registries never share state), the HTTP server and N workers as child proces
 until the server is ready, prints the URLs, then supervises: a child that exits (a crash, an
 out-of-memory kill, Redis going away) is restarted with backoff, and the restart is printed.
 On Ctrl-C (or SIGTERM) it stops everything: workers first (they finish their round), then the
-server, then Redis. Worker and Redis output goes to log files beside the registry, not to the
+server, then Redis. Children run in their own sessions, so the terminal's Ctrl-C reaches only
+this process, which stops them in that order. Worker and Redis output goes to log files beside the registry, not to the
 terminal; the server's warnings stay on it.
 """
 
@@ -183,7 +184,7 @@ def run(args) -> int:
         url = os.environ.get("REDIS_URL") or cfg.redis_url
         if not url:
             redis = EmbeddedRedis(appendonly=True, data_dir=os.path.join(os.path.abspath(cfg.registry), ".redis"),
-                                  log_file=os.path.join(logs, "redis.log"))
+                                  log_file=os.path.join(logs, "redis.log"), own_session=True)
             sup.add("redis", lambda: _RedisProc(redis))
             url = redis.url
             print(f"redis      {url} (started here; append-only file in {redis.dir})")
@@ -191,7 +192,8 @@ def run(args) -> int:
             print(f"redis      {redact(url)}")
         env = {**os.environ, "REDIS_URL": url, "ONLINESPEC_REGISTRY": cfg.registry, "PYTHONUNBUFFERED": "1"}
         sup.add("server", lambda: subprocess.Popen(
-            [sys.executable, "-m", "serving", "--config", cfg.source, "--host", host, "--port", str(port)], env=env))
+            [sys.executable, "-m", "serving", "--config", cfg.source, "--host", host, "--port", str(port)], env=env,
+            start_new_session=True))
         for i in range(workers):
             cmd = [sys.executable, "-m", "workers", "--target", cfg.target_id, "--registry", cfg.registry,
                    "--threads", str(cfg.workers.get("threads", 1)),
@@ -201,7 +203,7 @@ def run(args) -> int:
                 cmd += ["--learner-config", cfg.learner]
             path = os.path.join(logs, f"worker-{i + 1}.log")
             sup.add(f"worker-{i + 1}", lambda cmd=cmd, path=path: subprocess.Popen(
-                cmd, env=env, stdout=open(path, "ab"), stderr=subprocess.STDOUT))
+                cmd, env=env, stdout=open(path, "ab"), stderr=subprocess.STDOUT, start_new_session=True))
         base = f"http://{host}:{port}"
         _wait_ready(base, sup, args.ready_timeout)
         print(f"api        {base}/v1   (OpenAI-compatible: completions, chat/completions, models)")
