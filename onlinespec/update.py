@@ -23,7 +23,7 @@ from onlinespec import keys
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
 from onlinespec.registry import CheckpointError, PublishConflict, Registry, expected_shapes
 from onlinespec.faults import failpoint
-from onlinespec.stream import Delivery, FeedbackReader
+from onlinespec.stream import FeedbackReader
 
 __all__ = ["RoundResult", "Updater", "PoolUpdater", "bootstrap_drafter", "repair_latest", "learner_config",
            "learner_health", "already_learned", "POOL"]
@@ -169,8 +169,7 @@ class Updater:
             reader.ack(sorted(done))
             self.redis.hincrby(keys.health_key(drafter), "redelivered_skipped", len(done))
             log.warning("%s: %d redelivered entries were already learned; acknowledged", drafter, len(done))
-            delivery = Delivery([r for r, i in zip(delivery.records, delivery.ids) if i not in done],
-                                [i for i in delivery.ids if i not in done], delivery.dead, delivery.last_id)
+            delivery = delivery.without(done)
             if not delivery.records:
                 return RoundResult(drafter, "skipped", latest, latest, 0, delivery.dead, time.perf_counter() - t0)
         config = learner_config(self.redis, drafter, self.default_config)
@@ -252,12 +251,11 @@ class PoolUpdater:
         if not delivery.records:
             return RoundResult(POOL, "idle", dead=delivery.dead)
         raw, consumed = self.redis.hmget(keys.pool_key(self.target), ["state", "consumed"])
-        done = set(json.loads(consumed)) if consumed else set()  # the last round's, in case it died before acking
-        if done & {i.decode() for i in delivery.ids}:
-            seen = [i for i in delivery.ids if i.decode() in done]
-            reader.ack(seen)
-            delivery = Delivery([r for r, i in zip(delivery.records, delivery.ids) if i.decode() not in done],
-                                [i for i in delivery.ids if i.decode() not in done], delivery.dead, delivery.last_id)
+        last_round = set(json.loads(consumed)) if consumed else set()  # in case it died before acknowledging
+        done = {i for i in delivery.ids if i.decode() in last_round}
+        if done:
+            reader.ack(sorted(done))
+            delivery = delivery.without(done)
             if not delivery.records:
                 return RoundResult(POOL, "skipped", records=0, dead=delivery.dead)
         state = json.loads(raw) if raw else None

