@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="draft length (the same for this engine and Hugging Face)")
     p.add_argument("--prompts", type=int, default=None, help="number of prompts")
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--domain", default="python", help="held-out prompt domain of the demo set")
+    p.add_argument("--domain", default="python",
+                   help="held-out prompt domain of the demo set; with --config a chat domain: edit json explain summarize")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--redis-url", default=None, help="loop: Redis to use (default: start a private one)")
     p.add_argument("--round-records", type=int, default=16, help="loop: records per learning round")
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learner-config", default=None,
                    help="loop: learner settings the worker rate is measured with (default configs/learner.yaml)")
     p.add_argument("--plot", default=None, help="adapt: write a PNG of accepted length and regret")
-    p.add_argument("--config", default=None, help="faults: service YAML (default: configs/demo.yaml)")
+    p.add_argument("--config", default=None,
+                   help="engine: a service YAML's target and first drafter on chat prompts; faults: the service "
+                        "(default: configs/demo.yaml)")
     p.add_argument("--scenarios", nargs="*", default=None,
                    help="faults: a subset of redis_kill worker_kill worker_kill_after_publish poison hostile_seed")
     p.set_defaults(func=_bench)

@@ -13,6 +13,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from onlinespec.chat import DEFAULT_CHAT_TEMPLATE, render
 from onlinespec.engine import StepOutput
 from onlinespec.errors import InvalidRequestError
 from onlinespec.sampling import SamplingParams
@@ -24,11 +25,6 @@ __all__ = ["ServerState", "create_app", "DEFAULT_CHAT_TEMPLATE", "bearer_token",
 
 log = logging.getLogger(__name__)
 
-# Used when the tokenizer has no chat template of its own (the demo models have none).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 
 @dataclass
@@ -80,12 +76,6 @@ class ApiError(Exception):
                  code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
-
-
-def _render_chat(tokenizer, messages) -> str:
-    msgs = [m.model_dump() for m in messages]
-    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -269,7 +259,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         tenant = _tenant(req, request)
-        prompt_ids = state.tokenizer.encode(_render_chat(state.tokenizer, req.messages))
+        prompt_ids = render(state.tokenizer, [m.model_dump() for m in req.messages])
         return await _serve(req, prompt_ids, request, "chat", tenant)
 
     @app.get("/v1/models")

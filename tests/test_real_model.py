@@ -42,11 +42,10 @@ def served():
 
 def target_alone(state, messages, n):
     """Hugging Face greedy generation of the target alone, same template and stop token."""
-    from serving.app import _render_chat
-    from serving.protocol import ChatMessage
+    from onlinespec.chat import render
 
     tok = state.tokenizer
-    ids = tok.encode(_render_chat(tok, [ChatMessage(**m) for m in messages]))
+    ids = render(tok, messages)
     target = state.loop.engine.target
     out = target.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)

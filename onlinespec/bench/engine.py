@@ -17,6 +17,13 @@ Figures:
   each output as its request finishes (the prompts are served one after another):
   tokens/s, ``suffix_speedup`` over the target alone, mean accepted length, the share of drafts
   that were copied, and losslessness.
+
+With ``--config FILE`` the target (and the first drafter, if the config has one) come from a
+service config, and the prompts are chat conversations (``--domain`` one of
+:data:`onlinespec.chat.DOMAINS`, default ``edit``) through the tokenizer's chat template.
+A config without a drafter model measures suffix speculation alone against the target alone
+(Hugging Face greedy ``generate``), this engine decoding plainly, and Hugging Face prompt lookup
+(``prompt_lookup_num_tokens=k``), with the adaptive draft length and with a fixed ``k``.
 """
 
 from __future__ import annotations
@@ -123,7 +130,84 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
     }
 
 
+def measure_suffix_only(target, tokenizer, prompts, max_new_tokens: int, k: int) -> dict:
+    """Suffix speculation with no drafter model, against the target alone and prompt lookup."""
+    eos = tokenizer.eos_token_id
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+
+    def hf(prompt, **kw):
+        out = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos, pad_token_id=eos, **kw)
+        return out[0, len(prompt):].tolist()
+
+    plain = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(capture_feedback=False))
+    hf(prompts[0][:8])  # warm-up
+    plain.generate(prompts[0], SamplingParams(max_new_tokens=8))
+    base, t_base = _timed(hf, prompts)
+    own, t_own = _timed(lambda p: plain.generate(p, params), prompts)
+    lookup, t_lookup = _timed(lambda p: hf(p, prompt_lookup_num_tokens=k), prompts)
+    out = {"target_tokens_per_s": sum(map(len, base)) / t_base,
+           "plain_engine_tokens_per_s": sum(len(r.tokens) for r in own) / t_own,
+           "hf_prompt_lookup_tokens_per_s": sum(map(len, lookup)) / t_lookup,
+           "hf_prompt_lookup_lossless": lookup == base, "k": k}
+    for name, fixed in (("suffix", None), ("suffix_fixed_k", k)):
+        engine = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(k=fixed),
+                                   suffix=SuffixCache())
+        res, t = _timed(lambda p: engine.generate(p, params), prompts)
+        total = GenerationStats.combine(r.stats for r in res)
+        out.update({f"{name}_tokens_per_s": sum(len(r.tokens) for r in res) / t,
+                    f"{name}_speedup": (sum(len(r.tokens) for r in res) / t) / out["target_tokens_per_s"],
+                    f"{name}_mean_accepted_length": total.mean_accepted_length,
+                    f"{name}_spec_step_share": total.spec_steps / max(1, total.steps),
+                    f"{name}_lossless": [r.tokens for r in res] == base})
+        if fixed is not None:
+            out["verify_cost_ratio"] = (total.verify_seconds / max(1, total.steps)) / (t_base / max(1, sum(map(len, base))))
+    out["hf_prompt_lookup_speedup"] = out["hf_prompt_lookup_tokens_per_s"] / out["target_tokens_per_s"]
+    out["ratio_vs_prompt_lookup"] = out["suffix_tokens_per_s"] / out["hf_prompt_lookup_tokens_per_s"]
+    out["generated_tokens"] = sum(map(len, base))
+    out["prompts"], out["max_new_tokens"] = len(prompts), max_new_tokens
+    return out
+
+
+def _run_config(args) -> int:
+    """``--config``: the service's target (and first drafter) on chat prompts."""
+    from onlinespec.bench.common import set_threads
+    from onlinespec.chat import DOMAINS, chat_prompts, render
+    from onlinespec.config import load_config
+    from onlinespec.models import load_model, load_tokenizer
+
+    threads = set_threads(args.threads)
+    cfg = load_config(args.config)
+    domain = args.domain if args.domain in DOMAINS else "edit"
+    tokenizer = load_tokenizer(cfg.target_model)
+    target = load_model(cfg.target_model)
+    n = args.prompts or (4 if args.quick else 12)
+    prompts = [render(tokenizer, m) for m in chat_prompts(domain, n)]
+    max_new = args.max_new_tokens or (32 if args.quick else 96)
+    if cfg.drafters:
+        result = measure(target, load_model(cfg.drafters[0].model), tokenizer, prompts, max_new, args.k)
+        keys = ("target_tokens_per_s", "engine_tokens_per_s", "hf_assisted_tokens_per_s", "speedup",
+                "mean_accepted_length", "verify_cost_ratio", "ratio_vs_hf", "lossless", "suffix_tokens_per_s",
+                "suffix_speedup", "suffix_lossless")
+        ok = result["lossless"] and result["suffix_lossless"]
+    else:
+        result = measure_suffix_only(target, tokenizer, prompts, max_new, args.k)
+        keys = ("target_tokens_per_s", "plain_engine_tokens_per_s", "suffix_tokens_per_s", "suffix_speedup",
+                "suffix_mean_accepted_length", "suffix_spec_step_share", "suffix_lossless",
+                "suffix_fixed_k_tokens_per_s", "suffix_fixed_k_speedup", "suffix_fixed_k_mean_accepted_length",
+                "suffix_fixed_k_lossless", "verify_cost_ratio", "hf_prompt_lookup_tokens_per_s",
+                "hf_prompt_lookup_speedup", "ratio_vs_prompt_lookup", "hf_prompt_lookup_lossless")
+        ok = result["suffix_lossless"] and result["suffix_fixed_k_lossless"]
+    result.update({"config": cfg.source, "target": cfg.target_model,
+                   "drafter": cfg.drafters[0].model if cfg.drafters else None, "domain": domain,
+                   "threads": threads, "machine": machine()})
+    emit([(key, result[key]) for key in keys], result, args.json)
+    return 0 if ok else 1
+
+
 def run(args) -> int:
+    if getattr(args, "config", None):
+        return _run_config(args)
     s = setup(args)
     target = s.target
     result = measure(target, s.drafter, s.tokenizer, s.prompts, s.max_new_tokens, args.k)
