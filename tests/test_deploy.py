@@ -59,7 +59,10 @@ def test_every_shipped_config_loads():
         raw = yaml.safe_load(path.read_text())
         if "target" in raw:
             cfg = load_config(path)
-            assert cfg.drafters and cfg.learner and Path(cfg.learner).is_file(), path
+            if not cfg.drafters:  # suffix speculation alone: nothing for workers to learn
+                assert cfg.workers.get("count") == 0, path
+                continue
+            assert cfg.learner and Path(cfg.learner).is_file(), path
             LearnerConfig.from_yaml(cfg.learner)
         elif "space" in raw:
             from onlinespec.tune import candidates
