@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="default: the first model the server lists")
     p.add_argument("--schedule", default="python:60,shakespeare:60,docs:60",
-                   help="phases domain:seconds (or domain:requests with --by-count), in order")
+                   help="phases domain:seconds (or domain:requests with --by-count), in order; demo domains "
+                        "python shakespeare docs, chat domains edit json explain summarize")
     p.add_argument("--by-count", action="store_true")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--rate", type=float, default=0.0, help="requests per second overall (0: as fast as served)")
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default="onlinespec-traffic",
+                   help="sent as the bearer key: one tenant for all the traffic ('' for none: no copies across requests)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_traffic)
 

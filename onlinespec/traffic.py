@@ -1,8 +1,11 @@
 """``onlinespec traffic``: generation traffic through the HTTP API, with domain shifts.
 
-Prompts are the held-out snippets of the demo domains (never trained on). The schedule is a
-list of ``domain:seconds`` (or ``domain:requests`` with ``--by-count``) phases, played in
-order; ``--concurrency`` clients send requests, ``--rate`` caps requests per second overall.
+Prompts are the held-out snippets of the demo domains (``python``, ``shakespeare``, ``docs``:
+never trained on), sent as completions, or instruct conversations of the chat domains (``edit``,
+``json``, ``explain``, ``summarize``: :mod:`onlinespec.chat`), sent as chat completions. Every
+request carries ``--api-key`` (one tenant: suffix speculation copies across its requests). The
+schedule is a list of ``domain:seconds`` (or ``domain:requests`` with ``--by-count``) phases,
+played in order; ``--concurrency`` clients send requests, ``--rate`` caps requests per second overall.
 A progress line runs while it works; the summary tables give requests, tokens and the mean
 accepted length (tokens per draft step, pooled over requests) per drafter version and per phase,
 from the responses' ``speculative`` fields.
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from onlinespec.chat import DOMAINS as CHAT_DOMAINS
+from onlinespec.chat import chat_prompts
 from onlinespec.demo.prompts import load_prompts
 
 __all__ = ["Phase", "parse_schedule", "run"]
@@ -94,7 +99,8 @@ class _Stats:
 
 def run(args) -> int:
     phases = parse_schedule(args.schedule)
-    prompts = {p.domain: [r.text for r in load_prompts(p.domain)] for p in phases}
+    prompts = {p.domain: (chat_prompts(p.domain, 200) if p.domain in CHAT_DOMAINS else
+                          [r.text for r in load_prompts(p.domain)]) for p in phases}
     rng = random.Random(args.seed)
     stats = _Stats()
     stop = threading.Event()
@@ -104,8 +110,10 @@ def run(args) -> int:
     slot_lock = threading.Lock()
     counter = itertools.count()
 
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
     def client():
-        with httpx.Client(base_url=args.url, timeout=args.timeout) as http:
+        with httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers) as http:
             while not stop.is_set():
                 if interval:
                     with slot_lock:
@@ -116,10 +124,12 @@ def run(args) -> int:
                 phase, domain = current["index"], current["phase"].domain
                 with slot_lock:  # one generator shared by the clients
                     prompt, seed = rng.choice(prompts[domain]), next(counter)
-                body = {"model": args.model, "prompt": prompt, "max_tokens": args.max_tokens,
-                        "temperature": args.temperature, "seed": seed}
+                body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+                        "seed": seed}
+                chat = domain in CHAT_DOMAINS
+                body.update({"messages": prompt} if chat else {"prompt": prompt})
                 try:
-                    r = http.post("/v1/completions", json=body)
+                    r = http.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
                     if r.status_code == 200:
                         stats.add(r.json(), phase)
                     else:
