@@ -58,9 +58,13 @@ def _learner_metrics(metrics: Metrics, redis, drafters: list[str], target: str) 
     """Learning faults, read from Redis at each scrape (the last values while Redis is away)."""
     from onlinespec import keys
 
-    last: dict = {}
+    last: dict = {"t": 0.0}
 
     def read() -> dict:
+        """One Redis round trip per scrape (the metrics below share it), whatever their order."""
+        if time.monotonic() - last["t"] < 1.0:
+            return last
+        last["t"] = time.monotonic()
         try:
             pipe = redis.pipeline(transaction=False)
             for d in drafters:
@@ -81,12 +85,12 @@ def _learner_metrics(metrics: Metrics, redis, drafters: list[str], target: str) 
                    lambda: read().get("failed", {}))
     metrics.sample(Counter("learner_redelivered_skipped_total",
                            "Redelivered feedback entries acknowledged as already learned (not learned twice)."),
-                   lambda: last.get("skipped", {}))
+                   lambda: read().get("skipped", {}))
     metrics.sample(Counter("learner_relearned_entries_total",
                            "Feedback entries learned by a second version (double learning: should stay 0)."),
-                   lambda: last.get("relearned", {}))
+                   lambda: read().get("relearned", {}))
     metrics.sample(Counter("feedback_dead_letters_total", "Feedback entries put aside (invalid, or failing every round)."),
-                   lambda: last.get("dead", {}))
+                   lambda: read().get("dead", {}))
 
 
 @dataclass
