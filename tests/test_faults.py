@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_fault_scenario(tmp_path, scenario):
     config = write_service(tmp_path)
-    r = run_scenario(scenario, config, tmp_path / "run", warmup=10, after=60, min_idle_ms=5000)
+    r = run_scenario(scenario, config, tmp_path / "run", warmup=10, after=90, min_idle_ms=5000)
     assert r.sent > 10 and r.broken == 0, r
     assert r.completed + r.refused == r.sent, r  # every request answered: a result or a clear error
     assert r.refused == (1 if scenario == "hostile_seed" else 0), r
