@@ -35,7 +35,8 @@ from onlinespec.suffix import RequestIndex, SuffixCache
 from onlinespec.suffix import propose as propose_with_suffix
 from onlinespec.verify import verify
 
-__all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "StepOutput", "GenerationResult", "GenerationStats"]
+__all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "StepOutput", "TokenLogprob", "GenerationResult",
+           "GenerationStats"]
 
 _NO_DRAFTS = Proposal(torch.zeros(0, dtype=torch.long), None)
 
@@ -58,6 +59,16 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the target (raw log-softmax) and the ``n`` most
+    likely tokens at that position (``top``: (id, log-prob), most likely first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class StepOutput:
     tokens: list[int]  # emitted this step (after stop handling)
     text: str  # text safe to show that was not shown before ("" without a tokenizer)
@@ -67,6 +78,7 @@ class StepOutput:
     finish_reason: FinishReason | None
     copied: int = 0  # of the drafts, copied by suffix speculation rather than drafted by the drafter
     copied_accepted: int = 0  # of the accepted drafts, copied ones
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked for them
 
 
 @dataclass
@@ -137,6 +149,18 @@ class GenerationResult:
     finish_reason: FinishReason
     stats: GenerationStats
     record: FeedbackRecord | None
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: list[int], n: int) -> tuple[TokenLogprob, ...]:
+    """logits: [T, V] at the positions that produced ``tokens`` (T of them)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, torch.tensor(tokens, device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
+    if n:
+        top = lp.topk(n, dim=-1)
+        alts = [tuple(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+    else:
+        alts = [()] * len(tokens)
+    return tuple(TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alts))
 
 
 def _vocab_size(model: PreTrainedModel) -> int:
@@ -357,7 +381,11 @@ class Generation:
                 ctl.observe_spec(m, verdict.accepted, t1 - t0, t2 - t1)
             else:
                 ctl.observe_plain(t2 - t1)
+        logprobs = None
+        if self.params.logprobs is not None:  # rows of the emitted positions: computed already
+            logprobs = _token_logprobs(logits[:emitted], new[:emitted], self.params.logprobs)
         return StepOutput(
+            logprobs=logprobs,
             tokens=new[:emitted],
             text=self.stop.take_text() if self.engine.tokenizer is not None else "",
             drafted=m,

@@ -35,6 +35,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # Draft length: an int for a fixed k, or None to let the engine's adaptive controller choose.
     k: int | None = None
+    # Log-probs to return per generated token: None for none; n >= 0 for the chosen token's and the
+    # n most likely alternatives' (the target's raw log-softmax, as vLLM returns by default).
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -51,6 +54,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
             raise InvalidRequestError(f"k (draft length) must be an integer >= 1, got {self.k!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise InvalidRequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings")
 

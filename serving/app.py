@@ -18,6 +18,7 @@ from onlinespec.engine import StepOutput
 from onlinespec.errors import InvalidRequestError
 from onlinespec.sampling import SamplingParams
 from serving.engine_loop import EngineLoop, QueueFull, RequestHandle
+from serving.logprobs import chat_logprobs, completion_logprobs
 from serving.metrics import Metrics
 from serving.protocol import ChatRequest, CompletionRequest, error_body, new_id, now
 
@@ -122,7 +123,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
                                   top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()), k=req.k,
-                                  ignore_eos=req.ignore_eos)
+                                  ignore_eos=req.ignore_eos, logprobs=req.logprobs_wanted)
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -174,39 +175,52 @@ def create_app(state: ServerState) -> FastAPI:
                 raise ApiError(500, f"generation failed: {item}", type_="server_error")
             return item
 
-    async def _collect(handle, request) -> tuple[str, list[int], str]:
-        text, tokens = [], []
+    async def _collect(handle, request) -> tuple[str, list[int], str, list]:
+        text, tokens, logprobs = [], [], []
         while True:
             out = await _next(handle, request)
             text.append(out.text)
             tokens += out.tokens
+            logprobs += out.logprobs or ()
             if out.finished:
-                return "".join(text), tokens, out.finish_reason.value
+                return "".join(text), tokens, out.finish_reason.value, logprobs
 
-    def _stream(handle, request, kind: str, rid: str, prompt_len: int, include_usage: bool):
+    def _logprobs(kind: str, items, wanted: bool, text_offset: int = 0) -> dict | None:
+        if not wanted:
+            return None
+        if kind == "completion":
+            return completion_logprobs(state.tokenizer, items, text_offset)
+        return chat_logprobs(state.tokenizer, items)
+
+    def _stream(handle, request, kind: str, rid: str, prompt_len: int, include_usage: bool, wanted: bool):
         created = now()
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
 
-        def chunk(delta_text, finish, first=False):
+        def chunk(delta_text, finish, first=False, logprobs=None):
             if kind == "completion":
-                choice = {"index": 0, "text": delta_text, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": delta_text, "logprobs": logprobs, "finish_reason": finish}
             else:
                 delta = {"content": delta_text}
                 if first:
                     delta["role"] = "assistant"
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
 
         async def events():
-            completion = 0
+            completion = chars = 0
             first = True
+            pending = []  # log-probs of tokens whose text is held back (a possible stop string)
             try:
                 while True:
                     out = await _next(handle, request)
                     completion += len(out.tokens)
+                    pending += out.logprobs or ()
                     finish = out.finish_reason.value if out.finished else None
                     if out.text or finish or first:
-                        yield f"data: {json.dumps(chunk(out.text, finish, first))}\n\n"
+                        lp = _logprobs(kind, pending, wanted, chars)
+                        yield f"data: {json.dumps(chunk(out.text, finish, first, lp))}\n\n"
+                        chars += len(out.text)
+                        pending = []
                         first = False
                     if out.finished:
                         break
@@ -227,17 +241,19 @@ def create_app(state: ServerState) -> FastAPI:
         handle = _submit(prompt_ids, params, tenant)
         rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        wanted = params.logprobs is not None
         if req.stream:
-            return _stream(handle, request, kind, rid, len(prompt_ids), include_usage)
+            return _stream(handle, request, kind, rid, len(prompt_ids), include_usage, wanted)
         try:
-            text, tokens, finish = await _collect(handle, request)
+            text, tokens, finish, items = await _collect(handle, request)
         finally:
             handle.cancel()
+        logprobs = _logprobs(kind, items, wanted)
         if kind == "completion":
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
             obj = "text_completion"
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": finish}
             obj = "chat.completion"
         return {"id": rid, "object": obj, "created": now(), "model": state.model_name, "choices": [choice],

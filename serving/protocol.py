@@ -45,16 +45,6 @@ class _Sampling(BaseModel):
     # OnlineSpec extensions
     k: int | None = Field(default=None, ge=1, le=32)
     ignore_eos: bool = False
-    # Accepted by the OpenAI API but not served here: refused with 400 rather than silently ignored.
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
-
-    @model_validator(mode="after")
-    def _unsupported(self):
-        for name in ("logprobs", "top_logprobs"):
-            if getattr(self, name) not in (None, 0):  # False == 0: "no log-probs" is fine
-                raise ValueError(f"{name} is not supported by this server; leave it out")
-        return self
 
     @field_validator("stop")
     @classmethod
@@ -74,6 +64,12 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
+    # the chosen token's log-prob and this many alternatives' per token (OpenAI allows 5, vLLM 20)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -99,6 +95,18 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages")
     @classmethod

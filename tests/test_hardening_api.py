@@ -70,16 +70,45 @@ def test_lone_surrogates_are_a_400_with_a_json_body(server, path, body):
     assert "surrogate" in message or "unicode" in message
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/v1/completions", {"prompt": "abc", "logprobs": 2}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}),
-])
-def test_logprobs_are_refused_not_silently_ignored(server, path, body):
-    r = post(server, {"max_tokens": 4, **body}, path=path)
-    assert r.status_code == 400 and "logprobs is not supported" in r.json()["error"]["message"]
-    assert post(server, {"max_tokens": 4, "logprobs": False, **{k: v for k, v in body.items() if "logprobs" not in k}},
-                path=path).status_code == 200
+def test_logprobs_are_the_targets_own_log_softmax(server, target, tokenizer):
+    """Served, not ignored: each generated token's log-prob is the target's raw log-softmax there
+    (from the verification forward), with the n most likely alternatives."""
+    r = post(server, {"prompt": "abcab", "max_tokens": 12, "temperature": 0, "logprobs": 3, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in lp["tokens"]]
+    prompt = tokenizer.encode("abcab")
+    with torch.no_grad():
+        ref = torch.log_softmax(target(torch.tensor([prompt + ids])).logits[0].float(), -1)
+    for j, (tok, value) in enumerate(zip(ids, lp["token_logprobs"])):
+        row = ref[len(prompt) + j - 1]
+        assert value == pytest.approx(float(row[tok]), abs=1e-4)
+        assert int(row.argmax()) == tok and max(lp["top_logprobs"][j].values()) == pytest.approx(value, abs=1e-6)
+        assert len(lp["top_logprobs"][j]) == 3  # greedy: the chosen token is one of the top 3
+    assert lp["text_offset"] == list(range(len(ids)))  # one character per token here
+    chat = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+                         "logprobs": True, "top_logprobs": 2}, path="/v1/chat/completions").json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == chat["usage"]["completion_tokens"] and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert all(c["logprob"] <= 0 and c["bytes"] == list(c["token"].encode()) for c in content)
+    bad = post(server, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+               path="/v1/chat/completions")
+    assert bad.status_code == 400 and "top_logprobs needs logprobs" in bad.json()["error"]["message"]
+    assert post(server, {"prompt": "abc", "logprobs": 21}).status_code == 400
+
+
+def test_streamed_logprobs_cover_every_token(server):
+    headers = {"Authorization": "Bearer k-default"}
+    body = {"model": MODEL, "prompt": "xyzxyz", "max_tokens": 16, "temperature": 0, "logprobs": 1, "stream": True,
+            "ignore_eos": True}
+    tokens = []
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                if choice["logprobs"]:
+                    tokens += choice["logprobs"]["tokens"]
+    assert len(tokens) == 16
 
 
 def test_an_exception_inside_the_engine_fails_that_request_alone(server, monkeypatch):
