@@ -152,10 +152,11 @@ class Registry:
         raw = self.redis.get(keys.spec_key(drafter))
         return json.loads(raw) if raw else None
 
-    def set_spec(self, drafter: str, model) -> bool:
+    def set_spec(self, drafter: str, model, base: str | None = None) -> bool:
         """Record the architecture the drafter's versions must have (the server does this when it
-        registers its configured drafter); True when it changed."""
-        spec = json.dumps(model_spec(model), sort_keys=True)
+        registers its configured drafter) and, as ``base``, the model name it was loaded from (what
+        a worker reloads when no version of the drafter loads any more); True when it changed."""
+        spec = json.dumps({**model_spec(model), "base": base}, sort_keys=True)
         old = self.redis.get(keys.spec_key(drafter))
         self.redis.set(keys.spec_key(drafter), spec)
         return old is not None and old.decode() != spec

@@ -25,7 +25,7 @@ from onlinespec.registry import CheckpointError, PublishConflict, Registry, expe
 from onlinespec.faults import failpoint
 from onlinespec.stream import FeedbackReader
 
-__all__ = ["RoundResult", "Updater", "PoolUpdater", "bootstrap_drafter", "repair_latest", "learner_config",
+__all__ = ["RoundResult", "Updater", "PoolUpdater", "bootstrap_drafter", "repair_latest", "recover", "learner_config",
            "learner_health", "already_learned", "POOL"]
 
 POOL = "__pool__"  # the pool's consumer group reads every record, like each drafter's
@@ -76,12 +76,12 @@ def repair_latest(registry: Registry, drafter: str, expected=None) -> int | None
     return None
 
 
-def bootstrap_drafter(registry: Registry, drafter: str, model) -> int:
+def bootstrap_drafter(registry: Registry, drafter: str, model, base: str | None = None) -> int:
     """Make sure the drafter has a latest version that loads: record its spec (architecture and
     shapes: every later version must fit it), register the base model as its first version when
     it has none; when the latest cannot be loaded, go back to the newest version that can
     (:func:`repair_latest`) or, when none can, publish the base model on top of it."""
-    if registry.set_spec(drafter, model):
+    if registry.set_spec(drafter, model, base):
         log.warning("%s: the configured model's architecture differs from the registry's versions; "
                     "versions that do not fit it will be refused", drafter)
     latest = registry.latest(drafter)
@@ -95,6 +95,23 @@ def bootstrap_drafter(registry: Registry, drafter: str, model) -> int:
                                 f"base model (no kept version of v{latest}'s line could be loaded)").version
     except PublishConflict:
         return registry.latest(drafter)
+
+
+def recover(registry: Registry, drafter: str) -> int:
+    """The version to continue from after the latest failed to load: the newest version that
+    loads (:func:`repair_latest`) or, when none does, the base model the server registered,
+    reloaded from the spec's ``base`` and published again (:func:`bootstrap_drafter`). Raises
+    :class:`CheckpointError` when neither is possible (a spec without a base)."""
+    repaired = repair_latest(registry, drafter)
+    if repaired is not None:
+        return repaired
+    base = (registry.spec(drafter) or {}).get("base")
+    if not base:
+        raise CheckpointError(f"{drafter}: no version loads and its spec names no base model to start again from")
+    from onlinespec.models import load_model
+
+    log.error("%s: no kept version loads; learning restarts from the base model %s", drafter, base)
+    return bootstrap_drafter(registry, drafter, load_model(base), base)
 
 
 def learner_health(redis_client, drafter: str) -> dict:
@@ -180,11 +197,8 @@ class Updater:
                                time.perf_counter() - t0)
         try:
             learner = self._learner(drafter, latest, config)
-        except CheckpointError:  # its files were lost or damaged: continue from the newest that loads
-            repaired = repair_latest(self.registry, drafter)
-            if repaired is None or repaired == latest:
-                raise
-            latest = repaired
+        except CheckpointError:  # its files were lost or damaged: continue from what still loads
+            latest = recover(self.registry, drafter)
             learner = self._learner(drafter, latest, config)
         metrics = learner.round(own).to_dict()
         failpoint("before_publish", drafter)
@@ -230,11 +244,9 @@ class PoolUpdater:
         if cached is None or cached[0] != latest:
             try:
                 model = self.registry.load_model(drafter, latest)[0]
-            except CheckpointError:  # lost or damaged: score the newest version that loads
-                repaired = repair_latest(self.registry, drafter)
-                if repaired is None or repaired == latest:
-                    raise
-                latest, model = repaired, self.registry.load_model(drafter, repaired)[0]
+            except CheckpointError:  # lost or damaged: score what still loads
+                latest = recover(self.registry, drafter)
+                model = self.registry.load_model(drafter, latest)[0]
             self.models[drafter] = (latest, model)
         return self.models[drafter][1]
 

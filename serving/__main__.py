@@ -46,7 +46,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
     for spec in cfg.drafters:
         model = load_model(spec.model)
         check_same_vocab(cfg.target_model, target, spec.model, model, tokenizer, _maybe_tokenizer(spec.model))
-        bases[spec.id] = model
+        bases[spec.id] = (model, spec.model)
 
     redis = registry = writer = watcher = None
     drafters: dict[str, HFDrafter] = {}
@@ -54,8 +54,8 @@ def build(config_path: str | None = None, no_redis: bool = False):
         redis = connect(cfg.redis_url)
         registry = Registry(cfg.registry, redis)
         default_learner = LearnerConfig.from_yaml(cfg.learner) if cfg.learner else LearnerConfig()
-        for did, model in bases.items():
-            bootstrap_drafter(registry, did, model)
+        for did, (model, name) in bases.items():
+            bootstrap_drafter(registry, did, model, base=name)
             redis.sadd(keys.drafters_set(cfg.target_id), did)
             redis.set(keys.learner_config(did), json.dumps(default_learner.to_dict()), nx=True)
             latest = registry.latest(did)
@@ -65,7 +65,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
                               margin=float(s.get("rollback_margin", 0.05)),
                               min_drafted=int(s.get("rollback_min_drafted", 2000)), pool_target=cfg.target_id).start()
     else:
-        drafters = {did: HFDrafter(model, did, version=0) for did, model in bases.items()}
+        drafters = {did: HFDrafter(model, did, version=0) for did, (model, _) in bases.items()}
 
     first = next(iter(drafters.values()), None)
     suffix = SuffixConfig.from_dict(s.get("suffix"))

@@ -264,3 +264,23 @@ def test_the_pool_does_not_count_a_redelivered_round_twice(setup, redis_client, 
     time.sleep(0.05)
     again = PoolUpdater(redis_client, registry, TARGET, "p2", round_records=10, min_idle_ms=10).run_round()
     assert again.status == "skipped" and redis_client.hget(keys.pool_key(TARGET), "state") == state
+
+
+def test_a_worker_that_finds_no_loadable_version_starts_again_from_the_base_model(tmp_path, redis_client):
+    """Redis kept its pointers, the registry's files are gone (a reset volume): instead of failing
+    every round, the worker reloads the base model the server registered and learns on."""
+    import shutil
+
+    target = tiny_llama(layers=2, hidden=48, heads=4, vocab=V, seed=7)
+    base = perturbed(target, 0.5, seed=3)
+    base.save_pretrained(tmp_path / "base")
+    registry = Registry(tmp_path / "registry", redis_client)
+    bootstrap_drafter(registry, "a", base, base=str(tmp_path / "base"))
+    redis_client.set(keys.learner_config("a"), json.dumps(LearnerConfig(trainable="lm_head").to_dict()))
+    submit(redis_client, records(target, base, 3))
+    assert Updater(redis_client, registry, TARGET, consumer="w1", round_records=10).run_round("a").version == 2
+    shutil.rmtree(registry.root / "a")
+    submit(redis_client, records(target, base, 3, seed=5))
+    result = Updater(redis_client, registry, TARGET, consumer="w2", round_records=10).run_round("a")
+    assert result.status == "published" and result.parent == 3 and result.version == 4
+    assert "base model" in registry.manifest("a", 3).note and registry.manifest("a", 3).parent == 2
