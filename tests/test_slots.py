@@ -1,0 +1,67 @@
+"""Ragged batched forwards through transformers' own Llama with a slot cache equal
+single-sequence forwards, through joins, leaves and per-row rollbacks (this pins what
+transformers does with a 4D mask and a custom cache: a change in its internals fails here)."""
+
+import random
+
+import pytest
+import torch
+
+from onlinespec.slots import SlotCache, forward_rows
+from tests.tiny import tiny_llama
+
+
+def reference(model, tokens: list[int], n: int) -> torch.Tensor:
+    """Logits at the last ``n`` positions of ``tokens`` from one forward without any cache."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0, -n:]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_ragged_forwards_equal_single_sequence_forwards(attention):
+    model = tiny_llama(layers=2, hidden=64, heads=4, seed=3)
+    model.set_attn_implementation(attention)  # eager adds the mask: it must get a float mask
+    rng = random.Random(0)
+    cache = SlotCache.for_model(model, slots=4, max_len=96)
+    seqs: list[list[int]] = []  # committed tokens of each active row, in row order
+
+    def step(feeds):
+        outs = forward_rows(model, cache, feeds)
+        for row, (feed, logits) in enumerate(zip(feeds, outs)):
+            seqs[row] += feed
+            ref = reference(model, seqs[row], len(feed))
+            assert torch.allclose(logits, ref, atol=5e-5), (row, (logits - ref).abs().max())
+
+    for length in (5, 9, 2):  # three requests join and prefill together, ragged
+        cache.join()
+        seqs.append([])
+    step([[rng.randrange(1, 128) for _ in range(length)] for length in (5, 9, 2)])
+    for i in range(12):
+        feeds = [[rng.randrange(1, 128) for _ in range(rng.randint(1, 5))] for _ in seqs]  # k+1 per row
+        step(feeds)
+        for row in range(len(seqs)):  # each row rejects some of what it fed: a rewind, no data moves
+            keep = len(seqs[row]) - rng.randint(0, len(feeds[row]) - 1)
+            cache.rewind(row, keep)
+            del seqs[row][keep:]
+        if i == 4:  # the first request finishes: the last row moves into its place
+            moved = cache.leave(0)
+            assert moved == len(seqs) - 1
+            seqs[0] = seqs.pop()
+        if i == 6:  # a new request joins mid-batch with a long prompt
+            cache.join()
+            seqs.append([])
+            step([[rng.randrange(1, 128)] for _ in seqs[:-1]] + [[rng.randrange(1, 128) for _ in range(11)]])
+    assert cache.active == len(seqs) == 3
+    assert [int(x) for x in cache.lengths[: cache.active]] == [len(s) for s in seqs]
+
+
+def test_slots_are_bounded():
+    cache = SlotCache(num_layers=1, slots=2, max_len=8)
+    cache.join()
+    cache.join()
+    try:
+        cache.join()
+        raise AssertionError("a third join must be refused")
+    except RuntimeError as exc:
+        assert "slots" in str(exc)
+    assert cache.leave(1) is None and cache.active == 1
