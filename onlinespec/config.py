@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["DrafterSpec", "ServiceConfig", "load_config", "resolve_beside", "CONFIGS", "DEFAULT_CONFIG"]
+__all__ = ["DrafterSpec", "ServiceConfig", "load_config", "resolve_beside", "CONFIGS", "DEFAULT_CONFIG", "KNOWN_KEYS"]
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/ (not in a wheel)
 DEFAULT_CONFIG = CONFIGS / "demo.yaml"
@@ -56,9 +56,42 @@ def resolve_beside(yaml_path: str | Path, relative: str) -> str:
     return str((here.parent if here.name == "configs" else here) / relative)
 
 
+# Every key a service YAML may hold, by section: a misspelt key is an error, not a silent default.
+KNOWN_KEYS = {
+    "": {"target", "drafters", "serving", "redis", "registry", "workers", "learner"},
+    "target": {"id", "model"},
+    "drafters[]": {"id", "model"},
+    "serving": {"host", "port", "k", "k_max", "feedback_topk", "max_active", "max_queue", "max_prompt_tokens",
+                "max_tokens", "threads", "rollback", "rollback_margin", "rollback_min_drafted", "admin_token",
+                "api_keys", "suffix"},
+    "redis": {"url", "stream_maxlen"},
+    "workers": {"count", "threads", "round_records", "period"},
+}
+
+
+def _check_keys(path: Path, raw: dict) -> None:
+    sections = [("", raw), ("target", raw.get("target")), ("serving", raw.get("serving")),
+                ("redis", raw.get("redis")), ("workers", raw.get("workers")),
+                *(("drafters[]", d) for d in raw.get("drafters") or [])]
+    for name, section in sections:
+        if not isinstance(section, dict):
+            continue
+        unknown = sorted(set(section) - KNOWN_KEYS[name])
+        if unknown:
+            where = f"{name}." if name else ""
+            raise ValueError(f"{path}: unknown key {where}{unknown[0]}; known {name or 'top-level'} keys: "
+                             f"{', '.join(sorted(KNOWN_KEYS[name]))}")
+    from onlinespec.suffix import SuffixConfig
+
+    SuffixConfig.from_dict((raw.get("serving") or {}).get("suffix"))  # its own keys and values, named
+
+
 def load_config(path: str | Path | None = None) -> ServiceConfig:
     path = Path(path or os.environ.get("ONLINESPEC_CONFIG") or DEFAULT_CONFIG)
     raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a service config is a mapping of keys")
+    _check_keys(path, raw)
     try:
         target = raw["target"]
         drafters = tuple(DrafterSpec(str(d["id"]), str(d["model"])) for d in raw.get("drafters", []))

@@ -71,3 +71,21 @@ def test_every_shipped_config_loads():
             assert len(points) == raw["trials"]
         else:
             LearnerConfig.from_yaml(path)
+
+
+def test_a_misspelt_config_key_is_an_error_that_names_it(tmp_path):
+    from onlinespec.config import load_config
+
+    base = (ROOT / "configs" / "demo.yaml").read_text()
+    for typo, name in (("  rollback_margin: 0.05", "serving.rollback_margn"), ("  count: 1", "workers.cuont"),
+                       ("registry: .onlinespec/registry", "registy")):
+        bad = tmp_path / "bad.yaml"
+        assert typo in base, typo
+        key = name.split(".")[-1]
+        bad.write_text(base.replace(typo, typo.replace(typo.strip().split(":")[0], key), 1))
+        with pytest.raises(ValueError, match=f"unknown key {name.replace('.', '[.]')}"):
+            load_config(bad)
+    suffix = tmp_path / "suffix.yaml"
+    suffix.write_text(base.replace("    max_n: 6", "    max_nn: 6"))
+    with pytest.raises(ValueError, match="max_nn"):
+        load_config(suffix)
