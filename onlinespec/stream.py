@@ -18,6 +18,7 @@ position) happens before learning; an entry that every round fails on is put asi
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -156,7 +157,7 @@ class FeedbackWriter:
             self.stats.dropped_unreachable += 1
 
     def _write(self) -> None:
-        chunk = list(self.buffer)[: self.batch]
+        chunk = list(itertools.islice(self.buffer, self.batch))
         markers = [keys.written_key(self.target, rid) for rid, _ in chunk]
         added = int(self._add_once(keys=[self.stream, *markers],
                                    args=[self.maxlen, 3600, *(p for _, p in chunk)]))
