@@ -134,10 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="service YAML (for the target id)")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--target", default=None, help="target id (default: the config's)")
-    p.add_argument("--out", default="feedback.msgpack", help="export: file to write; run: best config YAML")
+    p.add_argument("--out", default=None,
+                   help="export: file to write (default feedback.msgpack); run: best config YAML (default "
+                        "tune-best.yaml; never the input file)")
     p.add_argument("--count", type=int, default=None, help="export: at most this many records")
     p.add_argument("--file", default="feedback.msgpack", help="import/run: an exported file")
-    p.add_argument("--space", default="configs/tune.yaml", help="run: search space YAML")
+    p.add_argument("--space", default=None, help="run: search space YAML (default: the shipped configs/tune.yaml)")
     p.add_argument("--drafter", default="demo:drafter-1l", help="run: the drafter model to start from")
     p.add_argument("--k", type=int, default=4, help="run: draft length for the predicted accepted length")
     p.add_argument("--apply", default=None, help="run: base URL of a live server to apply the best config to")

@@ -148,22 +148,32 @@ def run(args) -> int:
         target = args.target or load_config(args.config).target_id
         redis = connect(args.redis_url)
         if args.action == "export":
-            n = export_stream(redis, target, args.out, args.count)
-            print(f"exported {n} records of {target} to {args.out}")
+            out = args.out or "feedback.msgpack"
+            n = export_stream(redis, target, out, args.count)
+            print(f"exported {n} records of {target} to {out}")
         else:
             n = import_stream(redis, target, args.file)
             print(f"imported {n} records into {keys.feedback_stream(target)}")
         return 0
 
-    from onlinespec.config import resolve_beside
+    from onlinespec.config import CONFIGS, resolve_beside
     from onlinespec.models import load_model
 
+    out = Path(args.out or "tune-best.yaml")
+    if out.resolve() == Path(args.file).resolve():  # a run with defaults once overwrote its own input
+        print(f"refusing to write the best configuration over the input file {args.file}: pass another --out",
+              file=sys.stderr)
+        return 2
+    if args.apply and not (args.token or os.environ.get("ONLINESPEC_ADMIN_TOKEN")):  # before the work, not after
+        print("--apply needs the admin token (--token or ONLINESPEC_ADMIN_TOKEN)", file=sys.stderr)
+        return 2
+    space_path = args.space or str(CONFIGS / "tune.yaml")
     records, skipped = read_file(args.file)
     if not records:
         print(f"no valid records in {args.file} ({skipped} skipped)", file=sys.stderr)
         return 1
-    space = yaml.safe_load(Path(args.space).read_text())
-    base_path = space.get("base") and resolve_beside(args.space, space["base"])
+    space = yaml.safe_load(Path(space_path).read_text())
+    base_path = space.get("base") and resolve_beside(space_path, space["base"])
     base = LearnerConfig.from_yaml(base_path) if base_path else LearnerConfig()
     drafter = load_model(args.drafter)
     trials = []
@@ -181,12 +191,12 @@ def run(args) -> int:
     for rank, t in enumerate(trials, 1):
         print(f"{rank:>4} {t.prequential_loss:>10.4f} {t.predicted_accepted_length:>14.3f}  {json.dumps(t.settings)}")
     best = trials[0]
-    Path(args.out).write_text(
+    out.write_text(
         f"# best of {len(trials)} by mean prequential loss {best.prequential_loss:.4f} "
         f"(predicted accepted length {best.predicted_accepted_length:.3f} at k={args.k}); "
         f"rounds of {best.round_records} records (workers: --round-records)\n"
         + yaml.safe_dump(best.config.to_dict(), sort_keys=False))
-    print(f"best configuration: {args.out}")
+    print(f"best configuration: {out}")
     if args.apply:
         import httpx
 

@@ -76,3 +76,20 @@ def test_tuner_ranks_a_zero_step_size_below_a_reasonable_one(logged, tmp_path, c
     assert ranking[0]["predicted_accepted_length"] > ranking[-1]["predicted_accepted_length"]
     best = yaml.safe_load(out.read_text())
     assert best["optim"]["lr"] == 0.05 and best["trainable"] == "lm_head"
+
+
+def test_tune_never_overwrites_its_input_and_checks_the_token_first(logged, tmp_path, monkeypatch, capsys):
+    """`tune run --out` equal to `--file` once replaced the exported feedback with a YAML file; and
+    a missing admin token for --apply was found only after the whole run."""
+    path = tmp_path / "feedback.msgpack"
+    path.write_bytes(b"exported feedback")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["tune", "run", "--file", str(path), "--out", "feedback.msgpack"])
+    assert done.value.code == 2 and path.read_bytes() == b"exported feedback"
+    assert "refusing to write" in capsys.readouterr().err
+    monkeypatch.delenv("ONLINESPEC_ADMIN_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as done:
+        main(["tune", "run", "--file", str(path), "--apply", "http://127.0.0.1:9"])
+    assert done.value.code == 2 and "admin token" in capsys.readouterr().err
+    assert path.read_bytes() == b"exported feedback" and not (tmp_path / "tune-best.yaml").exists()
