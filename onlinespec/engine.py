@@ -151,9 +151,8 @@ class GenerationResult:
     record: FeedbackRecord | None
 
 
-def _token_logprobs(logits: torch.Tensor, tokens: list[int], n: int) -> tuple[TokenLogprob, ...]:
-    """logits: [T, V] at the positions that produced ``tokens`` (T of them)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
+def _token_logprobs(lp: torch.Tensor, tokens: list[int], n: int) -> tuple[TokenLogprob, ...]:
+    """lp: [T, V] log-softmax at the positions that produced ``tokens`` (T of them)."""
     chosen = lp.gather(-1, torch.tensor(tokens, device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
     if n:
         top = lp.topk(n, dim=-1)
@@ -358,10 +357,14 @@ class Generation:
             emitted += 1
             if self.stop.push(token):
                 break
-        if self.builder is not None:
+        # the target's log-probs at the emitted positions: for the feedback record and the response
+        lp = None
+        if self.builder is not None or self.params.logprobs is not None:
             t_capture = time.perf_counter()
-            self._capture(logits[:emitted], drafts.tolist(), verdict.accepted, emitted)
-            self.stats.capture_seconds += time.perf_counter() - t_capture
+            lp = torch.log_softmax(logits[:emitted].float(), dim=-1)
+            if self.builder is not None:
+                self._capture(lp, drafts.tolist(), verdict.accepted, emitted)
+                self.stats.capture_seconds += time.perf_counter() - t_capture
         self.tokens.extend(new[:emitted])
         if not self.finished:
             # Keep every settled token but the newest (it is fed with the next drafts).
@@ -383,7 +386,7 @@ class Generation:
                 ctl.observe_plain(t2 - t1)
         logprobs = None
         if self.params.logprobs is not None:  # rows of the emitted positions: computed already
-            logprobs = _token_logprobs(logits[:emitted], new[:emitted], self.params.logprobs)
+            logprobs = _token_logprobs(lp, new[:emitted], self.params.logprobs)
         return StepOutput(
             logprobs=logprobs,
             tokens=new[:emitted],
@@ -396,9 +399,10 @@ class Generation:
             finish_reason=self.stop.finish_reason,
         )
 
-    def _capture(self, logits: torch.Tensor, drafts: list[int], accepted: int, emitted: int) -> None:
-        k = min(self.engine.config.feedback_topk, logits.shape[-1])
-        top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    def _capture(self, lp: torch.Tensor, drafts: list[int], accepted: int, emitted: int) -> None:
+        """lp: [emitted, V] the target's log-softmax at the emitted positions."""
+        k = min(self.engine.config.feedback_topk, lp.shape[-1])
+        top = lp.topk(k, dim=-1)
         self.builder.add_block(
             top.indices.numpy().astype(np.int32), top.values.numpy().astype(np.float16), drafts, accepted, emitted
         )

@@ -66,7 +66,7 @@ def _gguf(model: PackagedModel) -> Path:
 
 
 def _complete(directory: Path, source: Path) -> bool:
-    """A finished conversion of this very file (its size and mtime are recorded at the end)."""
+    """A finished conversion of this very file (its size is recorded last, when the copy is complete)."""
     try:
         stamp = json.loads((directory / "onlinespec-source.json").read_text())
     except (OSError, ValueError):

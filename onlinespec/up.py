@@ -7,8 +7,8 @@ until the server is ready, prints the URLs, then supervises: a child that exits 
 out-of-memory kill, Redis going away) is restarted with backoff, and the restart is printed.
 On Ctrl-C (or SIGTERM) it stops everything: workers first (they finish their round), then the
 server, then Redis. Children run in their own sessions, so the terminal's Ctrl-C reaches only
-this process, which stops them in that order. Worker and Redis output goes to log files beside the registry, not to the
-terminal; the server's warnings stay on it.
+this process, which stops them in that order. Worker and Redis output goes to log files beside
+the registry, not to the terminal; the server's warnings stay on it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import httpx
 from onlinespec.config import load_config
 from onlinespec.redis_server import EmbeddedRedis
 
-__all__ = ["run", "redact", "Child", "Supervisor"]
+__all__ = ["run", "redact", "Child", "Supervisor", "spawn", "server_command", "worker_command", "wait_ready"]
 
 BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before restart number 1, 2, ... (the last repeats)
 STABLE_AFTER = 60.0  # a child that ran this long starts its backoff again from the first step
@@ -118,6 +118,33 @@ class _Exited:
         pass
 
 
+def spawn(cmd: list[str], env: dict, log_path: str | os.PathLike | None = None) -> subprocess.Popen:
+    """A child in its own session (a terminal's Ctrl-C reaches only the supervisor), its output
+    appended to ``log_path`` when given (the parent keeps no handle on the file)."""
+    if log_path is None:
+        return subprocess.Popen(cmd, env=env, start_new_session=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def server_command(config: str, host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "serving", "--config", str(config), "--host", host, "--port", str(port)]
+
+
+def worker_command(cfg, round_records: int | None = None, period: float | None = None,
+                   log_level: str | None = None) -> list[str]:
+    """``python -m workers`` for a service config (its workers section unless overridden)."""
+    cmd = [sys.executable, "-m", "workers", "--target", cfg.target_id, "--registry", cfg.registry,
+           "--threads", str(cfg.workers.get("threads", 1)),
+           "--round-records", str(round_records or cfg.workers.get("round_records", 16)),
+           "--period", str(period or cfg.workers.get("period", 10))]
+    if cfg.learner:
+        cmd += ["--learner-config", cfg.learner]
+    if log_level:
+        cmd += ["--log-level", log_level]
+    return cmd
+
+
 class _RedisProc:
     """An :class:`EmbeddedRedis` seen as a process (same port and data on every restart)."""
 
@@ -140,7 +167,9 @@ class _RedisProc:
         self.server.proc.kill()
 
 
-def _wait_ready(url: str, sup: Supervisor, timeout: float) -> None:
+def wait_ready(url: str, sup: Supervisor, timeout: float) -> None:
+    """Supervise until the server at ``url`` answers ``/ready`` (RuntimeError after ``timeout``,
+    or when the server keeps exiting)."""
     deadline = time.time() + timeout
     server = next(c for c in sup.children if c.name == "server")
     while time.time() < deadline:
@@ -191,21 +220,12 @@ def run(args) -> int:
         else:
             print(f"redis      {redact(url)}")
         env = {**os.environ, "REDIS_URL": url, "ONLINESPEC_REGISTRY": cfg.registry, "PYTHONUNBUFFERED": "1"}
-        sup.add("server", lambda: subprocess.Popen(
-            [sys.executable, "-m", "serving", "--config", cfg.source, "--host", host, "--port", str(port)], env=env,
-            start_new_session=True))
+        sup.add("server", lambda: spawn(server_command(cfg.source, host, port), env))
         for i in range(workers):
-            cmd = [sys.executable, "-m", "workers", "--target", cfg.target_id, "--registry", cfg.registry,
-                   "--threads", str(cfg.workers.get("threads", 1)),
-                   "--round-records", str(cfg.workers.get("round_records", 16)),
-                   "--period", str(cfg.workers.get("period", 10))]
-            if cfg.learner:
-                cmd += ["--learner-config", cfg.learner]
             path = os.path.join(logs, f"worker-{i + 1}.log")
-            sup.add(f"worker-{i + 1}", lambda cmd=cmd, path=path: subprocess.Popen(
-                cmd, env=env, stdout=open(path, "ab"), stderr=subprocess.STDOUT, start_new_session=True))
+            sup.add(f"worker-{i + 1}", lambda path=path: spawn(worker_command(cfg), env, path))
         base = f"http://{host}:{port}"
-        _wait_ready(base, sup, args.ready_timeout)
+        wait_ready(base, sup, args.ready_timeout)
         print(f"api        {base}/v1   (OpenAI-compatible: completions, chat/completions, models)")
         print(f"dashboard  {base}/dashboard")
         print(f"metrics    {base}/metrics")

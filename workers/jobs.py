@@ -84,8 +84,7 @@ def _guarded(redis, drafter: str, run):
     health = keys.health_key(drafter)
     try:
         result = run()
-        redis.hincrby(health, "rounds", 1)
-        redis.hset(health, "consecutive_failures", 0)
+        redis.pipeline().hincrby(health, "rounds", 1).hset(health, "consecutive_failures", 0).execute()
         return result
     except Exception as exc:
         try:

@@ -24,8 +24,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,7 +36,7 @@ import yaml
 from onlinespec import keys
 from onlinespec.config import DEFAULT_CONFIG, load_config
 from onlinespec.redis_server import EmbeddedRedis, _free_port, connect
-from onlinespec.up import Supervisor, _RedisProc
+from onlinespec.up import Supervisor, _RedisProc, server_command, spawn, wait_ready, worker_command
 
 __all__ = ["SCENARIOS", "ScenarioResult", "Service", "run_scenario", "run"]
 
@@ -155,36 +153,17 @@ class Service:
     def start(self, worker_env: dict | None = None, timeout: float = 180) -> Service:
         self.sup.add("redis", lambda: _RedisProc(self.redis_server))
         self.redis = connect(self.redis_server.url, socket_timeout=5, socket_connect_timeout=2)
-        log = open(self.workdir / "server.log", "ab")
-        port = self.url.rsplit(":", 1)[1]
-        self.sup.add("server", lambda: subprocess.Popen(
-            [sys.executable, "-m", "serving", "--config", str(self.config), "--port", port],
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT))
-        self.wait_ready(timeout)
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        self.sup.add("server", lambda: spawn(server_command(self.config, host, int(port)), self.env(),
+                                             self.workdir / "server.log"))
+        wait_ready(self.url, self.sup, timeout)
         self.add_worker(worker_env or {})
         return self
 
     def add_worker(self, extra_env: dict) -> None:
-        cmd = [sys.executable, "-m", "workers", "--target", self.cfg.target_id, "--registry", self.cfg.registry,
-               "--round-records", str(self.round_records), "--period", str(self.period), "--log-level", "WARNING"]
-        if self.cfg.learner:
-            cmd += ["--learner-config", self.cfg.learner]
+        cmd = worker_command(self.cfg, self.round_records, self.period, log_level="WARNING")
         n = sum(c.name.startswith("worker") for c in self.sup.children) + 1
-        log = open(self.workdir / f"worker-{n}.log", "ab")
-        self.sup.add(f"worker-{n}", lambda: subprocess.Popen(cmd, env=self.env(**extra_env), stdout=log,
-                                                            stderr=subprocess.STDOUT))
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            self.sup.poll()
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the server was not ready after {timeout:.0f}s; see {self.workdir}/server.log")
+        self.sup.add(f"worker-{n}", lambda: spawn(cmd, self.env(**extra_env), self.workdir / f"worker-{n}.log"))
 
     def child(self, name: str):
         return next(c for c in self.sup.children if c.name == name)
