@@ -10,13 +10,18 @@ block of ``k`` drafts yields ``(1 - a^(k+1)) / (1 - a)`` tokens in expectation. 
 ``[k_min, k_max]`` that maximizes it; when no ``k`` beats plain decoding it decodes plainly and
 probes again every ``probe_every`` steps so it notices when the drafter has improved.
 All estimates are exponentially weighted, so they follow a drifting drafter.
+
+Under batching (:class:`BatchK`) the same rule runs per batch size: a step of ``B`` rows costs
+``t_plain(B)`` plain and ``k * t_draft(B) + t_plain(B) + v(B) * k`` with drafts, every row
+expecting ``tokens(k)`` at its proposer's acceptance, so ``k = 0`` (plain batched decoding)
+wins wherever verifying ``B x (k+1)`` positions costs more than the drafts bring.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["AdaptiveK", "expected_tokens", "theoretical_speedup"]
+__all__ = ["AdaptiveK", "BatchK", "expected_tokens", "theoretical_speedup"]
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -62,21 +67,23 @@ class AdaptiveK:
             return None
         return self.t_draft / self.t_plain
 
-    def speedup(self, k: int) -> float:
+    def speedup(self, k: int, acceptance: float | None = None) -> float:
         if self.t_plain is None or self.t_draft is None:
             return float("inf")  # unmeasured: speculate to learn the costs
         step = k * self.t_draft + self.t_plain + self.v * k
-        return expected_tokens(self.acceptance, k) * self.t_plain / step
+        a = self.acceptance if acceptance is None else acceptance
+        return expected_tokens(a, k) * self.t_plain / step
 
-    def best_k(self) -> int:
-        return max(range(self.k_min, self.k_max + 1), key=self.speedup)
+    def best_k(self, acceptance: float | None = None) -> int:
+        return max(range(self.k_min, self.k_max + 1), key=lambda k: self.speedup(k, acceptance))
 
-    def choose(self) -> int:
-        """Draft length for the next step; 0 means one plain target step."""
+    def choose(self, acceptance: float | None = None) -> int:
+        """Draft length for the next step; 0 means one plain target step. ``acceptance``: the
+        one to assume (default: this controller's own estimate)."""
         if self.t_plain is None:
             return 0  # measure plain decoding once first
-        k = self.best_k()
-        if self.speedup(k) >= self.min_speedup:
+        k = self.best_k(acceptance)
+        if self.speedup(k, acceptance) >= self.min_speedup:
             return k
         if self.plain_streak >= self.probe_every:
             return k  # probe: one speculative step refreshes the acceptance estimate
@@ -93,8 +100,74 @@ class AdaptiveK:
         self.plain_streak = 0
         if drafted == 0:
             return
+        self.observe_acceptance(drafted, accepted)
+        self.observe_costs(drafted, draft_seconds, verify_seconds)
+
+    def observe_acceptance(self, drafted: int, accepted: int) -> None:
+        if drafted:
+            self.observe_counts(accepted, 1.0 if accepted < drafted else 0.0)
+
+    def observe_counts(self, accepted: float, rejections: float) -> None:
+        """One step's accepted drafts and rejections (summed over the rows of a batch: the
+        estimate decays per step, not per row)."""
         self.accepted = self.decay * self.accepted + accepted
-        self.rejected = self.decay * self.rejected + (1.0 if accepted < drafted else 0.0)
+        self.rejected = self.decay * self.rejected + rejections
+
+    def observe_costs(self, drafted: int, draft_seconds: float, verify_seconds: float) -> None:
+        """A step that drafted ``drafted`` positions (and verified ``drafted + 1``)."""
+        self.plain_streak = 0
+        if drafted == 0:
+            return
         self.t_draft = self._ema(self.t_draft, draft_seconds / drafted)
         if self.t_plain is not None:
             self.v = self._ema(self.v, max(0.0, verify_seconds - self.t_plain) / drafted)
+
+
+class BatchK:
+    """The draft length of a batch step: costs measured per batch size (one :class:`AdaptiveK`
+    each, probing included), acceptance per proposer (a drafter, or ``__suffix__``).
+
+    ``choose(rows)`` takes the proposer key of every row and assumes their mean acceptance.
+    """
+
+    def __init__(self, k_max: int = 8, **kw):
+        self.k_max, self.kw = k_max, kw
+        self.costs: dict[int, AdaptiveK] = {}
+        self.proposers: dict[str, AdaptiveK] = {}
+        self._step: dict[str, list[float]] = {}  # this step's [accepted, rejections] per proposer
+
+    def at(self, batch: int) -> AdaptiveK:
+        if batch not in self.costs:
+            self.costs[batch] = AdaptiveK(k_max=self.k_max, **self.kw)
+        return self.costs[batch]
+
+    def proposer(self, key: str) -> AdaptiveK:
+        if key not in self.proposers:
+            self.proposers[key] = AdaptiveK(k_max=self.k_max, **self.kw)
+        return self.proposers[key]
+
+    def acceptance(self, rows: list[str]) -> float:
+        return sum(self.proposer(r).acceptance for r in rows) / len(rows) if rows else 0.0
+
+    def choose(self, rows: list[str], batch: int | None = None) -> int:
+        """``rows``: the proposer of each row the choice applies to; ``batch``: rows stepped
+        (default: as many)."""
+        return self.at(batch or len(rows)).choose(self.acceptance(rows)) if rows else 0
+
+    def observe_row(self, key: str, drafted: int, accepted: int) -> None:
+        if drafted:
+            counts = self._step.setdefault(key, [0.0, 0.0])
+            counts[0] += accepted
+            counts[1] += accepted < drafted
+
+    def observe_step(self, batch: int, drafted: int, draft_seconds: float, verify_seconds: float) -> None:
+        """A step of ``batch`` rows whose longest draft was ``drafted`` (0: a plain step); the
+        rows it observed update their proposers' acceptance together."""
+        for key, (accepted, rejections) in self._step.items():
+            self.proposer(key).observe_counts(accepted, rejections)
+        self._step.clear()
+        costs = self.at(batch)
+        if drafted:
+            costs.observe_costs(drafted, draft_seconds, verify_seconds)
+        else:
+            costs.observe_plain(verify_seconds)

@@ -27,6 +27,8 @@ def _bench(args) -> int:
         from onlinespec.bench.loop import run
     elif args.what == "faults":
         from onlinespec.bench.faults import run
+    elif args.what == "serve":
+        from onlinespec.bench.serve import run
     else:
         from onlinespec.bench.adapt import run
     return run(args)
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures (and --json)")
-    p.add_argument("what", choices=["engine", "loop", "adapt", "faults"])
+    p.add_argument("what", choices=["engine", "serve", "loop", "adapt", "faults"])
     p.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a smoke run in under a minute")
     p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     p.add_argument("--target", default=None, help="target model path or hub id (default: demo:target)")
@@ -90,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loop: learner settings the worker rate is measured with (default configs/learner.yaml)")
     p.add_argument("--plot", default=None, help="adapt: write a PNG of accepted length and regret")
     p.add_argument("--config", default=None,
-                   help="engine: a service YAML's target and first drafter on chat prompts; faults: the service "
-                        "(default: configs/demo.yaml)")
+                   help="engine, serve: a service YAML's target and first drafter (chat prompts for a chat "
+                        "model); faults: the service (default: configs/demo.yaml)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="serve: where the models run (auto: cuda when there is one)")
+    p.add_argument("--k-fixed", type=int, default=None,
+                   help="serve: a fixed draft length instead of the batch-aware controller")
     p.add_argument("--scenarios", nargs="*", default=None,
                    help="faults: a subset of redis_kill worker_kill worker_kill_after_publish poison hostile_seed")
     p.set_defaults(func=_bench)

@@ -312,11 +312,13 @@ class Generation:
     def generated(self) -> list[int]:
         return self.tokens[len(self.prompt) :]
 
-    def _draft_length(self) -> int:
-        engine, drafter = self.engine, self.engine.drafter
+    def draft_length(self, k: int | None = None) -> int:
+        """Drafts to propose this step: the request's own ``k``, else the engine's fixed one, else
+        ``k`` (a batch's choice), else this drafter's controller; bounded by what is left."""
+        engine, drafter = self.engine, self.drafter
         if drafter is None and self.index is None:
             return 0  # nothing can propose: plain decoding
-        k = self.params.k or engine.config.k
+        k = self.params.k or engine.config.k or k
         if k is None:
             k = engine.controller(drafter).choose()
         remaining = self.params.max_new_tokens - len(self.generated)
@@ -324,15 +326,22 @@ class Generation:
         # A step emits accepted + 1 tokens: drafting more than remaining - 1 is wasted work.
         return max(0, min(k, remaining - 1, room))
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether a controller chooses this request's draft length."""
+        return self.params.k is None and self.engine.config.k is None and (
+            self.drafter is not None or self.index is not None)
+
     @torch.inference_mode()
     def step(self) -> StepOutput:
+        """One step of this request alone: propose, verify (one target forward), accept, rewind."""
         assert not self.finished, "step() on a finished generation"
         if self.target.length == 0 and len(self.tokens) > 1:
             self.target.feed(self.tokens[:-1], last_only=True)  # prefill: all settled tokens but the last
         drafter = self.engine.drafter
         if drafter is not self.drafter:  # swapped between steps: start its cache afresh
             self.drafter, self.dstate = drafter, drafter.begin(self.prompt) if drafter else None
-        k = self._draft_length()
+        k = self.draft_length()
 
         t0 = time.perf_counter()
         copied: list[bool] = []
@@ -345,12 +354,30 @@ class Generation:
         else:
             proposal = drafter.propose(self.dstate, self.tokens, k, self.params, self.generator)
         t1 = time.perf_counter()
-        drafts = proposal.tokens
         # logits: [m+1, V] at the last settled token and each of the m drafts
-        logits = self.target.feed(torch.cat([torch.tensor(self.tokens[-1:]), drafts]))
-        verdict = verify(logits, drafts, proposal.q, self.params, self.generator)
+        logits = self.target.feed(torch.cat([torch.tensor(self.tokens[-1:]), proposal.tokens]))
         t2 = time.perf_counter()
+        out = self.settle(proposal, copied, logits, t1 - t0, t2 - t1)
+        if not self.finished:
+            # Keep every settled token but the newest (it is fed with the next drafts).
+            self.target.rewind(len(self.tokens) - 1)
+            if drafter is not None:
+                drafter.rewind(self.dstate, len(self.tokens) - 1)
+        if self.adaptive:
+            ctl = self.engine.controller(drafter)
+            if out.drafted:
+                ctl.observe_spec(out.drafted, out.accepted, t1 - t0, t2 - t1)
+            else:
+                ctl.observe_plain(t2 - t1)
+        return out
 
+    def settle(self, proposal: Proposal, copied: list[bool], logits: torch.Tensor, draft_s: float,
+               verify_s: float) -> StepOutput:
+        """Accept what the target's ``logits`` ([m+1, V] at the last settled token and each of the
+        ``m`` drafts) allow, emit it through the stop rules, record it. The caches are the caller's
+        to rewind (to ``len(self.tokens) - 1``)."""
+        drafts = proposal.tokens
+        verdict = verify(logits, drafts, proposal.q, self.params, self.generator)
         new = drafts[: verdict.accepted].tolist() + [verdict.token]
         emitted = 0
         for token in new:
@@ -366,24 +393,13 @@ class Generation:
                 self._capture(lp, drafts.tolist(), verdict.accepted, emitted)
                 self.stats.capture_seconds += time.perf_counter() - t_capture
         self.tokens.extend(new[:emitted])
-        if not self.finished:
-            # Keep every settled token but the newest (it is fed with the next drafts).
-            self.target.rewind(len(self.tokens) - 1)
-            if drafter is not None:
-                drafter.rewind(self.dstate, len(self.tokens) - 1)
         m = len(drafts)
-        self.stats.add(m, verdict.accepted, t1 - t0, t2 - t1)
+        self.stats.add(m, verdict.accepted, draft_s, verify_s)
         n_copied, n_copied_accepted = sum(copied), sum(copied[: verdict.accepted])
         self.stats.copied += n_copied
         self.stats.copied_accepted += n_copied_accepted
         if self.finished and self.cache is not None:
             self.cache.add_output(self.prompt, self.generated, self.scope)
-        if (drafter is not None or self.index is not None) and self.params.k is None and self.engine.config.k is None:
-            ctl = self.engine.controller(drafter)
-            if m:
-                ctl.observe_spec(m, verdict.accepted, t1 - t0, t2 - t1)
-            else:
-                ctl.observe_plain(t2 - t1)
         logprobs = None
         if self.params.logprobs is not None:  # rows of the emitted positions: computed already
             logprobs = _token_logprobs(lp, new[:emitted], self.params.logprobs)

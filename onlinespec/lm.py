@@ -7,10 +7,15 @@ The prefix is never re-encoded: every token is fed exactly once unless a rewind 
 
 from __future__ import annotations
 
-import torch
-from transformers import DynamicCache, PreTrainedModel
+import inspect
 
-__all__ = ["CacheSession"]
+import torch
+from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel
+
+__all__ = ["CacheSession", "CACHE_KWARG"]
+
+# transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 class CacheSession:
@@ -34,7 +39,7 @@ class CacheSession:
         # input_ids: [1, n]; cache_position: [n]
         out = self.model(
             input_ids=ids.view(1, n).to(self.model.device),
-            past_key_values=self.cache,
+            **{CACHE_KWARG: self.cache},
             use_cache=True,
             cache_position=torch.arange(self.length, self.length + n, device=self.model.device),
             logits_to_keep=1 if last_only else 0,

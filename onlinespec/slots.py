@@ -1,18 +1,20 @@
-"""KV memory for many requests at once: one target forward for a ragged batch of rows.
+"""KV memory for many requests at once: one forward for a ragged batch of rows.
 
-The first step of batched serving (the engine loop still steps one request at a time): a
-:class:`SlotCache` preallocates keys and values as ``[slots, kv_heads, max_len, head_dim]`` per
-layer, keeps each row's own committed length, and :func:`forward_rows` feeds every active row
-its own number of new tokens (a prefill chunk, a plain token, or the last settled token plus
-``k`` drafts) in one forward of transformers' own model, each row at its own positions:
+A :class:`SlotCache` keeps keys and values as ``[slots, kv_heads, capacity, head_dim]`` per
+layer (the capacity grows by doubling up to ``max_len`` plus one forward's padding), keeps each
+row's own committed length, and :func:`forward_rows` feeds every active row its own number of
+new tokens (a plain token, the last settled token plus ``k`` drafts, or nothing) in one
+forward of transformers' own model, each row at its own positions:
 
-- ``input_ids [B, T]``, rows padded to the longest with their last token;
+- ``input_ids [B, T]``, rows padded to the longest;
 - ``position_ids [B, T]``: ``length[b] + t``, so RoPE sees each row's true positions;
-- a 4D mask ``[B, 1, T, max_len]``: query ``t`` of row ``b`` sees keys ``j <= length[b] + t``.
-  Padding queries act as continuing tokens past the row's end (a fully masked query would
-  put NaNs into the keys and values), which is why ``max_len`` leaves room for ``T`` more;
+- a 4D mask ``[B, 1, T, L]`` over the first ``L = max(length + T)`` keys: query ``t`` of row
+  ``b`` sees keys ``j <= length[b] + t``. Padding queries act as continuing tokens past the
+  row's end (a fully masked query would put NaNs into the keys and values);
 - new keys and values are written at each row's own positions; only ``length[b] += n[b]``
-  commits them, so rejecting drafts (:meth:`SlotCache.rewind`) moves no data.
+  commits them, so rejecting drafts (:meth:`SlotCache.rewind`) moves no data;
+- logits are computed only at the fed positions (not the padding) where the model's head is a
+  plain projection of the last hidden state (:data:`PLAIN_HEAD`).
 
 Active rows stay contiguous (a join takes row ``B``; a leave moves the last row into the hole),
 so the attention reads views of the buffers, not gathers. What transformers does with a 4D mask
@@ -22,12 +24,16 @@ single-sequence forward of the same model.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-__all__ = ["SlotCache", "forward_rows"]
+from onlinespec.lm import CACHE_KWARG
+
+__all__ = ["SlotCache", "forward_rows", "PLAIN_HEAD"]
+
+# Model types whose causal-LM logits are ``lm_head(last_hidden_state)`` and nothing more (no
+# soft-capping, no logit scale): for them only the fed positions go through the head.
+PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -43,23 +49,30 @@ class _SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         o = self.owner
         heads, k_dim, v_dim = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
-        self.keys = torch.zeros(o.slots, heads, o.max_len, k_dim, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(o.slots, heads, o.max_len, v_dim, dtype=value_states.dtype,
+        self.keys = torch.zeros(o.slots, heads, o.capacity, k_dim, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(o.slots, heads, o.capacity, v_dim, dtype=value_states.dtype,
                                   device=value_states.device)
         self.is_initialized = True
+
+    def grow(self, capacity: int) -> None:
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # key_states: [B, H, T, D] for the active rows, written at positions [B, T]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        b = key_states.shape[0]
+        b, kv_len = key_states.shape[0], self.owner.kv_len
         where = self.owner.write_positions  # [B, T]
         self.keys[:b].scatter_(2, where[:, None, :, None].expand_as(key_states), key_states)
         self.values[:b].scatter_(2, where[:, None, :, None].expand_as(value_states), value_states)
-        return self.keys[:b], self.values[:b]
+        return self.keys[:b, :, :kv_len], self.values[:b, :, :kv_len]
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        return self.owner.max_len, 0
+        return self.owner.kv_len, 0
 
     def get_seq_length(self) -> int:
         return int(self.owner.lengths[: self.owner.active].max()) if self.owner.active else 0
@@ -72,18 +85,37 @@ class SlotCache(Cache):
     """Keys and values of up to ``slots`` requests, each up to ``max_len`` tokens (plus room for
     one forward's padding). Rows ``0 .. active-1`` are in use."""
 
-    def __init__(self, num_layers: int, slots: int, max_len: int):
+    def __init__(self, num_layers: int, slots: int, max_len: int, capacity: int = 256):
         assert slots >= 1 and max_len >= 2, "need at least one slot and room for two tokens"
         self.slots, self.max_len = slots, max_len
+        self.capacity = max(2, min(capacity, max_len))  # positions allocated per row (grows)
         self.lengths = torch.zeros(slots, dtype=torch.long)  # committed tokens per row
         self.active = 0
+        self.kv_len = 0  # keys the current forward attends over
         self.write_positions = torch.zeros(0, 0, dtype=torch.long)
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
 
     @classmethod
-    def for_model(cls, model, slots: int, max_len: int) -> SlotCache:
-        return cls(model.config.num_hidden_layers, slots, max_len)
+    def for_model(cls, model, slots: int, max_len: int, capacity: int = 256) -> SlotCache:
+        return cls(model.config.num_hidden_layers, slots, max_len, capacity)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the keys and values take now."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+
+    @torch.inference_mode()  # its tensors may be inference tensors: so are their updates
+    def ensure(self, positions: int) -> None:
+        """Room for ``positions`` per row (doubling: a long request reallocates a few times)."""
+        if positions <= self.capacity:
+            return
+        capacity = max(positions, min(2 * self.capacity, self.max_len + 64))
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.grow(capacity)
+        self.capacity = capacity
+
+    @torch.inference_mode()  # its tensors may be inference tensors: so are their updates
     def join(self) -> int:
         """A free row for a new request (its length 0); raises when every slot is taken."""
         if self.active >= self.slots:
@@ -93,6 +125,23 @@ class SlotCache(Cache):
         self.active += 1
         return row
 
+    @torch.inference_mode()  # its tensors may be inference tensors: so are their updates
+    def load(self, row: int, source: Cache, length: int, source_row: int = 0) -> None:
+        """Copy the first ``length`` positions of ``source_row`` of another cache (a staged
+        prefill: a single-sequence cache, or another slot cache) into ``row``, whose length
+        becomes ``length``."""
+        assert 0 <= row < self.active, f"row {row} is not active"
+        self.ensure(length + 1)
+        for mine, theirs in zip(self.layers, source.layers):
+            if length == 0:
+                break
+            if not mine.is_initialized:
+                mine.lazy_initialization(theirs.keys, theirs.values)
+            mine.keys[row, :, :length] = theirs.keys[source_row, :, :length]
+            mine.values[row, :, :length] = theirs.values[source_row, :, :length]
+        self.lengths[row] = length
+
+    @torch.inference_mode()  # its tensors may be inference tensors: so are their updates
     def leave(self, row: int) -> int | None:
         """Free ``row``; the last active row moves into it. Returns the row that moved (now at
         ``row``), or None when ``row`` was the last."""
@@ -102,14 +151,14 @@ class SlotCache(Cache):
         if row == last:
             return None
         n = int(self.lengths[last])
-        with torch.inference_mode():  # the buffers were made in inference mode: so are their updates
-            for layer in self.layers:
-                if layer.is_initialized:
-                    layer.keys[row, :, :n] = layer.keys[last, :, :n]
-                    layer.values[row, :, :n] = layer.values[last, :, :n]
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys[row, :, :n] = layer.keys[last, :, :n]
+                layer.values[row, :, :n] = layer.values[last, :, :n]
         self.lengths[row] = n
         return last
 
+    @torch.inference_mode()  # its tensors may be inference tensors: so are their updates
     def rewind(self, row: int, length: int) -> None:
         """Keep the first ``length`` tokens of ``row`` (rejected drafts are forgotten, not moved)."""
         assert 0 <= length <= int(self.lengths[row]), f"cannot rewind row {row} to {length}"
@@ -119,29 +168,42 @@ class SlotCache(Cache):
         return self.layers[layer_idx].get_seq_length()
 
 
-_CACHE_KWARG = "cache" if "cache" in inspect.signature(
-    __import__("transformers").LlamaForCausalLM.forward).parameters else "past_key_values"
-
-
 @torch.inference_mode()
-def forward_rows(model, cache: SlotCache, rows: list[list[int]]) -> list[torch.Tensor]:
-    """Feed ``rows[b]`` (at least one token) to active row ``b``, every row in one forward.
-    Returns each row's logits ``[len(rows[b]), V]``; the tokens are committed to the cache."""
+def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = False):
+    """Feed ``rows[b]`` (possibly nothing) to active row ``b``, every row in one forward.
+    Returns each row's logits ``[len(rows[b]), V]`` (and with ``hidden``, the last hidden states
+    at the same positions); the tokens are committed to the cache."""
     b = len(rows)
-    assert b == cache.active and all(rows), "one non-empty row of tokens per active row, in row order"
+    assert b == cache.active, "one row of tokens per active row, in row order"
     n = torch.tensor([len(r) for r in rows])
-    t = int(n.max())
+    t = max(1, int(n.max()))
     start = cache.lengths[:b].clone()
-    assert int((start + t).max()) <= cache.max_len, f"a row would pass max_len={cache.max_len}"
-    ids = torch.tensor([r + [r[-1]] * (t - len(r)) for r in rows])  # pad with each row's last token
+    need = int((start + t).max())
+    assert need <= cache.max_len + t, f"a row would pass max_len={cache.max_len}"
+    cache.ensure(need)
+    cache.kv_len = need
+    # pad each row with its last token (0 for a row fed nothing: its one query writes no committed key)
+    ids = torch.tensor([r + [r[-1] if r else 0] * (t - len(r)) for r in rows])
     positions = start[:, None] + torch.arange(t)[None, :]  # [B, T]
-    cache.write_positions = positions
-    keys = torch.arange(cache.max_len)
-    mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, max_len]
+    cache.write_positions = positions.to(model.device)
+    keys = torch.arange(need)
+    mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L]
     if getattr(model.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask
         mask = torch.zeros(mask.shape, dtype=model.dtype).masked_fill(~mask, torch.finfo(model.dtype).min)
     device = model.device
-    out = model(input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
-                use_cache=True, **{_CACHE_KWARG: cache})
+    inputs = dict(input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
+                  use_cache=True, **{CACHE_KWARG: cache})
+    lens = n.tolist()
+    if getattr(model.config, "model_type", None) in PLAIN_HEAD:
+        states = model.get_decoder()(**inputs).last_hidden_state  # [B, T, H]
+        fed = torch.arange(t)[None, :] < n[:, None]  # [B, T]
+        h = states[fed.to(device)]  # [sum n, H]: the head only where a token was fed
+        logits = model.get_output_embeddings()(h)
+        out_logits = list(logits.split(lens))
+        out_hidden = list(h.split(lens))
+    else:
+        full = model(**inputs, output_hidden_states=hidden)
+        out_logits = [full.logits[i, : lens[i]] for i in range(b)]
+        out_hidden = [full.hidden_states[-1][i, : lens[i]] for i in range(b)] if hidden else None
     cache.lengths[:b] = start + n
-    return [out.logits[i, : int(n[i])] for i in range(b)]
+    return (out_logits, out_hidden) if hidden else out_logits

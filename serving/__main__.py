@@ -79,6 +79,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
         capture_feedback=writer is not None, target_id=cfg.target_id), suffix=cache)
     state = build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
                         max_active=int(s.get("max_active", 8)), max_queue=int(s.get("max_queue", 64)),
+                        prefill_tokens=int(s.get("prefill_tokens", 256)),
                         max_prompt_tokens=int(s.get("max_prompt_tokens", 1536)),
                         max_tokens=int(s.get("max_tokens", 512)), drafters=drafters, api_keys=cfg.api_keys)
     app = create_app(state)

@@ -1,15 +1,17 @@
-"""The engine loop: one thread owns the engine and interleaves every request step by step.
+"""The engine loop: one thread owns the engine and steps every active request together.
 
-Requests wait in a bounded queue; up to ``max_active`` run at once, each advancing one
-speculative step per turn (round-robin), so no request holds the engine for its whole length.
-Between steps the loop applies hot swaps. Every step's output goes to the request's asyncio
-queue; a cancelled request (client gone) is dropped at its next turn. Each finished request's
-feedback record goes to the writer.
+Requests wait in a bounded queue; up to ``max_active`` are served at once in a continuous
+batch (:class:`~onlinespec.batch.Batch`): each step is one target forward for all of them
+(ragged: each row its own length, position and drafts), and requests join and leave between
+steps. Between steps the loop applies hot swaps. Every step's output goes to the request's
+asyncio queue; a cancelled request (client gone) leaves the batch before the next step. Each
+finished request's feedback record goes to the writer.
 
-No request can stop the loop: any exception while starting or stepping a request fails that
+No request can stop the loop: any exception while starting or settling a request fails that
 request alone (it gets the error; the others go on). An exception outside a request (a swap, a
-metric) restarts the loop after a short backoff: the requests it held get an error, the restart
-is counted (``engine_loop_restarts_total``) and readiness is false until a pass completes.
+metric, a forward) restarts the loop after a short backoff: the requests it held get an error,
+the restart is counted (``engine_loop_restarts_total``) and readiness is false until a pass
+completes.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
+from onlinespec.batch import Batch
 from onlinespec.engine import Generation, SpeculativeEngine, StepOutput
 from onlinespec.errors import InvalidRequestError
 from onlinespec.sampling import SamplingParams
@@ -61,7 +63,8 @@ class RequestHandle:
 
 class EngineLoop:
     def __init__(self, engine: SpeculativeEngine, metrics: Metrics, writer=None, watcher=None,
-                 max_active: int = 8, max_queue: int = 64, drafters: dict | None = None):
+                 max_active: int = 8, max_queue: int = 64, drafters: dict | None = None,
+                 prefill_tokens: int = 256):
         self.engine = engine
         self.drafters = drafters or {}
         self.metrics = metrics
@@ -69,9 +72,10 @@ class EngineLoop:
         self.watcher = watcher
         self.max_active = max_active
         self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens
         self.pending: queue.Queue[RequestHandle] = queue.Queue()
-        self.active: deque[RequestHandle] = deque()
-        self._current: RequestHandle | None = None  # popped from active for this pass
+        self.batch = Batch(engine, slots=max_active, prefill_tokens=prefill_tokens)
+        self.active: dict[Generation, RequestHandle] = {}  # the batch's requests
         self.healthy = True  # false from a crash of the loop until its next clean pass
         self.restarts = 0
         self.last_crash = ""
@@ -104,7 +108,7 @@ class EngineLoop:
         return handle
 
     def _admit(self) -> None:
-        while len(self.active) < self.max_active:
+        while self.batch.room > 0:
             try:
                 handle = self.pending.get(timeout=0.05 if not self.active else 0)
             except queue.Empty:
@@ -123,7 +127,8 @@ class EngineLoop:
                     log.exception("request failed to start")
                 self._fail(handle, exc)
                 continue
-            self.active.append(handle)
+            self.batch.add(handle.generation)
+            self.active[handle.generation] = handle
 
     def _fail(self, handle: RequestHandle, exc: Exception) -> None:
         handle.error = exc
@@ -142,11 +147,11 @@ class EngineLoop:
                 self.metrics.loop_restarts.inc()
                 self.last_crash = f"{type(exc).__name__}: {exc}"
                 log.exception("engine loop crashed (restart %d in %.1fs)", self.restarts, backoff)
-                held = [self._current] if self._current is not None else []
-                self._current = None
-                while self.active:
-                    held.append(self.active.popleft())
-                for handle in held:  # their caches may be half-updated: fail them, keep the waiting ones
+                held = list(self.active.values())
+                self.active.clear()
+                # their rows may be half-updated: fail them (the waiting ones stay) and start afresh
+                self.batch = Batch(self.engine, slots=self.max_active, prefill_tokens=self.prefill_tokens)
+                for handle in held:
                     self._fail(handle, RuntimeError(f"engine loop restarted: {self.last_crash}"))
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -155,13 +160,13 @@ class EngineLoop:
         while not self._stop.is_set():
             self._admit()
             self.metrics.queue_depth.set(self.depth)
+            for gen, handle in list(self.active.items()):
+                if handle.cancelled:
+                    self.metrics.cancelled.inc()
+                    self.batch.remove(gen)
+                    del self.active[gen]
             if not self.active:
                 self.healthy = True  # an idle pass is a clean pass too: ready for traffic again
-                continue
-            handle = self._current = self.active.popleft()
-            if handle.cancelled:
-                self.metrics.cancelled.inc()
-                self._current = None
                 continue
             if self.watcher is not None:
                 for drafter, version in self.watcher.apply():
@@ -170,24 +175,24 @@ class EngineLoop:
                 choice = self.watcher.choice
                 current = self.engine.drafter.drafter_id if self.engine.drafter else None
                 if choice and choice != current and choice in self.drafters:
-                    self.engine.set_drafter(self.drafters[choice])  # the pool's weights moved
+                    self.engine.set_drafter(self.drafters[choice])  # the pool's weights moved: new requests
                     log.info("pool: now serving %s", choice)
-            try:
-                self._step(handle)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
-                log.exception("request failed")
-                self._current = None
-                self._fail(handle, exc)
-                continue
-            if not handle.generation.finished:
-                self.active.append(handle)
-            self._current = None
+            for gen, out in self.batch.step():
+                handle = self.active[gen]
+                if isinstance(out, Exception):
+                    log.error("request failed", exc_info=out)
+                    del self.active[gen]
+                    self._fail(handle, out)
+                    continue
+                self._emit(handle, out)
+                if gen.finished:
+                    del self.active[gen]
+            self.metrics.observe_batch(self.batch.last, self.batch.kv_bytes)
             self.healthy = True
 
-    def _step(self, handle: RequestHandle) -> None:
+    def _emit(self, handle: RequestHandle, out: StepOutput) -> None:
         gen = handle.generation
-        drafter = self.engine.drafter
-        out: StepOutput = gen.step()
+        drafter = gen.drafter
         if out.tokens and handle.first_token is None:
             handle.first_token = time.perf_counter()
             self.metrics.ttft.observe(handle.first_token - handle.submitted)

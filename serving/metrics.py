@@ -109,6 +109,13 @@ class Metrics:
         self.copied_accepted_tokens = Counter("spec_decode_num_copied_accepted_tokens_total",
                                               "Copied draft tokens accepted (counted in accepted tokens too).")
         self.swaps = Counter("drafter_swaps_total", "Drafter versions swapped in.")
+        self.engine_steps = Counter("engine_steps_total", "Engine steps (one target forward for every active row).")
+        self.batch_rows = Histogram("engine_batch_rows", "Requests stepped together per engine step.",
+                                    (1, 2, 4, 8, 16, 32, 64))
+        self.batch_k = Counter("engine_step_draft_length_total",
+                               "Engine steps by the batch's draft length (0: plain batched decoding).", label="k")
+        self.prefill_tokens = Counter("prefill_tokens_total", "Prompt tokens prefilled (in chunks between steps).")
+        self.kv_cache_bytes = Gauge("kv_cache_bytes", "Memory held by the batch's key/value caches.")
         self.sampled: list[tuple[Counter, object]] = []  # (metric, callable -> {label tuple: value})
 
     def sample(self, metric: Counter, read) -> None:
@@ -127,12 +134,23 @@ class Metrics:
         for pos in range(accepted):
             self.accepted_per_pos.inc(**labels, position=pos)
 
+    def observe_batch(self, step, kv_bytes: int) -> None:
+        """An engine step (:class:`onlinespec.batch.StepTiming`) and the cache memory after it."""
+        if step.prefill_tokens:
+            self.prefill_tokens.inc(step.prefill_tokens)
+        if step.rows:
+            self.engine_steps.inc()
+            self.batch_rows.observe(step.rows)
+            self.batch_k.inc(label=str(step.k))
+        self.kv_cache_bytes.set(kv_bytes)
+
     def render(self) -> str:
         lines: list[str] = []
         for m in (self.requests, self.cancelled, self.rejected, self.request_errors, self.loop_restarts,
                   self.generated_tokens, self.latency, self.ttft,
                   self.queue_depth, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
-                  self.accepted_per_pos, self.copied_tokens, self.copied_accepted_tokens, self.swaps):
+                  self.accepted_per_pos, self.copied_tokens, self.copied_accepted_tokens, self.swaps,
+                  self.engine_steps, self.batch_rows, self.batch_k, self.prefill_tokens, self.kv_cache_bytes):
             lines += m.render()
         for metric, read in self.sampled:
             metric.values = dict(read())

@@ -72,3 +72,33 @@ def test_ngram_prefers_longer_matches():
     d = NGramDrafter(vocab_size=100, max_n=3)
     seq = [5, 1, 2, 8, 3, 1, 2, 9, 5, 1, 2]  # "1 2" last continued by 9, but "5 1 2" by 8
     assert d.propose(d.begin([]), seq, 1, SamplingParams(), None).tokens.tolist() == [8]
+
+
+def test_batch_k_speculates_where_it_pays_and_decodes_plainly_where_verification_costs_too_much():
+    """Costs shaped like SmolLM2 on 2 cores (ms): B=1 plain 31.5, k=4 verify 47.0; B=16 plain
+    70.6, k=4 verify 160.7 (the verify cost grows with B x (k+1)); drafts accepted at 0.25 (k=1 at 16 rows: 1.25 x 70.6 / 93.9 < 1)."""
+    from onlinespec.adaptive import BatchK
+
+    def verify_ms(batch, k):
+        plain, per_pos = (31.5, 3.9) if batch == 1 else (70.6, 22.5)
+        return plain + per_pos * k
+
+    ctl = BatchK(k_max=8, probe_every=16)
+    chosen = {1: [], 16: []}
+    for i in range(600):
+        for batch in (1, 16):
+            rows = ["d"] * batch
+            k = ctl.choose(rows)
+            chosen[batch].append(k)
+            if k:
+                for r in range(batch):  # deterministic stream with acceptance 0.25
+                    accepted = 0
+                    while accepted < k and ((i * 7919 + r * 31 + accepted * 104729) % 1000) / 1000 < 0.25:
+                        accepted += 1
+                    ctl.observe_row("d", k, accepted)
+            ctl.observe_step(batch, k, 0.0008 * k, verify_ms(batch, k) / 1000)
+    late = {b: chosen[b][300:] for b in chosen}
+    assert sum(k > 0 for k in late[1]) > 0.9 * len(late[1])  # alone: speculation pays
+    assert sum(k == 0 for k in late[16]) > 0.85 * len(late[16])  # at 16 rows: plain batched decoding
+    assert any(late[16]), "it keeps probing at 16 rows"
+    assert 0.2 < ctl.acceptance(["d"]) < 0.32

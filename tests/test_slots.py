@@ -65,3 +65,32 @@ def test_slots_are_bounded():
     except RuntimeError as exc:
         assert "slots" in str(exc)
     assert cache.leave(1) is None and cache.active == 1
+
+
+@pytest.mark.parametrize("plain_head", [True, False], ids=["head-on-fed-positions", "full-forward"])
+def test_rows_fed_nothing_growth_and_loading_a_staged_prefill(plain_head, monkeypatch):
+    import onlinespec.slots as slots
+    from onlinespec.lm import CacheSession
+
+    if not plain_head:
+        monkeypatch.setattr(slots, "PLAIN_HEAD", frozenset())
+    model = tiny_llama(layers=2, hidden=64, heads=4, seed=5)
+    rng = random.Random(1)
+    cache = SlotCache.for_model(model, slots=3, max_len=200, capacity=4)  # grows several times
+    seqs = [[rng.randrange(1, 128) for _ in range(n)] for n in (7, 1)]
+    for seq in seqs:  # staged prefills: a single-sequence cache copied into a row
+        row = cache.join()
+        staged = CacheSession(model)
+        staged.feed(seq, last_only=True)
+        cache.load(row, staged.cache, len(seq))
+    for i in range(30):
+        feeds = [[rng.randrange(1, 128) for _ in range(rng.randint(0, 4))] for _ in seqs]  # 0: fed nothing
+        logits, hidden = forward_rows(model, cache, feeds, hidden=True)
+        for row, feed in enumerate(feeds):
+            seqs[row] += feed
+            assert logits[row].shape[0] == hidden[row].shape[0] == len(feed)
+            if feed:
+                ref = reference(model, seqs[row], len(feed))
+                assert torch.allclose(logits[row], ref, atol=5e-5), (i, row, (logits[row] - ref).abs().max())
+    assert cache.capacity >= max(map(len, seqs)) > 4
+    assert [int(x) for x in cache.lengths[:2]] == [len(s) for s in seqs]

@@ -1,0 +1,304 @@
+"""Continuous batching: every active request advances in one target forward per step.
+
+A :class:`Batch` holds the requests being served (each a :class:`~onlinespec.engine.Generation`
+with its tokens, stop state, generator, statistics and feedback) and their keys and values in
+slot caches (:mod:`onlinespec.slots`): one for the target, one per Hugging Face drafter.
+Requests join and leave between steps. Each :meth:`Batch.step`:
+
+1. **prefill**: requests that joined feed their prompts in chunks, at most ``prefill_tokens``
+   a step over all of them, in one forward of their own (a long prompt never stalls the others
+   for more than one chunk); a request whose prompt is in takes a row (its keys and values are
+   copied in) and its drafter encodes the prompt too;
+2. **propose**: ``k`` from :class:`~onlinespec.adaptive.BatchK` (costs measured at this batch
+   size, acceptance per proposer; ``k = 0`` where speculation would not pay). Per draft position,
+   each row copies from suffix speculation where its suffix matches, and the rows that found no
+   match draft in one forward of their drafter (every row of that drafter feeds what its cache
+   lacks in the same forward);
+3. **verify**: one target forward over every row's last settled token and drafts, ragged;
+4. **accept**, row by row, as a single request does (:meth:`Generation.settle`): the same
+   rejection rule with the request's own generator, the same feedback record;
+5. **rewind** every row to what it settled; finished rows leave.
+
+A request keeps the drafter it started with (its keys are that drafter's); a pool switch
+applies to requests that start after it, and a hot swap of weights applies at the next step.
+Not thread-safe: one engine loop drives it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from onlinespec.drafters.base import Proposal
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.engine import Generation, SpeculativeEngine, StepOutput
+from onlinespec.lm import CacheSession
+from onlinespec.adaptive import BatchK
+from onlinespec.sampling import draw
+from onlinespec.slots import SlotCache, forward_rows
+from onlinespec.suffix import best_match
+
+__all__ = ["Batch", "StepTiming", "run_batched"]
+
+SUFFIX_KEY = "__suffix__"
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """What the last step did, for metrics and the benchmark."""
+
+    rows: int = 0
+    k: int = 0  # the batch's draft length (rows may draft fewer)
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+
+class _DraftRows:
+    """A Hugging Face drafter's keys and values for the rows it drafts for (its own row order)."""
+
+    def __init__(self, drafter: HFDrafter, slots: int, max_len: int):
+        self.drafter = drafter
+        self.cache = SlotCache.for_model(drafter.model, slots, max_len)
+        self.gens: list[Generation] = []
+
+    def join(self, gen: Generation) -> None:
+        row = self.cache.join()
+        self.gens.append(gen)
+        n = len(gen.tokens) - 1  # the drafter's cache holds the settled tokens but the last, like the target's
+        if n:
+            session = CacheSession(self.drafter.model)
+            session.feed(gen.tokens[:n], last_only=True)
+            self.cache.load(row, session.cache, n)
+
+    def leave(self, gen: Generation) -> None:
+        row = self.gens.index(gen)
+        self.cache.leave(row)
+        last = self.gens.pop()
+        if row < len(self.gens):
+            self.gens[row] = last
+
+    def rewind(self, gen: Generation, keep: int) -> None:
+        row = self.gens.index(gen)
+        self.cache.rewind(row, min(keep, int(self.cache.lengths[row])))
+
+    def next_logits(self, contexts: dict[Generation, list[int]]) -> dict[Generation, torch.Tensor]:
+        """One forward: each row feeds what its cache lacks of its context (tokens + drafts so far).
+        Returns the logits after the whole context of every row that fed something."""
+        feeds = [contexts[g][int(self.cache.lengths[i]):] for i, g in enumerate(self.gens)]
+        logits = forward_rows(self.drafter.model, self.cache, feeds)
+        return {g: rows[-1] for g, rows, fed in zip(self.gens, logits, feeds) if fed}
+
+
+class Batch:
+    """The requests one engine serves together (at most ``slots``), stepped as one."""
+
+    def __init__(self, engine: SpeculativeEngine, slots: int = 8, prefill_tokens: int = 256):
+        assert slots >= 1 and prefill_tokens >= 1
+        self.engine = engine
+        self.slots = slots
+        self.prefill_tokens = prefill_tokens
+        limit = engine.max_context() or 8192
+        self.max_len = limit + engine.config.k_max + 1
+        self.cache = SlotCache.for_model(engine.target, slots, self.max_len)
+        self.staging = SlotCache.for_model(engine.target, slots, self.max_len)  # prompts being prefilled
+        self.rows: list[Generation] = []  # row b of self.cache
+        self.staged: list[Generation] = []  # row b of self.staging
+        self.drafters: dict[int, _DraftRows] = {}  # by id() of the drafter object
+        self.k = BatchK(k_max=engine.config.k_max)
+        self.last = StepTiming()
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.staged)
+
+    @property
+    def room(self) -> int:
+        return self.slots - len(self)
+
+    @property
+    def generations(self) -> list[Generation]:
+        return [*self.rows, *self.staged]
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes + self.staging.nbytes + sum(d.cache.nbytes for d in self.drafters.values())
+
+    def add(self, gen: Generation) -> None:
+        """A started request joins (its prompt is prefilled over the next steps)."""
+        assert self.room > 0, f"the batch is full ({self.slots} slots)"
+        assert not gen.finished and gen.target.length == 0, "a fresh generation joins"
+        self.staging.join()
+        self.staged.append(gen)
+
+    def remove(self, gen: Generation) -> None:
+        """A request leaves (finished, cancelled or failed); its rows are freed."""
+        if gen in self.staged:
+            self._leave(self.staging, self.staged, gen)
+            return
+        self._leave(self.cache, self.rows, gen)
+        rows = self._draft_rows(gen)
+        if rows is not None:
+            rows.leave(gen)
+            if not rows.gens:
+                del self.drafters[id(rows.drafter)]
+
+    @staticmethod
+    def _leave(cache: SlotCache, gens: list[Generation], gen: Generation) -> None:
+        row = gens.index(gen)
+        cache.leave(row)
+        last = gens.pop()
+        if row < len(gens):
+            gens[row] = last
+
+    def _draft_rows(self, gen: Generation) -> _DraftRows | None:
+        return self.drafters.get(id(gen.drafter)) if isinstance(gen.drafter, HFDrafter) else None
+
+    def _join(self, gen: Generation, staged_row: int | None) -> None:
+        row = self.cache.join()
+        self.rows.append(gen)
+        if staged_row is not None:
+            self.cache.load(row, self.staging, len(gen.tokens) - 1, source_row=staged_row)
+        if isinstance(gen.drafter, HFDrafter):
+            key = id(gen.drafter)
+            if key not in self.drafters:
+                self.drafters[key] = _DraftRows(gen.drafter, self.slots, self.max_len)
+            self.drafters[key].join(gen)
+
+    def _prefill(self) -> int:
+        """Advance the staged prompts by up to ``prefill_tokens`` in one forward; the prompts that
+        are in move to the batch. Returns the tokens fed."""
+        budget = self.prefill_tokens
+        feeds: list[list[int]] = []
+        for row, gen in enumerate(self.staged):
+            done = int(self.staging.lengths[row])
+            chunk = max(0, min(len(gen.tokens) - 1 - done, budget))
+            feeds.append(gen.tokens[done:done + chunk])
+            budget -= chunk
+        fed = sum(map(len, feeds))
+        if fed:
+            forward_rows(self.engine.target, self.staging, feeds)
+        ready = [g for row, g in enumerate(self.staged) if int(self.staging.lengths[row]) == len(g.tokens) - 1]
+        for gen in ready:
+            row = self.staged.index(gen)
+            self._join(gen, row if len(gen.tokens) > 1 else None)
+            self._leave(self.staging, self.staged, gen)
+        return fed
+
+    def _key(self, gen: Generation) -> str:
+        return gen.drafter.drafter_id if gen.drafter is not None else SUFFIX_KEY
+
+    def _propose(self, k_rows: list[int]) -> tuple[list[list[int]], list[list[torch.Tensor | None]], list[list[bool]]]:
+        """Up to ``k_rows[b]`` drafts for each row: copied where its suffix matches, else from its
+        drafter (one forward per drafter and draft position for all of that drafter's rows)."""
+        rows = self.rows
+        drafts: list[list[int]] = [[] for _ in rows]
+        qs: list[list[torch.Tensor | None]] = [[] for _ in rows]
+        copied: list[list[bool]] = [[] for _ in rows]
+        for gen, k in zip(rows, k_rows):
+            if k and gen.index is not None:
+                gen.index.extend(gen.tokens)
+        for i in range(max(k_rows, default=0)):
+            want: dict[int, list[int]] = {}  # drafter rows -> batch rows that need its draft here
+            for b, (gen, k) in enumerate(zip(rows, k_rows)):
+                if i >= k or len(drafts[b]) != i:  # done, or stopped short (no match, no drafter)
+                    continue
+                match = best_match(gen.index, gen.cache, gen.tokens + drafts[b], gen.scope) \
+                    if gen.index is not None else None
+                if match is not None:
+                    drafts[b].append(match.token)
+                    qs[b].append(None)
+                    copied[b].append(True)
+                elif self._draft_rows(gen) is not None:
+                    want.setdefault(id(gen.drafter), []).append(b)
+                elif gen.drafter is not None and i == 0:  # a drafter without batched rows (n-grams)
+                    rest = gen.drafter.propose(gen.dstate, gen.tokens, k, gen.params, gen.generator)
+                    drafts[b] += rest.tokens.tolist()
+                    qs[b] += list(rest.q) if rest.q is not None else [None] * len(rest)
+                    copied[b] += [False] * len(rest)
+            for key, wanted in want.items():
+                group = self.drafters[key]
+                # contexts as of this position (a copy made here is fed at the next forward, so a
+                # row that copies now and drafts next still has a token to feed then)
+                contexts = {g: g.tokens + drafts[rows.index(g)][:i] for g in group.gens}
+                logits = group.next_logits(contexts)
+                for b in wanted:
+                    gen = rows[b]
+                    token, q = draw(logits[gen], gen.params, gen.generator)
+                    drafts[b].append(token)
+                    qs[b].append(q)
+                    copied[b].append(False)
+        return drafts, qs, copied
+
+    def _proposal(self, drafts: list[int], qs: list[torch.Tensor | None]) -> Proposal:
+        tokens = torch.tensor(drafts, dtype=torch.long)
+        sampled = [q for q in qs if q is not None]
+        if not sampled:
+            return Proposal(tokens, None)
+        # the drafter's rows are distributions; copied ones are one-hot, on the same device
+        one_hot = torch.nn.functional.one_hot(tokens, self.engine.vocab_size).to(sampled[0])
+        return Proposal(tokens, torch.stack([q if q is not None else one_hot[i] for i, q in enumerate(qs)]))
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Generation, StepOutput | Exception]]:
+        """One step of every row. Returns each stepped request's output, or the exception that
+        failed it (that request alone: it has left the batch; the others went on)."""
+        t0 = time.perf_counter()
+        fed = self._prefill() if self.staged else 0
+        t1 = time.perf_counter()
+        rows = list(self.rows)
+        if not rows:
+            self.last = StepTiming(prefill_tokens=fed, prefill_seconds=t1 - t0)
+            return []
+        adaptive = [g for g in rows if g.adaptive]
+        k = self.k.choose([self._key(g) for g in adaptive], batch=len(rows)) if adaptive else None
+        k_rows = [g.draft_length(k) for g in rows]
+        drafts, qs, copied = self._propose(k_rows)
+        t2 = time.perf_counter()
+        logits = forward_rows(self.engine.target, self.cache, [[g.tokens[-1], *d] for g, d in zip(rows, drafts)])
+        t3 = time.perf_counter()
+        results: list[tuple[Generation, StepOutput | Exception]] = []
+        leaving = []
+        for b, gen in enumerate(rows):
+            try:
+                out = gen.settle(self._proposal(drafts[b], qs[b]), copied[b], logits[b], t2 - t1, t3 - t2)
+            except Exception as exc:  # noqa: BLE001 - one request's failure leaves the others going
+                results.append((gen, exc))
+                leaving.append(gen)
+                continue
+            results.append((gen, out))
+            if gen.adaptive:
+                self.k.observe_row(self._key(gen), out.drafted, out.accepted)
+            if gen.finished:
+                leaving.append(gen)
+            else:  # keep every settled token but the newest (it is fed with the next drafts)
+                keep = len(gen.tokens) - 1
+                self.cache.rewind(b, keep)
+                group = self._draft_rows(gen)
+                if group is not None:
+                    group.rewind(gen, keep)
+        drafted = max(map(len, drafts))
+        if adaptive:
+            self.k.observe_step(len(rows), drafted, t2 - t1, t3 - t2)
+        for gen in leaving:
+            self.remove(gen)
+        self.last = StepTiming(len(rows), drafted, fed, t1 - t0, t2 - t1, t3 - t2)
+        return results
+
+
+def run_batched(engine: SpeculativeEngine, gens: list[Generation], slots: int = 8,
+                prefill_tokens: int = 256) -> list[Generation]:
+    """Serve started generations to the end in one continuous batch (at most ``slots`` at a
+    time, each joining as another leaves); returns them, finished, in the order given.
+    Raises the first request failure."""
+    batch = Batch(engine, slots=slots, prefill_tokens=prefill_tokens)
+    waiting = list(gens)
+    while waiting or len(batch):
+        while waiting and batch.room:
+            batch.add(waiting.pop(0))
+        for _, out in batch.step():
+            if isinstance(out, Exception):
+                raise out
+    return gens

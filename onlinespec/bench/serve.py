@@ -1,0 +1,169 @@
+"""``onlinespec bench serve``: throughput and latency under load, against plain batched decoding.
+
+At each concurrency ``c`` (1, 2, 4, 8, 16; ``--quick``: 1, 4, 8) the same prompts (``2c``, at
+least 4), greedy, the same ``max_new_tokens``, are served three ways, in this process, nothing
+external started:
+
+- ``spec_tok_s``: this engine's continuous batch (:class:`onlinespec.batch.Batch`, the engine
+  loop's core) with speculation (the config's first drafter, if any, and suffix speculation, as
+  the service serves them) and the batch-aware draft length; ``c`` clients each send their next
+  request when the last one finished (a closed loop), so ``c`` rows are active throughout;
+- ``nospec_tok_s``: the same batch with speculation off (plain batched decoding);
+- ``hf_batched_tok_s``: Hugging Face ``generate`` of the target alone, static batches of ``c``
+  of the same prompts (left-padded), every row up to its EOS or ``max_new_tokens``.
+
+Aggregate tokens/s is generated tokens / wall seconds of the level; ``p50_ms`` / ``p99_ms`` are
+request latencies with speculation (from the moment a client sends to the last token).
+``lossless``: every speculative output equals the target alone (one Hugging Face greedy
+``generate`` per prompt); a difference is reported with the target's top-2 logit margin where it
+starts (a floating-point near-tie between batched and one-token forwards shows as a tiny margin).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from onlinespec.batch import Batch
+from onlinespec.bench.common import emit, heldout_prompts, machine, set_threads
+from onlinespec.bench.engine import tie_margin
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.sampling import SamplingParams
+from onlinespec.suffix import SuffixCache, SuffixConfig
+
+__all__ = ["run", "serve_level", "hf_batched"]
+
+LEVELS = (1, 2, 4, 8, 16)
+QUICK_LEVELS = (1, 4, 8)
+
+
+def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency: int,
+                max_new_tokens: int, prefill_tokens: int = 256) -> dict:
+    """``concurrency`` closed-loop clients over ``prompts``; outputs in prompt order."""
+    batch = Batch(engine, slots=concurrency, prefill_tokens=prefill_tokens)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    waiting = list(enumerate(prompts))
+    sent: dict = {}
+    outputs: list[list[int] | None] = [None] * len(prompts)
+    latencies: list[float] = []
+    ks: list[int] = []
+    t0 = time.perf_counter()
+    while waiting or len(batch):
+        while waiting and batch.room:
+            i, prompt = waiting.pop(0)
+            gen = engine.start(prompt, params, isolated=True)
+            sent[gen] = (i, time.perf_counter())
+            batch.add(gen)
+        for gen, out in batch.step():
+            if isinstance(out, Exception):
+                raise out
+            if gen.finished:
+                i, t_sent = sent.pop(gen)
+                outputs[i] = gen.generated
+                latencies.append(time.perf_counter() - t_sent)
+        if batch.last.rows:
+            ks.append(batch.last.k)
+    seconds = time.perf_counter() - t0
+    lat = sorted(latencies)
+    return {"tok_s": sum(map(len, outputs)) / seconds, "outputs": outputs,
+            "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            "mean_k": sum(ks) / max(1, len(ks)), "plain_step_share": ks.count(0) / max(1, len(ks))}
+
+
+def hf_batched(target, prompts: list[list[int]], batch: int, max_new_tokens: int, eos: int) -> dict:
+    """Hugging Face greedy ``generate``, static batches of ``batch`` prompts, left-padded."""
+    device = target.device
+    outputs: list[list[int]] = []
+    t0 = time.perf_counter()
+    for s in range(0, len(prompts), batch):
+        group = prompts[s:s + batch]
+        width = max(map(len, group))
+        ids = torch.tensor([[eos] * (width - len(p)) + p for p in group], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
+        with torch.no_grad():
+            out = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                  eos_token_id=eos, pad_token_id=eos)
+        for row in out[:, width:].tolist():
+            outputs.append(row[: row.index(eos) + 1] if eos in row else row)
+    seconds = time.perf_counter() - t0
+    return {"tok_s": sum(map(len, outputs)) / seconds, "outputs": outputs}
+
+
+def _models(args):
+    """(target name, drafter name or None, target, drafter model or None, tokenizer, prompts, suffix config)."""
+    from onlinespec.chat import DOMAINS, chat_prompts, render
+    from onlinespec.config import DEFAULT_CONFIG, load_config
+    from onlinespec.models import load_model, load_tokenizer
+
+    cfg = load_config(args.config or DEFAULT_CONFIG)
+    tokenizer = load_tokenizer(cfg.target_model)
+    target = load_model(cfg.target_model)
+    drafter = load_model(cfg.drafters[0].model) if cfg.drafters else None
+    n = 2 * max(args.levels)
+    if cfg.target_model.startswith("demo:"):
+        prompts = heldout_prompts(tokenizer, args.domain if args.domain != "edit" else "python", n)
+    else:
+        domain = args.domain if args.domain in DOMAINS else "edit"
+        prompts = [render(tokenizer, m) for m in chat_prompts(domain, n)]
+    suffix = SuffixConfig.from_dict(cfg.serving.get("suffix"))
+    return cfg, tokenizer, target, drafter, prompts, suffix
+
+
+def run(args) -> int:
+    args.levels = QUICK_LEVELS if args.quick else LEVELS
+    threads = set_threads(args.threads)
+    cfg, tokenizer, target, drafter_model, prompts, suffix_cfg = _models(args)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    target = target.to(device)
+    if drafter_model is not None:
+        drafter_model = drafter_model.to(device)
+    eos = tokenizer.eos_token_id
+    max_new = args.max_new_tokens or (24 if args.quick else 64)
+    k_max = int(cfg.serving.get("k_max", 8))
+
+    def spec_engine():  # fresh suffix cache per level: each level starts from the same state
+        return SpeculativeEngine(target, HFDrafter(drafter_model, cfg.drafters[0].id) if drafter_model else None,
+                                 tokenizer=tokenizer, config=EngineConfig(k=args.k_fixed, k_max=k_max,
+                                                                          capture_feedback=False),
+                                 suffix=SuffixCache(suffix_cfg) if suffix_cfg.enabled else None)
+
+    plain = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(capture_feedback=False))
+    # warm-up: the first forwards allocate and pick kernels
+    serve_level(spec_engine(), prompts[:2], 2, 8)
+    serve_level(plain, prompts[:2], 2, 8)
+    hf_batched(target, prompts[:2], 2, 8, eos)
+
+    reference: dict[int, list[int]] = {}
+    levels, lossless, differences = [], True, []
+    for c in args.levels:
+        chosen = prompts[: max(4, 2 * c)]
+        spec = serve_level(spec_engine(), chosen, c, max_new)
+        nospec = serve_level(plain, chosen, c, max_new)
+        hf = hf_batched(target, chosen, c, max_new, eos)
+        for i, prompt in enumerate(chosen):
+            if i not in reference:
+                reference[i] = hf_batched(target, [prompt], 1, max_new, eos)["outputs"][0]
+            if spec["outputs"][i] != reference[i]:
+                lossless = False
+                differences.append({"concurrency": c, "prompt": i,
+                                    **(tie_margin(target, prompt, reference[i], spec["outputs"][i]) or {})})
+        levels.append({"concurrency": c, "requests": len(chosen), "spec_tok_s": spec["tok_s"],
+                       "nospec_tok_s": nospec["tok_s"], "hf_batched_tok_s": hf["tok_s"],
+                       "spec_vs_hf": spec["tok_s"] / hf["tok_s"], "spec_vs_nospec": spec["tok_s"] / nospec["tok_s"],
+                       "p50_ms": spec["p50_ms"], "p99_ms": spec["p99_ms"], "nospec_p50_ms": nospec["p50_ms"],
+                       "mean_k": spec["mean_k"], "plain_step_share": spec["plain_step_share"]})
+        print(f"c={c:<3} spec {spec['tok_s']:7.1f} tok/s  nospec {nospec['tok_s']:7.1f}  hf {hf['tok_s']:7.1f}  "
+              f"spec/hf {spec['tok_s'] / hf['tok_s']:.2f}  p50 {spec['p50_ms']:.0f} ms  p99 {spec['p99_ms']:.0f} ms  "
+              f"mean k {spec['mean_k']:.2f}", flush=True)
+    result = {"levels": levels, "lossless": lossless, "differences": differences[:5],
+              "target": cfg.target_model, "drafter": cfg.drafters[0].model if cfg.drafters else None,
+              "suffix": suffix_cfg.enabled, "device": device, "max_new_tokens": max_new,
+              "machine": {**machine(), "torch_threads": threads}}
+    table = [("target", cfg.target_model), ("drafter", result["drafter"]), ("device", device),
+             ("min spec/hf", min(lv["spec_vs_hf"] for lv in levels)),
+             ("min spec/nospec", min(lv["spec_vs_nospec"] for lv in levels)), ("lossless", lossless)]
+    emit(table, result, args.json)
+    return 0 if lossless else 1
