@@ -45,6 +45,9 @@ class AdaptiveK:
     prior_accept: float = 0.6
     probe_every: int = 32
     min_speedup: float = 1.0
+    # after this many speculative steps in a row, one plain step refreshes t_plain (0: never);
+    # every other cost is measured against it
+    plain_every: int = 0
 
     def __post_init__(self):
         assert 1 <= self.k_min <= self.k_max, f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}"
@@ -55,6 +58,7 @@ class AdaptiveK:
         self.t_draft: float | None = None  # seconds per drafted token
         self.v: float = 0.0  # extra verify seconds per drafted position
         self.plain_streak = 0
+        self.spec_streak = 0
         self.steps = 0
 
     @property
@@ -84,6 +88,8 @@ class AdaptiveK:
             return 0  # measure plain decoding once first
         k = self.best_k(acceptance)
         if self.speedup(k, acceptance) >= self.min_speedup:
+            if self.plain_every and self.spec_streak >= self.plain_every:
+                return 0
             return k
         if self.plain_streak >= self.probe_every:
             return k  # probe: one speculative step refreshes the acceptance estimate
@@ -95,6 +101,7 @@ class AdaptiveK:
     def observe_plain(self, seconds: float) -> None:
         self.t_plain = self._ema(self.t_plain, seconds)
         self.plain_streak += 1
+        self.spec_streak = 0
 
     def observe_spec(self, drafted: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
         self.plain_streak = 0
@@ -116,6 +123,7 @@ class AdaptiveK:
     def observe_costs(self, drafted: int, draft_seconds: float, verify_seconds: float) -> None:
         """A step that drafted ``drafted`` positions (and verified ``drafted + 1``)."""
         self.plain_streak = 0
+        self.spec_streak += 1
         if drafted == 0:
             return
         self.t_draft = self._ema(self.t_draft, draft_seconds / drafted)
@@ -130,15 +138,20 @@ class BatchK:
     ``choose(rows)`` takes the proposer key of every row and assumes their mean acceptance.
     """
 
-    def __init__(self, k_max: int = 8, **kw):
+    def __init__(self, k_max: int = 8, cost_decay: float = 0.95, plain_every: int = 32, probe_every: int = 8,
+                 **kw):
+        """Costs follow the last ~20 steps at each batch size (``cost_decay``; a shared machine's
+        timings drift); a plain step every ``plain_every`` speculative ones keeps the plain
+        cost, which every other cost is measured against, fresh."""
         self.k_max, self.kw = k_max, kw
+        self.cost_kw = {**kw, "decay": cost_decay, "plain_every": plain_every, "probe_every": probe_every}
         self.costs: dict[int, AdaptiveK] = {}
         self.proposers: dict[str, AdaptiveK] = {}
         self._step: dict[str, list[float]] = {}  # this step's [accepted, rejections] per proposer
 
     def at(self, batch: int) -> AdaptiveK:
         if batch not in self.costs:
-            self.costs[batch] = AdaptiveK(k_max=self.k_max, **self.kw)
+            self.costs[batch] = AdaptiveK(k_max=self.k_max, **self.cost_kw)
         return self.costs[batch]
 
     def proposer(self, key: str) -> AdaptiveK:

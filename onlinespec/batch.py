@@ -85,22 +85,34 @@ class _DraftRows:
         row = self.gens.index(gen)
         self.cache.rewind(row, min(keep, int(self.cache.lengths[row])))
 
-    def next_logits(self, contexts: dict[Generation, list[int]]) -> dict[Generation, torch.Tensor]:
-        """One forward: each row feeds what its cache lacks of its context (tokens + drafts so far).
-        Returns the logits after the whole context of every row that fed something."""
-        feeds = [contexts[g][int(self.cache.lengths[i]):] for i, g in enumerate(self.gens)]
+    def next_logits(self, contexts: dict[Generation, list[int]], catch_up: int) -> dict[Generation, torch.Tensor]:
+        """One forward: each row feeds what its cache lacks of its context (tokens + drafts so
+        far), at most ``catch_up`` tokens (a row whose copies were accepted for many steps
+        catches up over several forwards rather than padding every row to its length).
+        Returns the logits after the whole context of every row that fed all it lacked."""
+        feeds, complete = [], []
+        for i, g in enumerate(self.gens):
+            lacking = contexts[g][int(self.cache.lengths[i]):]
+            feeds.append(lacking[:catch_up])
+            complete.append(0 < len(lacking) <= catch_up)
         logits = forward_rows(self.drafter.model, self.cache, feeds)
-        return {g: rows[-1] for g, rows, fed in zip(self.gens, logits, feeds) if fed}
+        return {g: rows[-1] for g, rows, done in zip(self.gens, logits, complete) if done}
 
 
 class Batch:
     """The requests one engine serves together (at most ``slots``), stepped as one."""
 
-    def __init__(self, engine: SpeculativeEngine, slots: int = 8, prefill_tokens: int = 256):
+    def __init__(self, engine: SpeculativeEngine, slots: int = 8, prefill_tokens: int = 256,
+                 kv_tokens: int | None = None):
+        """``kv_tokens``: key/value positions the requests may reserve together (each reserves
+        its prompt, ``max_new_tokens`` and one verification block; rows share one layout, so the
+        longest reservation counts for every row): a request waits until it fits
+        (:meth:`fits`). None: only ``slots`` bounds the batch."""
         assert slots >= 1 and prefill_tokens >= 1
         self.engine = engine
         self.slots = slots
         self.prefill_tokens = prefill_tokens
+        self.kv_tokens = kv_tokens
         limit = engine.max_context() or 8192
         self.max_len = limit + engine.config.k_max + 1
         self.cache = SlotCache.for_model(engine.target, slots, self.max_len)
@@ -121,6 +133,26 @@ class Batch:
     @property
     def generations(self) -> list[Generation]:
         return [*self.rows, *self.staged]
+
+    def reservation(self, gen: Generation) -> int:
+        """Key/value positions a request may take: its prompt, its tokens, one verified block."""
+        return len(gen.prompt) + gen.params.max_new_tokens + self.engine.config.k_max + 1
+
+    @property
+    def reserved(self) -> int:
+        """Positions the batch's layout reserves now: its rows x the longest reservation."""
+        gens = self.generations
+        return len(gens) * max(map(self.reservation, gens)) if gens else 0
+
+    def fits(self, gen: Generation) -> bool:
+        """Whether ``gen`` may join now (a free slot, and its reservation within ``kv_tokens``)."""
+        if self.room <= 0:
+            return False
+        if self.kv_tokens is None:
+            return True
+        gens = self.generations
+        longest = max([self.reservation(gen), *map(self.reservation, gens)])
+        return (len(gens) + 1) * longest <= self.kv_tokens
 
     @property
     def kv_bytes(self) -> int:
@@ -223,10 +255,12 @@ class Batch:
                 # contexts as of this position (a copy made here is fed at the next forward, so a
                 # row that copies now and drafts next still has a token to feed then)
                 contexts = {g: g.tokens + drafts[rows.index(g)][:i] for g in group.gens}
-                logits = group.next_logits(contexts)
+                logits = group.next_logits(contexts, catch_up=self.engine.config.k_max + 1)
                 for b in wanted:
                     gen = rows[b]
-                    token, q = draw(logits[gen], gen.params, gen.generator)
+                    if gen not in logits:  # still catching up: no draft from the drafter this step
+                        continue
+                    token, q = draw(logits[gen], gen.params, gen.generator, position=len(gen.tokens) + i)
                     drafts[b].append(token)
                     qs[b].append(q)
                     copied[b].append(False)

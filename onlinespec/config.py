@@ -61,7 +61,7 @@ KNOWN_KEYS = {
     "": {"target", "drafters", "serving", "redis", "registry", "workers", "learner"},
     "target": {"id", "model"},
     "drafters[]": {"id", "model"},
-    "serving": {"host", "port", "k", "k_max", "feedback_topk", "max_active", "max_queue", "prefill_tokens",
+    "serving": {"host", "port", "k", "k_max", "feedback_topk", "max_active", "max_queue", "prefill_tokens", "kv_cache_tokens", "device", "dtype",
                 "max_prompt_tokens",
                 "max_tokens", "threads", "rollback", "rollback_margin", "rollback_min_drafted", "admin_token",
                 "api_keys", "suffix"},

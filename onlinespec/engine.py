@@ -29,11 +29,11 @@ from onlinespec.drafters.base import Drafter, Proposal
 from onlinespec.errors import InvalidRequestError, VocabMismatchError
 from onlinespec.feedback import FeedbackRecord, RecordBuilder
 from onlinespec.lm import CacheSession
-from onlinespec.sampling import SamplingParams
+from onlinespec.sampling import PositionNoise, SamplingParams
 from onlinespec.stops import FinishReason, StopState
 from onlinespec.suffix import RequestIndex, SuffixCache
 from onlinespec.suffix import propose as propose_with_suffix
-from onlinespec.verify import verify
+from onlinespec.verify import verify, verify_coupled
 
 __all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "StepOutput", "TokenLogprob", "GenerationResult",
            "GenerationStats"]
@@ -233,10 +233,16 @@ class SpeculativeEngine:
         request_id: str | None = None,
         tenant: str | None = None,
         isolated: bool = False,
+        coupled: bool | None = None,
     ) -> Generation:
         """``tenant`` scopes suffix speculation's past outputs (with ``scope: tenant``);
-        ``isolated``: copy only from this request's own text, and keep nothing of its output."""
-        return Generation(self, prompt, params, request_id, tenant, isolated)
+        ``isolated``: copy only from this request's own text, and keep nothing of its output;
+        ``coupled`` (default: when the request samples with a seed): draw each token with noise
+        fixed by the seed and its position (:class:`~onlinespec.sampling.PositionNoise`), so the
+        text does not depend on the drafts, the draft length or the batch; otherwise sampled
+        requests are verified by rejection sampling (a higher acceptance, a text that depends
+        on the drafts)."""
+        return Generation(self, prompt, params, request_id, tenant, isolated, coupled)
 
     def stream(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> Iterator[StepOutput]:
         gen = self.start(prompt, params)
@@ -254,7 +260,7 @@ class Generation:
     """One request in flight: its caches, stop state, statistics and feedback."""
 
     def __init__(self, engine: SpeculativeEngine, prompt, params: SamplingParams, request_id, tenant,
-                 isolated: bool = False):
+                 isolated: bool = False, coupled: bool | None = None):
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.flatten().tolist()
         prompt = [int(t) for t in prompt]
@@ -277,7 +283,10 @@ class Generation:
         self.tokens = list(prompt)
         self.limit = limit
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self.generator = torch.Generator().manual_seed(seed)
+        self.coupled = (params.seed is not None if coupled is None else coupled) and not params.greedy
+        # what every draw of this request takes its randomness from (drafts and verification)
+        self.generator: torch.Generator | PositionNoise = (
+            PositionNoise(seed, engine.vocab_size) if self.coupled else torch.Generator().manual_seed(seed))
         self.stop = StopState(params, engine.eos_token_ids, engine.tokenizer)
         self.stats = GenerationStats()
         self.target = CacheSession(engine.target)
@@ -377,7 +386,12 @@ class Generation:
         ``m`` drafts) allow, emit it through the stop rules, record it. The caches are the caller's
         to rewind (to ``len(self.tokens) - 1``)."""
         drafts = proposal.tokens
-        verdict = verify(logits, drafts, proposal.q, self.params, self.generator)
+        if self.coupled:
+            at = len(self.tokens)  # the position of the first draft
+            noise = torch.stack([self.generator.at(at + i) for i in range(len(drafts) + 1)])
+            verdict = verify_coupled(logits, drafts, self.params, noise)
+        else:
+            verdict = verify(logits, drafts, proposal.q, self.params, self.generator)
         new = drafts[: verdict.accepted].tolist() + [verdict.token]
         emitted = 0
         for token in new:
@@ -393,6 +407,8 @@ class Generation:
                 self._capture(lp, drafts.tolist(), verdict.accepted, emitted)
                 self.stats.capture_seconds += time.perf_counter() - t_capture
         self.tokens.extend(new[:emitted])
+        if self.coupled:
+            self.generator.forget(len(self.tokens))
         m = len(drafts)
         self.stats.add(m, verdict.accepted, draft_s, verify_s)
         n_copied, n_copied_accepted = sum(copied), sum(copied[: verdict.accepted])

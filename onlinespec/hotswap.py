@@ -118,7 +118,9 @@ class SwapWatcher:
         if latest is None or latest == current or (pending and pending[1] == latest) or (drafter, latest) in self.refused:
             return False
         try:
-            model, manifest = self.registry.load_model(drafter, latest, self.shapes[drafter])
+            serving = self.drafters[drafter].model  # a new version runs where and as the serving one does
+            model, manifest = self.registry.load_model(drafter, latest, self.shapes[drafter],
+                                                       device=serving.device, dtype=serving.dtype)
         except CheckpointError as exc:
             self.refused.add((drafter, latest))
             self.stats.refusals += 1

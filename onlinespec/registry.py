@@ -218,8 +218,10 @@ class Registry:
                 raise CheckpointError(f"{drafter} v{version}: non-finite values in {name}")
         return weights, manifest
 
-    def load_model(self, drafter: str, version: int, expected: dict[str, torch.Size] | None = None):
-        """(model, manifest): a verified version as a Hugging Face causal LM in eval mode."""
+    def load_model(self, drafter: str, version: int, expected: dict[str, torch.Size] | None = None,
+                   device: str = "cpu", dtype: torch.dtype = torch.float32):
+        """(model, manifest): a verified version as a Hugging Face causal LM in eval mode, on
+        ``device`` in ``dtype``."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         weights, manifest = self.load_weights(drafter, version, expected)
@@ -238,7 +240,7 @@ class Registry:
             raise CheckpointError(f"{drafter} v{version}: weights do not fit the config ({missing[:3]}, {unexpected[:3]})")
         if tied:
             model.tie_weights()
-        return model.float().eval(), manifest
+        return model.to(device=device, dtype=dtype).eval(), manifest
 
     def load_learner_state(self, drafter: str, version: int) -> tuple[dict, dict] | None:
         base = self.path(drafter, version)

@@ -13,7 +13,7 @@ import torch
 
 from onlinespec.errors import InvalidRequestError
 
-__all__ = ["SamplingParams", "probs", "draw", "logprobs_raw", "GREEDY_BELOW"]
+__all__ = ["SamplingParams", "probs", "draw", "logprobs_raw", "GREEDY_BELOW", "PositionNoise", "noisy_argmax"]
 
 # Temperatures below this are served greedily (vLLM's _SAMPLING_EPS): dividing logits by 1e-300
 # overflows to inf and the softmax to NaN, while the distribution it approximates is the argmax.
@@ -93,12 +93,50 @@ def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def draw(logits: torch.Tensor, params: SamplingParams,
-         generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+class PositionNoise:
+    """Gumbel noise fixed by a request's seed and a token's position in the sequence.
+
+    A seeded request samples the token at position ``t`` as ``argmax(log p_t + g_t)`` (the
+    Gumbel-max trick: an exact sample from ``p_t``, the noise ``g_t`` independent across
+    positions). The draw depends on the seed, the position and ``p_t`` only, never on what was
+    drafted, the draft length or the other requests in a batch, so a seed gives one text. The
+    drafter draws with the same noise (``argmax(log q_t + g_t)``) so that it proposes what the
+    target will draw whenever ``q`` is close to ``p``.
+    """
+
+    def __init__(self, seed: int, vocab_size: int):
+        self.seed, self.vocab_size = seed % 2**63, vocab_size
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def at(self, position: int) -> torch.Tensor:
+        g = self._cache.get(position)
+        if g is None:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + position * 7_919) % 2**63)
+            u = torch.rand(self.vocab_size, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0)
+            g = self._cache[position] = -torch.log(-torch.log(u)).float()
+        return g
+
+    def forget(self, before: int) -> None:
+        """Positions before ``before`` are settled: their noise is not needed again."""
+        for position in [p for p in self._cache if p < before]:
+            del self._cache[position]
+
+
+def noisy_argmax(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor) -> torch.Tensor:
+    """``argmax(log probs(logits) + noise)`` along the last axis: the Gumbel-max sample."""
+    return (probs(logits, params).log() + noise.to(logits.device)).argmax(-1)
+
+
+def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | PositionNoise | None,
+         position: int | None = None) -> tuple[int, torch.Tensor | None]:
     """One token from logits [V]: (the argmax, None) for greedy settings, else (a sample from
-    ``probs``, that distribution): what a drafter proposes and the ``q`` it proposed from."""
+    ``probs``, that distribution): what a drafter proposes and the ``q`` it proposed from.
+    With a seeded request's :class:`PositionNoise` (and the token's ``position``), the Gumbel-max
+    draw with that position's noise (and None: the target verifies it by equality)."""
     if params.greedy:
         return int(logits.argmax()), None
+    if isinstance(generator, PositionNoise):
+        return int(noisy_argmax(logits, params, generator.at(position))), None
     q = probs(logits, params)
     return int(torch.multinomial(q, 1, generator=generator)), q
 

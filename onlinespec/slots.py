@@ -1,7 +1,8 @@
 """KV memory for many requests at once: one forward for a ragged batch of rows.
 
-A :class:`SlotCache` keeps keys and values as ``[slots, kv_heads, capacity, head_dim]`` per
-layer (the capacity grows by doubling up to ``max_len`` plus one forward's padding), keeps each
+A :class:`SlotCache` keeps keys and values as ``[rows, kv_heads, capacity, head_dim]`` per
+layer (rows grow by doubling up to ``slots`` as requests join, the capacity by doubling up to
+``max_len`` plus one forward's padding; both are freed when the last row leaves), keeps each
 row's own committed length, and :func:`forward_rows` feeds every active row its own number of
 new tokens (a plain token, the last settled token plus ``k`` drafts, or nothing) in one
 forward of transformers' own model, each row at its own positions:
@@ -49,17 +50,21 @@ class _SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         o = self.owner
         heads, k_dim, v_dim = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
-        self.keys = torch.zeros(o.slots, heads, o.capacity, k_dim, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(o.slots, heads, o.capacity, v_dim, dtype=value_states.dtype,
+        self.keys = torch.zeros(o.rows, heads, o.capacity, k_dim, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(o.rows, heads, o.capacity, v_dim, dtype=value_states.dtype,
                                   device=value_states.device)
         self.is_initialized = True
 
-    def grow(self, capacity: int) -> None:
+    def grow(self, rows: int, capacity: int) -> None:
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-            new[:, :, : old.shape[2]] = old
+            new = old.new_zeros(rows, old.shape[1], capacity, old.shape[3])
+            new[: old.shape[0], :, : old.shape[2]] = old
             setattr(self, name, new)
+
+    def free(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # key_states: [B, H, T, D] for the active rows, written at positions [B, T]
@@ -88,7 +93,9 @@ class SlotCache(Cache):
     def __init__(self, num_layers: int, slots: int, max_len: int, capacity: int = 256):
         assert slots >= 1 and max_len >= 2, "need at least one slot and room for two tokens"
         self.slots, self.max_len = slots, max_len
-        self.capacity = max(2, min(capacity, max_len))  # positions allocated per row (grows)
+        self.initial_capacity = max(2, min(capacity, max_len))
+        self.capacity = self.initial_capacity  # positions allocated per row (grows)
+        self.rows = 1  # rows allocated (grows as requests join)
         self.lengths = torch.zeros(slots, dtype=torch.long)  # committed tokens per row
         self.active = 0
         self.kv_len = 0  # keys the current forward attends over
@@ -98,6 +105,14 @@ class SlotCache(Cache):
     @classmethod
     def for_model(cls, model, slots: int, max_len: int, capacity: int = 256) -> SlotCache:
         return cls(model.config.num_hidden_layers, slots, max_len, capacity)
+
+    @staticmethod
+    def position_bytes(model) -> int:
+        """Bytes of keys and values one position takes in every layer of ``model``."""
+        c = model.config
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return 2 * c.num_hidden_layers * heads * head_dim * torch.finfo(model.dtype).bits // 8
 
     @property
     def nbytes(self) -> int:
@@ -109,11 +124,13 @@ class SlotCache(Cache):
         """Room for ``positions`` per row (doubling: a long request reallocates a few times)."""
         if positions <= self.capacity:
             return
-        capacity = max(positions, min(2 * self.capacity, self.max_len + 64))
+        self._grow(self.rows, max(positions, min(2 * self.capacity, self.max_len + 64)))
+
+    def _grow(self, rows: int, capacity: int) -> None:
         for layer in self.layers:
             if layer.is_initialized:
-                layer.grow(capacity)
-        self.capacity = capacity
+                layer.grow(rows, capacity)
+        self.rows, self.capacity = rows, capacity
 
     @torch.inference_mode()  # its tensors may be inference tensors: so are their updates
     def join(self) -> int:
@@ -121,6 +138,8 @@ class SlotCache(Cache):
         if self.active >= self.slots:
             raise RuntimeError(f"all {self.slots} slots are in use")
         row = self.active
+        if row >= self.rows:
+            self._grow(min(self.slots, 2 * self.rows), self.capacity)
         self.lengths[row] = 0
         self.active += 1
         return row
@@ -148,6 +167,10 @@ class SlotCache(Cache):
         assert 0 <= row < self.active, f"row {row} is not active"
         last = self.active - 1
         self.active -= 1
+        if self.active == 0:  # idle: give the memory back
+            for layer in self.layers:
+                layer.free()
+            self.rows, self.capacity = 1, self.initial_capacity
         if row == last:
             return None
         n = int(self.lengths[last])

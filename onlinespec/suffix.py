@@ -200,7 +200,7 @@ def propose(drafter, state, index: RequestIndex, cache: SuffixCache | None, scop
         if drafter is None:
             break
         if hasattr(drafter, "next_logits"):
-            token, q = draw(drafter.next_logits(state, context), params, generator)
+            token, q = draw(drafter.next_logits(state, context), params, generator, position=len(context))
             drafts.append(token)
             qs.append(q)
             copied.append(False)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from onlinespec.sampling import SamplingParams, probs
+from onlinespec.sampling import SamplingParams, noisy_argmax, probs
 
-__all__ = ["Verdict", "verify"]
+__all__ = ["Verdict", "verify", "verify_coupled"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +64,16 @@ def verify(
         dist = p[m]
     token = int(torch.multinomial(dist, 1, generator=generator))
     return Verdict(accepted, token)
+
+
+def verify_coupled(logits: torch.Tensor, drafts: torch.Tensor, params: SamplingParams,
+                   noise: torch.Tensor) -> Verdict:
+    """A seeded request's verification (:class:`~onlinespec.sampling.PositionNoise`): the target's
+    token at each position is ``argmax(log p + g)`` with that position's noise ``g`` ([m+1, V]),
+    an exact sample from ``p`` fixed by the seed and the position; drafts are accepted while they
+    equal it (the greedy rule on perturbed log-probabilities), then that token is emitted."""
+    m = drafts.numel()
+    best = noisy_argmax(logits, params, noise)  # [m+1]
+    matches = (best[:m].cpu() == drafts).long()
+    accepted = int(matches.cumprod(0).sum()) if m else 0
+    return Verdict(accepted, int(best[accepted]))

@@ -21,6 +21,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
 
     from onlinespec import keys
     from onlinespec.config import load_config
+    from onlinespec.device import resolve_device, resolve_dtype
     from onlinespec.drafters.hf import HFDrafter
     from onlinespec.engine import EngineConfig, SpeculativeEngine
     from onlinespec.hotswap import SwapWatcher
@@ -40,11 +41,13 @@ def build(config_path: str | None = None, no_redis: bool = False):
     s = cfg.serving
     if s.get("threads"):
         torch.set_num_threads(int(s["threads"]))
+    device, dtype = resolve_device(s.get("device")), resolve_dtype(s.get("dtype"))
     tokenizer = load_tokenizer(cfg.target_model)
-    target = load_model(cfg.target_model)
+    target = load_model(cfg.target_model, dtype=dtype, device=device)
+    log.info("target %s on %s in %s", cfg.target_model, device, str(dtype).removeprefix("torch."))
     bases = {}
     for spec in cfg.drafters:
-        model = load_model(spec.model)
+        model = load_model(spec.model, dtype=dtype, device=device)
         check_same_vocab(cfg.target_model, target, spec.model, model, tokenizer, _maybe_tokenizer(spec.model))
         bases[spec.id] = (model, spec.model)
 
@@ -55,11 +58,14 @@ def build(config_path: str | None = None, no_redis: bool = False):
         registry = Registry(cfg.registry, redis)
         default_learner = LearnerConfig.from_yaml(cfg.learner) if cfg.learner else LearnerConfig()
         for did, (model, name) in bases.items():
+            if device != "cpu" or dtype != torch.float32:  # the registry keeps float32 weights on the CPU
+                model = load_model(name)
             bootstrap_drafter(registry, did, model, base=name)
             redis.sadd(keys.drafters_set(cfg.target_id), did)
             redis.set(keys.learner_config(did), json.dumps(default_learner.to_dict()), nx=True)
             latest = registry.latest(did)
-            drafters[did] = HFDrafter(registry.load_model(did, latest)[0], did, version=latest)
+            drafters[did] = HFDrafter(registry.load_model(did, latest, device=device, dtype=dtype)[0], did,
+                                      version=latest)
         writer = FeedbackWriter(redis, cfg.target_id, maxlen=cfg.stream_maxlen)
         watcher = SwapWatcher(redis, registry, drafters, rollback=bool(s.get("rollback", True)),
                               margin=float(s.get("rollback_margin", 0.05)),
@@ -80,6 +86,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
     state = build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
                         max_active=int(s.get("max_active", 8)), max_queue=int(s.get("max_queue", 64)),
                         prefill_tokens=int(s.get("prefill_tokens", 256)),
+                        kv_cache_tokens=int(s["kv_cache_tokens"]) if s.get("kv_cache_tokens") else None,
                         max_prompt_tokens=int(s.get("max_prompt_tokens", 1536)),
                         max_tokens=int(s.get("max_tokens", 512)), drafters=drafters, api_keys=cfg.api_keys)
     app = create_app(state)

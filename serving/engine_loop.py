@@ -64,7 +64,7 @@ class RequestHandle:
 class EngineLoop:
     def __init__(self, engine: SpeculativeEngine, metrics: Metrics, writer=None, watcher=None,
                  max_active: int = 8, max_queue: int = 64, drafters: dict | None = None,
-                 prefill_tokens: int = 256):
+                 prefill_tokens: int = 256, kv_cache_tokens: int | None = None):
         self.engine = engine
         self.drafters = drafters or {}
         self.metrics = metrics
@@ -73,14 +73,20 @@ class EngineLoop:
         self.max_active = max_active
         self.max_queue = max_queue
         self.prefill_tokens = prefill_tokens
+        self.kv_cache_tokens = kv_cache_tokens
         self.pending: queue.Queue[RequestHandle] = queue.Queue()
-        self.batch = Batch(engine, slots=max_active, prefill_tokens=prefill_tokens)
+        self._held: RequestHandle | None = None  # started, waiting for key/value room
+        self.batch = self._new_batch()
         self.active: dict[Generation, RequestHandle] = {}  # the batch's requests
         self.healthy = True  # false from a crash of the loop until its next clean pass
         self.restarts = 0
         self.last_crash = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def _new_batch(self) -> Batch:
+        return Batch(self.engine, slots=self.max_active, prefill_tokens=self.prefill_tokens,
+                     kv_tokens=self.kv_cache_tokens)
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -97,7 +103,7 @@ class EngineLoop:
 
     @property
     def depth(self) -> int:
-        return self.pending.qsize() + len(self.active)
+        return self.pending.qsize() + len(self.active) + (self._held is not None)
 
     def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None) -> RequestHandle:
         if self.pending.qsize() >= self.max_queue:
@@ -108,27 +114,44 @@ class EngineLoop:
         return handle
 
     def _admit(self) -> None:
+        """Start waiting requests while the batch has a slot and key/value room for them, first
+        come first served (a request that does not fit yet holds the line until one leaves)."""
         while self.batch.room > 0:
-            try:
-                handle = self.pending.get(timeout=0.05 if not self.active else 0)
-            except queue.Empty:
-                return
+            handle, self._held = self._held, None
+            if handle is None:
+                try:
+                    handle = self.pending.get(timeout=0.05 if not self.active else 0)
+                except queue.Empty:
+                    return
             if handle.cancelled:
                 self.metrics.cancelled.inc()
                 continue
-            try:
-                # No identity under scope "tenant": the request copies only from its own text.
-                suffix = self.engine.suffix
-                isolated = handle.tenant is None and suffix is not None and suffix.config.scope == "tenant"
-                handle.generation = self.engine.start(handle.prompt, handle.params, tenant=handle.tenant,
-                                                      isolated=isolated)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
-                if not isinstance(exc, InvalidRequestError):
-                    log.exception("request failed to start")
-                self._fail(handle, exc)
-                continue
+            if handle.generation is None:
+                try:
+                    handle.generation = self._start(handle)
+                except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
+                    if not isinstance(exc, InvalidRequestError):
+                        log.exception("request failed to start")
+                    self._fail(handle, exc)
+                    continue
+            if not self.batch.fits(handle.generation):
+                self._held = handle  # waits for memory: the batch's requests go on
+                return
             self.batch.add(handle.generation)
             self.active[handle.generation] = handle
+
+    def _start(self, handle: RequestHandle) -> Generation:
+        # No identity under scope "tenant": the request copies only from its own text.
+        suffix = self.engine.suffix
+        isolated = handle.tenant is None and suffix is not None and suffix.config.scope == "tenant"
+        gen = self.engine.start(handle.prompt, handle.params, tenant=handle.tenant, isolated=isolated)
+        budget = self.batch.kv_tokens
+        if budget is not None and self.batch.reservation(gen) > budget:
+            raise InvalidRequestError(
+                f"the prompt ({len(gen.prompt)} tokens) and max_tokens ({gen.params.max_new_tokens}) need "
+                f"{self.batch.reservation(gen)} key/value positions; this server holds {budget} "
+                "(serving.kv_cache_tokens): send a shorter prompt or fewer max_tokens")
+        return gen
 
     def _fail(self, handle: RequestHandle, exc: Exception) -> None:
         handle.error = exc
@@ -150,7 +173,7 @@ class EngineLoop:
                 held = list(self.active.values())
                 self.active.clear()
                 # their rows may be half-updated: fail them (the waiting ones stay) and start afresh
-                self.batch = Batch(self.engine, slots=self.max_active, prefill_tokens=self.prefill_tokens)
+                self.batch = self._new_batch()
                 for handle in held:
                     self._fail(handle, RuntimeError(f"engine loop restarted: {self.last_crash}"))
                 self._stop.wait(backoff)
@@ -187,7 +210,7 @@ class EngineLoop:
                 self._emit(handle, out)
                 if gen.finished:
                     del self.active[gen]
-            self.metrics.observe_batch(self.batch.last, self.batch.kv_bytes)
+            self.metrics.observe_batch(self.batch.last, self.batch.kv_bytes, self.batch.reserved)
             self.healthy = True
 
     def _emit(self, handle: RequestHandle, out: StepOutput) -> None:

@@ -116,6 +116,8 @@ class Metrics:
                                "Engine steps by the batch's draft length (0: plain batched decoding).", label="k")
         self.prefill_tokens = Counter("prefill_tokens_total", "Prompt tokens prefilled (in chunks between steps).")
         self.kv_cache_bytes = Gauge("kv_cache_bytes", "Memory held by the batch's key/value caches.")
+        self.kv_cache_reserved = Gauge("kv_cache_reserved_tokens",
+                                       "Key/value positions the batch's requests reserve (rows x the longest).")
         self.sampled: list[tuple[Counter, object]] = []  # (metric, callable -> {label tuple: value})
 
     def sample(self, metric: Counter, read) -> None:
@@ -134,7 +136,7 @@ class Metrics:
         for pos in range(accepted):
             self.accepted_per_pos.inc(**labels, position=pos)
 
-    def observe_batch(self, step, kv_bytes: int) -> None:
+    def observe_batch(self, step, kv_bytes: int, reserved: int = 0) -> None:
         """An engine step (:class:`onlinespec.batch.StepTiming`) and the cache memory after it."""
         if step.prefill_tokens:
             self.prefill_tokens.inc(step.prefill_tokens)
@@ -143,6 +145,7 @@ class Metrics:
             self.batch_rows.observe(step.rows)
             self.batch_k.inc(label=str(step.k))
         self.kv_cache_bytes.set(kv_bytes)
+        self.kv_cache_reserved.set(reserved)
 
     def render(self) -> str:
         lines: list[str] = []
@@ -150,7 +153,7 @@ class Metrics:
                   self.generated_tokens, self.latency, self.ttft,
                   self.queue_depth, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
                   self.accepted_per_pos, self.copied_tokens, self.copied_accepted_tokens, self.swaps,
-                  self.engine_steps, self.batch_rows, self.batch_k, self.prefill_tokens, self.kv_cache_bytes):
+                  self.engine_steps, self.batch_rows, self.batch_k, self.prefill_tokens, self.kv_cache_bytes, self.kv_cache_reserved):
             lines += m.render()
         for metric, read in self.sampled:
             metric.values = dict(read())

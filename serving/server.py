@@ -17,7 +17,8 @@ __all__ = ["build_state", "BackgroundServer"]
 
 
 def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=None, watcher=None, redis=None,
-                max_active: int = 8, max_queue: int = 64, prefill_tokens: int = 256, max_prompt_tokens: int = 1536,
+                max_active: int = 8, max_queue: int = 64, prefill_tokens: int = 256, kv_cache_tokens: int | None = None,
+                max_prompt_tokens: int = 1536,
                 max_tokens: int = 512, drafters: dict | None = None, api_keys=()) -> ServerState:
     metrics = Metrics()
     if writer is not None:
@@ -49,7 +50,8 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
         metrics.sample(Gauge("suffix_cache_entries", "n-grams indexed by suffix speculation."),
                        lambda: {(): len(cache)})
     loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
-                      drafters=drafters, prefill_tokens=prefill_tokens).start()
+                      drafters=drafters, prefill_tokens=prefill_tokens,
+                      kv_cache_tokens=kv_cache_tokens).start()
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
                        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, api_keys=tuple(api_keys))
 

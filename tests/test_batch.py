@@ -16,7 +16,8 @@ from onlinespec.sampling import SamplingParams
 from onlinespec.suffix import SuffixCache
 from tests.stats import chi2_pvalue
 from tests.test_engine_greedy import hf_greedy, prompts
-from tests.test_engine_sampling import V, exact_marginals, verify_without_residual
+from tests.test_engine_sampling import (V, exact_marginals, verify_coupled_accepting_every_draft,
+                                        verify_without_residual)
 from tests.tiny import VOCAB, perturbed, tiny_llama
 
 
@@ -108,10 +109,11 @@ def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(target, close
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("coupled", [False, True], ids=["rejection-sampling", "seeded"])
 @pytest.mark.parametrize(
     "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=8, top_p=0.95)]
 )
-def test_batched_sampling_matches_target_marginals(params, monkeypatch):
+def test_batched_sampling_matches_target_marginals(params, coupled, monkeypatch):
     target = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=4)
     drafter_model = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=5)  # an unrelated drafter
     engine = SpeculativeEngine(target, HFDrafter(drafter_model, "other"), config=EngineConfig(k=2),
@@ -122,7 +124,8 @@ def test_batched_sampling_matches_target_marginals(params, monkeypatch):
 
     def counts():
         gens = [engine.start(prompt, SamplingParams(**{**params.__dict__, "seed": 1000 + i, "max_new_tokens": 3,
-                                                       "ignore_eos": True}), isolated=True) for i in range(n)]
+                                                       "ignore_eos": True}), isolated=True, coupled=coupled)
+                for i in range(n)]
         out = [np.zeros(V) for _ in range(3)]
         for gen in run_batched(engine, gens, slots=16):
             for j, t in enumerate(gen.generated[:3]):
@@ -132,7 +135,10 @@ def test_batched_sampling_matches_target_marginals(params, monkeypatch):
     good = counts()
     for j in range(3):
         assert chi2_pvalue(good[j], exact[j]) > 1e-3, f"position {j}: {good[j]} vs {exact[j] * n}"
-    monkeypatch.setattr(engine_mod, "verify", verify_without_residual)  # the statistic has the power
+    if coupled:  # the statistic has the power to see a broken verifier
+        monkeypatch.setattr(engine_mod, "verify_coupled", verify_coupled_accepting_every_draft)
+    else:
+        monkeypatch.setattr(engine_mod, "verify", verify_without_residual)
     bad = counts()
     assert min(chi2_pvalue(bad[j], exact[j]) for j in range(3)) < 1e-4
 
@@ -172,7 +178,7 @@ def test_memory_and_rows_are_released(target, close_drafter_model):
     drive(batch, run)
     assert len(batch) == 0 and batch.cache.active == 0 and batch.staging.active == 0
     assert not batch.drafters  # the drafter's rows went with its last request
-    assert batch.kv_bytes >= batch.cache.nbytes > 0
+    assert batch.kv_bytes == 0  # idle: the key/value memory is given back
     with pytest.raises(AssertionError):
         for _ in range(3):
             batch.add(engine.start([1, 2], SamplingParams(max_new_tokens=4)))

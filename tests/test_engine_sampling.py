@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import onlinespec.engine as engine_mod
 import onlinespec.verify as verify_mod
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
@@ -89,10 +90,10 @@ def exact_marginals(model, prompt, params, steps=3):
     return marginals
 
 
-def engine_marginal_counts(engine, prompt, params, n, steps=3):
+def engine_marginal_counts(engine, prompt, params, n, steps=3, coupled=False):
     counts = [np.zeros(V) for _ in range(steps)]
     for i in range(n):
-        result = engine.generate(prompt, SamplingParams(**{**params.__dict__, "seed": 1000 + i, "max_new_tokens": steps, "ignore_eos": True}))
+        result = engine.generate(prompt, SamplingParams(**{**params.__dict__, "seed": 1000 + i, "max_new_tokens": steps, "ignore_eos": True}), coupled=coupled)
         for j, t in enumerate(result.tokens[:steps]):
             counts[j][t] += 1
     return counts
@@ -112,11 +113,42 @@ def test_engine_sampling_matches_target_marginals(params, monkeypatch):
     for j in range(3):
         assert chi2_pvalue(counts[j], exact[j]) > 1e-3, f"position {j}: {counts[j]} vs {exact[j] * n}"
     # The same statistic rejects an engine whose verifier skips the residual step.
-    import onlinespec.engine as engine_mod
-
     monkeypatch.setattr(engine_mod, "verify", verify_without_residual)
     bad = engine_marginal_counts(engine, prompt, params, n)
     assert min(chi2_pvalue(bad[j], exact[j]) for j in range(3)) < 1e-4
+
+
+def verify_coupled_accepting_every_draft(logits, drafts, params, noise):
+    """Bug: a seeded request's drafts accepted without comparing them with the target's draw."""
+    m = drafts.numel()
+    return Verdict(m, int(verify_mod.noisy_argmax(logits[m:], params, noise[m:])[0]))
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=8, top_p=0.95)]
+)
+def test_seeded_requests_sample_exactly_from_the_target_too(params, monkeypatch):
+    """Seeded requests draw each token by Gumbel-max with noise fixed by seed and position."""
+    target = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=4)
+    drafter_model = tiny_llama(layers=1, hidden=32, heads=2, vocab=V, seed=5)
+    engine = SpeculativeEngine(target, HFDrafter(drafter_model, "other"), config=EngineConfig(k=2))
+    prompt = [3, 7, 1]
+    exact = exact_marginals(target, prompt, params)
+    n = 1500
+    counts = engine_marginal_counts(engine, prompt, params, n, coupled=True)
+    for j in range(3):
+        assert chi2_pvalue(counts[j], exact[j]) > 1e-3, f"position {j}: {counts[j]} vs {exact[j] * n}"
+    monkeypatch.setattr(engine_mod, "verify_coupled", verify_coupled_accepting_every_draft)
+    bad = engine_marginal_counts(engine, prompt, params, n, coupled=True)
+    assert min(chi2_pvalue(bad[j], exact[j]) for j in range(3)) < 1e-4
+
+
+def test_a_seeded_text_does_not_depend_on_the_drafts_or_the_draft_length(target, close_drafter_model):
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=77, ignore_eos=True)
+    texts = {tuple(SpeculativeEngine(target, drafter, config=EngineConfig(k=k)).generate([5, 6, 7], params).tokens)
+             for drafter, k in ((HFDrafter(close_drafter_model, "close"), 3), (HFDrafter(close_drafter_model, "c"), 7),
+                                (HFDrafter(tiny_llama(seed=11), "unrelated"), 2), (None, None))}
+    assert len(texts) == 1
 
 
 def test_seed_makes_sampling_reproducible(target, close_drafter_model):

@@ -294,3 +294,30 @@ def test_traffic_pools_the_accepted_length_over_requests():
     old = {"usage": {"completion_tokens": 8}, "speculative": {"accepted_tokens": 6, "mean_accepted_length": 4.0}}
     stats.add(old, 2)  # a server without draft_steps: recovered from the mean
     assert stats.by_phase[2].draft_steps == 2
+
+
+def test_device_and_dtype_come_from_the_config(tmp_path):
+    from serving.__main__ import build
+    from serving.server import BackgroundServer
+
+    config = write_service(tmp_path)
+    text = open(config).read().replace("threads: 1}", "threads: 1, dtype: bfloat16, device: auto}")
+    open(config, "w").write(text)
+    app, state, cfg, cleanup = build(config, no_redis=True)
+    try:
+        engine = state.loop.engine
+        assert engine.target.dtype == torch.bfloat16 and engine.drafter.model.dtype == torch.bfloat16
+        srv = BackgroundServer(state, app=app).start()
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "abcabc", "max_tokens": 12,
+                                                          "temperature": 0}, timeout=60)
+        srv.stop()
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+    finally:
+        cleanup()
+    if not torch.cuda.is_available():
+        open(config, "w").write(text.replace("device: auto", "device: cuda"))
+        with pytest.raises(ValueError, match="no CUDA device"):
+            build(config, no_redis=True)
+    open(config, "w").write(text.replace("dtype: bfloat16", "dtype: float8"))
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        build(config, no_redis=True)

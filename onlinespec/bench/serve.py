@@ -6,8 +6,11 @@ external started:
 
 - ``spec_tok_s``: this engine's continuous batch (:class:`onlinespec.batch.Batch`, the engine
   loop's core) with speculation (the config's first drafter, if any, and suffix speculation, as
-  the service serves them) and the batch-aware draft length; ``c`` clients each send their next
-  request when the last one finished (a closed loop), so ``c`` rows are active throughout;
+  the service serves them: suffix speculation learns each finished output within the one tenant
+  the requests share, starting empty at each level) and the batch-aware draft length (its
+  measured costs and acceptance kept from level to level, as a running server keeps them);
+  ``c`` clients each send their next request when the last one finished (a closed loop), so
+  ``c`` rows are active throughout;
 - ``nospec_tok_s``: the same batch with speculation off (plain batched decoding);
 - ``hf_batched_tok_s``: Hugging Face ``generate`` of the target alone, static batches of ``c``
   of the same prompts (left-padded), every row up to its EOS or ``max_new_tokens``.
@@ -26,6 +29,7 @@ import time
 
 import torch
 
+from onlinespec.adaptive import BatchK
 from onlinespec.batch import Batch
 from onlinespec.bench.common import emit, heldout_prompts, machine, set_threads
 from onlinespec.bench.engine import tie_margin
@@ -41,9 +45,13 @@ QUICK_LEVELS = (1, 4, 8)
 
 
 def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency: int,
-                max_new_tokens: int, prefill_tokens: int = 256) -> dict:
-    """``concurrency`` closed-loop clients over ``prompts``; outputs in prompt order."""
+                max_new_tokens: int, prefill_tokens: int = 256, controller: BatchK | None = None) -> dict:
+    """``concurrency`` closed-loop clients over ``prompts`` (one tenant, as ``onlinespec traffic``
+    sends them); outputs in prompt order. ``controller``: the draft-length controller to keep
+    (a server keeps its measured costs and acceptance as the load changes)."""
     batch = Batch(engine, slots=concurrency, prefill_tokens=prefill_tokens)
+    if controller is not None:
+        batch.k = controller
     params = SamplingParams(max_new_tokens=max_new_tokens)
     waiting = list(enumerate(prompts))
     sent: dict = {}
@@ -54,7 +62,7 @@ def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency
     while waiting or len(batch):
         while waiting and batch.room:
             i, prompt = waiting.pop(0)
-            gen = engine.start(prompt, params, isolated=True)
+            gen = engine.start(prompt, params, tenant="bench")
             sent[gen] = (i, time.perf_counter())
             batch.add(gen)
         for gen, out in batch.step():
@@ -131,6 +139,7 @@ def run(args) -> int:
                                  suffix=SuffixCache(suffix_cfg) if suffix_cfg.enabled else None)
 
     plain = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(capture_feedback=False))
+    controller = BatchK(k_max=k_max)  # kept across levels, as the server keeps it
     # warm-up: the first forwards allocate and pick kernels
     serve_level(spec_engine(), prompts[:2], 2, 8)
     serve_level(plain, prompts[:2], 2, 8)
@@ -140,7 +149,7 @@ def run(args) -> int:
     levels, lossless, differences = [], True, []
     for c in args.levels:
         chosen = prompts[: max(4, 2 * c)]
-        spec = serve_level(spec_engine(), chosen, c, max_new)
+        spec = serve_level(spec_engine(), chosen, c, max_new, controller=controller)
         nospec = serve_level(plain, chosen, c, max_new)
         hf = hf_batched(target, chosen, c, max_new, eos)
         for i, prompt in enumerate(chosen):

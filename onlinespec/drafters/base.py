@@ -44,7 +44,9 @@ class Drafter(Protocol):
     def propose(
         self, state: object, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Proposal:
-        """Up to ``k`` tokens to follow ``tokens`` (the whole sequence so far)."""
+        """Up to ``k`` tokens to follow ``tokens`` (the whole sequence so far). Sampled drafts go
+        through :func:`onlinespec.sampling.draw` with ``generator`` (a seeded request's
+        :class:`~onlinespec.sampling.PositionNoise`) and the draft's position in the sequence."""
 
     def rewind(self, state: object, keep: int) -> None:
         """The sequence now has its first ``keep`` tokens settled; forget drafted tokens past them."""

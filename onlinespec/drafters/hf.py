@@ -55,7 +55,8 @@ class HFDrafter:
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
         for _ in range(k):  # each draft is fed only to draft the next: the last one is verified, not fed
-            token, q = draw(self.next_logits(state, tokens + drafts), params, generator)
+            token, q = draw(self.next_logits(state, tokens + drafts), params, generator,
+                            position=len(tokens) + len(drafts))
             drafts.append(token)
             if q is not None:
                 qs.append(q)
