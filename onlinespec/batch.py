@@ -120,7 +120,7 @@ class Batch:
         self.rows: list[Generation] = []  # row b of self.cache
         self.staged: list[Generation] = []  # row b of self.staging
         self.drafters: dict[int, _DraftRows] = {}  # by id() of the drafter object
-        self.k = BatchK(k_max=engine.config.k_max)
+        self.k: BatchK = engine.draft_length
         self.last = StepTiming()
 
     def __len__(self) -> int:
@@ -161,7 +161,7 @@ class Batch:
     def add(self, gen: Generation) -> None:
         """A started request joins (its prompt is prefilled over the next steps)."""
         assert self.room > 0, f"the batch is full ({self.slots} slots)"
-        assert not gen.finished and gen.target.length == 0, "a fresh generation joins"
+        assert not gen.finished and not gen.generated, "a fresh generation joins"
         self.staging.join()
         self.staged.append(gen)
 

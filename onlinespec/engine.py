@@ -1,16 +1,19 @@
 """The speculative decoding engine: propose, verify, accept, rewind.
 
-One :class:`Generation` per request. Each :meth:`Generation.step` is one target forward:
+One :class:`Generation` per request: its tokens, stop state, randomness, statistics and feedback
+record. Steps are taken by a :class:`~onlinespec.batch.Batch`, for every request it holds in
+one target forward:
 
-1. ``propose``: the drafter drafts ``k`` tokens after the settled sequence (k = 0: plain step);
+1. ``propose``: copies and the drafter's drafts, ``k`` after the settled sequence (k = 0: plain);
 2. ``verify``: the target encodes the last settled token and the drafts, ``k + 1`` positions,
    in one pass over its KV cache;
-3. ``accept``: the rejection rule keeps a prefix of the drafts and adds the target's own token;
-4. ``rewind``: both caches drop the rejected positions (never re-encoding the prefix).
+3. ``accept`` (:meth:`Generation.settle`): the rejection rule keeps a prefix of the drafts and
+   adds the target's own token, through the stop rules, into the feedback record;
+4. ``rewind``: the caches drop the rejected positions (never re-encoding the prefix).
 
 The target's cache always holds every settled token but the last, which is fed with the next
-step's drafts. Steps are small and separate so a scheduler can interleave many requests, and
-every step reports what it emitted so a server can stream.
+step's drafts. :meth:`Generation.step` steps one request alone (a batch of one); every step
+reports what it emitted so a server can stream.
 """
 
 from __future__ import annotations
@@ -24,26 +27,21 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from onlinespec.adaptive import AdaptiveK
+from onlinespec.adaptive import BatchK
 from onlinespec.drafters.base import Drafter, Proposal
 from onlinespec.errors import InvalidRequestError, VocabMismatchError
 from onlinespec.feedback import FeedbackRecord, RecordBuilder
-from onlinespec.lm import CacheSession
 from onlinespec.sampling import PositionNoise, SamplingParams
 from onlinespec.stops import FinishReason, StopState
 from onlinespec.suffix import RequestIndex, SuffixCache
-from onlinespec.suffix import propose as propose_with_suffix
 from onlinespec.verify import verify, verify_coupled
 
 __all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "StepOutput", "TokenLogprob", "GenerationResult",
            "GenerationStats"]
 
-_NO_DRAFTS = Proposal(torch.zeros(0, dtype=torch.long), None)
-
-
 @dataclass(frozen=True)
 class EngineConfig:
-    # Default draft length; None lets AdaptiveK choose per drafter from measured acceptance and cost.
+    # Default draft length; None lets BatchK choose per step from measured acceptance and costs.
     k: int | None = None
     k_max: int = 8  # bound for the adaptive controller (and the longest block we ever verify)
     # Top-K of the target's log-probs kept per generated position: losses use K + 1 buckets.
@@ -203,7 +201,9 @@ class SpeculativeEngine:
             eos = getattr(target.generation_config, "eos_token_id", None) or target.config.eos_token_id
             eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.controllers: dict[str, AdaptiveK] = {}
+        # the draft-length controller: costs per batch size, acceptance per proposer; kept for the
+        # engine's life, whichever batch steps its requests
+        self.draft_length = BatchK(k_max=config.k_max)
         self.drafter: Drafter | None = None
         if drafter is not None:
             self.set_drafter(drafter)
@@ -213,13 +213,6 @@ class SpeculativeEngine:
         if drafter is not None:
             check_vocab(self.target, drafter, self.config.target_id)
         self.drafter = drafter
-
-    def controller(self, drafter: Drafter | None) -> AdaptiveK:
-        """The draft-length controller of a drafter (of suffix speculation alone for None)."""
-        key = drafter.drafter_id if drafter is not None else "__suffix__"
-        if key not in self.controllers:
-            self.controllers[key] = AdaptiveK(k_max=self.config.k_max)
-        return self.controllers[key]
 
     def max_context(self) -> int | None:
         limits = [_max_positions(self.target), _max_positions(getattr(self.drafter, "model", None))]
@@ -289,7 +282,7 @@ class Generation:
             PositionNoise(seed, engine.vocab_size) if self.coupled else torch.Generator().manual_seed(seed))
         self.stop = StopState(params, engine.eos_token_ids, engine.tokenizer)
         self.stats = GenerationStats()
-        self.target = CacheSession(engine.target)
+        self._alone = None  # the batch of one that step() uses
         self.drafter = engine.drafter
         self.dstate = self.drafter.begin(prompt) if self.drafter is not None else None
         suffix = engine.suffix
@@ -323,13 +316,10 @@ class Generation:
 
     def draft_length(self, k: int | None = None) -> int:
         """Drafts to propose this step: the request's own ``k``, else the engine's fixed one, else
-        ``k`` (a batch's choice), else this drafter's controller; bounded by what is left."""
-        engine, drafter = self.engine, self.drafter
-        if drafter is None and self.index is None:
+        ``k`` (the batch controller's choice); bounded by what is left to generate."""
+        if self.drafter is None and self.index is None:
             return 0  # nothing can propose: plain decoding
-        k = self.params.k or engine.config.k or k
-        if k is None:
-            k = engine.controller(drafter).choose()
+        k = self.params.k or self.engine.config.k or k or 0
         remaining = self.params.max_new_tokens - len(self.generated)
         room = self.limit - len(self.tokens) if self.limit is not None else k
         # A step emits accepted + 1 tokens: drafting more than remaining - 1 is wasted work.
@@ -337,48 +327,26 @@ class Generation:
 
     @property
     def adaptive(self) -> bool:
-        """Whether a controller chooses this request's draft length."""
+        """Whether the controller chooses this request's draft length."""
         return self.params.k is None and self.engine.config.k is None and (
             self.drafter is not None or self.index is not None)
 
-    @torch.inference_mode()
     def step(self) -> StepOutput:
-        """One step of this request alone: propose, verify (one target forward), accept, rewind."""
-        assert not self.finished, "step() on a finished generation"
-        if self.target.length == 0 and len(self.tokens) > 1:
-            self.target.feed(self.tokens[:-1], last_only=True)  # prefill: all settled tokens but the last
-        drafter = self.engine.drafter
-        if drafter is not self.drafter:  # swapped between steps: start its cache afresh
-            self.drafter, self.dstate = drafter, drafter.begin(self.prompt) if drafter else None
-        k = self.draft_length()
+        """One step of this request alone (a batch of one): prefill, then propose, verify,
+        accept, rewind."""
+        from onlinespec.batch import Batch
 
-        t0 = time.perf_counter()
-        copied: list[bool] = []
-        if not k:
-            proposal = _NO_DRAFTS
-        elif self.index is not None:
-            proposal, copied = propose_with_suffix(drafter, self.dstate, self.index, self.cache, self.scope,
-                                                   self.tokens, k, self.params, self.generator,
-                                                   self.engine.vocab_size)
-        else:
-            proposal = drafter.propose(self.dstate, self.tokens, k, self.params, self.generator)
-        t1 = time.perf_counter()
-        # logits: [m+1, V] at the last settled token and each of the m drafts
-        logits = self.target.feed(torch.cat([torch.tensor(self.tokens[-1:]), proposal.tokens]))
-        t2 = time.perf_counter()
-        out = self.settle(proposal, copied, logits, t1 - t0, t2 - t1)
-        if not self.finished:
-            # Keep every settled token but the newest (it is fed with the next drafts).
-            self.target.rewind(len(self.tokens) - 1)
-            if drafter is not None:
-                drafter.rewind(self.dstate, len(self.tokens) - 1)
-        if self.adaptive:
-            ctl = self.engine.controller(drafter)
-            if out.drafted:
-                ctl.observe_spec(out.drafted, out.accepted, t1 - t0, t2 - t1)
-            else:
-                ctl.observe_plain(t2 - t1)
-        return out
+        assert not self.finished, "step() on a finished generation"
+        if self._alone is None:
+            self._alone = Batch(self.engine, slots=1, prefill_tokens=1 << 20)
+            self._alone.add(self)
+        while True:
+            for _, out in self._alone.step():
+                if isinstance(out, Exception):
+                    raise out
+                if self.finished:
+                    self._alone = None
+                return out
 
     def settle(self, proposal: Proposal, copied: list[bool], logits: torch.Tensor, draft_s: float,
                verify_s: float) -> StepOutput:

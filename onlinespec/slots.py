@@ -198,29 +198,30 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
     at the same positions); the tokens are committed to the cache."""
     b = len(rows)
     assert b == cache.active, "one row of tokens per active row, in row order"
-    n = torch.tensor([len(r) for r in rows])
-    t = max(1, int(n.max()))
-    start = cache.lengths[:b].clone()
-    need = int((start + t).max())
+    lens = [len(r) for r in rows]
+    t = max(1, max(lens))
+    starts = cache.lengths[:b].tolist()
+    need = max(starts) + t
     assert need <= cache.max_len + t, f"a row would pass max_len={cache.max_len}"
     cache.ensure(need)
     cache.kv_len = need
-    # pad each row with its last token (0 for a row fed nothing: its one query writes no committed key)
-    ids = torch.tensor([r + [r[-1] if r else 0] * (t - len(r)) for r in rows])
-    positions = start[:, None] + torch.arange(t)[None, :]  # [B, T]
-    cache.write_positions = positions.to(model.device)
-    keys = torch.arange(need)
-    mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L]
-    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask
-        mask = torch.zeros(mask.shape, dtype=model.dtype).masked_fill(~mask, torch.finfo(model.dtype).min)
     device = model.device
-    inputs = dict(input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
-                  use_cache=True, **{CACHE_KWARG: cache})
-    lens = n.tolist()
+    # pad each row with its last token (0 for a row fed nothing: its one query writes no committed key)
+    ids = torch.tensor([r + [r[-1] if r else 0] * (t - len(r)) for r in rows], device=device)
+    positions = torch.tensor([[s + i for i in range(t)] for s in starts], device=device)  # [B, T]
+    cache.write_positions = positions
+    mask = torch.arange(need, device=device)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L]
+    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(
+            ~mask, torch.finfo(model.dtype).min)
+    inputs = dict(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
     if getattr(model.config, "model_type", None) in PLAIN_HEAD:
         states = model.get_decoder()(**inputs).last_hidden_state  # [B, T, H]
-        fed = torch.arange(t)[None, :] < n[:, None]  # [B, T]
-        h = states[fed.to(device)]  # [sum n, H]: the head only where a token was fed
+        if all(n == t for n in lens):
+            h = states.reshape(b * t, -1)
+        else:  # the head only where a token was fed
+            fed = torch.tensor([[i < n for i in range(t)] for n in lens], device=device)  # [B, T]
+            h = states[fed]  # [sum n, H]
         logits = model.get_output_embeddings()(h)
         out_logits = list(logits.split(lens))
         out_hidden = list(h.split(lens))
@@ -228,5 +229,5 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
         full = model(**inputs, output_hidden_states=hidden)
         out_logits = [full.logits[i, : lens[i]] for i in range(b)]
         out_hidden = [full.hidden_states[-1][i, : lens[i]] for i in range(b)] if hidden else None
-    cache.lengths[:b] = start + n
+    cache.lengths[:b] += torch.tensor(lens)
     return (out_logits, out_hidden) if hidden else out_logits

@@ -11,7 +11,7 @@ followed it:
   by default, so one tenant's text is never proposed to another.
 
 At each draft position the longer of the two matches proposes (the request's own on a tie);
-with no match the drafter does. Copied drafts are deterministic: their ``q`` is one-hot, so
+with no match the drafter does (:meth:`onlinespec.batch.Batch._propose`). Copied drafts are deterministic: their ``q`` is one-hot, so
 sampling verification accepts them with probability ``p(token)`` and stays exact.
 """
 
@@ -20,12 +20,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-import torch
 
-from onlinespec.drafters.base import Proposal
-from onlinespec.sampling import SamplingParams, draw
-
-__all__ = ["SuffixConfig", "SuffixCache", "RequestIndex", "Match", "best_match", "propose"]
+__all__ = ["SuffixConfig", "SuffixCache", "RequestIndex", "Match", "best_match"]
 
 
 @dataclass(frozen=True)
@@ -173,50 +169,3 @@ def best_match(index: RequestIndex | None, cache: SuffixCache | None, context: l
     if theirs is None or mine.n >= theirs.n:
         return mine
     return theirs
-
-
-def propose(drafter, state, index: RequestIndex, cache: SuffixCache | None, scope: object, tokens: list[int],
-            k: int, params: SamplingParams, generator: torch.Generator | None, vocab_size: int
-            ) -> tuple[Proposal, list[bool]]:
-    """Up to ``k`` drafts, each copied when the suffix matches, else the drafter's.
-
-    Returns the proposal and, per draft, whether it was copied. A drafter with ``next_logits``
-    (Hugging Face drafters) is consulted position by position and fed lazily, only when it
-    must propose; any other drafter only after settled tokens: the whole block when the first
-    position has no match, nothing after a copied run.
-    """
-    index.extend(tokens)
-    drafts: list[int] = []
-    copied: list[bool] = []
-    qs: list[torch.Tensor | None] = []
-    while len(drafts) < k:
-        context = tokens + drafts
-        match = best_match(index, cache, context, scope)
-        if match is not None:
-            drafts.append(match.token)
-            copied.append(True)
-            qs.append(None)
-            continue
-        if drafter is None:
-            break
-        if hasattr(drafter, "next_logits"):
-            token, q = draw(drafter.next_logits(state, context), params, generator, position=len(context))
-            drafts.append(token)
-            qs.append(q)
-            copied.append(False)
-            continue
-        if drafts:  # other drafters propose only after settled tokens: the copied run ends the block
-            break
-        rest = drafter.propose(state, tokens, k, params, generator)
-        drafts += rest.tokens.tolist()
-        copied += [False] * len(rest)
-        qs += list(rest.q) if rest.q is not None else [None] * len(rest)
-        break
-    q = None
-    sampled = [row for row in qs if row is not None]
-    if sampled:  # the drafter's rows are distributions; copied ones are one-hot, on the same device
-        device = sampled[0].device
-        q = torch.stack([row if row is not None else
-                         torch.zeros(vocab_size, device=device).index_fill_(0, torch.tensor([d], device=device), 1.0)
-                         for row, d in zip(qs, drafts)])
-    return Proposal(torch.tensor(drafts, dtype=torch.long), q), copied

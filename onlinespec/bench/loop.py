@@ -52,8 +52,8 @@ def _serve(engine, prompts, params, writer, watcher=None, step_times=None):
         while not gen.finished:
             t0 = time.perf_counter()
             swapped = watcher.apply() if watcher is not None else []
-            first = gen.target.length == 0  # this step prefills the prompt: not comparable
-            out = gen.step()
+            first = not gen.generated  # this step prefills the prompt: not comparable
+            gen.step()
             dt = time.perf_counter() - t0
             if step_times is not None and not first:
                 step_times.append((dt, bool(swapped)))
