@@ -202,13 +202,12 @@ class Batch:
     def _prefill(self) -> int:
         """Advance the staged prompts by up to ``prefill_tokens`` in one forward; the prompts that
         are in move to the batch. Returns the tokens fed."""
-        budget = self.prefill_tokens
-        feeds: list[list[int]] = []
-        for row, gen in enumerate(self.staged):
-            done = int(self.staging.lengths[row])
-            chunk = max(0, min(len(gen.tokens) - 1 - done, budget))
-            feeds.append(gen.tokens[done:done + chunk])
-            budget -= chunk
+        done = self.staging.lengths[: len(self.staged)].tolist()
+        left = [len(gen.tokens) - 1 - d for gen, d in zip(self.staged, done)]
+        # the budget shared evenly by the prompts still being read: rows of one forward are padded
+        # to the longest, so one long chunk beside empty rows would waste the whole batch
+        share = max(1, self.prefill_tokens // max(1, sum(n > 0 for n in left)))
+        feeds = [gen.tokens[d:d + min(n, share)] for gen, d, n in zip(self.staged, done, left)]
         fed = sum(map(len, feeds))
         if fed:
             forward_rows(self.engine.target, self.staging, feeds)

@@ -29,8 +29,9 @@ from transformers import PreTrainedModel
 
 from onlinespec.adaptive import BatchK
 from onlinespec.drafters.base import Drafter, Proposal
-from onlinespec.errors import InvalidRequestError, VocabMismatchError
+from onlinespec.errors import InvalidRequestError
 from onlinespec.feedback import FeedbackRecord, RecordBuilder
+from onlinespec.models import check_same_vocab, vocab_size
 from onlinespec.sampling import PositionNoise, SamplingParams
 from onlinespec.stops import FinishReason, StopState
 from onlinespec.suffix import RequestIndex, SuffixCache
@@ -160,22 +161,8 @@ def _token_logprobs(lp: torch.Tensor, tokens: list[int], n: int) -> tuple[TokenL
     return tuple(TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alts))
 
 
-def _vocab_size(model: PreTrainedModel) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
-
-
 def _max_positions(model: PreTrainedModel | None) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
-def check_vocab(target: PreTrainedModel, drafter: Drafter, target_id: str) -> None:
-    """Refuse a drafter whose ids would mean other tokens to the target."""
-    tv = _vocab_size(target)
-    if drafter.vocab_size != tv:
-        raise VocabMismatchError(
-            f"drafter {drafter.drafter_id!r} has a vocabulary of {drafter.vocab_size} ids but target "
-            f"{target_id!r} has {tv}: target and drafter must share one tokenizer"
-        )
 
 
 class SpeculativeEngine:
@@ -196,7 +183,7 @@ class SpeculativeEngine:
         self.suffix = suffix
         self.tokenizer = tokenizer
         self.config = config
-        self.vocab_size = _vocab_size(target)
+        self.vocab_size = vocab_size(target)
         if eos_token_ids is None:
             eos = getattr(target.generation_config, "eos_token_id", None) or target.config.eos_token_id
             eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -211,7 +198,7 @@ class SpeculativeEngine:
     def set_drafter(self, drafter: Drafter | None) -> None:
         """Serve the next steps with another drafter (requests in flight re-prefill it)."""
         if drafter is not None:
-            check_vocab(self.target, drafter, self.config.target_id)
+            check_same_vocab(self.config.target_id, self.vocab_size, drafter.drafter_id, drafter.vocab_size)
         self.drafter = drafter
 
     def max_context(self) -> int | None:

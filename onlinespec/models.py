@@ -59,14 +59,21 @@ def load_tokenizer(name: str):
         raise ModelLoadError(f"could not load tokenizer for {name!r}: {exc}") from exc
 
 
-def check_same_vocab(target_name: str, target: PreTrainedModel, drafter_name: str, drafter: PreTrainedModel,
-                     target_tok=None, drafter_tok=None) -> None:
-    """Fail with a message naming both models when their vocabularies differ."""
-    tv = target.get_output_embeddings().weight.shape[0]
-    dv = drafter.get_output_embeddings().weight.shape[0]
+def vocab_size(model: PreTrainedModel) -> int:
+    """Ids the model's head scores (what a drafter's ids must mean to the target)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_same_vocab(target_name: str, target: PreTrainedModel | int, drafter_name: str,
+                     drafter: PreTrainedModel | int, target_tok=None, drafter_tok=None) -> None:
+    """Fail with a message naming both when a drafter's ids would mean other tokens to the target:
+    heads of different sizes (models, or their vocabulary sizes), or tokenizers that differ. The one
+    check, at start-up (models and tokenizers) and when the engine is given a drafter."""
+    tv = target if isinstance(target, int) else vocab_size(target)
+    dv = drafter if isinstance(drafter, int) else vocab_size(drafter)
     if tv != dv:
         raise VocabMismatchError(
-            f"target {target_name!r} has {tv} vocabulary ids but drafter {drafter_name!r} has {dv}: "
+            f"drafter {drafter_name!r} has {dv} vocabulary ids but target {target_name!r} has {tv}: "
             "they must share one tokenizer"
         )
     if target_tok is not None and drafter_tok is not None and target_tok.get_vocab() != drafter_tok.get_vocab():

@@ -9,6 +9,7 @@ from transformers import PreTrainedModel
 
 from onlinespec.drafters.base import Proposal
 from onlinespec.lm import CacheSession
+from onlinespec.models import vocab_size
 from onlinespec.sampling import SamplingParams, draw
 
 __all__ = ["HFDrafter"]
@@ -34,7 +35,7 @@ class HFDrafter:
         self.model = model.eval()
         self.drafter_id = drafter_id
         self.version = version
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = vocab_size(model)
 
     def swap(self, model: PreTrainedModel, version: int) -> None:
         self.model, self.version = model.eval(), version
