@@ -63,3 +63,19 @@ def test_bench_adapt_json_and_plot(model_dirs, capsys, tmp_path):
         assert m["regret_vs_best_fixed"] >= -1e-9
     assert out["ratio_vs_static"] > 0 and out["ratio_vs_osd"] > 0
     assert plot.stat().st_size > 5_000
+
+
+def test_bench_serve_json(model_dirs, capsys, tmp_path):
+    config = tmp_path / "service.yaml"
+    config.write_text(f"target: {{id: tiny, model: {model_dirs / 'target'}}}\n"
+                      f"drafters: [{{id: d, model: {model_dirs / 'drafter'}}}]\n")
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "serve", "--quick", "--json", "--config", str(config), "--max-new-tokens", "8",
+              "--threads", "1"])
+    out = last_json(capsys)
+    assert done.value.code == 0 and out["lossless"] is True and out["device"] == "cpu"
+    assert [lv["concurrency"] for lv in out["levels"]] == [1, 4, 8]
+    for level in out["levels"]:
+        for key in ("spec_tok_s", "nospec_tok_s", "hf_batched_tok_s", "p50_ms", "p99_ms"):
+            assert isinstance(level[key], float) and level[key] > 0, key
+        assert level["requests"] >= 2 * level["concurrency"]

@@ -131,6 +131,9 @@ def run(args) -> int:
     eos = tokenizer.eos_token_id
     max_new = args.max_new_tokens or (24 if args.quick else 64)
     k_max = int(cfg.serving.get("k_max", 8))
+    context = getattr(target.config, "max_position_embeddings", None)
+    if context:  # a prompt longer than the model's context keeps its last tokens
+        prompts = [p[-(context - max_new - k_max - 1):] for p in prompts]
 
     def spec_engine():  # fresh suffix cache per level: each level starts from the same state
         return SpeculativeEngine(target, HFDrafter(drafter_model, cfg.drafters[0].id) if drafter_model else None,
