@@ -149,10 +149,17 @@ class BatchK:
         self.proposers: dict[str, AdaptiveK] = {}
         self._step: dict[str, list[float]] = {}  # this step's [accepted, rejections] per proposer
 
+    @staticmethod
+    def bucket(batch: int) -> int:
+        """Batch sizes share cost estimates by power of two (1, 2, 3-4, 5-8, ...): under live
+        traffic the batch size changes at almost every step, and speedups depend on it slowly."""
+        return 1 << max(0, batch - 1).bit_length()
+
     def at(self, batch: int) -> AdaptiveK:
-        if batch not in self.costs:
-            self.costs[batch] = AdaptiveK(k_max=self.k_max, **self.cost_kw)
-        return self.costs[batch]
+        key = self.bucket(batch)
+        if key not in self.costs:
+            self.costs[key] = AdaptiveK(k_max=self.k_max, **self.cost_kw)
+        return self.costs[key]
 
     def proposer(self, key: str) -> AdaptiveK:
         if key not in self.proposers:

@@ -11,9 +11,9 @@ Requests join and leave between steps. Each :meth:`Batch.step`:
    copied in) and its drafter encodes the prompt too;
 2. **propose**: ``k`` from :class:`~onlinespec.adaptive.BatchK` (costs measured at this batch
    size, acceptance per proposer; ``k = 0`` where speculation would not pay). Per draft position,
-   each row copies from suffix speculation where its suffix matches, and the rows that found no
-   match draft in one forward of their drafter (every row of that drafter feeds what its cache
-   lacks in the same forward);
+   the proposers (:mod:`onlinespec.proposers`) draft in turn for the rows still without a draft
+   there: suffix copies where a row's text matches, then each drafter for its rows in one
+   forward, then other drafters' blocks;
 3. **verify**: one target forward over every row's last settled token and drafts, ragged;
 4. **accept**, row by row, as a single request does (:meth:`Generation.settle`): the same
    rejection rule with the request's own generator, the same feedback record;
@@ -31,14 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
+from onlinespec.adaptive import BatchK
 from onlinespec.drafters.base import Proposal
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import Generation, SpeculativeEngine, StepOutput
-from onlinespec.lm import CacheSession
-from onlinespec.adaptive import BatchK
-from onlinespec.sampling import draw
+from onlinespec.proposers import Blocks, Copies, DraftRows
 from onlinespec.slots import SlotCache, forward_rows
-from onlinespec.suffix import best_match
 
 __all__ = ["Batch", "StepTiming", "run_batched"]
 
@@ -55,48 +53,6 @@ class StepTiming:
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
-
-
-class _DraftRows:
-    """A Hugging Face drafter's keys and values for the rows it drafts for (its own row order)."""
-
-    def __init__(self, drafter: HFDrafter, slots: int, max_len: int):
-        self.drafter = drafter
-        self.cache = SlotCache.for_model(drafter.model, slots, max_len)
-        self.gens: list[Generation] = []
-
-    def join(self, gen: Generation) -> None:
-        row = self.cache.join()
-        self.gens.append(gen)
-        n = len(gen.tokens) - 1  # the drafter's cache holds the settled tokens but the last, like the target's
-        if n:
-            session = CacheSession(self.drafter.model)
-            session.feed(gen.tokens[:n], last_only=True)
-            self.cache.load(row, session.cache, n)
-
-    def leave(self, gen: Generation) -> None:
-        row = self.gens.index(gen)
-        self.cache.leave(row)
-        last = self.gens.pop()
-        if row < len(self.gens):
-            self.gens[row] = last
-
-    def rewind(self, gen: Generation, keep: int) -> None:
-        row = self.gens.index(gen)
-        self.cache.rewind(row, min(keep, int(self.cache.lengths[row])))
-
-    def next_logits(self, contexts: dict[Generation, list[int]], catch_up: int) -> dict[Generation, torch.Tensor]:
-        """One forward: each row feeds what its cache lacks of its context (tokens + drafts so
-        far), at most ``catch_up`` tokens (a row whose copies were accepted for many steps
-        catches up over several forwards rather than padding every row to its length).
-        Returns the logits after the whole context of every row that fed all it lacked."""
-        feeds, complete = [], []
-        for i, g in enumerate(self.gens):
-            lacking = contexts[g][int(self.cache.lengths[i]):]
-            feeds.append(lacking[:catch_up])
-            complete.append(0 < len(lacking) <= catch_up)
-        logits = forward_rows(self.drafter.model, self.cache, feeds)
-        return {g: rows[-1] for g, rows, done in zip(self.gens, logits, complete) if done}
 
 
 class Batch:
@@ -119,7 +75,8 @@ class Batch:
         self.staging = SlotCache.for_model(engine.target, slots, self.max_len)  # prompts being prefilled
         self.rows: list[Generation] = []  # row b of self.cache
         self.staged: list[Generation] = []  # row b of self.staging
-        self.drafters: dict[int, _DraftRows] = {}  # by id() of the drafter object
+        self.copies, self.blocks = Copies(), Blocks()
+        self.drafters: dict[int, DraftRows] = {}  # by id() of the drafter object
         self.k: BatchK = engine.draft_length
         self.last = StepTiming()
 
@@ -185,7 +142,7 @@ class Batch:
         if row < len(gens):
             gens[row] = last
 
-    def _draft_rows(self, gen: Generation) -> _DraftRows | None:
+    def _draft_rows(self, gen: Generation) -> DraftRows | None:
         return self.drafters.get(id(gen.drafter)) if isinstance(gen.drafter, HFDrafter) else None
 
     def _join(self, gen: Generation, staged_row: int | None) -> None:
@@ -196,7 +153,8 @@ class Batch:
         if isinstance(gen.drafter, HFDrafter):
             key = id(gen.drafter)
             if key not in self.drafters:
-                self.drafters[key] = _DraftRows(gen.drafter, self.slots, self.max_len)
+                self.drafters[key] = DraftRows(gen.drafter, self.slots, self.max_len,
+                                               catch_up=self.engine.config.k_max + 1)
             self.drafters[key].join(gen)
 
     def _prefill(self) -> int:
@@ -222,47 +180,26 @@ class Batch:
         return gen.drafter.drafter_id if gen.drafter is not None else SUFFIX_KEY
 
     def _propose(self, k_rows: list[int]) -> tuple[list[list[int]], list[list[torch.Tensor | None]], list[list[bool]]]:
-        """Up to ``k_rows[b]`` drafts for each row: copied where its suffix matches, else from its
-        drafter (one forward per drafter and draft position for all of that drafter's rows)."""
+        """Up to ``k_rows[b]`` drafts for each row, position by position: each proposer in turn
+        (copies, each drafter's rows, other drafters) drafts for the rows still without a draft
+        there; a row no proposer drafts for ends its block."""
         rows = self.rows
         drafts: list[list[int]] = [[] for _ in rows]
         qs: list[list[torch.Tensor | None]] = [[] for _ in rows]
         copied: list[list[bool]] = [[] for _ in rows]
-        for gen, k in zip(rows, k_rows):
-            if k and gen.index is not None:
-                gen.index.extend(gen.tokens)
+        proposers = [self.copies, *self.drafters.values(), self.blocks]
         for i in range(max(k_rows, default=0)):
-            want: dict[int, list[int]] = {}  # drafter rows -> batch rows that need its draft here
-            for b, (gen, k) in enumerate(zip(rows, k_rows)):
-                if i >= k or len(drafts[b]) != i:  # done, or stopped short (no match, no drafter)
-                    continue
-                match = best_match(gen.index, gen.cache, gen.tokens + drafts[b], gen.scope) \
-                    if gen.index is not None else None
-                if match is not None:
-                    drafts[b].append(match.token)
-                    qs[b].append(None)
-                    copied[b].append(True)
-                elif self._draft_rows(gen) is not None:
-                    want.setdefault(id(gen.drafter), []).append(b)
-                elif gen.drafter is not None and i == 0:  # a drafter without batched rows (n-grams)
-                    rest = gen.drafter.propose(gen.dstate, gen.tokens, k, gen.params, gen.generator)
-                    drafts[b] += rest.tokens.tolist()
-                    qs[b] += list(rest.q) if rest.q is not None else [None] * len(rest)
-                    copied[b] += [False] * len(rest)
-            for key, wanted in want.items():
-                group = self.drafters[key]
-                # contexts as of this position (a copy made here is fed at the next forward, so a
-                # row that copies now and drafts next still has a token to feed then)
-                contexts = {g: g.tokens + drafts[rows.index(g)][:i] for g in group.gens}
-                logits = group.next_logits(contexts, catch_up=self.engine.config.k_max + 1)
-                for b in wanted:
-                    gen = rows[b]
-                    if gen not in logits:  # still catching up: no draft from the drafter this step
-                        continue
-                    token, q = draw(logits[gen], gen.params, gen.generator, position=len(gen.tokens) + i)
-                    drafts[b].append(token)
-                    qs[b].append(q)
-                    copied[b].append(False)
+            need = [b for b, k in enumerate(k_rows) if i < k and len(drafts[b]) == i]
+            for proposer in proposers:
+                if not need:
+                    break
+                room = [k - len(d) for k, d in zip(k_rows, drafts)]
+                for b, block in proposer.propose(rows, need, drafts, i, room).items():
+                    for draft in block[: room[b]]:
+                        drafts[b].append(draft.token)
+                        qs[b].append(draft.q)
+                        copied[b].append(draft.copied)
+                need = [b for b in need if len(drafts[b]) == i]
         return drafts, qs, copied
 
     def _proposal(self, drafts: list[int], qs: list[torch.Tensor | None]) -> Proposal:

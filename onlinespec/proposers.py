@@ -1,0 +1,136 @@
+"""Proposers: what drafts a batch's rows, one draft position at a time, behind one seam.
+
+At each draft position :class:`~onlinespec.batch.Batch` asks its proposers in turn, each for the
+rows still without a draft there: suffix speculation first (:class:`Copies`: free to consult,
+and right where the text repeats), then each Hugging Face drafter for its own rows in one
+forward (:class:`DraftRows`), then any other drafter, which proposes its whole block at the
+first position (:class:`Blocks`: the n-gram drafter, a user's own). A row that no proposer
+drafts for stops its block there.
+
+Every proposer returns, per row it drafted for, a list of :class:`Draft` (one, or a block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.lm import CacheSession
+from onlinespec.sampling import draw
+from onlinespec.slots import SlotCache, forward_rows
+from onlinespec.suffix import best_match
+
+if TYPE_CHECKING:
+    from onlinespec.engine import Generation
+
+__all__ = ["Draft", "Proposer", "Copies", "DraftRows", "Blocks"]
+
+
+@dataclass(frozen=True)
+class Draft:
+    token: int
+    q: torch.Tensor | None = None  # the distribution it was drawn from; None: deterministic (one-hot)
+    copied: bool = False  # by suffix speculation
+
+
+class Proposer(Protocol):
+    def propose(self, rows: list[Generation], need: list[int], drafts: list[list[int]], position: int,
+                room: list[int]) -> dict[int, list[Draft]]:
+        """Drafts for the rows ``need`` (indices into ``rows``) at draft ``position`` of this
+        step's block; ``drafts[b]`` holds row ``b``'s drafts so far, ``room[b]`` how many more
+        it may take."""
+
+
+class Copies:
+    """Suffix speculation: the token after the longest earlier occurrence of the row's text
+    (in its request, or in past outputs of its tenant)."""
+
+    def propose(self, rows, need, drafts, position, room):
+        out = {}
+        for b in need:
+            gen = rows[b]
+            if gen.index is None:
+                continue
+            if position == 0:
+                gen.index.extend(gen.tokens)  # settled tokens only: drafts may be rejected
+            match = best_match(gen.index, gen.cache, gen.tokens + drafts[b], gen.scope)
+            if match is not None:
+                out[b] = [Draft(match.token, None, copied=True)]
+        return out
+
+
+class DraftRows:
+    """A Hugging Face drafter's keys and values for the rows it drafts for (its own row order),
+    and its drafts: one forward per draft position for all of its rows."""
+
+    def __init__(self, drafter: HFDrafter, slots: int, max_len: int, catch_up: int):
+        self.drafter = drafter
+        self.cache = SlotCache.for_model(drafter.model, slots, max_len)
+        self.gens: list[Generation] = []
+        self.catch_up = catch_up  # the most tokens a row feeds in one forward
+
+    def join(self, gen: Generation) -> None:
+        row = self.cache.join()
+        self.gens.append(gen)
+        n = len(gen.tokens) - 1  # the drafter's cache holds the settled tokens but the last, like the target's
+        if n:
+            session = CacheSession(self.drafter.model)
+            session.feed(gen.tokens[:n], last_only=True)
+            self.cache.load(row, session.cache, n)
+
+    def leave(self, gen: Generation) -> None:
+        row = self.gens.index(gen)
+        self.cache.leave(row)
+        last = self.gens.pop()
+        if row < len(self.gens):
+            self.gens[row] = last
+
+    def rewind(self, gen: Generation, keep: int) -> None:
+        row = self.gens.index(gen)
+        self.cache.rewind(row, min(keep, int(self.cache.lengths[row])))
+
+    def propose(self, rows, need, drafts, position, room):
+        mine = [b for b in need if rows[b].drafter is self.drafter]
+        if not mine:
+            return {}
+        where = {id(g): b for b, g in enumerate(rows)}
+        # Every row feeds what its cache lacks of its text as of this position (a copy made here
+        # is fed at the next forward), at most catch_up tokens: a row whose copies were accepted
+        # for many steps catches up over several forwards rather than padding every row to its
+        # length, and drafts only once it has.
+        feeds, complete = [], set()
+        for i, gen in enumerate(self.gens):
+            lacking = (gen.tokens + drafts[where[id(gen)]][:position])[int(self.cache.lengths[i]):]
+            feeds.append(lacking[: self.catch_up])
+            if 0 < len(lacking) <= self.catch_up:
+                complete.add(id(gen))
+        logits = forward_rows(self.drafter.model, self.cache, feeds)
+        out = {}
+        for b in mine:
+            gen = rows[b]
+            if id(gen) in complete:
+                token, q = draw(logits[self.gens.index(gen)][-1], gen.params, gen.generator,
+                                position=len(gen.tokens) + position)
+                out[b] = [Draft(token, q)]
+        return out
+
+
+class Blocks:
+    """Any other :class:`~onlinespec.drafters.base.Drafter`: its whole block at the first
+    position, from its per-request state."""
+
+    def propose(self, rows, need, drafts, position, room):
+        if position != 0:
+            return {}
+        out = {}
+        for b in need:
+            gen = rows[b]
+            if gen.drafter is None or isinstance(gen.drafter, HFDrafter):
+                continue
+            block = gen.drafter.propose(gen.dstate, gen.tokens, room[b], gen.params, gen.generator)
+            qs = list(block.q) if block.q is not None else [None] * len(block)
+            out[b] = [Draft(t, q) for t, q in zip(block.tokens.tolist(), qs)]
+        return out
