@@ -35,8 +35,9 @@ from onlinespec.adaptive import BatchK
 from onlinespec.drafters.base import Proposal
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import Generation, SpeculativeEngine, StepOutput
+from onlinespec.errors import InvalidRequestError
 from onlinespec.proposers import Blocks, Copies, DraftRows
-from onlinespec.slots import SlotCache, forward_rows
+from onlinespec.slots import SlotCache, forward_rows, leave_row
 
 __all__ = ["Batch", "StepTiming", "run_batched"]
 
@@ -77,7 +78,7 @@ class Batch:
         self.staged: list[Generation] = []  # row b of self.staging
         self.copies, self.blocks = Copies(), Blocks()
         self.drafters: dict[int, DraftRows] = {}  # by id() of the drafter object
-        self.k: BatchK = engine.draft_length
+        self.k: BatchK = engine.k_controller
         self.last = StepTiming()
 
     def __len__(self) -> int:
@@ -100,6 +101,14 @@ class Batch:
         """Positions the batch's layout reserves now: its rows x the longest reservation."""
         gens = self.generations
         return len(gens) * max(map(self.reservation, gens)) if gens else 0
+
+    def check_admissible(self, gen: Generation) -> None:
+        """Refuse a request whose reservation exceeds ``kv_tokens`` even alone: it would wait forever."""
+        if self.kv_tokens is not None and self.reservation(gen) > self.kv_tokens:
+            raise InvalidRequestError(
+                f"the prompt ({len(gen.prompt)} tokens) and max_tokens ({gen.params.max_new_tokens}) need "
+                f"{self.reservation(gen)} key/value positions; this server holds {self.kv_tokens} "
+                "(serving.kv_cache_tokens): send a shorter prompt or fewer max_tokens")
 
     def fits(self, gen: Generation) -> bool:
         """Whether ``gen`` may join now (a free slot, and its reservation within ``kv_tokens``)."""
@@ -125,22 +134,14 @@ class Batch:
     def remove(self, gen: Generation) -> None:
         """A request leaves (finished, cancelled or failed); its rows are freed."""
         if gen in self.staged:
-            self._leave(self.staging, self.staged, gen)
+            leave_row(self.staging, self.staged, gen)
             return
-        self._leave(self.cache, self.rows, gen)
+        leave_row(self.cache, self.rows, gen)
         rows = self._draft_rows(gen)
         if rows is not None:
             rows.leave(gen)
             if not rows.gens:
                 del self.drafters[id(rows.drafter)]
-
-    @staticmethod
-    def _leave(cache: SlotCache, gens: list[Generation], gen: Generation) -> None:
-        row = gens.index(gen)
-        cache.leave(row)
-        last = gens.pop()
-        if row < len(gens):
-            gens[row] = last
 
     def _draft_rows(self, gen: Generation) -> DraftRows | None:
         return self.drafters.get(id(gen.drafter)) if isinstance(gen.drafter, HFDrafter) else None
@@ -173,7 +174,7 @@ class Batch:
         for gen in ready:
             row = self.staged.index(gen)
             self._join(gen, row if len(gen.tokens) > 1 else None)
-            self._leave(self.staging, self.staged, gen)
+            leave_row(self.staging, self.staged, gen)
         return fed
 
     def _key(self, gen: Generation) -> str:

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 
 from onlinespec.adaptive import BatchK
 from onlinespec.drafters.base import Drafter, Proposal
+from onlinespec.drafters.hf import HFDrafter
 from onlinespec.errors import InvalidRequestError
 from onlinespec.feedback import FeedbackRecord, RecordBuilder
 from onlinespec.models import check_same_vocab, vocab_size
@@ -171,7 +172,7 @@ class SpeculativeEngine:
     def __init__(
         self,
         target: PreTrainedModel,
-        drafter: Drafter | None = None,
+        drafter: Drafter | HFDrafter | None = None,
         tokenizer=None,
         config: EngineConfig = EngineConfig(),
         eos_token_ids: set[int] | None = None,
@@ -190,13 +191,14 @@ class SpeculativeEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         # the draft-length controller: costs per batch size, acceptance per proposer; kept for the
         # engine's life, whichever batch steps its requests
-        self.draft_length = BatchK(k_max=config.k_max)
-        self.drafter: Drafter | None = None
+        self.k_controller = BatchK(k_max=config.k_max)
+        self.drafter: Drafter | HFDrafter | None = None
         if drafter is not None:
             self.set_drafter(drafter)
 
-    def set_drafter(self, drafter: Drafter | None) -> None:
-        """Serve the next steps with another drafter (requests in flight re-prefill it)."""
+    def set_drafter(self, drafter: Drafter | HFDrafter | None) -> None:
+        """Draft with another drafter for requests that start from now (requests in flight keep
+        theirs: their drafter keys are its)."""
         if drafter is not None:
             check_same_vocab(self.config.target_id, self.vocab_size, drafter.drafter_id, drafter.vocab_size)
         self.drafter = drafter
@@ -271,7 +273,9 @@ class Generation:
         self.stats = GenerationStats()
         self._alone = None  # the batch of one that step() uses
         self.drafter = engine.drafter
-        self.dstate = self.drafter.begin(prompt) if self.drafter is not None else None
+        # per-request state of a drafter driven through the Drafter contract (HFDrafter rows live
+        # in the batch)
+        self.dstate = self.drafter.begin(prompt) if isinstance(self.drafter, Drafter) else None
         suffix = engine.suffix
         self.index = RequestIndex(suffix.config) if suffix is not None else None
         # Past outputs are copied within the request's tenant, or across all requests with scope

@@ -20,7 +20,7 @@ import torch
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.lm import CacheSession
 from onlinespec.sampling import draw
-from onlinespec.slots import SlotCache, forward_rows
+from onlinespec.slots import SlotCache, forward_rows, leave_row
 from onlinespec.suffix import best_match
 
 if TYPE_CHECKING:
@@ -82,11 +82,7 @@ class DraftRows:
             self.cache.load(row, session.cache, n)
 
     def leave(self, gen: Generation) -> None:
-        row = self.gens.index(gen)
-        self.cache.leave(row)
-        last = self.gens.pop()
-        if row < len(self.gens):
-            self.gens[row] = last
+        leave_row(self.cache, self.gens, gen)
 
     def rewind(self, gen: Generation, keep: int) -> None:
         row = self.gens.index(gen)

@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from onlinespec.lm import CACHE_KWARG
 
-__all__ = ["SlotCache", "forward_rows", "PLAIN_HEAD"]
+__all__ = ["SlotCache", "forward_rows", "leave_row", "PLAIN_HEAD"]
 
 # Model types whose causal-LM logits are ``lm_head(last_hidden_state)`` and nothing more (no
 # soft-capping, no logit scale): for them only the fed positions go through the head.
@@ -189,6 +189,16 @@ class SlotCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length()
+
+
+def leave_row(cache: SlotCache, owners: list, owner) -> None:
+    """Free ``owner``'s row of ``cache``, keeping ``owners`` (one per active row, in row order)
+    in step with the row that moves into the hole."""
+    row = owners.index(owner)
+    cache.leave(row)
+    last = owners.pop()
+    if row < len(owners):
+        owners[row] = last
 
 
 @torch.inference_mode()

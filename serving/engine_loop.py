@@ -145,12 +145,7 @@ class EngineLoop:
         suffix = self.engine.suffix
         isolated = handle.tenant is None and suffix is not None and suffix.config.scope == "tenant"
         gen = self.engine.start(handle.prompt, handle.params, tenant=handle.tenant, isolated=isolated)
-        budget = self.batch.kv_tokens
-        if budget is not None and self.batch.reservation(gen) > budget:
-            raise InvalidRequestError(
-                f"the prompt ({len(gen.prompt)} tokens) and max_tokens ({gen.params.max_new_tokens}) need "
-                f"{self.batch.reservation(gen)} key/value positions; this server holds {budget} "
-                "(serving.kv_cache_tokens): send a shorter prompt or fewer max_tokens")
+        self.batch.check_admissible(gen)
         return gen
 
     def _fail(self, handle: RequestHandle, exc: Exception) -> None:

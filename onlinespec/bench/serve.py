@@ -101,7 +101,7 @@ def hf_batched(target, prompts: list[list[int]], batch: int, max_new_tokens: int
 
 
 def _models(args):
-    """(target name, drafter name or None, target, drafter model or None, tokenizer, prompts, suffix config)."""
+    """(service config, tokenizer, target, drafter model or None, prompts as ids, suffix config)."""
     from onlinespec.chat import DOMAINS, chat_prompts, render
     from onlinespec.config import DEFAULT_CONFIG, load_config
     from onlinespec.models import load_model, load_tokenizer

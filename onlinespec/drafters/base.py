@@ -1,7 +1,9 @@
 """The drafter contract: propose up to ``k`` tokens, then rewind to what the target accepted.
 
 A drafter holds weights (shared by every request, hot-swappable) and hands out per-request
-state (its caches). The engine orchestrates; learners never live inside a drafter.
+state (its caches). The engine orchestrates; learners never live inside a drafter. Hugging Face
+drafters (:class:`onlinespec.drafters.hf.HFDrafter`) are not driven through this contract: a
+batch drafts for all of their requests at once (:class:`onlinespec.proposers.DraftRows`).
 """
 
 from __future__ import annotations
