@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from onlinespec import keys
 from onlinespec.errors import OnlineSpecError
@@ -207,8 +208,17 @@ class Registry:
         must match exactly (default: the drafter's spec), and every value must be finite."""
         expected = self._expected(drafter, expected)
         manifest = self.verify(drafter, version)
+        # The weights are read once into memory, checked against the manifest's checksum and parsed
+        # from those bytes: a file memory-mapped instead would be trusted on an earlier read, and
+        # one truncated while mapped (a disk fault, a copy over it) kills the process with SIGBUS.
         try:
-            weights = load_file(str(self.path(drafter, version) / "model.safetensors"))
+            data = (self.path(drafter, version) / "model.safetensors").read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{drafter} v{version}: unreadable weights: {exc}") from None
+        if hashlib.sha256(data).hexdigest() != manifest.files.get("model.safetensors"):
+            raise CheckpointError(f"{drafter} v{version}: checksum mismatch in model.safetensors")
+        try:
+            weights = load_safetensors(data)
         except Exception as exc:  # safetensors raises its own error types on corrupt files
             raise CheckpointError(f"{drafter} v{version}: unreadable weights: {exc}") from None
         if expected is not None:
@@ -246,7 +256,8 @@ class Registry:
         base = self.path(drafter, version)
         if not (base / "learner.json").is_file():
             return None
-        return load_file(str(base / "learner.safetensors")), json.loads((base / "learner.json").read_text())
+        # read into memory, not mapped: see load_weights
+        return load_safetensors((base / "learner.safetensors").read_bytes()), json.loads((base / "learner.json").read_text())
 
     # ------------------------------------------------------------------ writing
 
