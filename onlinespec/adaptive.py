@@ -19,9 +19,12 @@ wins wherever verifying ``B x (k+1)`` positions costs more than the drafts bring
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
-__all__ = ["AdaptiveK", "BatchK", "expected_tokens", "theoretical_speedup"]
+__all__ = ["AdaptiveK", "BatchK", "SUFFIX", "expected_tokens", "theoretical_speedup"]
+
+SUFFIX = "__suffix__"  # the acceptance of suffix copies, whichever row they drafted for
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -133,21 +136,34 @@ class AdaptiveK:
 
 class BatchK:
     """The draft length of a batch step: costs measured per batch size (one :class:`AdaptiveK`
-    each, probing included), acceptance per proposer (a drafter, or ``__suffix__``).
+    each, probing included), acceptance per source of drafts: each drafter's own drafts (by
+    drafter id) and suffix copies (:data:`SUFFIX`), each counted only on the positions it drafted.
 
-    ``choose(rows)`` takes the proposer key of every row and assumes their mean acceptance.
+    A row is ``(drafter id or None, copy share)``: its drafts are copies at that share (they come
+    first wherever the text repeats) and its drafter's otherwise, so its acceptance is the mix.
+
+    A new drafter version starts from the acceptance its learners estimated on recent traffic
+    without drafting (:meth:`start_version`; :mod:`onlinespec.learn.estimate`) and is refined by
+    the drafts it serves. With ``thompson`` each step draws every source's acceptance from its
+    Beta posterior instead of taking the mean: a source whose estimate is uncertain near
+    break-even is still tried now and then (bounded: a confident estimate is rarely overturned),
+    and a drafter that degrades is muted within a few steps (:meth:`drafts_pay`).
     """
 
     def __init__(self, k_max: int = 8, cost_decay: float = 0.95, plain_every: int = 32, probe_every: int = 8,
-                 **kw):
+                 thompson: bool = True, prior_weight: float = 20.0, seed: int = 0, **kw):
         """Costs follow the last ~20 steps at each batch size (``cost_decay``; a shared machine's
         timings drift); a plain step every ``plain_every`` speculative ones keeps the plain
-        cost, which every other cost is measured against, fresh."""
+        cost, which every other cost is measured against, fresh. ``prior_weight``: the drafts a
+        version's published estimate counts as (a few steps of a batch)."""
         self.k_max, self.kw = k_max, kw
         self.cost_kw = {**kw, "decay": cost_decay, "plain_every": plain_every, "probe_every": probe_every}
         self.costs: dict[int, AdaptiveK] = {}
         self.proposers: dict[str, AdaptiveK] = {}
-        self._step: dict[str, list[float]] = {}  # this step's [accepted, rejections] per proposer
+        self.thompson, self.prior_weight = thompson, prior_weight
+        self.rng = random.Random(seed)
+        self._step: dict[str, list[float]] = {}  # this step's [accepted, rejections] per source
+        self._draws: dict[str, float] = {}  # this step's acceptance per source
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -166,23 +182,70 @@ class BatchK:
             self.proposers[key] = AdaptiveK(k_max=self.k_max, **self.kw)
         return self.proposers[key]
 
-    def acceptance(self, rows: list[str]) -> float:
-        return sum(self.proposer(r).acceptance for r in rows) / len(rows) if rows else 0.0
+    def start_version(self, key: str, acceptance: float | None) -> None:
+        """A new version of drafter ``key`` serves from now: its acceptance starts from
+        ``acceptance`` (its learners' estimate) at ``prior_weight``; a version published without
+        one (registered by hand, distilled elsewhere) starts from the uninformed prior, so it is
+        tried rather than judged by the weights it replaced."""
+        p = self.proposer(key)
+        if acceptance is None:
+            p.accepted, p.rejected = 2.0 * p.prior_accept, 2.0 * (1.0 - p.prior_accept)
+            return
+        a = min(max(float(acceptance), 0.0), 1.0)
+        p.accepted, p.rejected = self.prior_weight * a, self.prior_weight * (1.0 - a)
 
-    def choose(self, rows: list[str], batch: int | None = None) -> int:
-        """``rows``: the proposer of each row the choice applies to; ``batch``: rows stepped
-        (default: as many)."""
+    def source_acceptance(self, key: str) -> float:
+        """This step's acceptance of a source: drawn from its posterior (``thompson``), else its mean."""
+        if key not in self._draws:
+            p = self.proposer(key)
+            self._draws[key] = (self.rng.betavariate(1.0 + p.accepted, 1.0 + p.rejected) if self.thompson
+                                else p.acceptance)
+        return self._draws[key]
+
+    def acceptance(self, rows: list[tuple[str | None, float]]) -> float:
+        """The mean acceptance of ``rows`` (``(drafter id or None, copy share)`` each)."""
+        if not rows:
+            return 0.0
+        total = 0.0
+        for key, share in rows:
+            copies = self.source_acceptance(SUFFIX)
+            total += copies if key is None else share * copies + (1.0 - share) * self.source_acceptance(key)
+        return total / len(rows)
+
+    def choose(self, rows: list[tuple[str | None, float]], batch: int | None = None) -> int:
+        """``rows``: the sources of each row the choice applies to; ``batch``: rows stepped
+        (default: as many). Starts a step: acceptance draws are fresh."""
+        self._draws.clear()
         return self.at(batch or len(rows)).choose(self.acceptance(rows)) if rows else 0
 
-    def observe_row(self, key: str, drafted: int, accepted: int) -> None:
-        if drafted:
-            counts = self._step.setdefault(key, [0.0, 0.0])
-            counts[0] += accepted
-            counts[1] += accepted < drafted
+    def drafts_pay(self, key: str, k: int, batch: int) -> bool:
+        """Whether drafter ``key``'s own drafts earn their drafting cost in a step of ``batch``
+        rows drafting ``k`` (the verification is the batch's, paid whoever drafts): expected
+        accepted drafts x the plain step >= k x the drafting cost per position."""
+        costs = self.at(batch)
+        if not k or costs.t_plain is None or costs.t_draft is None:
+            return True
+        return (expected_tokens(self.source_acceptance(key), k) - 1.0) * costs.t_plain >= k * costs.t_draft
+
+    def observe_row(self, key: str | None, copied: list[bool], accepted: int) -> None:
+        """A row's block: ``copied[i]`` whether draft ``i`` was a copy, ``accepted`` the drafts
+        kept. Each source is credited its accepted drafts and charged the rejection if it drafted
+        the rejected position (drafts after it were never judged)."""
+        drafted = len(copied)
+        if not drafted:
+            return
+        copies_accepted = sum(copied[:accepted])
+        rejected = accepted < drafted
+        for source, acc, rej in ((SUFFIX, copies_accepted, rejected and copied[accepted]),
+                                 (key, accepted - copies_accepted, rejected and not copied[accepted])):
+            if source is not None and (acc or rej):
+                counts = self._step.setdefault(source, [0.0, 0.0])
+                counts[0] += acc
+                counts[1] += rej
 
     def observe_step(self, batch: int, drafted: int, draft_seconds: float, verify_seconds: float) -> None:
         """A step of ``batch`` rows whose longest draft was ``drafted`` (0: a plain step); the
-        rows it observed update their proposers' acceptance together."""
+        rows it observed update their sources' acceptance together."""
         for key, (accepted, rejections) in self._step.items():
             self.proposer(key).observe_counts(accepted, rejections)
         self._step.clear()

@@ -10,7 +10,8 @@ Requests join and leave between steps. Each :meth:`Batch.step`:
    for more than one chunk); a request whose prompt is in takes a row (its keys and values are
    copied in) and its drafter encodes the prompt too;
 2. **propose**: ``k`` from :class:`~onlinespec.adaptive.BatchK` (costs measured at this batch
-   size, acceptance per proposer; ``k = 0`` where speculation would not pay). Per draft position,
+   size, acceptance per source of drafts; ``k = 0`` where speculation would not pay; a drafter
+   whose own drafts would not earn their cost is muted for the step). Per draft position,
    the proposers (:mod:`onlinespec.proposers`) draft in turn for the rows still without a draft
    there: suffix copies where a row's text matches, then each drafter for its rows in one
    forward, then other drafters' blocks;
@@ -40,9 +41,6 @@ from onlinespec.proposers import Blocks, Copies, DraftRows
 from onlinespec.slots import SlotCache, forward_rows, leave_row
 
 __all__ = ["Batch", "StepTiming", "run_batched"]
-
-SUFFIX_KEY = "__suffix__"
-
 
 @dataclass(frozen=True)
 class StepTiming:
@@ -177,13 +175,22 @@ class Batch:
             leave_row(self.staging, self.staged, gen)
         return fed
 
-    def _key(self, gen: Generation) -> str:
-        return gen.drafter.drafter_id if gen.drafter is not None else SUFFIX_KEY
+    @staticmethod
+    def _source(gen: Generation) -> tuple[str | None, float]:
+        """The row as the controller sees it: its drafter, and the share of its drafts that are
+        copies (this request's so far, Laplace-smoothed; 1 without a drafter, 0 without suffix)."""
+        if gen.drafter is None:
+            return None, 1.0
+        if gen.index is None:
+            return gen.drafter.drafter_id, 0.0
+        return gen.drafter.drafter_id, (gen.stats.copied + 1) / (gen.stats.drafted + 2)
 
-    def _propose(self, k_rows: list[int]) -> tuple[list[list[int]], list[list[torch.Tensor | None]], list[list[bool]]]:
+    def _propose(self, k_rows: list[int], muted: set[int] = frozenset()
+                 ) -> tuple[list[list[int]], list[list[torch.Tensor | None]], list[list[bool]]]:
         """Up to ``k_rows[b]`` drafts for each row, position by position: each proposer in turn
         (copies, each drafter's rows, other drafters) drafts for the rows still without a draft
-        there; a row no proposer drafts for ends its block."""
+        there; a row no proposer drafts for ends its block. Rows in ``muted`` take copies only
+        (their drafter's drafts would not pay)."""
         rows = self.rows
         drafts: list[list[int]] = [[] for _ in rows]
         qs: list[list[torch.Tensor | None]] = [[] for _ in rows]
@@ -192,10 +199,11 @@ class Batch:
         for i in range(max(k_rows, default=0)):
             need = [b for b, k in enumerate(k_rows) if i < k and len(drafts[b]) == i]
             for proposer in proposers:
-                if not need:
-                    break
+                ask = need if proposer is self.copies else [b for b in need if b not in muted]
+                if not ask:
+                    continue
                 room = [k - len(d) for k, d in zip(k_rows, drafts)]
-                for b, block in proposer.propose(rows, need, drafts, i, room).items():
+                for b, block in proposer.propose(rows, ask, drafts, i, room).items():
                     for draft in block[: room[b]]:
                         drafts[b].append(draft.token)
                         qs[b].append(draft.q)
@@ -224,9 +232,15 @@ class Batch:
             self.last = StepTiming(prefill_tokens=fed, prefill_seconds=t1 - t0)
             return []
         adaptive = [g for g in rows if g.adaptive]
-        k = self.k.choose([self._key(g) for g in adaptive], batch=len(rows)) if adaptive else None
+        k = self.k.choose([self._source(g) for g in adaptive], batch=len(rows)) if adaptive else None
         k_rows = [g.draft_length(k) for g in rows]
-        drafts, qs, copied = self._propose(k_rows)
+        # a drafter whose own drafts would not earn their cost drafts for nobody this step (its
+        # rows still take copies); requests with a fixed k keep theirs
+        pays = {key: self.k.drafts_pay(key, k, len(rows))
+                for key in {g.drafter.drafter_id for g in adaptive if g.drafter is not None}}
+        muted = {b for b, g in enumerate(rows) if g.adaptive and g.drafter is not None
+                 and not pays[g.drafter.drafter_id]}
+        drafts, qs, copied = self._propose(k_rows, muted)
         t2 = time.perf_counter()
         logits = forward_rows(self.engine.target, self.cache, [[g.tokens[-1], *d] for g, d in zip(rows, drafts)])
         t3 = time.perf_counter()
@@ -241,7 +255,8 @@ class Batch:
                 continue
             results.append((gen, out))
             if gen.adaptive:
-                self.k.observe_row(self._key(gen), out.drafted, out.accepted)
+                self.k.observe_row(gen.drafter.drafter_id if gen.drafter is not None else None, copied[b],
+                                   out.accepted)
             if gen.finished:
                 leaving.append(gen)
             else:  # keep every settled token but the newest (it is fed with the next drafts)

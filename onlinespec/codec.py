@@ -44,6 +44,8 @@ class CodecError(ValueError):
 
 def encode(record: FeedbackRecord) -> bytes:
     body = {"schema": record.schema, "tenant": record.tenant}
+    if record.domain is not None:  # absent in records written before it existed
+        body["domain"] = record.domain
     for name in _SCALARS:
         body[name] = getattr(record, name)
     for name, (dtype, _) in _ARRAYS.items():
@@ -89,10 +91,13 @@ def decode(payload: bytes) -> FeedbackRecord:
     tenant = body.get("tenant")
     if tenant is not None and not isinstance(tenant, str):
         raise CodecError("field 'tenant' must be a string or null")
+    domain = body.get("domain")
+    if domain is not None and not (isinstance(domain, str) and 0 < len(domain) <= 64):
+        raise CodecError("field 'domain' must be a string of 1-64 characters or null")
     for name in _ARRAYS:
         fields[name] = _array(body, name)
     try:
-        record = FeedbackRecord(**fields, tenant=tenant)
+        record = FeedbackRecord(**fields, tenant=tenant, domain=domain)
         record.validate()
     except (ValueError, TypeError) as exc:
         raise CodecError(str(exc)) from None

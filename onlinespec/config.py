@@ -64,7 +64,7 @@ KNOWN_KEYS = {
     "serving": {"host", "port", "k", "k_max", "feedback_topk", "max_active", "max_queue", "prefill_tokens", "kv_cache_tokens", "device", "dtype",
                 "max_prompt_tokens",
                 "max_tokens", "threads", "rollback", "rollback_margin", "rollback_min_drafted", "admin_token",
-                "api_keys", "suffix"},
+                "api_keys", "suffix", "explore"},
     "redis": {"url", "stream_maxlen"},
     "workers": {"count", "threads", "round_records", "period"},
 }

@@ -80,6 +80,15 @@ class StepOutput:
     copied_accepted: int = 0  # of the accepted drafts, copied ones
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked for them
 
+    @property
+    def own_drafted(self) -> int:
+        """Drafts the drafter model made itself (not copies)."""
+        return self.drafted - self.copied
+
+    @property
+    def own_accepted(self) -> int:
+        return self.accepted - self.copied_accepted
+
 
 @dataclass
 class GenerationStats:
@@ -97,6 +106,8 @@ class GenerationStats:
     copied: int = 0  # drafts copied by suffix speculation (included in drafted)
     copied_accepted: int = 0  # of which accepted (included in accepted)
     capture_seconds: float = 0.0  # copying the target's top-K into the feedback record
+    own_steps: int = 0  # speculative steps with at least one draft of the drafter model's own
+    copy_steps: int = 0  # speculative steps with at least one copy
 
     @property
     def mean_accepted_length(self) -> float:
@@ -106,6 +117,24 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def own_drafted(self) -> int:
+        return self.drafted - self.copied
+
+    @property
+    def own_accepted(self) -> int:
+        return self.accepted - self.copied_accepted
+
+    @property
+    def own_accepted_length(self) -> float | None:
+        """The drafter model's own accepted drafts per step it drafted in, plus the target's token."""
+        return 1.0 + self.own_accepted / self.own_steps if self.own_steps else None
+
+    @property
+    def copied_accepted_length(self) -> float | None:
+        """The same for suffix copies."""
+        return 1.0 + self.copied_accepted / self.copy_steps if self.copy_steps else None
 
     def add(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         self.steps += 1
@@ -216,6 +245,8 @@ class SpeculativeEngine:
         tenant: str | None = None,
         isolated: bool = False,
         coupled: bool | None = None,
+        drafter: Drafter | HFDrafter | None | str = "default",
+        domain: str | None = None,
     ) -> Generation:
         """``tenant`` scopes suffix speculation's past outputs (with ``scope: tenant``);
         ``isolated``: copy only from this request's own text, and keep nothing of its output;
@@ -223,8 +254,14 @@ class SpeculativeEngine:
         fixed by the seed and its position (:class:`~onlinespec.sampling.PositionNoise`), so the
         text does not depend on the drafts, the draft length or the batch; otherwise sampled
         requests are verified by rejection sampling (a higher acceptance, a text that depends
-        on the drafts)."""
-        return Generation(self, prompt, params, request_id, tenant, isolated, coupled)
+        on the drafts). ``drafter``: the one that drafts for this request (default: the
+        engine's; None: suffix speculation only); ``domain``: the request's declared traffic group,
+        kept in its feedback record."""
+        if drafter == "default":
+            drafter = self.drafter
+        elif drafter is not None and drafter is not self.drafter:
+            check_same_vocab(self.config.target_id, self.vocab_size, drafter.drafter_id, drafter.vocab_size)
+        return Generation(self, prompt, params, request_id, tenant, isolated, coupled, drafter, domain)
 
     def stream(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> Iterator[StepOutput]:
         gen = self.start(prompt, params)
@@ -242,7 +279,8 @@ class Generation:
     """One request in flight: its caches, stop state, statistics and feedback."""
 
     def __init__(self, engine: SpeculativeEngine, prompt, params: SamplingParams, request_id, tenant,
-                 isolated: bool = False, coupled: bool | None = None):
+                 isolated: bool = False, coupled: bool | None = None, drafter: Drafter | HFDrafter | None = None,
+                 domain: str | None = None):
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.flatten().tolist()
         prompt = [int(t) for t in prompt]
@@ -272,7 +310,7 @@ class Generation:
         self.stop = StopState(params, engine.eos_token_ids, engine.tokenizer)
         self.stats = GenerationStats()
         self._alone = None  # the batch of one that step() uses
-        self.drafter = engine.drafter
+        self.drafter = drafter
         # per-request state of a drafter driven through the Drafter contract (HFDrafter rows live
         # in the batch)
         self.dstate = self.drafter.begin(prompt) if isinstance(self.drafter, Drafter) else None
@@ -290,6 +328,7 @@ class Generation:
                 drafter_version=self.drafter.version if self.drafter else 0,
                 sampling=params.as_record(),
                 tenant=tenant,
+                domain=domain,
                 **({"request_id": request_id} if request_id else {}),
             )
             if engine.config.capture_feedback
@@ -373,6 +412,8 @@ class Generation:
         n_copied, n_copied_accepted = sum(copied), sum(copied[: verdict.accepted])
         self.stats.copied += n_copied
         self.stats.copied_accepted += n_copied_accepted
+        self.stats.copy_steps += n_copied > 0
+        self.stats.own_steps += n_copied < m
         if self.finished and self.cache is not None:
             self.cache.add_output(self.prompt, self.generated, self.scope)
         logprobs = None

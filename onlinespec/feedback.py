@@ -47,6 +47,7 @@ class FeedbackRecord:
     block_index: np.ndarray  # int16 [G]
     draft_tokens: np.ndarray  # int32 [G], -1 where nothing was drafted
     tenant: str | None = None
+    domain: str | None = None  # the request's declared traffic group (``metadata.domain``)
     schema: int = SCHEMA_VERSION
 
     @property
@@ -106,6 +107,7 @@ class RecordBuilder:
     sampling: dict
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tenant: str | None = None
+    domain: str | None = None
     ids: list[np.ndarray] = field(default_factory=list)
     logprobs: list[np.ndarray] = field(default_factory=list)
     drafted: list[bool] = field(default_factory=list)
@@ -145,6 +147,7 @@ class RecordBuilder:
             block_index=np.asarray(self.block_index, dtype=np.int16),
             draft_tokens=np.asarray(self.draft_tokens, dtype=np.int32),
             tenant=self.tenant,
+            domain=self.domain,
         )
         record.validate()
         return record

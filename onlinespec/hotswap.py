@@ -6,6 +6,10 @@ and validated *in that thread* (checksums, exact names and shapes, finite values
 loop calls :meth:`SwapWatcher.apply` between steps, where a swap is a pointer assignment.
 A refused version is reported (counter + ``refused`` event) and the old one keeps serving.
 
+Each version comes with the acceptance its learners estimated on recent traffic
+(:attr:`SwapWatcher.estimates`), which the engine's draft-length controller starts it from; the
+pool's Hedge weights go to the :class:`~onlinespec.routing.DrafterRouter`.
+
 :meth:`SwapWatcher.observe` feeds per-version acceptance from the engine. When a new version,
 after ``min_drafted`` drafted tokens, accepts less than its parent did by more than ``margin``,
 the drafter is rolled back to the parent (the learners then continue from it).
@@ -13,6 +17,7 @@ the drafter is rolled back to the parent (the learners then continue from it).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -53,7 +58,8 @@ class SwapStats:
 
 class SwapWatcher:
     def __init__(self, redis_client, registry: Registry, drafters: dict[str, HFDrafter], poll_seconds: float = 2.0,
-                 rollback: bool = True, min_drafted: int = 2000, margin: float = 0.05, pool_target: str | None = None):
+                 rollback: bool = True, min_drafted: int = 2000, margin: float = 0.05, pool_target: str | None = None,
+                 router=None):
         self.redis = redis_client
         self.registry = registry
         self.drafters = drafters
@@ -63,8 +69,11 @@ class SwapWatcher:
         self.stats = SwapStats()
         self.parents: dict[str, int | None] = {}  # drafter -> parent of the version serving now
         self.refused: set[tuple[str, int]] = set()
+        self.reasons: dict[tuple[str, int], str] = {}  # why a version does not serve (refused, rolled back)
         self.pool_target = pool_target
-        self.choice: str | None = None  # the drafter the pool's Hedge weights choose to serve
+        self.router = router  # fed the pool's Hedge weights: who drafts for which request
+        # drafter -> the acceptance estimate its serving version was published with (learn/estimate.py)
+        self.estimates: dict[str, dict] = {}
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ready: dict[str, tuple[object, int, int | None]] = {}
         self._lock = threading.Lock()
@@ -104,10 +113,9 @@ class SwapWatcher:
             # what this replica serves is kept from collection while it keeps saying so
             self.registry.mark_serving(drafter, self.replica, handle.version, ttl=max(30.0, 10 * self.poll_seconds))
             self.check(drafter)
-        if self.pool_target is not None and len(self.drafters) > 1:
-            choice = self.redis.hget(keys.pool_key(self.pool_target), "serving")
-            if choice is not None and choice.decode() in self.drafters:
-                self.choice = choice.decode()
+        if self.pool_target is not None and self.router is not None and len(self.drafters) > 1:
+            weights, groups = self.redis.hmget(keys.pool_key(self.pool_target), ["weights", "group_weights"])
+            self.router.update(json.loads(weights) if weights else None, json.loads(groups) if groups else None)
 
     def check(self, drafter: str) -> bool:
         """Load and validate the latest version if it is new; True when one is ready to apply."""
@@ -123,6 +131,7 @@ class SwapWatcher:
                                                        device=serving.device, dtype=serving.dtype)
         except CheckpointError as exc:
             self.refused.add((drafter, latest))
+            self.reasons[(drafter, latest)] = "refused: did not validate"
             self.stats.refusals += 1
             self.stats.last_refusal = str(exc)
             log.error("refused %s v%s: %s", drafter, latest, exc)
@@ -130,8 +139,23 @@ class SwapWatcher:
                                                  "reason": str(exc)[:500]}, maxlen=10_000, approximate=True)
             return False
         with self._lock:
-            self._ready[drafter] = (model, latest, manifest.parent)
+            self._ready[drafter] = (model, latest, manifest.parent, manifest.metrics.get("acceptance_estimate") or {})
         return True
+
+    def status(self, drafter: str, latest: int | None, paused: bool = False, pinned: bool = False) -> str:
+        """Why the serving version is not the latest ("" when it is): for the dashboard."""
+        serving = self.drafters[drafter].version
+        if latest is None or latest == serving:
+            return ""
+        if paused:
+            return "pinned" if pinned else "paused"
+        if (drafter, latest) in self.reasons:
+            return self.reasons[(drafter, latest)]
+        if latest < serving and (drafter, serving) in self.reasons:
+            return self.reasons[(drafter, serving)]
+        with self._lock:
+            pending = self._ready.get(drafter)
+        return "validated: swapping in at the next step" if pending and pending[1] == latest else "validating"
 
     # ------------------------------------------------------------------ engine-loop side
 
@@ -141,9 +165,10 @@ class SwapWatcher:
         with self._lock:
             ready, self._ready = self._ready, {}
         swapped = []
-        for drafter, (model, version, parent) in ready.items():
+        for drafter, (model, version, parent, estimate) in ready.items():
             self.drafters[drafter].swap(model, version)
             self.parents[drafter] = parent
+            self.estimates[drafter] = estimate
             self.stats.swaps += 1
             swapped.append((drafter, version))
         self.stats.max_apply_ms = max(self.stats.max_apply_ms, (time.perf_counter() - t0) * 1000)
@@ -174,4 +199,5 @@ class SwapWatcher:
             self.stats.rollbacks += 1
             self.parents[drafter] = None  # do not roll back past the parent
             self.refused.add((drafter, version))
+            self.reasons[(drafter, version)] = "rolled back: accepted less than its parent"
             log.warning("rolled back %s v%s -> v%s: %s", drafter, version, parent, reason)

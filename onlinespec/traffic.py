@@ -54,8 +54,13 @@ class _Tally:
     accepted: int = 0  # draft tokens accepted
     draft_steps: int = 0  # steps that verified drafts
     copied_accepted: int = 0  # of the accepted drafts, copied by suffix speculation
+    own_accepted: int = 0  # the drafter model's own accepted drafts
+    own_steps: int = 0  # steps with own drafts
 
-    def add(self, tokens: int, accepted: int, draft_steps: int, copied_accepted: int = 0) -> None:
+    def add(self, tokens: int, accepted: int, draft_steps: int, copied_accepted: int = 0, own: dict | None = None
+            ) -> None:
+        self.own_accepted += int((own or {}).get("accepted_tokens") or 0)
+        self.own_steps += int((own or {}).get("draft_steps") or 0)
         self.requests += 1
         self.tokens += tokens
         self.accepted += accepted
@@ -71,6 +76,11 @@ class _Tally:
     def mean_accepted_length(self) -> float | None:
         """Tokens per draft step over all the requests (not a mean of per-request means)."""
         return (self.accepted + self.draft_steps) / self.draft_steps if self.draft_steps else None
+
+    @property
+    def own_accepted_length(self) -> float | None:
+        """The drafter model's own accepted drafts per step it drafted in, plus one (copies apart)."""
+        return 1.0 + self.own_accepted / self.own_steps if self.own_steps else None
 
 
 class _Stats:
@@ -93,8 +103,8 @@ class _Stats:
         with self.lock:
             self.requests += 1
             self.tokens += n
-            self.by_version[key].add(n, accepted, int(steps), copied)
-            self.by_phase[phase].add(n, accepted, int(steps), copied)
+            self.by_version[key].add(n, accepted, int(steps), copied, spec.get("own"))
+            self.by_phase[phase].add(n, accepted, int(steps), copied, spec.get("own"))
 
 
 def run(args) -> int:
@@ -125,7 +135,7 @@ def run(args) -> int:
                 with slot_lock:  # one generator shared by the clients
                     prompt, seed = rng.choice(prompts[domain]), next(counter)
                 body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
-                        "seed": seed}
+                        "seed": seed, "metadata": {"domain": domain}}
                 chat = domain in CHAT_DOMAINS
                 body.update({"messages": prompt} if chat else {"prompt": prompt})
                 try:
@@ -171,9 +181,11 @@ def run(args) -> int:
 
     for (drafter, version), t in sorted(stats.by_version.items(), key=by_drafter_then_version):
         rows.append({"drafter": drafter, "version": version, "requests": t.requests, "tokens": t.tokens,
-                     "mean_accepted_length": t.mean_accepted_length, "copied_share": t.copied_share})
+                     "mean_accepted_length": t.mean_accepted_length, "own_accepted_length": t.own_accepted_length,
+                     "copied_share": t.copied_share})
     phase_rows = [{"phase": i, "domain": phases[i].domain, "requests": t.requests, "tokens": t.tokens,
-                   "mean_accepted_length": t.mean_accepted_length, "copied_share": t.copied_share}
+                   "mean_accepted_length": t.mean_accepted_length, "own_accepted_length": t.own_accepted_length,
+                   "copied_share": t.copied_share}
                   for i, t in sorted(stats.by_phase.items())]
 
     def mal(value):
@@ -182,15 +194,16 @@ def run(args) -> int:
     def share(value):
         return f"{value:.2f}" if value is not None else "-"
 
-    print(f"{'drafter':<14}{'version':>8}{'requests':>10}{'tokens':>9}{'mean acc. len':>15}{'copied':>8}")
+    print(f"{'drafter':<14}{'version':>8}{'requests':>10}{'tokens':>9}{'mean acc. len':>15}{'own':>7}{'copied':>8}")
     for r in rows:
         print(f"{str(r['drafter']):<14}{str(r['version']):>8}{r['requests']:>10}{r['tokens']:>9}"
-              f"{mal(r['mean_accepted_length']):>15}{share(r['copied_share']):>8}")
-    print(f"\n{'phase':<22}{'requests':>10}{'tokens':>9}{'mean acc. len':>15}{'copied':>8}")
+              f"{mal(r['mean_accepted_length']):>15}{mal(r['own_accepted_length']):>7}{share(r['copied_share']):>8}")
+    print(f"\n{'phase':<22}{'requests':>10}{'tokens':>9}{'mean acc. len':>15}{'own':>7}{'copied':>8}")
     for r in phase_rows:
         print(f"{str(r['phase'] + 1) + ' ' + r['domain']:<22}{r['requests']:>10}{r['tokens']:>9}"
-              f"{mal(r['mean_accepted_length']):>15}{share(r['copied_share']):>8}")
-    print("copied: share of the accepted drafts that suffix speculation copied")
+              f"{mal(r['mean_accepted_length']):>15}{mal(r['own_accepted_length']):>7}{share(r['copied_share']):>8}")
+    print("own: the drafter model's own accepted length (copies apart); "
+          "copied: share of the accepted drafts that suffix speculation copied")
     summary = {"requests": stats.requests, "errors": stats.errors, "seconds": elapsed,
                "tokens_per_s": stats.tokens / elapsed if elapsed else 0.0, "by_version": rows, "by_phase": phase_rows}
     print(f"total: {stats.requests} requests, {stats.errors} errors, {summary['tokens_per_s']:.1f} tokens/s")

@@ -165,6 +165,7 @@ class Updater:
                 learner.load_state(*state)
             else:  # hyperparameters changed: continue from the weights, fresh learner state
                 learner.rounds = int(meta.get("rounds", 0))
+                learner.estimate.load_state(meta.get("estimate", {}))  # the traffic did not change
         self.learners[drafter] = (latest, learner, config_json)
         return learner
 
@@ -271,14 +272,17 @@ class PoolUpdater:
             if not delivery.records:
                 return RoundResult(POOL, "skipped", records=0, dead=delivery.dead)
         state = json.loads(raw) if raw else None
-        hedge = Hedge.from_state(state["hedge"]) if state and state["drafters"] == drafters else None
+        same = bool(state) and state["drafters"] == drafters
+        hedge = Hedge.from_state(state["hedge"]) if same else None
         if hedge is not None:  # the configured rates apply to the kept losses
             hedge.eta, hedge.discount = self.eta, self.discount
-        pool = DrafterPool(drafters, eta=self.eta, hedge=hedge, discount=self.discount)
+        pool = DrafterPool(drafters, eta=self.eta, hedge=hedge, discount=self.discount,
+                           groups=state.get("groups") if same else None)
         result = pool.round({d: self._model(d) for d in drafters}, delivery.records)
         self.redis.hset(keys.pool_key(self.target), mapping={
-            "state": json.dumps({"drafters": drafters, "hedge": pool.hedge.state()}),
+            "state": json.dumps({"drafters": drafters, "hedge": pool.hedge.state(), "groups": pool.group_state()}),
             "weights": json.dumps(dict(zip(drafters, result.weights))),
+            "group_weights": json.dumps(result.group_weights),
             "losses": json.dumps(dict(zip(drafters, result.losses))),
             "serving": result.serving,
             "consumed": json.dumps([i.decode() for i in delivery.ids]),  # with the weights, atomically

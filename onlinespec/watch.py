@@ -1,7 +1,8 @@
 """``onlinespec watch``: a live terminal view of the learning loop, from ``/dashboard/data``.
 
-Drafter versions with their parameter-change norms and round losses, accepted length per
-version, ensemble and pool weights, and queue / worker lag; redrawn every ``--interval``.
+Drafter versions with their parameter-change norms, round losses and estimated acceptance, the
+accepted length of each version's own drafts and, apart, of suffix copies, the drafters' share of
+requests, traffic per domain, and queue / worker lag; redrawn every ``--interval``.
 """
 
 from __future__ import annotations
@@ -18,24 +19,44 @@ def _f(v, digits=3) -> str:
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def _accepted_lengths(rows: list[dict]) -> dict:
+    """(drafter, version) -> mean accepted length over the samples, weighted by their steps."""
+    sums: dict = {}
+    for row in rows:
+        key = (row["drafter"], str(row["version"]))
+        s = sums.setdefault(key, [0.0, 0.0])
+        s[0] += (row["mean_accepted_length"] - 1) * row.get("drafts", 1)
+        s[1] += row.get("drafts", 1)
+    return {k: 1 + a / n for k, (a, n) in sums.items() if n}
+
+
 def render(d: dict) -> str:
-    lines = [f"OnlineSpec  target {d['target']}  serving {d.get('serving')}  swaps {d.get('swaps', 0)}  "
+    routing = "  ".join(f"{k} {v:.0%}" for k, v in (d.get("routing") or {}).items()) or "suffix only"
+    lines = [f"OnlineSpec  target {d['target']}  drafters {routing}  swaps {d.get('swaps', 0)}  "
              f"refusals {d.get('refusals', 0)}  rollbacks {d.get('rollbacks', 0)}", ""]
-    latest_accept = {}
-    for row in d.get("accepted_length", []):
-        latest_accept[(row["drafter"], str(row["version"]))] = row["mean_accepted_length"]
+    rows = d.get("accepted_length", [])
+    own = _accepted_lengths([r for r in rows if r.get("source", "own") == "own"])
+    copies = _accepted_lengths([r for r in rows if r.get("source") == "copied"])
     for dr in d.get("drafters", []):
         rounds = d.get("rounds", {}).get(dr["id"], [])
         last = rounds[-1] if rounds else {}
-        lines.append(f"{dr['id']}: serving v{dr['serving_version']}  latest v{dr['latest']}"
+        why = f" ({dr['status']})" if dr.get("status") else ""
+        lines.append(f"{dr['id']}: serving v{dr['serving_version']}  latest v{dr['latest']}{why}"
                      f"{'  PAUSED' if dr['paused'] else ''}  rounds {len(rounds)}  "
                      f"round loss {_f(last.get('served_loss'))}  weights {[round(w, 3) for w in last.get('weights', [])]}")
-        lines.append(f"  {'version':>8} {'parent':>7} {'round loss':>11} {'param change':>13} {'acc. len':>9}")
+        lines.append(f"  {'version':>8} {'parent':>7} {'round loss':>11} {'est. accept':>12} {'param change':>13} "
+                     f"{'own acc. len':>13}")
         for v in dr["versions"][-6:]:
-            acc = latest_accept.get((dr["id"], str(v["version"])))
+            acc = own.get((dr["id"], str(v["version"])))
             lines.append(f"  {v['version']:>8} {_f(v['parent']):>7} {_f(v['served_loss']):>11} "
-                         f"{_f(v['param_change_norm'], 4):>13} {_f(acc):>9}")
+                         f"{_f(v.get('estimated_acceptance')):>12} {_f(v['param_change_norm'], 4):>13} {_f(acc):>13}")
         lines.append("")
+    copied = copies.get(("suffix copies", "None"))
+    if copied is not None:
+        lines.append(f"suffix copies: accepted length {copied:.3f} (apart from the drafters' own drafts)")
+    for t in d.get("traffic", [])[:8]:
+        share = "  ".join(f"{k} {v:.0%}" for k, v in (t.get("routing") or {}).items())
+        lines.append(f"traffic {t['group']}: {t['requests']} requests{'  ' + share if share else ''}")
     if d.get("pool_weights"):
         lines.append("pool weights: " + "  ".join(f"{k} {w:.3f}" for k, w in d["pool_weights"][-1]["weights"].items()))
     if d.get("lag"):

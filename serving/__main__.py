@@ -29,6 +29,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
     from onlinespec.models import check_same_vocab, load_model, load_tokenizer
     from onlinespec.redis_server import connect
     from onlinespec.registry import Registry
+    from onlinespec.routing import DrafterRouter
     from onlinespec.stream import FeedbackWriter, recent_records
     from onlinespec.suffix import SuffixCache, SuffixConfig
     from onlinespec.update import bootstrap_drafter
@@ -51,8 +52,9 @@ def build(config_path: str | None = None, no_redis: bool = False):
         check_same_vocab(cfg.target_model, target, spec.model, model, tokenizer, _maybe_tokenizer(spec.model))
         bases[spec.id] = (model, spec.model)
 
-    redis = registry = writer = watcher = None
+    redis = registry = writer = watcher = router = None
     drafters: dict[str, HFDrafter] = {}
+    estimates: dict[str, dict] = {}  # drafter -> its serving version's acceptance estimate
     if not no_redis:
         redis = connect(cfg.redis_url)
         registry = Registry(cfg.registry, redis)
@@ -64,12 +66,18 @@ def build(config_path: str | None = None, no_redis: bool = False):
             redis.sadd(keys.drafters_set(cfg.target_id), did)
             redis.set(keys.learner_config(did), json.dumps(default_learner.to_dict()), nx=True)
             latest = registry.latest(did)
-            drafters[did] = HFDrafter(registry.load_model(did, latest, device=device, dtype=dtype)[0], did,
-                                      version=latest)
+            model, manifest = registry.load_model(did, latest, device=device, dtype=dtype)
+            drafters[did] = HFDrafter(model, did, version=latest)
+            estimates[did] = manifest.metrics.get("acceptance_estimate") or {}
         writer = FeedbackWriter(redis, cfg.target_id, maxlen=cfg.stream_maxlen)
+        if len(drafters) > 1:
+            router = DrafterRouter(list(drafters), explore=float(s.get("explore", 0.05)))
         watcher = SwapWatcher(redis, registry, drafters, rollback=bool(s.get("rollback", True)),
                               margin=float(s.get("rollback_margin", 0.05)),
-                              min_drafted=int(s.get("rollback_min_drafted", 2000)), pool_target=cfg.target_id).start()
+                              min_drafted=int(s.get("rollback_min_drafted", 2000)), pool_target=cfg.target_id,
+                              router=router)
+        watcher.estimates.update(estimates)
+        watcher.start()
     else:
         drafters = {did: HFDrafter(model, did, version=0) for did, (model, _) in bases.items()}
 
@@ -83,12 +91,15 @@ def build(config_path: str | None = None, no_redis: bool = False):
     engine = SpeculativeEngine(target, first, tokenizer=tokenizer, config=EngineConfig(
         k=s.get("k"), k_max=int(s.get("k_max", 8)), feedback_topk=int(s.get("feedback_topk", 32)),
         capture_feedback=writer is not None, target_id=cfg.target_id), suffix=cache)
+    for did, estimate in estimates.items():  # each version starts from what its learners measured
+        engine.k_controller.start_version(did, estimate.get("all", {}).get("acceptance"))
     state = build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
                         max_active=int(s.get("max_active", 8)), max_queue=int(s.get("max_queue", 64)),
                         prefill_tokens=int(s.get("prefill_tokens", 256)),
                         kv_cache_tokens=int(s["kv_cache_tokens"]) if s.get("kv_cache_tokens") else None,
                         max_prompt_tokens=int(s.get("max_prompt_tokens", 1536)),
-                        max_tokens=int(s.get("max_tokens", 512)), drafters=drafters, api_keys=cfg.api_keys)
+                        max_tokens=int(s.get("max_tokens", 512)), drafters=drafters, api_keys=cfg.api_keys,
+                        router=router)
     app = create_app(state)
     if redis is not None:
         app.include_router(admin_router(cfg.admin_token, redis, registry, drafters, cfg.target_id))

@@ -26,6 +26,7 @@ class VersionBody(BaseModel):
 
 
 def drafter_overview(redis, registry: Registry, drafter: str, serving_version: int | None) -> dict:
+    pause = redis.get(keys.paused_key(drafter))
     versions = []
     for v in registry.versions(drafter):
         try:
@@ -34,12 +35,16 @@ def drafter_overview(redis, registry: Registry, drafter: str, serving_version: i
             continue
         versions.append({"version": v, "parent": m.parent, "created": m.created, "note": m.note,
                          "param_change_norm": m.metrics.get("param_change_norm"),
-                         "served_loss": m.metrics.get("served_loss"), "records": m.metrics.get("records")})
+                         "served_loss": m.metrics.get("served_loss"), "records": m.metrics.get("records"),
+                         # what the learners measured of it without drafting (learn/estimate.py)
+                         "estimated_acceptance": (m.metrics.get("acceptance_estimate") or {}).get("all", {}
+                                                                                                  ).get("acceptance")})
     return {
         "id": drafter,
         "serving_version": serving_version,
         "latest": registry.latest(drafter),
-        "paused": bool(redis.exists(keys.paused_key(drafter))),
+        "paused": bool(pause),
+        "pinned": pause == b"pinned",
         "health": learner_health(redis, drafter),
         "learner": learner_config(redis, drafter).to_dict(),
         "versions": versions,

@@ -134,9 +134,10 @@ def create_app(state: ServerState) -> FastAPI:
                            type_="authentication_error", code="invalid_api_key")
         return tenant_of(key, req.user)
 
-    def _submit(prompt_ids: list[int], params: SamplingParams, tenant: str | None) -> RequestHandle:
+    def _submit(prompt_ids: list[int], params: SamplingParams, tenant: str | None,
+                domain: str | None = None) -> RequestHandle:
         try:
-            return state.loop.submit(prompt_ids, params, tenant=tenant)
+            return state.loop.submit(prompt_ids, params, tenant=tenant, domain=domain)
         except QueueFull as exc:
             state.metrics.rejected.inc(label="queue_full")
             raise ApiError(429, f"server busy: {exc}; retry later", type_="rate_limit_error") from None
@@ -155,6 +156,15 @@ def create_app(state: ServerState) -> FastAPI:
             "copied_accepted_tokens": stats.copied_accepted if stats else 0,
             "drafter_id": drafter.drafter_id if drafter else None,
             "drafter_version": drafter.version if drafter else None,
+            # the drafter model's own drafts and suffix copies, apart
+            "own": {"drafted_tokens": stats.own_drafted if stats else 0,
+                    "accepted_tokens": stats.own_accepted if stats else 0,
+                    "draft_steps": stats.own_steps if stats else 0,
+                    "mean_accepted_length": stats.own_accepted_length if stats else None},
+            "copied": {"drafted_tokens": stats.copied if stats else 0,
+                       "accepted_tokens": stats.copied_accepted if stats else 0,
+                       "draft_steps": stats.copy_steps if stats else 0,
+                       "mean_accepted_length": stats.copied_accepted_length if stats else None},
         }
 
     def _usage(prompt_len: int, completion: int) -> dict:
@@ -238,7 +248,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def _serve(req, prompt_ids: list[int], request: Request, kind: str, tenant: str | None):
         params = _params(req, len(prompt_ids))
-        handle = _submit(prompt_ids, params, tenant)
+        handle = _submit(prompt_ids, params, tenant, req.domain)
         rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         wanted = params.logprobs is not None

@@ -1,13 +1,16 @@
 """The live dashboard: ``/dashboard`` (one HTML file, no CDN) and ``/dashboard/data`` (JSON).
 
-What anyone who reaches the port may read: model-level aggregates (accepted length per drafter
-version, pool weights, queue and learner lag, versions and round losses, event types). What
-needs the admin bearer token: learner hyperparameters and the reasons of events (paths, error
-texts). Nothing per tenant is shown at all.
+What anyone who reaches the port may read: model-level aggregates (accepted length of each
+drafter's own drafts per version and of suffix copies, pool weights and drafter routing, traffic
+per declared domain, queue and learner lag, versions with their round losses and estimated
+acceptance, event types). What needs the admin bearer token: learner hyperparameters, the
+reasons of events (paths, error texts), and traffic per API key (hashed). Nothing per user is
+shown at all.
 
-A sampler thread records, every ``period`` seconds, the mean accepted length of each drafter
-version since the previous sample (from the engine's counters), the pool's weights, and the
-queue and worker lag, so the charts have history even when nobody is looking.
+A sampler thread records, every ``period`` seconds, the mean accepted length since the previous
+sample of each drafter version's own drafts and of suffix copies (from the engine's counters),
+the pool's weights, and the queue and worker lag, so the charts have history even when nobody
+is looking.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class Sampler:
     def __init__(self, state, redis, target: str, drafters: dict, period: float = 2.0, keep: int = 900):
         self.state, self.redis, self.target, self.drafters = state, redis, target, drafters
         self.period = period
-        self.accept = deque(maxlen=keep)  # {t, drafter, version, mean_accepted_length, drafts}
+        # {t, drafter, version, source (own | copied), mean_accepted_length, drafts}
+        self.accept = deque(maxlen=keep)
         self.pool = deque(maxlen=keep)  # {t, weights}
         self.lag = deque(maxlen=keep)  # {t, queue_depth, feedback_pending, update_jobs}
         self.last: dict = {}
@@ -49,15 +53,12 @@ class Sampler:
     def sample(self) -> None:
         now = time.time()
         m = self.state.metrics
-        for key, drafts in list(m.num_drafts.values.items()):
+        for key, blocks in list(m.own_blocks.values.items()):  # each drafter version's own drafts
             labels = dict(key)
-            accepted = m.num_accepted_tokens.values.get(key, 0.0)
-            prev_d, prev_a = self.last.get(key, (0.0, 0.0))
-            if drafts > prev_d:
-                self.accept.append({"t": now, "drafter": labels["drafter"], "version": labels["version"],
-                                    "mean_accepted_length": 1 + (accepted - prev_a) / (drafts - prev_d),
-                                    "drafts": drafts - prev_d})
-            self.last[key] = (drafts, accepted)
+            self._accept(now, ("own", key), blocks, m.own_accepted_tokens.values.get(key, 0.0),
+                         labels["drafter"], labels["version"], "own")
+        self._accept(now, ("copied",), sum(m.copy_blocks.values.values()),  # suffix copies, whoever's row
+                     sum(m.copied_accepted_tokens.values.values()), "suffix copies", None, "copied")
         lag = {"t": now, "queue_depth": self.state.loop.depth}
         if self.redis is not None:
             weights = self.redis.hget(keys.pool_key(self.target), "weights")
@@ -73,6 +74,14 @@ class Sampler:
             lag["feedback_pending"] = pending
             lag["update_jobs"] = int(self.redis.llen(f"rq:queue:{keys.UPDATE_QUEUE}"))
         self.lag.append(lag)
+
+    def _accept(self, now, key, blocks: float, accepted: float, drafter, version, source: str) -> None:
+        prev_b, prev_a = self.last.get(key, (0.0, 0.0))
+        if blocks > prev_b:
+            self.accept.append({"t": now, "drafter": drafter, "version": version, "source": source,
+                                "mean_accepted_length": 1 + (accepted - prev_a) / (blocks - prev_b),
+                                "drafts": blocks - prev_b})
+        self.last[key] = (blocks, accepted)
 
 
 def dashboard_router(state, redis, registry, drafters: dict, target: str, period: float = 2.0,
@@ -92,9 +101,19 @@ def dashboard_router(state, redis, registry, drafters: dict, target: str, period
 
         admin = bool(admin_token) and secret_in(bearer_token(authorization), (admin_token,))
 
+        loop = state.loop
+        router = loop.router
         out = {"target": target, "time": time.time(), "accepted_length": list(sampler.accept),
                "pool_weights": list(sampler.pool), "lag": list(sampler.lag), "drafters": [], "rounds": {},
-               "events": [], "serving": state.loop.engine.drafter.drafter_id if state.loop.engine.drafter else None}
+               "events": [],
+               # the chance of each drafter for a request (of a group without weights of its own)
+               "routing": router.probabilities() if router is not None else (
+                   {loop.engine.drafter.drafter_id: 1.0} if loop.engine.drafter else {}),
+               # requests per traffic group: declared domains for anyone, API keys (hashed) for the admin
+               "traffic": [{"group": g, "requests": n,
+                            "routing": router.probabilities(g) if router is not None and g != "all" else None}
+                           for g, n in sorted(loop.traffic.items(), key=lambda x: -x[1])
+                           if admin or not g.startswith("key:")][:20]}
         watcher = getattr(state.loop, "watcher", None)
         if watcher is not None:
             out["swaps"] = watcher.stats.swaps
@@ -107,6 +126,8 @@ def dashboard_router(state, redis, registry, drafters: dict, target: str, period
             overview = drafter_overview(redis, registry, did, handle.version)
             if not admin:
                 overview.pop("learner")
+            if watcher is not None:  # why the serving version is not the latest
+                overview["status"] = watcher.status(did, overview["latest"], overview["paused"], overview["pinned"])
             out["drafters"].append(overview)
             rounds = redis.xrevrange(keys.learner_metrics_stream(did), count=300)
             out["rounds"][did] = [json.loads(fields[b"m"]) for _, fields in reversed(rounds)]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from onlinespec.batch import Batch
 from onlinespec.engine import Generation, SpeculativeEngine, StepOutput
 from onlinespec.errors import InvalidRequestError
+from onlinespec.learn.estimate import ALL, group_of
 from onlinespec.sampling import SamplingParams
 from serving.metrics import Metrics
 
@@ -50,6 +51,7 @@ class RequestHandle:
     generation: Generation | None = None
     error: Exception | None = None
     tenant: str | None = None  # from the API key (and ``user``): scopes suffix speculation, tags feedback
+    domain: str | None = None  # ``metadata.domain``: the request's traffic group (drafter choice, estimates)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -64,9 +66,13 @@ class RequestHandle:
 class EngineLoop:
     def __init__(self, engine: SpeculativeEngine, metrics: Metrics, writer=None, watcher=None,
                  max_active: int = 8, max_queue: int = 64, drafters: dict | None = None,
-                 prefill_tokens: int = 256, kv_cache_tokens: int | None = None):
+                 prefill_tokens: int = 256, kv_cache_tokens: int | None = None, router=None):
+        """``router``: draws each request's drafter among ``drafters``
+        (:class:`~onlinespec.routing.DrafterRouter`); None: the engine's drafter drafts for all."""
         self.engine = engine
         self.drafters = drafters or {}
+        self.router = router
+        self.traffic: dict[str, int] = {}  # requests started per traffic group (the dashboard's)
         self.metrics = metrics
         self.writer = writer
         self.watcher = watcher
@@ -105,10 +111,12 @@ class EngineLoop:
     def depth(self) -> int:
         return self.pending.qsize() + len(self.active) + (self._held is not None)
 
-    def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None) -> RequestHandle:
+    def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
+               domain: str | None = None) -> RequestHandle:
         if self.pending.qsize() >= self.max_queue:
             raise QueueFull(f"{self.pending.qsize()} requests are already waiting (max_queue={self.max_queue})")
-        handle = RequestHandle(prompt, params, asyncio.Queue(), asyncio.get_running_loop(), tenant=tenant)
+        handle = RequestHandle(prompt, params, asyncio.Queue(), asyncio.get_running_loop(), tenant=tenant,
+                               domain=domain)
         self.pending.put(handle)
         self.metrics.queue_depth.set(self.depth)
         return handle
@@ -144,7 +152,15 @@ class EngineLoop:
         # No identity under scope "tenant": the request copies only from its own text.
         suffix = self.engine.suffix
         isolated = handle.tenant is None and suffix is not None and suffix.config.scope == "tenant"
-        gen = self.engine.start(handle.prompt, handle.params, tenant=handle.tenant, isolated=isolated)
+        # its drafter: drawn from the pool's weights for its traffic group (the engine's without a pool)
+        group = group_of(handle.tenant, handle.domain)
+        choice = self.router.pick(group) if self.router is not None else None
+        drafter = self.drafters[choice] if choice in self.drafters else "default"
+        gen = self.engine.start(handle.prompt, handle.params, tenant=handle.tenant, isolated=isolated,
+                                drafter=drafter, domain=handle.domain)
+        self.traffic[group or ALL] = self.traffic.get(group or ALL, 0) + 1
+        if gen.drafter is not None:
+            self.metrics.routed.inc(drafter=gen.drafter.drafter_id)
         self.batch.check_admissible(gen)
         return gen
 
@@ -189,12 +205,11 @@ class EngineLoop:
             if self.watcher is not None:
                 for drafter, version in self.watcher.apply():
                     self.metrics.swaps.inc()
-                    log.info("swapped in %s v%s", drafter, version)
-                choice = self.watcher.choice
-                current = self.engine.drafter.drafter_id if self.engine.drafter else None
-                if choice and choice != current and choice in self.drafters:
-                    self.engine.set_drafter(self.drafters[choice])  # the pool's weights moved: new requests
-                    log.info("pool: now serving %s", choice)
+                    # the new version starts from the acceptance its learners estimated without drafting
+                    estimate = self.watcher.estimates.get(drafter, {}).get("all", {}).get("acceptance")
+                    self.engine.k_controller.start_version(drafter, estimate)
+                    log.info("swapped in %s v%s (estimated acceptance %s)", drafter, version,
+                             "-" if estimate is None else f"{estimate:.3f}")
             for gen, out in self.batch.step():
                 handle = self.active[gen]
                 if isinstance(out, Exception):

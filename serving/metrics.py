@@ -3,8 +3,8 @@
 Speculative-decoding counters mirror vLLM's (``num_drafts``, ``num_draft_tokens``,
 ``num_accepted_tokens``, ``num_accepted_tokens_per_pos``), labelled by drafter and version so
 a regression after a swap is visible per version. They count every draft; the ``copied`` ones
-(suffix speculation, same labels) are also counted apart, so the drafter's own acceptance per
-version is the difference.
+(suffix speculation, same labels) and the drafter models' ``own`` ones are also counted apart,
+so what a drafter version itself achieves is never mixed with what suffix copies achieve.
 """
 
 from __future__ import annotations
@@ -108,6 +108,16 @@ class Metrics:
                                      "Draft tokens copied by suffix speculation (counted in draft tokens too).")
         self.copied_accepted_tokens = Counter("spec_decode_num_copied_accepted_tokens_total",
                                               "Copied draft tokens accepted (counted in accepted tokens too).")
+        # the drafter models' own drafts, apart from copies (labels: drafter, version)
+        self.own_blocks = Counter("spec_decode_num_own_drafts_total",
+                                  "Speculative steps with at least one draft of the drafter model's own.")
+        self.own_draft_tokens = Counter("spec_decode_num_own_draft_tokens_total",
+                                        "Draft tokens the drafter model proposed itself (draft tokens - copied).")
+        self.own_accepted_tokens = Counter("spec_decode_num_own_accepted_tokens_total",
+                                           "Own draft tokens accepted (accepted tokens - copied accepted).")
+        self.copy_blocks = Counter("spec_decode_num_copy_drafts_total",
+                                   "Speculative steps with at least one copied draft.")
+        self.routed = Counter("drafter_requests_total", "Requests by the drafter that drafted for them.")
         self.swaps = Counter("drafter_swaps_total", "Drafter versions swapped in.")
         self.engine_steps = Counter("engine_steps_total", "Engine steps (one target forward for every active row).")
         self.batch_rows = Histogram("engine_batch_rows", "Requests stepped together per engine step.",
@@ -133,6 +143,11 @@ class Metrics:
         if copied:
             self.copied_tokens.inc(copied, **labels)
             self.copied_accepted_tokens.inc(copied_accepted, **labels)
+            self.copy_blocks.inc(**labels)
+        if drafted > copied:
+            self.own_blocks.inc(**labels)
+            self.own_draft_tokens.inc(drafted - copied, **labels)
+            self.own_accepted_tokens.inc(accepted - copied_accepted, **labels)
         for pos in range(accepted):
             self.accepted_per_pos.inc(**labels, position=pos)
 
@@ -152,7 +167,8 @@ class Metrics:
         for m in (self.requests, self.cancelled, self.rejected, self.request_errors, self.loop_restarts,
                   self.generated_tokens, self.latency, self.ttft,
                   self.queue_depth, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
-                  self.accepted_per_pos, self.copied_tokens, self.copied_accepted_tokens, self.swaps,
+                  self.accepted_per_pos, self.copied_tokens, self.copied_accepted_tokens, self.copy_blocks,
+                  self.own_blocks, self.own_draft_tokens, self.own_accepted_tokens, self.routed, self.swaps,
                   self.engine_steps, self.batch_rows, self.batch_k, self.prefill_tokens, self.kv_cache_bytes, self.kv_cache_reserved):
             lines += m.render()
         for metric, read in self.sampled:

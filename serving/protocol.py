@@ -42,6 +42,9 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = Field(default=None, max_length=256)  # scopes suffix speculation; the record's tenant
+    # OpenAI's request metadata (up to 16 string pairs); "domain" names the request's traffic group:
+    # drafter choice and acceptance estimates are kept per group (onlinespec/learn/estimate.py)
+    metadata: dict[str, str] | None = None
     # OnlineSpec extensions
     k: int | None = Field(default=None, ge=1, le=32)
     ignore_eos: bool = False
@@ -60,6 +63,27 @@ class _Sampling(BaseModel):
     @classmethod
     def _user(cls, v):
         return v if v is None else _check_text(v, "user")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v):
+        if v is None:
+            return v
+        if len(v) > 16:
+            raise ValueError("metadata holds at most 16 pairs")
+        for key, value in v.items():
+            if not key or len(key) > 64 or len(value) > 512:
+                raise ValueError("metadata keys are 1-64 characters, values at most 512")
+            _check_text(key, "metadata")
+            _check_text(value, "metadata")
+        domain = v.get("domain")
+        if domain is not None and not (0 < len(domain) <= 64 and domain.isprintable()):
+            raise ValueError("metadata.domain must be 1-64 printable characters")
+        return v
+
+    @property
+    def domain(self) -> str | None:
+        return (self.metadata or {}).get("domain")
 
 
 class CompletionRequest(_Sampling):

@@ -19,7 +19,7 @@ __all__ = ["build_state", "BackgroundServer"]
 def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=None, watcher=None, redis=None,
                 max_active: int = 8, max_queue: int = 64, prefill_tokens: int = 256, kv_cache_tokens: int | None = None,
                 max_prompt_tokens: int = 1536,
-                max_tokens: int = 512, drafters: dict | None = None, api_keys=()) -> ServerState:
+                max_tokens: int = 512, drafters: dict | None = None, api_keys=(), router=None) -> ServerState:
     metrics = Metrics()
     if writer is not None:
         metrics.sample(Gauge("feedback_queue_depth", "Feedback records waiting to be written."),
@@ -43,6 +43,10 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
     if redis is not None and drafters:
         _learner_metrics(metrics, redis, [*drafters, *(["__pool__"] if len(drafters) > 1 else [])],
                          engine.config.target_id)
+    if router is not None:
+        metrics.sample(Gauge("drafter_route_probability",
+                             "Chance that a request (of no group with its own weights) drafts with each drafter."),
+                       lambda: {(("drafter", d),): p for d, p in router.probabilities().items()})
     if engine.suffix is not None:
         cache = engine.suffix
         metrics.sample(Gauge("suffix_cache_tokens", "Output tokens suffix speculation can copy from."),
@@ -51,7 +55,7 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
                        lambda: {(): len(cache)})
     loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
                       drafters=drafters, prefill_tokens=prefill_tokens,
-                      kv_cache_tokens=kv_cache_tokens).start()
+                      kv_cache_tokens=kv_cache_tokens, router=router).start()
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
                        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, api_keys=tuple(api_keys))
 

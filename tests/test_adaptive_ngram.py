@@ -86,7 +86,7 @@ def test_batch_k_speculates_where_it_pays_and_decodes_plainly_where_verification
     chosen = {1: [], 16: []}
     for i in range(600):
         for batch in (1, 16):
-            rows = ["d"] * batch
+            rows = [("d", 0.0)] * batch
             k = ctl.choose(rows)
             chosen[batch].append(k)
             if k:
@@ -94,10 +94,10 @@ def test_batch_k_speculates_where_it_pays_and_decodes_plainly_where_verification
                     accepted = 0
                     while accepted < k and ((i * 7919 + r * 31 + accepted * 104729) % 1000) / 1000 < 0.25:
                         accepted += 1
-                    ctl.observe_row("d", k, accepted)
+                    ctl.observe_row("d", [False] * k, accepted)
             ctl.observe_step(batch, k, 0.0008 * k, verify_ms(batch, k) / 1000)
     late = {b: chosen[b][300:] for b in chosen}
     assert sum(k > 0 for k in late[1]) > 0.9 * len(late[1])  # alone: speculation pays
     assert sum(k == 0 for k in late[16]) > 0.85 * len(late[16])  # at 16 rows: plain batched decoding
     assert any(late[16]), "it keeps probing at 16 rows"
-    assert 0.2 < ctl.acceptance(["d"]) < 0.32
+    assert 0.2 < ctl.proposer("d").acceptance < 0.32

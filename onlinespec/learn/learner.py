@@ -26,6 +26,7 @@ import torch
 
 from onlinespec.feedback import FeedbackRecord
 from onlinespec.learn.batch import FeedbackBatch, collate
+from onlinespec.learn.estimate import AcceptanceEstimate, group_of
 from onlinespec.learn.forward import drafter_logits
 from onlinespec.learn.hedge import Hedge
 from onlinespec.learn.losses import LossConfig, compute_loss
@@ -104,6 +105,9 @@ class RoundMetrics:
     regret_vs_best_fixed: float  # cumulative served loss - best base learner's, over all rounds
     dynamic_regret: float  # the same over the last ``regret_window`` rounds
     mean_alpha: float  # mean acceptance of the served drafter on the batch (losses.acceptance)
+    # the served drafter's acceptance on recent rounds, before it learned from them, overall and per
+    # traffic group (learn/estimate.py): what the server's controller starts the new version from
+    acceptance_estimate: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +146,7 @@ class DrafterLearner:
         self.cumulative = 0.0
         self.base_cumulative = np.zeros(config.ensemble_size)
         self.window: deque = deque(maxlen=config.regret_window)  # (served, base losses) per round
+        self.estimate = AcceptanceEstimate()
 
     # ------------------------------------------------------------------ serving side
 
@@ -197,6 +202,8 @@ class DrafterLearner:
             with torch.no_grad():
                 served, _ = self._loss(parent, batch, grad=False)
         base = np.array([o.prequential for o in outs])
+        groups = [group_of(r.tenant, r.domain) for r in records]
+        self.estimate.update(served.alpha, [groups[i] for i in batch.row.tolist()], batch.block_index)
         self.hedge.update(base)
         # 3. gradient steps (further ones re-evaluate the same batch at the moved point)
         for opt, g in zip(self.optimizers, grads):
@@ -226,6 +233,7 @@ class DrafterLearner:
             regret_vs_best_fixed=self.cumulative - float(self.base_cumulative.min()),
             dynamic_regret=win_served - float(win_base.min()),
             mean_alpha=float(served.alpha.mean()),
+            acceptance_estimate=self.estimate.to_dict(),
         )
 
     # ------------------------------------------------------------------ state
@@ -243,6 +251,7 @@ class DrafterLearner:
             "cumulative": self.cumulative,
             "base_cumulative": self.base_cumulative.tolist(),
             "window": [[s, list(map(float, b))] for s, b in self.window],
+            "estimate": self.estimate.state(),
         }
         return tensors, meta
 
@@ -259,3 +268,4 @@ class DrafterLearner:
         self.cumulative = float(meta["cumulative"])
         self.base_cumulative = np.asarray(meta["base_cumulative"], dtype=float)
         self.window = deque(((s, np.asarray(b)) for s, b in meta["window"]), maxlen=self.config.regret_window)
+        self.estimate.load_state(meta.get("estimate", {}))

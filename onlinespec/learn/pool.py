@@ -2,7 +2,11 @@
 
 Every drafter in the pool is scored on every feedback record from the logged target
 distributions (teacher-forced, no target forward), not only the drafter that served it. The
-Hedge weights then choose which drafter serves the next requests (the heaviest one).
+Hedge weights then decide which drafter drafts for which request: the server draws each
+request's drafter from the weights of its traffic group (its API key's tenant, once that group
+has ``min_positions`` of recent data; the whole target's otherwise). Hedge is a randomized
+strategy, and drawing from its weights is what its regret bound is about; drafters of similar
+quality share the traffic, a clearly better one takes nearly all of it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 
 from onlinespec.feedback import FeedbackRecord
 from onlinespec.learn.batch import collate
+from onlinespec.learn.estimate import group_of
 from onlinespec.learn.forward import drafter_logits
 from onlinespec.learn.hedge import Hedge
 from onlinespec.learn.losses import acceptance
@@ -26,7 +31,8 @@ class PoolRound:
     drafters: list[str]
     losses: list[float]  # tv of each drafter on the round's records, before the weights moved
     weights: list[float]
-    serving: str  # the drafter chosen for the next requests
+    serving: str  # the heaviest drafter overall
+    group_weights: dict  # traffic group -> {drafter: weight}, groups with enough recent data only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,22 +40,54 @@ class PoolRound:
 
 class DrafterPool:
     def __init__(self, drafters: list[str], eta: float = 4.0, optimistic: bool = True, hedge: Hedge | None = None,
-                 discount: float = 1.0):
+                 discount: float = 1.0, groups: dict | None = None, min_positions: float = 64.0,
+                 max_groups: int = 64, group_decay: float = 0.9):
+        """``groups``: kept per-group state (:meth:`group_state`); a group's weights are served
+        once its decayed positions reach ``min_positions``."""
         assert drafters, "a pool needs at least one drafter"
         self.drafters = list(drafters)
+        self.eta, self.optimistic, self.discount = eta, optimistic, discount
         self.hedge = hedge or Hedge(len(drafters), eta, optimistic, discount)
         assert self.hedge.n == len(self.drafters), "Hedge state does not match the pool"
+        self.min_positions, self.max_groups, self.group_decay = min_positions, max_groups, group_decay
+        self.groups: dict[str, tuple[Hedge, float]] = {}  # group -> (its Hedge, decayed positions)
+        for g, st in (groups or {}).items():
+            if int(st["hedge"]["n"]) == len(self.drafters):
+                h = Hedge.from_state(st["hedge"])
+                h.eta, h.discount = eta, discount
+                self.groups[g] = (h, float(st["positions"]))
 
     @torch.no_grad()
-    def score(self, models: dict[str, torch.nn.Module], records: list[FeedbackRecord], max_len: int = 1024) -> list[float]:
-        batch = collate(records, max_len)
-        losses = []
-        for name in self.drafters:
-            losses.append(float((1 - acceptance(drafter_logits(models[name], batch), batch)).mean()))
-        return losses
+    def position_losses(self, models: dict[str, torch.nn.Module], batch) -> list[torch.Tensor]:
+        """[N] per drafter: 1 - acceptance at each position of the batch."""
+        return [1 - acceptance(drafter_logits(models[name], batch), batch) for name in self.drafters]
 
-    def round(self, models, records) -> PoolRound:
-        losses = self.score(models, records)
+    def score(self, models: dict[str, torch.nn.Module], records: list[FeedbackRecord], max_len: int = 1024) -> list[float]:
+        return [float(x.mean()) for x in self.position_losses(models, collate(records, max_len))]
+
+    def round(self, models, records, max_len: int = 1024) -> PoolRound:
+        batch = collate(records, max_len)
+        per = self.position_losses(models, batch)
+        losses = [float(x.mean()) for x in per]
         self.hedge.update(losses)
+        groups = [group_of(r.tenant, r.domain) for r in records]
+        at = [groups[i] for i in batch.row.tolist()]
+        self.groups = {g: (h, n * self.group_decay) for g, (h, n) in self.groups.items()}
+        for g in sorted({x for x in at if x is not None}):
+            mask = torch.tensor([x == g for x in at])
+            hedge, n = self.groups.get(g) or (Hedge(len(self.drafters), self.eta, self.optimistic, self.discount), 0.0)
+            hedge.update([float(x[mask].mean()) for x in per])
+            self.groups[g] = (hedge, n + float(mask.sum()))
+        if len(self.groups) > self.max_groups:
+            keep = sorted(self.groups, key=lambda g: -self.groups[g][1])[: self.max_groups]
+            self.groups = {g: self.groups[g] for g in keep}
         w = self.hedge.weights
-        return PoolRound(self.hedge.rounds, self.drafters, losses, w.tolist(), self.drafters[int(w.argmax())])
+        return PoolRound(self.hedge.rounds, self.drafters, losses, w.tolist(), self.drafters[int(w.argmax())],
+                         self.group_weights())
+
+    def group_weights(self) -> dict[str, dict[str, float]]:
+        return {g: dict(zip(self.drafters, h.weights.tolist())) for g, (h, n) in self.groups.items()
+                if n >= self.min_positions}
+
+    def group_state(self) -> dict:
+        return {g: {"hedge": h.state(), "positions": n} for g, (h, n) in self.groups.items()}
