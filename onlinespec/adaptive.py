@@ -101,8 +101,15 @@ class AdaptiveK:
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new
 
+    def _cost(self, old: float | None, new: float) -> float:
+        """A timing's moving average that one slow step (a cache growing, a collection, another
+        process) moves by at most as much as a step twice the estimate: plain steps are rare
+        while speculating, and one outlier among them used to double the plain cost for tens
+        of steps, making every verification look free."""
+        return new if old is None else self._ema(old, min(new, 2.0 * old))
+
     def observe_plain(self, seconds: float) -> None:
-        self.t_plain = self._ema(self.t_plain, seconds)
+        self.t_plain = self._cost(self.t_plain, seconds)
         self.plain_streak += 1
         self.spec_streak = 0
 
@@ -129,8 +136,10 @@ class AdaptiveK:
         self.spec_streak += 1
         if drafted == 0:
             return
-        self.t_draft = self._ema(self.t_draft, draft_seconds / drafted)
+        self.t_draft = self._cost(self.t_draft, draft_seconds / drafted)
         if self.t_plain is not None:
+            expected = self.t_plain + self.v * drafted
+            verify_seconds = min(verify_seconds, 2.0 * expected) if self.v else verify_seconds
             self.v = self._ema(self.v, max(0.0, verify_seconds - self.t_plain) / drafted)
 
 
@@ -144,20 +153,24 @@ class BatchK:
 
     A new drafter version starts from the acceptance its learners estimated on recent traffic
     without drafting (:meth:`start_version`; :mod:`onlinespec.learn.estimate`) and is refined by
-    the drafts it serves. With ``thompson`` each step draws every source's acceptance from its
-    Beta posterior instead of taking the mean: a source whose estimate is uncertain near
+    the drafts it serves. Whether a drafter drafts in a step (:meth:`drafts_pay`) is decided, with
+    ``thompson``, on a draw from its Beta posterior: a drafter whose estimate is uncertain near
     break-even is still tried now and then (bounded: a confident estimate is rarely overturned),
-    and a drafter that degrades is muted within a few steps (:meth:`drafts_pay`).
+    and one that degrades is muted within a few steps. The batch's draft length uses the means.
     """
 
     def __init__(self, k_max: int = 8, cost_decay: float = 0.95, plain_every: int = 32, probe_every: int = 8,
-                 thompson: bool = True, prior_weight: float = 20.0, seed: int = 0, **kw):
+                 thompson: bool = True, prior_weight: float = 20.0, seed: int = 0, min_speedup: float = 1.05,
+                 **kw):
         """Costs follow the last ~20 steps at each batch size (``cost_decay``; a shared machine's
         timings drift); a plain step every ``plain_every`` speculative ones keeps the plain
         cost, which every other cost is measured against, fresh. ``prior_weight``: the drafts a
-        version's published estimate counts as (a few steps of a batch)."""
+        version's published estimate counts as (a few steps of a batch). ``min_speedup``: the
+        predicted gain a speculative step must show (the model of a step is approximate: at
+        break-even, plain decoding is the safe side)."""
         self.k_max, self.kw = k_max, kw
-        self.cost_kw = {**kw, "decay": cost_decay, "plain_every": plain_every, "probe_every": probe_every}
+        self.cost_kw = {**kw, "decay": cost_decay, "plain_every": plain_every, "probe_every": probe_every,
+                        "min_speedup": min_speedup}
         self.costs: dict[int, AdaptiveK] = {}
         self.proposers: dict[str, AdaptiveK] = {}
         self.thompson, self.prior_weight = thompson, prior_weight
@@ -194,16 +207,19 @@ class BatchK:
         a = min(max(float(acceptance), 0.0), 1.0)
         p.accepted, p.rejected = self.prior_weight * a, self.prior_weight * (1.0 - a)
 
-    def source_acceptance(self, key: str) -> float:
-        """This step's acceptance of a source: drawn from its posterior (``thompson``), else its mean."""
+    def source_acceptance(self, key: str, draw: bool = False) -> float:
+        """A source's acceptance: its posterior mean, or (``draw`` with ``thompson``) this step's
+        draw from its posterior."""
+        p = self.proposer(key)
+        if not (draw and self.thompson):
+            return p.acceptance
         if key not in self._draws:
-            p = self.proposer(key)
-            self._draws[key] = (self.rng.betavariate(1.0 + p.accepted, 1.0 + p.rejected) if self.thompson
-                                else p.acceptance)
+            self._draws[key] = self.rng.betavariate(1.0 + p.accepted, 1.0 + p.rejected)
         return self._draws[key]
 
     def acceptance(self, rows: list[tuple[str | None, float]]) -> float:
-        """The mean acceptance of ``rows`` (``(drafter id or None, copy share)`` each)."""
+        """The mean acceptance of ``rows`` (``(drafter id or None, copy share)`` each), at the
+        posterior means: the batch's draft length is not a gamble; which drafters draft is."""
         if not rows:
             return 0.0
         total = 0.0
@@ -225,18 +241,26 @@ class BatchK:
         costs = self.at(batch)
         if not k or costs.t_plain is None or costs.t_draft is None:
             return True
-        return (expected_tokens(self.source_acceptance(key), k) - 1.0) * costs.t_plain >= k * costs.t_draft
+        if costs.plain_streak >= 4 * costs.probe_every:
+            return True  # a long plain streak: every drafter drafts once, so the drafting cost is measured again
+        return (expected_tokens(self.source_acceptance(key, draw=True), k) - 1.0) * costs.t_plain >= k * costs.t_draft
 
-    def observe_row(self, key: str | None, copied: list[bool], accepted: int) -> None:
+    def observe_row(self, key: str | None, copied: list[bool], accepted: int, asked: int | None = None,
+                    muted: bool = False) -> None:
         """A row's block: ``copied[i]`` whether draft ``i`` was a copy, ``accepted`` the drafts
-        kept. Each source is credited its accepted drafts and charged the rejection if it drafted
-        the rejected position (drafts after it were never judged)."""
+        kept, ``asked`` the drafts it was asked for. Each source is credited its accepted drafts
+        and charged the rejection if it drafted the rejected position (drafts after it were never
+        judged). A block that ended early, all accepted, because nothing matched where only copies
+        could draft (no drafter, or ``muted``) ends as a rejection would: suffix speculation is
+        charged it, so its acceptance is the chance of an accepted token at a position, which is
+        what the expected tokens of a step need."""
         drafted = len(copied)
-        if not drafted:
+        unmatched = asked is not None and accepted == drafted < asked and (key is None or muted)
+        if not drafted and not unmatched:
             return
         copies_accepted = sum(copied[:accepted])
         rejected = accepted < drafted
-        for source, acc, rej in ((SUFFIX, copies_accepted, rejected and copied[accepted]),
+        for source, acc, rej in ((SUFFIX, copies_accepted, (rejected and copied[accepted]) or unmatched),
                                  (key, accepted - copies_accepted, rejected and not copied[accepted])):
             if source is not None and (acc or rej):
                 counts = self._step.setdefault(source, [0.0, 0.0])

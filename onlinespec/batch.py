@@ -8,7 +8,7 @@ Requests join and leave between steps. Each :meth:`Batch.step`:
 1. **prefill**: requests that joined feed their prompts in chunks, at most ``prefill_tokens``
    a step over all of them, in one forward of their own (a long prompt never stalls the others
    for more than one chunk); a request whose prompt is in takes a row (its keys and values are
-   copied in) and its drafter encodes the prompt too;
+   copied in); its drafter encodes its text the first time it drafts for it;
 2. **propose**: ``k`` from :class:`~onlinespec.adaptive.BatchK` (costs measured at this batch
    size, acceptance per source of drafts; ``k = 0`` where speculation would not pay; a drafter
    whose own drafts would not earn their cost is muted for the step). Per draft position,
@@ -138,7 +138,7 @@ class Batch:
         rows = self._draft_rows(gen)
         if rows is not None:
             rows.leave(gen)
-            if not rows.gens:
+            if not any(g.drafter is rows.drafter for g in self.rows):
                 del self.drafters[id(rows.drafter)]
 
     def _draft_rows(self, gen: Generation) -> DraftRows | None:
@@ -149,12 +149,10 @@ class Batch:
         self.rows.append(gen)
         if staged_row is not None:
             self.cache.load(row, self.staging, len(gen.tokens) - 1, source_row=staged_row)
-        if isinstance(gen.drafter, HFDrafter):
-            key = id(gen.drafter)
-            if key not in self.drafters:
-                self.drafters[key] = DraftRows(gen.drafter, self.slots, self.max_len,
-                                               catch_up=self.engine.config.k_max + 1)
-            self.drafters[key].join(gen)
+        if isinstance(gen.drafter, HFDrafter) and id(gen.drafter) not in self.drafters:
+            # the drafter's rows; each request joins them when first asked to draft
+            self.drafters[id(gen.drafter)] = DraftRows(gen.drafter, self.slots, self.max_len,
+                                                       catch_up=self.engine.config.k_max + 1)
 
     def _prefill(self) -> int:
         """Advance the staged prompts by up to ``prefill_tokens`` in one forward; the prompts that
@@ -240,8 +238,12 @@ class Batch:
                 for key in {g.drafter.drafter_id for g in adaptive if g.drafter is not None}}
         muted = {b for b, g in enumerate(rows) if g.adaptive and g.drafter is not None
                  and not pays[g.drafter.drafter_id]}
+        joins = sum(d.join_seconds for d in self.drafters.values())
         drafts, qs, copied = self._propose(k_rows, muted)
         t2 = time.perf_counter()
+        # rows joining a drafter encode their text: a prefill, kept out of the drafting cost
+        joined = sum(d.join_seconds for d in self.drafters.values()) - joins
+        t1 += joined
         logits = forward_rows(self.engine.target, self.cache, [[g.tokens[-1], *d] for g, d in zip(rows, drafts)])
         t3 = time.perf_counter()
         results: list[tuple[Generation, StepOutput | Exception]] = []
@@ -256,7 +258,7 @@ class Batch:
             results.append((gen, out))
             if gen.adaptive:
                 self.k.observe_row(gen.drafter.drafter_id if gen.drafter is not None else None, copied[b],
-                                   out.accepted)
+                                   out.accepted, asked=k_rows[b], muted=b in muted)
             if gen.finished:
                 leaving.append(gen)
             else:  # keep every settled token but the newest (it is fed with the next drafts)

@@ -29,6 +29,8 @@ def _bench(args) -> int:
         from onlinespec.bench.faults import run
     elif args.what == "serve":
         from onlinespec.bench.serve import run
+    elif args.what == "live":
+        from onlinespec.bench.live import run
     else:
         from onlinespec.bench.adapt import run
     return run(args)
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures (and --json)")
-    p.add_argument("what", choices=["engine", "serve", "loop", "adapt", "faults"])
+    p.add_argument("what", choices=["engine", "serve", "loop", "adapt", "faults", "live"])
     p.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a smoke run in under a minute")
     p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     p.add_argument("--target", default=None, help="target model path or hub id (default: demo:target)")
@@ -90,10 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="adapt: step size of every learner (default 2e-4)")
     p.add_argument("--learner-config", default=None,
                    help="loop: learner settings the worker rate is measured with (default configs/learner.yaml)")
-    p.add_argument("--plot", default=None, help="adapt: write a PNG of accepted length and regret")
+    p.add_argument("--plot", default=None, help="adapt, live: write a PNG of the figures")
     p.add_argument("--config", default=None,
                    help="engine, serve: a service YAML's target and first drafter (chat prompts for a chat "
-                        "model); faults: the service (default: configs/demo.yaml)")
+                        "model); faults, live: the service (default: configs/demo.yaml)")
+    p.add_argument("--minutes", type=float, default=8.0, help="live: minutes of traffic with learning")
+    p.add_argument("--concurrency", type=int, default=4, help="live: client threads")
+    p.add_argument("--max-tokens", type=int, default=48, help="live: tokens per request")
+    p.add_argument("--period", type=float, default=5.0, help="live: seconds between learning rounds at most")
+    p.add_argument("--no-learning", action="store_true", help="live: start no worker (the serving cost alone)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="serve: where the models run (auto: cuda when there is one)")
     p.add_argument("--k-fixed", type=int, default=None,

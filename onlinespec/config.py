@@ -66,7 +66,7 @@ KNOWN_KEYS = {
                 "max_tokens", "threads", "rollback", "rollback_margin", "rollback_min_drafted", "admin_token",
                 "api_keys", "suffix", "explore"},
     "redis": {"url", "stream_maxlen"},
-    "workers": {"count", "threads", "round_records", "period"},
+    "workers": {"count", "threads", "round_records", "period", "nice"},
 }
 
 

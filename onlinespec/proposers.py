@@ -12,6 +12,7 @@ Every proposer returns, per row it drafted for, a list of :class:`Draft` (one, o
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -64,13 +65,18 @@ class Copies:
 
 class DraftRows:
     """A Hugging Face drafter's keys and values for the rows it drafts for (its own row order),
-    and its drafts: one forward per draft position for all of its rows."""
+    and its drafts: one forward per draft position for all of its rows.
+
+    A request joins the first time it is asked to draft (its text so far is encoded then), not
+    when it enters the batch: a request its drafter never drafts for (plain steps, a muted
+    drafter) costs the drafter nothing."""
 
     def __init__(self, drafter: HFDrafter, slots: int, max_len: int, catch_up: int):
         self.drafter = drafter
         self.cache = SlotCache.for_model(drafter.model, slots, max_len)
         self.gens: list[Generation] = []
         self.catch_up = catch_up  # the most tokens a row feeds in one forward
+        self.join_seconds = 0.0  # encoding the text of joining rows (a prefill, not a draft cost)
 
     def join(self, gen: Generation) -> None:
         row = self.cache.join()
@@ -82,16 +88,23 @@ class DraftRows:
             self.cache.load(row, session.cache, n)
 
     def leave(self, gen: Generation) -> None:
-        leave_row(self.cache, self.gens, gen)
+        if gen in self.gens:
+            leave_row(self.cache, self.gens, gen)
 
     def rewind(self, gen: Generation, keep: int) -> None:
-        row = self.gens.index(gen)
-        self.cache.rewind(row, min(keep, int(self.cache.lengths[row])))
+        if gen in self.gens:
+            row = self.gens.index(gen)
+            self.cache.rewind(row, min(keep, int(self.cache.lengths[row])))
 
     def propose(self, rows, need, drafts, position, room):
         mine = [b for b in need if rows[b].drafter is self.drafter]
         if not mine:
             return {}
+        for b in mine:
+            if rows[b] not in self.gens:
+                t0 = time.perf_counter()
+                self.join(rows[b])
+                self.join_seconds += time.perf_counter() - t0
         where = {id(g): b for b, g in enumerate(rows)}
         # Every row feeds what its cache lacks of its text as of this position (a copy made here
         # is fed at the next forward), at most catch_up tokens: a row whose copies were accepted

@@ -137,7 +137,8 @@ def worker_command(cfg, round_records: int | None = None, period: float | None =
     cmd = [sys.executable, "-m", "workers", "--target", cfg.target_id, "--registry", cfg.registry,
            "--threads", str(cfg.workers.get("threads", 1)),
            "--round-records", str(round_records or cfg.workers.get("round_records", 16)),
-           "--period", str(period or cfg.workers.get("period", 10))]
+           "--period", str(period or cfg.workers.get("period", 10)),
+           "--nice", str(cfg.workers.get("nice", 10))]
     if cfg.learner:
         cmd += ["--learner-config", cfg.learner]
     if log_level:

@@ -135,9 +135,9 @@ def create_app(state: ServerState) -> FastAPI:
         return tenant_of(key, req.user)
 
     def _submit(prompt_ids: list[int], params: SamplingParams, tenant: str | None,
-                domain: str | None = None) -> RequestHandle:
+                domain: str | None = None, stream: bool = True) -> RequestHandle:
         try:
-            return state.loop.submit(prompt_ids, params, tenant=tenant, domain=domain)
+            return state.loop.submit(prompt_ids, params, tenant=tenant, domain=domain, stream=stream)
         except QueueFull as exc:
             state.metrics.rejected.inc(label="queue_full")
             raise ApiError(429, f"server busy: {exc}; retry later", type_="rate_limit_error") from None
@@ -186,14 +186,16 @@ def create_app(state: ServerState) -> FastAPI:
             return item
 
     async def _collect(handle, request) -> tuple[str, list[int], str, list]:
+        """A request that is not streamed gets its steps' outputs in one list, at the end."""
         text, tokens, logprobs = [], [], []
         while True:
-            out = await _next(handle, request)
-            text.append(out.text)
-            tokens += out.tokens
-            logprobs += out.logprobs or ()
-            if out.finished:
-                return "".join(text), tokens, out.finish_reason.value, logprobs
+            item = await _next(handle, request)
+            for out in item if isinstance(item, list) else [item]:
+                text.append(out.text)
+                tokens += out.tokens
+                logprobs += out.logprobs or ()
+                if out.finished:
+                    return "".join(text), tokens, out.finish_reason.value, logprobs
 
     def _logprobs(kind: str, items, wanted: bool, text_offset: int = 0) -> dict | None:
         if not wanted:
@@ -248,7 +250,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def _serve(req, prompt_ids: list[int], request: Request, kind: str, tenant: str | None):
         params = _params(req, len(prompt_ids))
-        handle = _submit(prompt_ids, params, tenant, req.domain)
+        handle = _submit(prompt_ids, params, tenant, req.domain, stream=bool(req.stream))
         rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         wanted = params.logprobs is not None

@@ -52,6 +52,10 @@ class RequestHandle:
     error: Exception | None = None
     tenant: str | None = None  # from the API key (and ``user``): scopes suffix speculation, tags feedback
     domain: str | None = None  # ``metadata.domain``: the request's traffic group (drafter choice, estimates)
+    # streamed: every step's output is handed over as it comes; otherwise they are kept and handed
+    # over at the end in one list (one wake-up of the event loop per request, not per step)
+    stream: bool = True
+    held: list = field(default_factory=list)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -112,11 +116,11 @@ class EngineLoop:
         return self.pending.qsize() + len(self.active) + (self._held is not None)
 
     def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
-               domain: str | None = None) -> RequestHandle:
+               domain: str | None = None, stream: bool = True) -> RequestHandle:
         if self.pending.qsize() >= self.max_queue:
             raise QueueFull(f"{self.pending.qsize()} requests are already waiting (max_queue={self.max_queue})")
         handle = RequestHandle(prompt, params, asyncio.Queue(), asyncio.get_running_loop(), tenant=tenant,
-                               domain=domain)
+                               domain=domain, stream=stream)
         self.pending.put(handle)
         self.metrics.queue_depth.set(self.depth)
         return handle
@@ -237,7 +241,12 @@ class EngineLoop:
                 # the rollback guard judges the drafter's own drafts: copies do not depend on its version
                 self.watcher.observe(drafter.drafter_id, drafter.version, own, out.accepted - out.copied_accepted)
         self.metrics.generated_tokens.inc(len(out.tokens))
-        handle._put(out)
+        if handle.stream:
+            handle._put(out)
+        else:
+            handle.held.append(out)
+            if gen.finished:
+                handle._put(handle.held)
         if gen.finished:
             self.metrics.latency.observe(time.perf_counter() - handle.submitted)
             self.metrics.requests.inc(label=out.finish_reason.value)

@@ -26,10 +26,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="YAML of LearnerConfig defaults (configs/learner.yaml); live config in Redis wins")
     ap.add_argument("--no-trigger", action="store_true", help="only run jobs; another process enqueues them")
     ap.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    ap.add_argument("--nice", type=int, default=int(os.environ.get("ONLINESPEC_WORKER_NICE", "10")),
+                    help="CPU priority below the server's (os.nice increment; 0: the same): learning takes "
+                         "what serving leaves, so it never slows the requests on a shared machine")
     ap.add_argument("--log-level", default=os.environ.get("ONLINESPEC_WORKER_LOG_LEVEL", "INFO"),
                     help="INFO logs every job (RQ's lines too); WARNING only problems")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(levelname)s %(message)s")
+    if args.nice > 0:
+        os.nice(args.nice)
 
     import torch  # once per process, before any job
 

@@ -30,7 +30,7 @@ def machine() -> dict:
 
 
 def emit(table: list[tuple[str, object]], result: dict, as_json: bool) -> None:
-    width = max(len(k) for k, _ in table)
+    width = max((len(k) for k, _ in table), default=0)
     for key, value in table:
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         print(f"{key:<{width}}  {shown}")

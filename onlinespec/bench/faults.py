@@ -150,14 +150,15 @@ class Service:
                 "PYTHONUNBUFFERED": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 "ONLINESPEC_MIN_IDLE_MS": str(self.min_idle_ms), **extra}
 
-    def start(self, worker_env: dict | None = None, timeout: float = 180) -> Service:
+    def start(self, worker_env: dict | None = None, timeout: float = 180, workers: int = 1) -> Service:
         self.sup.add("redis", lambda: _RedisProc(self.redis_server))
         self.redis = connect(self.redis_server.url, socket_timeout=5, socket_connect_timeout=2)
         host, port = self.url.removeprefix("http://").rsplit(":", 1)
         self.sup.add("server", lambda: spawn(server_command(self.config, host, int(port)), self.env(),
                                              self.workdir / "server.log"))
         wait_ready(self.url, self.sup, timeout)
-        self.add_worker(worker_env or {})
+        for _ in range(workers):
+            self.add_worker(worker_env or {})
         return self
 
     def add_worker(self, extra_env: dict) -> None:

@@ -1,0 +1,230 @@
+"""``onlinespec bench live``: does what the drafters learn reach the served speed?
+
+Starts the real service on loopback (a private Redis, the HTTP server and one worker, supervised
+as ``onlinespec up`` runs them) on a config's models, and sends a stream of greedy completions
+from a domain the drafters were not started on: IDLE's change log (``idlelib/NEWS*.txt``, shipped
+with Python and used nowhere else in the project), each prompt a few consecutive entries to
+continue. Every request has its own ``user``, so suffix speculation cannot carry copies from one
+request to the next: what improves must be the drafters. Requests declare
+``metadata.domain: changelog``.
+
+Reported per quarter of the run (by completion time): the drafters' own accepted length (their
+accepted drafts per step they drafted in, plus one; copies apart), the share of generated tokens
+that were the drafters' accepted drafts and the share that were accepted copies, aggregate
+tokens/s, and the drafter versions serving. Then the same prompts are served for a while by the
+same models with speculation off (no drafters, no suffix speculation; a server of its own), for
+``nospec_tokens_per_s``.
+
+JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_draft_share",
+"copied_share", "tokens_per_s", "versions", "requests"}], "nospec_tokens_per_s", "gain":
+{"own_accepted_length", "tokens_per_s"}, "config", "minutes", "machine"}``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from onlinespec.bench.common import emit, machine
+from onlinespec.config import DEFAULT_CONFIG, load_config
+
+__all__ = ["changelog_prompts", "summarize", "run"]
+
+DOMAIN = "changelog"
+
+
+def changelog_prompts(entries_per_prompt: int = 3) -> list[str]:
+    """Prompts of consecutive change-log entries from IDLE's NEWS files, in file order."""
+    spec = importlib.util.find_spec("idlelib")
+    if spec is None or not spec.origin:
+        raise RuntimeError("idlelib is not installed with this Python: bench live takes its prompts from "
+                           "idlelib/NEWS*.txt (Debian: apt-get install idle-python3.11)")
+    texts = sorted(Path(spec.origin).parent.glob("NEWS*.txt"))
+    if not texts:
+        raise RuntimeError(f"no NEWS*.txt under {Path(spec.origin).parent}")
+    entries = []
+    for path in texts:
+        for block in re.split(r"\n\s*\n", path.read_text(errors="replace")):
+            block = block.strip()
+            if block and not block.startswith(("What's New", "=")) and len(block) > 40:
+                entries.append(block)
+    n = entries_per_prompt
+    return ["\n\n".join(entries[i:i + n]) + "\n\n" for i in range(0, len(entries) - n, n)]
+
+
+def summarize(results: list[dict], t0: float, t1: float, parts: int = 4) -> list[dict]:
+    """Per part of [t0, t1] (by completion time) the figures of the requests that finished in it."""
+    width = (t1 - t0) / parts
+    out = []
+    for q in range(parts):
+        lo, hi = t0 + q * width, t0 + (q + 1) * width
+        rows = [r for r in results if lo <= r["done"] < hi or (q == parts - 1 and r["done"] == t1)]
+        tokens = sum(r["tokens"] for r in rows)
+        own_acc = sum(r["spec"]["own"]["accepted_tokens"] for r in rows)
+        own_steps = sum(r["spec"]["own"]["draft_steps"] for r in rows)
+        copied = sum(r["spec"]["copied"]["accepted_tokens"] for r in rows)
+        versions: dict[str, list[int]] = {}
+        for r in rows:
+            d, v = r["spec"].get("drafter_id"), r["spec"].get("drafter_version")
+            if d is not None:
+                seen = versions.setdefault(d, [v, v])
+                seen[0], seen[1] = min(seen[0], v), max(seen[1], v)
+        out.append({"requests": len(rows), "tokens": tokens,
+                    "own_accepted_length": 1 + own_acc / own_steps if own_steps else None,
+                    "own_draft_share": own_acc / tokens if tokens else 0.0,
+                    "copied_share": copied / tokens if tokens else 0.0,
+                    "tokens_per_s": tokens / width if width > 0 else 0.0,
+                    "own_draft_steps": own_steps,
+                    "versions": {d: (f"v{a}" if a == b else f"v{a}-v{b}") for d, (a, b) in sorted(versions.items())}})
+    return out
+
+
+class _Clients:
+    """``concurrency`` threads sending the prompts in turn until stopped; each answer recorded."""
+
+    def __init__(self, url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int):
+        self.url, self.model, self.prompts, self.max_tokens = url, model, prompts, max_tokens
+        self.results: list[dict] = []
+        self.errors = 0
+        self._next = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(concurrency)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=300, headers={"Authorization": "Bearer bench-live"}) as client:
+            while not self._stop.is_set():
+                with self._lock:
+                    i, self._next = self._next, self._next + 1
+                body = {"model": self.model, "prompt": self.prompts[i % len(self.prompts)],
+                        "max_tokens": self.max_tokens, "temperature": 0, "user": f"live-{i}",
+                        "metadata": {"domain": DOMAIN}}
+                try:
+                    r = client.post(self.url + "/v1/completions", json=body)
+                    r.raise_for_status()
+                    data = r.json()
+                except (httpx.HTTPError, ValueError):
+                    with self._lock:
+                        self.errors += 1
+                    continue
+                with self._lock:
+                    self.results.append({"done": time.time(), "tokens": data["usage"]["completion_tokens"],
+                                         "spec": data["speculative"]})
+
+    def run(self, seconds: float) -> tuple[float, float]:
+        t0 = time.time()
+        for t in self._threads:
+            t.start()
+        time.sleep(seconds)
+        t1 = time.time()
+        self._stop.set()
+        for t in self._threads:
+            t.join(300)
+        return t0, t1
+
+
+def _variant(config: str, workdir: Path, plain: bool) -> str:
+    """The config as the benchmark serves it: with ``plain``, speculation off (no drafters, no
+    suffix speculation), the same target and serving settings."""
+    cfg = load_config(config)
+    raw = yaml.safe_load(Path(cfg.source).read_text())
+    base = Path(cfg.source).parent
+    for spec in [raw["target"], *raw.get("drafters", [])]:
+        if not str(spec["model"]).startswith(("demo:", "pypi:")) and (base / str(spec["model"])).exists():
+            spec["model"] = str((base / str(spec["model"])).resolve())
+    if raw.get("learner"):
+        raw["learner"] = cfg.learner
+    if plain:
+        raw["drafters"] = []
+        raw.setdefault("serving", {})["suffix"] = {**(raw["serving"].get("suffix") or {}), "enabled": False}
+    path = workdir / ("plain.yaml" if plain else "live.yaml")
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def plot(path: str, quarters: list[dict], nospec: float) -> None:
+    """Own accepted length and tokens/s per quarter, speculation off as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(1, len(quarters) + 1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(x, [q["own_accepted_length"] or float("nan") for q in quarters], "o-", label="drafters' own drafts")
+    left.set(xlabel="quarter of the run", ylabel="accepted length", title="drafters' own accepted length")
+    left.set_xticks(x)
+    right.plot(x, [q["tokens_per_s"] for q in quarters], "o-", label="speculation on (learning)")
+    right.axhline(nospec, color="grey", linestyle="--", label="speculation off")
+    right.set(xlabel="quarter of the run", ylabel="tokens/s", title="aggregate throughput")
+    right.set_xticks(x)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run(args) -> int:
+    from onlinespec.bench.faults import Service
+
+    config = args.config or DEFAULT_CONFIG
+    prompts = changelog_prompts()
+    seconds = args.minutes * 60
+    with tempfile.TemporaryDirectory(prefix="onlinespec-live-") as tmp:
+        workdir = Path(tmp)
+        live_dir, plain_dir = workdir / "live", workdir / "plain"
+        live_dir.mkdir()
+        plain_dir.mkdir()
+        service = Service(_variant(config, workdir, plain=False), live_dir, round_records=args.round_records,
+                          period=args.period)
+        try:
+            service.start(workers=0 if args.no_learning else 1)
+            model = httpx.get(service.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+            clients = _Clients(service.url, model, prompts, args.concurrency, args.max_tokens)
+            t0, t1 = clients.run(seconds)
+            results, errors = clients.results, clients.errors
+        finally:
+            service.sup.stop()
+        quarters = summarize(results, t0, t1)
+        # speculation off: the last quarter's prompts, as long as a quarter, on a server of its own
+        plain = Service(_variant(config, workdir, plain=True), plain_dir)
+        try:
+            plain.start()
+            off = _Clients(plain.url, model, prompts, args.concurrency, args.max_tokens)
+            off._next = len(results) * 3 // 4  # where the last quarter's prompts begin
+            p0, p1 = off.run(seconds / 4)
+            nospec = summarize(off.results, p0, p1, parts=1)[0]["tokens_per_s"]
+            errors += off.errors
+        finally:
+            plain.sup.stop()
+
+    first, last = quarters[0], quarters[-1]
+    gain = {"own_accepted_length": (last["own_accepted_length"] / first["own_accepted_length"]
+                                    if first["own_accepted_length"] and last["own_accepted_length"] else None),
+            "tokens_per_s": last["tokens_per_s"] / first["tokens_per_s"] if first["tokens_per_s"] else None}
+    print(f"bench live: {config}, {args.minutes:g} min, {len(results)} requests ({errors} errors), "
+          f"concurrency {args.concurrency}, {args.max_tokens} tokens each, domain {DOMAIN!r}")
+    print(f"{'quarter':>8}{'requests':>10}{'own acc. len':>14}{'own share':>11}{'copied share':>14}"
+          f"{'tokens/s':>10}  versions")
+    for i, q in enumerate(quarters):
+        mal = f"{q['own_accepted_length']:.3f}" if q["own_accepted_length"] else "-"
+        print(f"{i + 1:>8}{q['requests']:>10}{mal:>14}{q['own_draft_share']:>11.3f}{q['copied_share']:>14.3f}"
+              f"{q['tokens_per_s']:>10.1f}  {' '.join(f'{d} {v}' for d, v in q['versions'].items())}")
+    print(f"speculation off: {nospec:.1f} tokens/s; last quarter / off = "
+          f"{last['tokens_per_s'] / nospec if nospec else float('nan'):.2f}")
+    if gain["own_accepted_length"]:
+        print(f"last / first quarter: own accepted length {gain['own_accepted_length']:.2f}x, "
+              f"tokens/s {gain['tokens_per_s']:.2f}x")
+    summary = {"quarters": quarters, "nospec_tokens_per_s": nospec, "gain": gain, "errors": errors,
+               "requests": len(results), "config": str(config), "minutes": args.minutes, "domain": DOMAIN,
+               "concurrency": args.concurrency, "max_tokens": args.max_tokens, "machine": machine()}
+    if getattr(args, "plot", None):
+        plot(args.plot, quarters, nospec)
+    emit([], summary, args.json)
+    return 0 if results else 1
