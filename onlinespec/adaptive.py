@@ -148,8 +148,9 @@ class BatchK:
     each, probing included), acceptance per source of drafts: each drafter's own drafts (by
     drafter id) and suffix copies (:data:`SUFFIX`), each counted only on the positions it drafted.
 
-    A row is ``(drafter id or None, copy share)``: its drafts are copies at that share (they come
-    first wherever the text repeats) and its drafter's otherwise, so its acceptance is the mix.
+    The batch's draft length is chosen on each row's block acceptance (copies and drafts
+    together, per drafter: :meth:`rows_key`); each drafter's own acceptance decides whether it
+    drafts at all in a step (:meth:`drafts_pay`).
 
     A new drafter version starts from the acceptance its learners estimated on recent traffic
     without drafting (:meth:`start_version`; :mod:`onlinespec.learn.estimate`) and is refined by
@@ -160,7 +161,7 @@ class BatchK:
     """
 
     def __init__(self, k_max: int = 8, cost_decay: float = 0.95, plain_every: int = 32, probe_every: int = 8,
-                 thompson: bool = True, prior_weight: float = 20.0, seed: int = 0, min_speedup: float = 1.05,
+                 thompson: bool = True, prior_weight: float = 20.0, seed: int = 0, min_speedup: float = 1.0,
                  **kw):
         """Costs follow the last ~20 steps at each batch size (``cost_decay``; a shared machine's
         timings drift); a plain step every ``plain_every`` speculative ones keeps the plain
@@ -200,12 +201,12 @@ class BatchK:
         ``acceptance`` (its learners' estimate) at ``prior_weight``; a version published without
         one (registered by hand, distilled elsewhere) starts from the uninformed prior, so it is
         tried rather than judged by the weights it replaced."""
-        p = self.proposer(key)
-        if acceptance is None:
-            p.accepted, p.rejected = 2.0 * p.prior_accept, 2.0 * (1.0 - p.prior_accept)
-            return
-        a = min(max(float(acceptance), 0.0), 1.0)
-        p.accepted, p.rejected = self.prior_weight * a, self.prior_weight * (1.0 - a)
+        for p in (self.proposer(key), self.proposer(self.rows_key(key))):
+            if acceptance is None:
+                p.accepted, p.rejected = 2.0 * p.prior_accept, 2.0 * (1.0 - p.prior_accept)
+            else:
+                a = min(max(float(acceptance), 0.0), 1.0)
+                p.accepted, p.rejected = self.prior_weight * a, self.prior_weight * (1.0 - a)
 
     def source_acceptance(self, key: str, draw: bool = False) -> float:
         """A source's acceptance: its posterior mean, or (``draw`` with ``thompson``) this step's
@@ -217,19 +218,22 @@ class BatchK:
             self._draws[key] = self.rng.betavariate(1.0 + p.accepted, 1.0 + p.rejected)
         return self._draws[key]
 
-    def acceptance(self, rows: list[tuple[str | None, float]]) -> float:
-        """The mean acceptance of ``rows`` (``(drafter id or None, copy share)`` each), at the
-        posterior means: the batch's draft length is not a gamble; which drafters draft is."""
+    @staticmethod
+    def rows_key(key: str | None) -> str:
+        """The acceptance of every draft in the blocks of a drafter's rows (copies and its own),
+        which the batch's draft length is chosen on: what a row's block actually yields."""
+        return f"rows:{key or ''}"
+
+    def acceptance(self, rows: list[str | None]) -> float:
+        """The mean acceptance of the blocks of ``rows`` (each its drafter id, or None without a
+        drafter), at the posterior means: the batch's draft length is not a gamble; which
+        drafters draft is."""
         if not rows:
             return 0.0
-        total = 0.0
-        for key, share in rows:
-            copies = self.source_acceptance(SUFFIX)
-            total += copies if key is None else share * copies + (1.0 - share) * self.source_acceptance(key)
-        return total / len(rows)
+        return sum(self.proposer(self.rows_key(key)).acceptance for key in rows) / len(rows)
 
-    def choose(self, rows: list[tuple[str | None, float]], batch: int | None = None) -> int:
-        """``rows``: the sources of each row the choice applies to; ``batch``: rows stepped
+    def choose(self, rows: list[str | None], batch: int | None = None) -> int:
+        """``rows``: the drafter of each row the choice applies to; ``batch``: rows stepped
         (default: as many). Starts a step: acceptance draws are fresh."""
         self._draws.clear()
         return self.at(batch or len(rows)).choose(self.acceptance(rows)) if rows else 0
@@ -261,7 +265,10 @@ class BatchK:
         copies_accepted = sum(copied[:accepted])
         rejected = accepted < drafted
         for source, acc, rej in ((SUFFIX, copies_accepted, (rejected and copied[accepted]) or unmatched),
-                                 (key, accepted - copies_accepted, rejected and not copied[accepted])):
+                                 (key, accepted - copies_accepted, rejected and not copied[accepted]),
+                                 # the block as a whole; a muted drafter's row that got nothing counts
+                                 # as a block cut short
+                                 (self.rows_key(key), accepted, rejected or (unmatched and muted))):
             if source is not None and (acc or rej):
                 counts = self._step.setdefault(source, [0.0, 0.0])
                 counts[0] += acc

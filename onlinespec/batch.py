@@ -173,16 +173,6 @@ class Batch:
             leave_row(self.staging, self.staged, gen)
         return fed
 
-    @staticmethod
-    def _source(gen: Generation) -> tuple[str | None, float]:
-        """The row as the controller sees it: its drafter, and the share of its drafts that are
-        copies (this request's so far, Laplace-smoothed; 1 without a drafter, 0 without suffix)."""
-        if gen.drafter is None:
-            return None, 1.0
-        if gen.index is None:
-            return gen.drafter.drafter_id, 0.0
-        return gen.drafter.drafter_id, (gen.stats.copied + 1) / (gen.stats.drafted + 2)
-
     def _propose(self, k_rows: list[int], muted: set[int] = frozenset()
                  ) -> tuple[list[list[int]], list[list[torch.Tensor | None]], list[list[bool]]]:
         """Up to ``k_rows[b]`` drafts for each row, position by position: each proposer in turn
@@ -230,7 +220,8 @@ class Batch:
             self.last = StepTiming(prefill_tokens=fed, prefill_seconds=t1 - t0)
             return []
         adaptive = [g for g in rows if g.adaptive]
-        k = self.k.choose([self._source(g) for g in adaptive], batch=len(rows)) if adaptive else None
+        k = self.k.choose([g.drafter.drafter_id if g.drafter is not None else None for g in adaptive],
+                          batch=len(rows)) if adaptive else None
         k_rows = [g.draft_length(k) for g in rows]
         # a drafter whose own drafts would not earn their cost drafts for nobody this step (its
         # rows still take copies); requests with a fixed k keep theirs

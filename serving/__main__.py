@@ -133,11 +133,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-redis", action="store_true", help="serve without feedback logging and hot swap")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
-    import sys
-
-    switch = os.environ.get("ONLINESPEC_SWITCH_INTERVAL")
-    if switch:
-        sys.setswitchinterval(float(switch))
     import uvicorn
 
     app, state, cfg, cleanup = build(args.config, args.no_redis)

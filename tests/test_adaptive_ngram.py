@@ -86,7 +86,7 @@ def test_batch_k_speculates_where_it_pays_and_decodes_plainly_where_verification
     chosen = {1: [], 16: []}
     for i in range(600):
         for batch in (1, 16):
-            rows = [("d", 0.0)] * batch
+            rows = ["d"] * batch
             k = ctl.choose(rows)
             chosen[batch].append(k)
             if k:

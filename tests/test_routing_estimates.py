@@ -123,7 +123,7 @@ def test_a_drafter_whose_drafts_do_not_pay_is_muted_while_a_good_one_drafts():
     costs.t_plain, costs.t_draft = 0.010, 0.002  # a drafted position costs a fifth of a step
     ctl.start_version("good", 0.8)
     ctl.start_version("bad", 0.05)
-    ctl.choose([("good", 0.0), ("bad", 0.0)], batch=4)
+    ctl.choose(["good", "bad"], batch=4)
     assert ctl.drafts_pay("good", 4, 4) and not ctl.drafts_pay("bad", 4, 4)
 
 
