@@ -120,6 +120,16 @@ def test_dashboard_data_shows_traffic_per_domain_routing_and_why_a_version_does_
     data = httpx.get(srv.url + "/dashboard/data", timeout=30).json()
     assert {t["group"]: t["requests"] for t in data["traffic"]} == {"domain:code": 2, "domain:stories": 1}
     assert sum(data["routing"].values()) == pytest.approx(1.0) and set(data["routing"]) == {"d1", "d2"}
+    import serving.engine_loop
+
+    serving.engine_loop.MAX_TRAFFIC_GROUPS = 2  # clients name domains: the table stays bounded
+    try:
+        httpx.post(srv.url + "/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": "q", "max_tokens": 2, "metadata": {"domain": "fresh"}})
+    finally:
+        serving.engine_loop.MAX_TRAFFIC_GROUPS = 256
+    traffic = {t["group"]: t["requests"] for t in httpx.get(srv.url + "/dashboard/data", timeout=30).json()["traffic"]}
+    assert traffic == {"domain:code": 2, "domain:stories": 1, "other": 1}
     assert all(d["status"] == "" for d in data["drafters"])  # each serves its latest
     # a version that fails validation is latest but does not serve: the dashboard says why
     from onlinespec.registry import Registry
