@@ -3,8 +3,9 @@
 Every drafter in the pool is scored on every feedback record from the logged target
 distributions (teacher-forced, no target forward), not only the drafter that served it. The
 Hedge weights then decide which drafter drafts for which request: the server draws each
-request's drafter from the weights of its traffic group (its API key's tenant, once that group
-has ``min_positions`` of recent data; the whole target's otherwise). Hedge is a randomized
+request's drafter from the weights of its traffic group (its declared domain, else its API key:
+:func:`~onlinespec.learn.estimate.group_of`; once that group has ``min_positions`` of recent
+data, the whole target's weights otherwise). Hedge is a randomized
 strategy, and drawing from its weights is what its regret bound is about; drafters of similar
 quality share the traffic, a clearly better one takes nearly all of it.
 """
