@@ -208,11 +208,11 @@ class BatchK:
                 a = min(max(float(acceptance), 0.0), 1.0)
                 p.accepted, p.rejected = self.prior_weight * a, self.prior_weight * (1.0 - a)
 
-    def source_acceptance(self, key: str, draw: bool = False) -> float:
-        """A source's acceptance: its posterior mean, or (``draw`` with ``thompson``) this step's
-        draw from its posterior."""
+    def _draw(self, key: str) -> float:
+        """This step's acceptance of drafter ``key``'s own drafts: a draw from its posterior
+        (``thompson``, one per step), else its mean."""
         p = self.proposer(key)
-        if not (draw and self.thompson):
+        if not self.thompson:
             return p.acceptance
         if key not in self._draws:
             self._draws[key] = self.rng.betavariate(1.0 + p.accepted, 1.0 + p.rejected)
@@ -247,7 +247,7 @@ class BatchK:
             return True
         if costs.plain_streak >= 4 * costs.probe_every:
             return True  # a long plain streak: every drafter drafts once, so the drafting cost is measured again
-        return (expected_tokens(self.source_acceptance(key, draw=True), k) - 1.0) * costs.t_plain >= k * costs.t_draft
+        return (expected_tokens(self._draw(key), k) - 1.0) * costs.t_plain >= k * costs.t_draft
 
     def observe_row(self, key: str | None, copied: list[bool], accepted: int, asked: int | None = None,
                     muted: bool = False) -> None:

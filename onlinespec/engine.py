@@ -68,8 +68,21 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+class OwnDrafts:
+    """The drafter model's own drafts, apart from suffix copies, of anything that counts
+    ``drafted``, ``accepted``, ``copied`` and ``copied_accepted``."""
+
+    @property
+    def own_drafted(self) -> int:
+        return self.drafted - self.copied
+
+    @property
+    def own_accepted(self) -> int:
+        return self.accepted - self.copied_accepted
+
+
 @dataclass(frozen=True)
-class StepOutput:
+class StepOutput(OwnDrafts):
     tokens: list[int]  # emitted this step (after stop handling)
     text: str  # text safe to show that was not shown before ("" without a tokenizer)
     drafted: int  # drafts proposed this step
@@ -80,18 +93,9 @@ class StepOutput:
     copied_accepted: int = 0  # of the accepted drafts, copied ones
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked for them
 
-    @property
-    def own_drafted(self) -> int:
-        """Drafts the drafter model made itself (not copies)."""
-        return self.drafted - self.copied
-
-    @property
-    def own_accepted(self) -> int:
-        return self.accepted - self.copied_accepted
-
 
 @dataclass
-class GenerationStats:
+class GenerationStats(OwnDrafts):
     steps: int = 0  # target forwards after prefill
     spec_steps: int = 0  # steps that verified at least one draft
     drafted: int = 0
@@ -117,14 +121,6 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def own_drafted(self) -> int:
-        return self.drafted - self.copied
-
-    @property
-    def own_accepted(self) -> int:
-        return self.accepted - self.copied_accepted
 
     @property
     def own_accepted_length(self) -> float | None:

@@ -241,10 +241,9 @@ class EngineLoop:
         if out.drafted:  # without a drafter model every draft is a copy: counted under drafter "none"
             did, version = (drafter.drafter_id, drafter.version) if drafter is not None else ("none", 0)
             self.metrics.observe_step(did, version, out.drafted, out.accepted, out.copied, out.copied_accepted)
-            own = out.drafted - out.copied
-            if self.watcher is not None and drafter is not None and own:
+            if self.watcher is not None and drafter is not None and out.own_drafted:
                 # the rollback guard judges the drafter's own drafts: copies do not depend on its version
-                self.watcher.observe(drafter.drafter_id, drafter.version, own, out.accepted - out.copied_accepted)
+                self.watcher.observe(drafter.drafter_id, drafter.version, out.own_drafted, out.own_accepted)
         self.metrics.generated_tokens.inc(len(out.tokens))
         if handle.stream:
             handle._put(out)
