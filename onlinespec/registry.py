@@ -234,6 +234,8 @@ class Registry:
         ``device`` in ``dtype``."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        import onlinespec.drafters.cut  # noqa: F401 - registers the cut drafter's model type with the Auto classes
+
         weights, manifest = self.load_weights(drafter, version, expected)
         try:
             config = AutoConfig.from_pretrained(self.path(drafter, version))

@@ -22,6 +22,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
     from onlinespec import keys
     from onlinespec.config import load_config
     from onlinespec.device import resolve_device, resolve_dtype
+    from onlinespec.drafters.cut import share_embedding
     from onlinespec.drafters.hf import HFDrafter
     from onlinespec.engine import EngineConfig, SpeculativeEngine
     from onlinespec.hotswap import SwapWatcher
@@ -46,6 +47,8 @@ def build(config_path: str | None = None, no_redis: bool = False):
     tokenizer = load_tokenizer(cfg.target_model)
     target = load_model(cfg.target_model, dtype=dtype, device=device)
     log.info("target %s on %s in %s", cfg.target_model, device, str(dtype).removeprefix("torch."))
+    if device == "cpu" and dtype == torch.float32:  # cut drafters use the target's embedding, not a copy
+        share_embedding(cfg.target_model, target)
     bases = {}
     for spec in cfg.drafters:
         model = load_model(spec.model, dtype=dtype, device=device)
