@@ -34,10 +34,11 @@ def expected_tokens(a: float, k: int) -> float:
     return (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
-def theoretical_speedup(a: float, k: int, c: float) -> float:
-    """Leviathan et al.'s ``(1 - a^(k+1)) / ((1 - a)(k c + 1))``: verification assumed as cheap
-    as one target token, ``c`` = drafter cost / target cost per token."""
-    return expected_tokens(a, k) / (k * c + 1.0)
+def theoretical_speedup(a: float, k: int, c: float, v: float = 1.0) -> float:
+    """``(1 - a^(k+1)) / ((1 - a)(k c + v))``: ``c`` = drafter cost / target cost per token,
+    ``v`` = the cost of verifying k+1 tokens in target steps. Leviathan et al.'s bound is
+    ``v = 1`` (verification as cheap as one token: a GPU); a CPU measures more."""
+    return expected_tokens(a, k) / (k * c + v)
 
 
 @dataclass

@@ -7,7 +7,14 @@ Domains (each a list of single-turn ``messages``):
   reuse their input (what suffix speculation can copy);
 - ``json``: "reformat this JSON ..." over small objects made from standard-library facts;
 - ``explain``: "explain what this function does": answers in the model's own words;
-- ``summarize``: "summarize this documentation" over standard-library docstrings.
+- ``summarize``: "summarize this documentation" over standard-library docstrings;
+- ``question``: "how do I use ``module.function``?": a code question answered with an example;
+- ``story``: "write a short story about ...", from lists of characters, places and objects;
+- ``data``: "turn this table into JSON", tables of standard-library facts (CSV rows in, JSON out).
+
+The bundled SmolLM2 drafters were distilled on standard-library source and reference prose
+(``onlinespec.drafters.distill``), which the first four domains quote; ``story`` and ``data``
+are kept out of that text: domains to measure online learning on.
 
 Deterministic: the same Python version gives the same prompts, in the same order.
 """
@@ -16,7 +23,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import json
+import random
 
 __all__ = ["DOMAINS", "DEFAULT_CHAT_TEMPLATE", "chat_prompts", "render", "render_text"]
 
@@ -26,7 +35,15 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
-DOMAINS = ("edit", "json", "explain", "summarize")
+DOMAINS = ("edit", "json", "explain", "summarize", "question", "story", "data")
+_CHARACTERS = ("a lighthouse keeper", "a retired astronaut", "a young baker", "a lost robot", "two rival chess players",
+               "a night-shift nurse", "a street musician", "a curious fox", "an old fisherman", "a village librarian",
+               "a beekeeper", "a taxi driver", "a teenage inventor", "a tired detective", "a mountain guide")
+_PLACES = ("on a foggy island", "in a crowded train station", "during a snowstorm", "in a small bakery at dawn",
+           "on the last day of summer", "in an abandoned greenhouse", "at a noisy wedding", "in a desert town",
+           "on a sinking ferry", "in a city without electricity", "at a county fair", "in a quiet hospital")
+_OBJECTS = ("a broken compass", "an unsigned letter", "a jar of honey", "a music box", "a borrowed bicycle",
+            "a map drawn in pencil", "a red umbrella", "a stopped clock", "a photograph", "a key with no lock")
 _MODULES = ("textwrap", "shlex", "string", "fnmatch", "posixpath", "genericpath", "colorsys", "heapq", "calendar",
             "statistics", "base64", "html", "glob", "bisect", "copy", "csv", "difflib", "ftplib", "gettext",
             "netrc", "numbers", "operator", "pprint", "quopri", "random", "reprlib", "secrets", "sched", "shutil",
@@ -50,10 +67,37 @@ def _functions(min_lines: int = 4, max_lines: int = 22):
                 yield name, fname, source.rstrip(), inspect.getdoc(obj) or ""
 
 
+def _stories(n: int) -> list[list[dict]]:
+    combos = list(itertools.product(_CHARACTERS, _PLACES, _OBJECTS))
+    random.Random(0).shuffle(combos)  # a fixed order in which consecutive prompts share little
+    out = []
+    for who, where, what in combos[:n]:
+        out.append([{"role": "user", "content": f"Write a short story, about 120 words, about {who} {where} "
+                                                f"who finds {what}."}])
+    return out
+
+
+def _tables(n: int) -> list[list[dict]]:
+    rows_by_module: dict[str, list[tuple[str, int, bool]]] = {}
+    for module, fname, source, doc in _functions():
+        rows_by_module.setdefault(module, []).append((fname, source.count("\n") + 1, bool(doc)))
+    out = []
+    chunks = [(module, rows[i:i + 6]) for module, rows in rows_by_module.items() for i in range(0, len(rows), 6)]
+    for module, rows in chunks[:n]:
+        table = "\n".join(["function,lines,documented"] + [f"{f},{lines},{'yes' if d else 'no'}" for f, lines, d in rows])
+        out.append([{"role": "user", "content": f"Convert this CSV table about the Python module `{module}` into a JSON "
+                                                f"list of objects with the keys function, lines and documented:\n\n{table}"}])
+    return out
+
+
 def chat_prompts(domain: str, n: int) -> list[list[dict]]:
     """``n`` single-turn conversations of ``domain`` (fewer if the text runs out)."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown chat domain {domain!r}; known: {DOMAINS}")
+    if domain == "story":
+        return _stories(n)
+    if domain == "data":
+        return _tables(n)
     out: list[list[dict]] = []
     for module, fname, source, doc in _functions():
         if len(out) >= n:
@@ -67,6 +111,8 @@ def chat_prompts(domain: str, n: int) -> list[list[dict]]:
             if len(doc) < 120:
                 continue
             text = f"Summarize this documentation of `{module}.{fname}` in one sentence:\n\n{doc}"
+        elif domain == "question":
+            text = f"How do I use `{module}.{fname}` in Python? Show a short example and explain it briefly."
         else:
             sig = str(inspect.signature(getattr(importlib.import_module(module), fname)))
             obj = {"module": module, "function": fname, "signature": sig, "lines": source.count("\n") + 1,

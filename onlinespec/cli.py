@@ -9,15 +9,17 @@ __all__ = ["main"]
 
 
 def _models(args) -> int:
-    from onlinespec.models import demo_models
+    from onlinespec.models import BUNDLED, demo_models
 
-    models = demo_models()
-    if not models:
-        print("no bundled demo models found (build them: python -m onlinespec.demo.build --help)")
-        return 1
-    for name, path in models.items():
-        print(f"demo:{name:<12} {path}")
-    return 0
+    found = 0
+    for family in BUNDLED:
+        for name, path in demo_models(family).items():
+            print(f"{family + ':' + name:<20} {path}")
+            found += 1
+    if not found:
+        print("no bundled models found (build them: python -m onlinespec.demo.build --help, "
+              "python -m onlinespec.drafters.distill --help)")
+    return 0 if found else 1
 
 
 def _bench(args) -> int:
@@ -64,25 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="onlinespec", description="Speculative decoding with drafters that learn online.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list the bundled demo models and their paths")
+    p = sub.add_parser("models", help="list the bundled models (demo:NAME, smollm2:NAME) and their paths")
     p.set_defaults(func=_models)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures (and --json)")
     p.add_argument("what", choices=["engine", "serve", "loop", "adapt", "faults", "live"])
     p.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a smoke run in under a minute")
     p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
-    p.add_argument("--target", default=None, help="target model path or hub id (default: demo:target)")
-    p.add_argument("--drafter", default=None, help="drafter model path or hub id (default: demo:drafter-1l)")
+    p.add_argument("--target", default=None,
+                   help="engine, adapt: target model path or hub id instead of a config (demo:target for the demo pair)")
+    p.add_argument("--drafter", default=None, help="engine: drafter model path or hub id (demo:drafter-1l)")
     p.add_argument("--k", type=int, default=4, help="draft length (the same for this engine and Hugging Face)")
     p.add_argument("--prompts", type=int, default=None, help="number of prompts")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--domain", default="python",
-                   help="held-out prompt domain of the demo set; with --config a chat domain: edit json explain summarize")
+                   help="with a config, a chat domain: edit json explain summarize question story data (default edit); "
+                        "with --target, a held-out demo domain: python shakespeare docs")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--redis-url", default=None, help="loop: Redis to use (default: start a private one)")
     p.add_argument("--round-records", type=int, default=16, help="loop: records per learning round")
-    p.add_argument("--drafters", nargs="*", default=None, help="adapt: drafters (default: the two demo drafters)")
-    p.add_argument("--schedule", default="python,shakespeare,docs,python", help="adapt: domain of each phase")
+    p.add_argument("--drafters", nargs="*", default=None,
+                   help="adapt: drafters with --target (default there: the two demo drafters)")
+    p.add_argument("--schedule", default=None,
+                   help="adapt: domain of each phase (default edit,explain,summarize,edit with a config, "
+                        "python,shakespeare,docs,python with --target)")
     p.add_argument("--rounds-per-phase", type=int, default=None)
     p.add_argument("--per-round", type=int, default=None, help="adapt: prompts per round")
     p.add_argument("--seeds", type=int, default=None, help="adapt: streams (medians are reported)")
@@ -94,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loop: learner settings the worker rate is measured with (default configs/learner.yaml)")
     p.add_argument("--plot", default=None, help="adapt, live: write a PNG of the figures")
     p.add_argument("--config", default=None,
-                   help="engine, serve: a service YAML's target and first drafter (chat prompts for a chat "
-                        "model); faults, live: the service (default: configs/demo.yaml)")
+                   help="a service YAML (default: configs/demo.yaml, SmolLM2): engine, adapt: its target and "
+                        "drafters on chat prompts; serve: its target and first drafter; faults, live: the service")
     p.add_argument("--minutes", type=float, default=8.0, help="live: minutes of traffic with learning")
     p.add_argument("--concurrency", type=int, default=4, help="live: client threads")
     p.add_argument("--max-tokens", type=int, default=48, help="live: tokens per request")
@@ -120,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("traffic", help="send generation traffic from held-out text with domain shifts")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="default: the first model the server lists")
-    p.add_argument("--schedule", default="python:60,shakespeare:60,docs:60",
+    p.add_argument("--schedule", default="explain:60,story:60,data:60",
                    help="phases domain:seconds (or domain:requests with --by-count), in order; demo domains "
-                        "python shakespeare docs, chat domains edit json explain summarize")
+                        "python shakespeare docs, chat domains edit json explain summarize question story data")
     p.add_argument("--by-count", action="store_true")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--rate", type=float, default=0.0, help="requests per second overall (0: as fast as served)")

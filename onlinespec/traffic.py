@@ -2,7 +2,8 @@
 
 Prompts are the held-out snippets of the demo domains (``python``, ``shakespeare``, ``docs``:
 never trained on), sent as completions, or instruct conversations of the chat domains (``edit``,
-``json``, ``explain``, ``summarize``: :mod:`onlinespec.chat`), sent as chat completions. Every
+``json``, ``explain``, ``summarize``, ``question``, ``story``, ``data``: :mod:`onlinespec.chat`),
+sent as chat completions. Every
 request carries ``--api-key`` (one tenant: suffix speculation copies across its requests). The
 schedule is a list of ``domain:seconds`` (or ``domain:requests`` with ``--by-count``) phases,
 played in order; ``--concurrency`` clients send requests, ``--rate`` caps requests per second overall.

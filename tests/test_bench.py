@@ -35,6 +35,27 @@ def test_bench_engine_json(model_dirs, capsys):
         assert isinstance(out[key], float) and out[key] >= 0, key
 
 
+def test_bench_engine_on_a_service_config(model_dirs, capsys, tmp_path):
+    """With a config: chat prompts, every drafter apart, suffix alone, both, and what the service
+    runs on its own (adaptive k), each against the target alone, all lossless; the bound uses the
+    measured verification cost."""
+    config = tmp_path / "service.yaml"
+    config.write_text(f"target: {{id: tiny, model: {model_dirs / 'target'}}}\n"
+                      f"drafters: [{{id: close, model: {model_dirs / 'drafter'}}}]\n")
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "engine", "--quick", "--json", "--config", str(config), "--prompts", "2",
+              "--max-new-tokens", "12", "--threads", "1"])
+    out = last_json(capsys)
+    assert done.value.code == 0 and out["service_lossless"] is True and out["close_lossless"] is True
+    for key in ("speedup", "suffix_speedup", "hf_prompt_lookup_speedup", "close_engine_speedup", "close_both_speedup",
+                "close_hf_assisted_speedup", "efficiency", "ratio_vs_hf", "close_verify_cost_ratio"):
+        assert isinstance(out[key], float) and out[key] > 0, key
+    a, k, c, v = (out[f"close_{x}"] for x in ("acceptance_rate", "k", "cost_ratio", "verify_cost_ratio"))
+    assert out["close_acceptance_rate"] > 0.3  # a close drafter: its drafts are accepted
+    bound = (1 - a ** (k + 1)) / ((1 - a) * (k * c + v))
+    assert out["close_theoretical_speedup"] == pytest.approx(bound)
+
+
 def test_bench_loop_json(model_dirs, capsys, redis_url):
     with pytest.raises(SystemExit) as done:
         main(["bench", "loop", "--quick", "--json", "--prompts", "2", "--max-new-tokens", "12", "--threads", "1",

@@ -1,12 +1,17 @@
 """``onlinespec bench adapt``: does online learning pay on a drifting stream, and which kind?
 
-A stream of held-out prompts whose domain shifts (python -> shakespeare -> docs -> python by
-default) is served in rounds of greedy speculative decoding; between rounds each method learns
+A stream of prompts whose domain shifts is served in rounds of greedy speculative decoding; between rounds each method learns
 from the round's feedback through the same ``DrafterLearner`` the workers run. Every method
 sees the identical stream for a seed. The target decodes each prompt once (cached); serving is
 replayed exactly from the drafter's teacher-forced predictions (``onlinespec.replay``), so a
 method costs drafter work only. Tokens/s per round are modelled from the step costs measured
 on this machine (one verification of k+1 positions, one drafter token).
+
+With a service config (``--config``; the default unless ``--target`` or ``--drafters`` name
+models: ``configs/demo.yaml``, SmolLM2-135M-Instruct and its two drafters) the prompts are chat
+conversations through the model's chat template, edit -> explain -> summarize -> edit by
+default; with ``--target``/``--drafters`` (the demo pair) held-out demo text, python ->
+shakespeare -> docs -> python by default.
 
 Methods: ``static`` (no updates); ``osd`` (forward KL on rejected positions only, as in Online
 Speculative Decoding); ``ogd`` (all positions); ``optimistic`` (hint = last gradient);
@@ -217,17 +222,35 @@ def _plot(path: str, per_method: dict, regret_curves: dict, schedule: list[str],
     fig.savefig(path, dpi=110)
 
 
-def run(args) -> int:
+def _prompts(tok, domain: str, n: int) -> list[list[int]]:
+    """Held-out demo text, or chat conversations through the chat template for a chat domain."""
     from onlinespec.bench.common import heldout_prompts
+    from onlinespec.chat import DOMAINS, chat_prompts, render
+
+    if domain in DOMAINS:
+        return [render(tok, m) for m in chat_prompts(domain, n)]
+    return heldout_prompts(tok, domain, n)
+
+
+def run(args) -> int:
+    from onlinespec.config import DEFAULT_CONFIG, load_config
     from onlinespec.models import load_model, load_tokenizer
 
     threads = set_threads(args.threads)
-    target_name = args.target or "demo:target"
-    drafter_names = args.drafters or ["demo:drafter-1l", "demo:drafter-2l"]
+    if args.config or not (args.target or args.drafters):  # a service config: its target and drafters
+        cfg = load_config(args.config or DEFAULT_CONFIG)
+        target_name, drafter_names = cfg.target_model, [d.model for d in cfg.drafters]
+        chat = True
+    else:
+        target_name = args.target or "demo:target"
+        drafter_names = args.drafters or ["demo:drafter-1l", "demo:drafter-2l"]
+        chat = False
+    if not drafter_names:
+        raise SystemExit("bench adapt needs drafter models: the config has none")
     tok = load_tokenizer(target_name)
     target = load_model(target_name)
     drafters = {n: load_model(n) for n in drafter_names}
-    schedule = args.schedule.split(",")
+    schedule = (args.schedule or ("edit,explain,summarize,edit" if chat else "python,shakespeare,docs,python")).split(",")
     quick = args.quick
     per_round = args.per_round or 4
     rounds_per_phase = args.rounds_per_phase or (3 if quick else 16)
@@ -240,7 +263,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     for domain in dict.fromkeys(schedule):
         by_domain[domain] = []
-        for p in heldout_prompts(tok, domain, per_domain):
+        for p in _prompts(tok, domain, per_domain):
             by_domain[domain].append(len(traces))
             traces.append(trace_target(target, p[-args.prompt_tokens:], max_new, 32, domain))
     trace_seconds = time.perf_counter() - t0

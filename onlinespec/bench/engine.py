@@ -8,9 +8,10 @@ Figures:
 - ``acceptance_rate`` ``a``: per-token acceptance, estimated as accepted / (accepted + rejections),
   the maximum-likelihood estimate under the independent-acceptance model;
 - ``cost_ratio`` ``c``: drafter seconds per drafted token / target seconds per token (alone);
-- ``theoretical_speedup`` = (1 - a^(k+1)) / ((1 - a)(k c + 1)), ``efficiency`` = speedup / theoretical;
-- ``verify_cost_ratio``: seconds of one verification of k+1 positions / one target token: the
-  formula assumes 1, and on a CPU it is larger, which is most of any efficiency gap;
+- ``verify_cost_ratio`` ``v``: seconds of one verification of k+1 positions / one target token
+  (Leviathan et al.'s bound assumes 1: a GPU; a CPU measures more);
+- ``theoretical_speedup`` = (1 - a^(k+1)) / ((1 - a)(k c + v)) with the measured ``v``,
+  ``efficiency`` = speedup / theoretical (``theoretical_speedup_v1``: the bound with ``v = 1``);
 - ``ratio_vs_hf`` = engine tokens/s / Hugging Face ``generate(assistant_model=...)`` tokens/s;
 - ``lossless``: the engine's greedy outputs equal the target alone on every prompt;
 - ``suffix_*``: the engine again with suffix speculation, its cache starting empty and learning
@@ -18,12 +19,18 @@ Figures:
   tokens/s, ``suffix_speedup`` over the target alone, mean accepted length, the share of drafts
   that were copied, and losslessness.
 
-With ``--config FILE`` the target (and the first drafter, if the config has one) come from a
-service config, and the prompts are chat conversations (``--domain`` one of
-:data:`onlinespec.chat.DOMAINS`, default ``edit``) through the tokenizer's chat template.
-A config without a drafter model measures suffix speculation alone against the target alone
-(Hugging Face greedy ``generate``), this engine decoding plainly, and Hugging Face prompt lookup
-(``prompt_lookup_num_tokens=k``), with the adaptive draft length and with a fixed ``k``.
+With a service config (``--config FILE``; the default when neither ``--target`` nor
+``--drafter`` is given: ``configs/demo.yaml``, SmolLM2-135M-Instruct and its drafters) the
+prompts are chat conversations (``--domain`` one of :data:`onlinespec.chat.DOMAINS`, default
+``edit``) through the tokenizer's chat template, and it measures against the target alone
+(Hugging Face greedy ``generate``): this engine decoding plainly; suffix speculation alone
+(adaptive and fixed ``k``) and Hugging Face prompt lookup (``prompt_lookup_num_tokens=k``); each
+drafter of the config at a fixed ``k`` (figures prefixed with its id: speedup, acceptance,
+costs, the bound with the measured ``v`` and the efficiency against it, Hugging Face assisted
+generation with the same drafter, and the drafter with suffix speculation, ``both``); and
+``service``, what the service runs on its own: adaptive ``k``, the first drafter and suffix
+speculation. ``speedup`` is the service's; ``ratio_vs_hf`` and ``efficiency`` the first
+drafter's.
 """
 
 from __future__ import annotations
@@ -101,7 +108,8 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
     t_verify = total.verify_seconds / max(1, total.steps)
     c = t_draft / t_token
     speedup = (n_spec / t_spec) / (n_base / t_base)
-    theory = theoretical_speedup(a, k, c)
+    v = t_verify / t_token
+    theory = theoretical_speedup(a, k, c, v)
     return {
         "target_tokens_per_s": n_base / t_base,
         "engine_tokens_per_s": n_spec / t_spec,
@@ -109,10 +117,11 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
         "mean_accepted_length": total.mean_accepted_length,
         "acceptance_rate": a,
         "cost_ratio": c,
-        "verify_cost_ratio": t_verify / t_token,
+        "verify_cost_ratio": v,
         "k": k,
         "speedup": speedup,
         "theoretical_speedup": theory,
+        "theoretical_speedup_v1": theoretical_speedup(a, k, c),
         "efficiency": speedup / theory,
         "ratio_vs_hf": (n_spec / t_spec) / (n_hf / t_hf),
         "lossless": all(s.tokens == b.tokens for s, b in zip(spec, base)),
@@ -166,47 +175,84 @@ def measure_suffix_only(target, tokenizer, prompts, max_new_tokens: int, k: int)
     out["ratio_vs_prompt_lookup"] = out["suffix_tokens_per_s"] / out["hf_prompt_lookup_tokens_per_s"]
     out["generated_tokens"] = sum(map(len, base))
     out["prompts"], out["max_new_tokens"] = len(prompts), max_new_tokens
+    out["reference"] = base
     return out
 
 
+def measure_service(target, drafter_model, tokenizer, prompts, max_new_tokens: int) -> dict:
+    """What the service runs on its own: adaptive k, the drafter and suffix speculation."""
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    engine = SpeculativeEngine(target, HFDrafter(drafter_model, "drafter") if drafter_model is not None else None,
+                               tokenizer=tokenizer, config=EngineConfig(k=None), suffix=SuffixCache())
+    engine.generate(prompts[0], SamplingParams(max_new_tokens=8))  # warm-up (its output joins the cache)
+    res, t = _timed(lambda p: engine.generate(p, params), prompts)
+    total = GenerationStats.combine(r.stats for r in res)
+    return {"tokens_per_s": sum(len(r.tokens) for r in res) / t, "outputs": [r.tokens for r in res],
+            "mean_accepted_length": total.mean_accepted_length,
+            "own_accepted_length": total.own_accepted_length, "copied_share": total.copied / max(1, total.drafted),
+            "spec_step_share": total.spec_steps / max(1, total.steps)}
+
+
 def _run_config(args) -> int:
-    """``--config``: the service's target (and first drafter) on chat prompts."""
+    """A service config's target and drafters on chat prompts."""
     from onlinespec.bench.common import set_threads
     from onlinespec.chat import DOMAINS, chat_prompts, render
-    from onlinespec.config import load_config
+    from onlinespec.config import DEFAULT_CONFIG, load_config
     from onlinespec.models import load_model, load_tokenizer
 
     threads = set_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config or DEFAULT_CONFIG)
     domain = args.domain if args.domain in DOMAINS else "edit"
     tokenizer = load_tokenizer(cfg.target_model)
     target = load_model(cfg.target_model)
     n = args.prompts or (4 if args.quick else 12)
-    prompts = [render(tokenizer, m) for m in chat_prompts(domain, n)]
     max_new = args.max_new_tokens or (32 if args.quick else 96)
-    if cfg.drafters:
-        result = measure(target, load_model(cfg.drafters[0].model), tokenizer, prompts, max_new, args.k)
-        keys = ("target_tokens_per_s", "engine_tokens_per_s", "hf_assisted_tokens_per_s", "speedup",
-                "mean_accepted_length", "verify_cost_ratio", "ratio_vs_hf", "lossless", "suffix_tokens_per_s",
-                "suffix_speedup", "suffix_lossless")
-        ok = result["lossless"] and result["suffix_lossless"]
-    else:
-        result = measure_suffix_only(target, tokenizer, prompts, max_new, args.k)
-        keys = ("target_tokens_per_s", "plain_engine_tokens_per_s", "suffix_tokens_per_s", "suffix_speedup",
-                "suffix_mean_accepted_length", "suffix_spec_step_share", "suffix_lossless",
-                "suffix_fixed_k_tokens_per_s", "suffix_fixed_k_speedup", "suffix_fixed_k_mean_accepted_length",
-                "suffix_fixed_k_lossless", "verify_cost_ratio", "hf_prompt_lookup_tokens_per_s",
-                "hf_prompt_lookup_speedup", "ratio_vs_prompt_lookup", "hf_prompt_lookup_lossless")
-        ok = result["suffix_lossless"] and result["suffix_fixed_k_lossless"]
+    room = int(getattr(target.config, "max_position_embeddings", 1 << 30)) - max_new
+    prompts = [render(tokenizer, m)[-room:] for m in chat_prompts(domain, n)]  # a small model keeps the ends
+    result = measure_suffix_only(target, tokenizer, prompts, max_new, args.k)
+    base_tps = result["target_tokens_per_s"]
+    keys = ["target_tokens_per_s", "plain_engine_tokens_per_s", "suffix_speedup", "suffix_fixed_k_speedup",
+            "hf_prompt_lookup_speedup", "suffix_mean_accepted_length"]
+    ok = result["suffix_lossless"] and result["suffix_fixed_k_lossless"]
+    reference = result.pop("reference")  # the target alone's greedy outputs
+    drafters = [(d.id, load_model(d.model)) for d in cfg.drafters]
+    for i, (did, model) in enumerate(drafters):
+        one = measure(target, model, tokenizer, prompts, max_new, args.k)
+        # measure() has its own target-alone run (this engine decoding plainly): ratios are taken
+        # against the Hugging Face target-alone run above, like every other figure here
+        for name in ("engine", "hf_assisted", "suffix"):
+            one[f"{name}_speedup"] = one[f"{name}_tokens_per_s"] / base_tps
+        for key in ("k", "engine_speedup", "acceptance_rate", "mean_accepted_length", "cost_ratio", "verify_cost_ratio",
+                    "theoretical_speedup", "theoretical_speedup_v1", "efficiency", "ratio_vs_hf",
+                    "hf_assisted_speedup", "suffix_speedup", "lossless", "hf_assisted_lossless", "suffix_lossless"):
+            name = key.replace("suffix_", "both_")
+            result[f"{did}_{name}"] = one[key]
+        keys += [f"{did}_{k}" for k in ("engine_speedup", "acceptance_rate", "cost_ratio", "verify_cost_ratio",
+                                          "theoretical_speedup", "efficiency", "hf_assisted_speedup", "ratio_vs_hf",
+                                          "both_speedup", "lossless")]
+        ok = ok and one["lossless"] and one["suffix_lossless"]
+        if i == 0:
+            result.update(efficiency=one["efficiency"], ratio_vs_hf=one["ratio_vs_hf"])
+            keys += ["efficiency", "ratio_vs_hf"]
+    service = measure_service(target, drafters[0][1] if drafters else None, tokenizer, prompts, max_new)
+    result.update({"service_tokens_per_s": service["tokens_per_s"], "speedup": service["tokens_per_s"] / base_tps,
+                   "service_mean_accepted_length": service["mean_accepted_length"],
+                   "service_own_accepted_length": service["own_accepted_length"],
+                   "service_copied_share": service["copied_share"],
+                   "service_spec_step_share": service["spec_step_share"],
+                   "service_lossless": service["outputs"] == reference})
+    keys += ["speedup", "service_mean_accepted_length", "service_own_accepted_length", "service_copied_share",
+             "service_lossless"]
+    ok = ok and result["service_lossless"]
     result.update({"config": cfg.source, "target": cfg.target_model,
-                   "drafter": cfg.drafters[0].model if cfg.drafters else None, "domain": domain,
+                   "drafters": {d.id: d.model for d in cfg.drafters}, "domain": domain,
                    "threads": threads, "machine": machine()})
     emit([(key, result[key]) for key in keys], result, args.json)
     return 0 if ok else 1
 
 
 def run(args) -> int:
-    if getattr(args, "config", None):
+    if getattr(args, "config", None) or not (args.target or args.drafter):
         return _run_config(args)
     s = setup(args)
     target = s.target
