@@ -55,9 +55,24 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         # a cut drafter is rebuilt around its target's shared tensors (from_pretrained would
         # create them on the meta device)
         model = load_cut(path).to(dtype) if is_cut(path) else AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, json and torch raise their own types on a damaged file
+        raise ModelLoadError(f"could not load model {name!r} from {path}: {type(exc).__name__}: {exc}"
+                             f"{_repair_hint(name, path)}") from exc
     return model.to(device).eval()
+
+
+def _repair_hint(name: str, path: str) -> str:
+    if name.startswith(PREFIX):
+        return f"; the converted copy may be damaged: delete {path} and it is converted again on the next start"
+    family = name.partition(":")[0]
+    if family == "smollm2":
+        return ("; the bundled drafter may be damaged: reinstall onlinespec (git checkout onlinespec/models) or "
+                "rebuild it with python -m onlinespec.drafters.distill")
+    if family == "demo":
+        return "; the bundled model may be damaged: reinstall onlinespec or rebuild it with python -m onlinespec.demo.build"
+    return ""
 
 
 def load_tokenizer(name: str):

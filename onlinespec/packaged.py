@@ -8,7 +8,8 @@ accelerate``, which ``./run setup`` does) and found through package metadata, ne
 loader (about 20-30 s on 2 cores) and saved as an fp32 safetensors directory (538 MB) in the
 model cache, ``ONLINESPEC_MODEL_CACHE`` or ``~/.cache/onlinespec/models``; later loads take about
 a second. The conversion is done by one process at a time (a file lock) and appears under its
-final name only when complete.
+final name only when complete; a converted copy whose weights file no longer has the size it was
+written with is converted again.
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ def _complete(directory: Path, source: Path) -> bool:
     except (OSError, ValueError):
         return False
     stat = source.stat()
-    return stamp.get("size") == stat.st_size and (directory / "model.safetensors").is_file()
+    weights = directory / "model.safetensors"
+    if stamp.get("size") != stat.st_size or not weights.is_file():
+        return False
+    # a copy truncated or overwritten since (a full disk, a crash in a copy) is converted again
+    return stamp.get("model_size") in (None, weights.stat().st_size)
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -113,7 +118,8 @@ def packaged_path(name: str) -> str:
         try:
             _convert(gguf, tmp)
             (tmp / "onlinespec-source.json").write_text(json.dumps(
-                {"file": str(gguf), "size": gguf.stat().st_size, "distribution": model.distribution}))
+                {"file": str(gguf), "size": gguf.stat().st_size, "distribution": model.distribution,
+                 "model_size": (tmp / "model.safetensors").stat().st_size}))
             shutil.rmtree(final, ignore_errors=True)  # an incomplete or stale conversion
             os.rename(tmp, final)
         finally:

@@ -40,3 +40,34 @@ def test_a_damaged_file_is_refused_with_a_message_and_leaves_no_partial_cache(fa
         resolve_model_path(name)
     cache = tmp_path / "cache"
     assert not (cache / "fake").exists() and not [p for p in cache.iterdir() if p.name.startswith(".fake.tmp")]
+
+
+def test_a_converted_copy_damaged_later_is_converted_again(fake, tmp_path, monkeypatch):
+    calls = []
+
+    def convert(gguf, out):  # stands in for the 30 s dequantization: writes a weights file
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"w" * 1000)
+        calls.append(gguf)
+
+    monkeypatch.setattr(packaged, "_convert", convert)
+    name = fake("pytest", "pytest/__init__.py")
+    path = resolve_model_path(name)
+    assert resolve_model_path(name) == path and len(calls) == 1  # converted once
+    with open(f"{path}/model.safetensors", "r+b") as f:
+        f.truncate(10)  # a disk that filled up, a copy that died half way
+    assert resolve_model_path(name) == path and len(calls) == 2
+    assert (tmp_path / "cache" / "fake" / "model.safetensors").stat().st_size == 1000
+
+
+def test_a_damaged_bundled_drafter_says_how_to_restore_it(tmp_path, monkeypatch):
+    import shutil
+
+    from onlinespec import models
+
+    shutil.copytree(models.BUNDLED["demo"] / "drafter-1l", tmp_path / "drafter-1l")
+    weights = tmp_path / "drafter-1l" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setitem(models.BUNDLED, "smollm2", tmp_path)
+    with pytest.raises(ModelLoadError, match="damaged: reinstall onlinespec .* onlinespec.drafters.distill"):
+        models.load_model("smollm2:drafter-1l")
