@@ -149,22 +149,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0)
     p.set_defaults(func=_watch)
 
-    p = sub.add_parser("tune", help="export/import feedback; replay it through learner configs and rank them")
-    p.add_argument("action", choices=["export", "import", "run"])
-    p.add_argument("--config", default=None, help="service YAML (for the target id)")
+    p = sub.add_parser("tune", help="tune the learners on exported feedback: export, import, run, show, apply",
+                       description="export: the feedback stream to a file; import: back; run: an Optuna study "
+                                   "replaying the file through learner configurations (trial 0 = the live one), "
+                                   "resumable, in parallel on RQ workers with --workers; show: its table, best, "
+                                   "importance, held-out check and plots; apply: the best to a live server")
+    p.add_argument("action", choices=["export", "import", "run", "show", "apply"])
+    p.add_argument("study", nargs="?", default=None, help="show/apply: a study name or directory (apply: or a best.yaml)")
+    p.add_argument("--config", default=None, help="service YAML (target id, drafters, registry, workers' round_records)")
     p.add_argument("--redis-url", default=None)
-    p.add_argument("--target", default=None, help="target id (default: the config's)")
-    p.add_argument("--out", default=None,
-                   help="export: file to write (default feedback.msgpack); run: best config YAML (default "
-                        "tune-best.yaml; never the input file)")
+    p.add_argument("--target", default=None, help="export/import: target id (default: the config's)")
+    p.add_argument("--out", default=None, help="export: file to write (default feedback-TARGET-TIME.msgpack; "
+                                               "never overwrites)")
     p.add_argument("--count", type=int, default=None, help="export: at most this many records")
-    p.add_argument("--file", default="feedback.msgpack", help="import/run: an exported file")
+    p.add_argument("--file", default=None, help="import/run: an exported feedback file (run copies it into the study)")
+    p.add_argument("--study", dest="study_opt", default=None,
+                   help="run: the study's name (under ONLINESPEC_STUDIES, default .onlinespec/studies) or directory; "
+                        "an existing one resumes")
     p.add_argument("--space", default=None, help="run: search space YAML (default: the shipped configs/tune.yaml)")
-    p.add_argument("--drafter", default="demo:drafter-1l", help="run: the drafter model to start from")
+    p.add_argument("--trials", type=int, default=None, help="run: trials besides the baseline (default: the space's)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--sampler", choices=["tpe", "random", "grid"], default=None, help="run: default the space's (tpe)")
+    p.add_argument("--holdout", type=float, default=None, help="run: last share of the stream kept out of the search")
+    p.add_argument("--drafter-id", default=None, help="run: the drafter whose live version and settings to start "
+                                                      "from (default: the config's first); apply: the one to set")
+    p.add_argument("--drafter", default=None, help="run: start from this model instead of the live version")
+    p.add_argument("--base", default=None, help="run: baseline learner YAML instead of the live settings")
+    p.add_argument("--offline", action="store_true", help="run: do not ask Redis for the live version and settings")
     p.add_argument("--k", type=int, default=4, help="run: draft length for the predicted accepted length")
-    p.add_argument("--apply", default=None, help="run: base URL of a live server to apply the best config to")
-    p.add_argument("--drafter-id", default="drafter-1l", help="run --apply: which drafter")
-    p.add_argument("--token", default=None, help="run --apply: admin token (default: ONLINESPEC_ADMIN_TOKEN)")
+    p.add_argument("--workers", type=int, default=0, help="run: enqueue this many trial jobs for RQ workers "
+                                                          "(0: run the trials here)")
+    p.add_argument("--no-wait", action="store_true", help="run --workers: return once the jobs are enqueued")
+    p.add_argument("--heldout", action="store_true", help="show: compute the held-out check if it is missing")
+    p.add_argument("--url", default=None, help="apply: base URL of the live server")
+    p.add_argument("--token", default=None, help="apply: admin token (default: ONLINESPEC_ADMIN_TOKEN)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_tune)
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 __all__ = [
     "feedback_stream", "dead_letter_stream", "learner_group", "events_stream", "latest_key",
     "version_counter", "learner_metrics_stream", "learner_latest", "learner_config", "paused_key",
-    "inflight_key", "UPDATE_QUEUE", "pool_key", "drafters_set", "backoff_key", "health_key", "learned_key", "relearned_key",
+    "inflight_key", "UPDATE_QUEUE", "TUNE_QUEUE", "pool_key", "drafters_set", "backoff_key", "health_key", "learned_key", "relearned_key",
     "spec_key", "serving_key", "pinned_key", "dead_letter_seen", "dead_letter_count", "written_key",
 ]
 
 UPDATE_QUEUE = "onlinespec-updates"
 """RQ queue of drafter update jobs."""
+
+TUNE_QUEUE = "onlinespec-tuning"
+"""RQ queue of tuning jobs (each runs trials of one study until it is done); workers take
+update jobs first."""
 
 events_stream = "onlinespec:events"
 """Published, refused, rolled-back versions: the serving processes XREAD it."""

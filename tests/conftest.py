@@ -51,3 +51,21 @@ def redis_client(redis_url):
         client.flushdb()  # our own server: safe
     yield client
     client.close()
+
+
+@pytest.fixture()
+def service(tmp_path, redis_url, redis_client, monkeypatch):
+    """The server process as `onlinespec serve` builds it, on tiny models (tests/services.py),
+    with this session's Redis: (server, config, directory)."""
+    from tests.services import write_service
+
+    config = write_service(tmp_path)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    from serving.__main__ import build
+    from serving.server import BackgroundServer
+
+    app, state, cfg, cleanup = build(config)
+    srv = BackgroundServer(state, app=app).start()
+    yield srv, cfg, tmp_path
+    srv.stop()
+    cleanup()

@@ -65,10 +65,10 @@ def test_every_shipped_config_loads():
             assert cfg.learner and Path(cfg.learner).is_file(), path
             LearnerConfig.from_yaml(cfg.learner)
         elif "space" in raw:
-            from onlinespec.tune import candidates
+            from onlinespec.tune import SearchSpace
 
-            points = candidates(raw, LearnerConfig.from_yaml(ROOT / raw["base"]))
-            assert len(points) == raw["trials"]
+            space = SearchSpace.from_yaml(path)  # every name and value checked
+            assert space.base_config() and space.trials == raw["trials"]
         else:
             LearnerConfig.from_yaml(path)
 

@@ -6,7 +6,7 @@ learned twice, and that learning resumed without a human."""
 import pytest
 
 from onlinespec.bench.faults import SCENARIOS, run_scenario
-from tests.test_service import write_service
+from tests.services import write_service
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,6 @@
 """The server process as `onlinespec serve` builds it from a config: models loaded by path,
 Redis feedback, admin API behind a token, dashboard data, and an RQ worker process learning."""
 
-import copy
 import json
 import os
 import signal
@@ -14,52 +13,9 @@ import pytest
 import torch
 
 from onlinespec import keys
-from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.services import TOKEN, write_service
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKEN = "s3cret"
-
-
-def write_service(tmp_path, extra: str = "") -> str:
-    """Tiny target and two drafters saved as Hugging Face directories, and a service YAML."""
-    target = tiny_llama(layers=2, hidden=48, heads=4, seed=7)
-    drafter = copy.deepcopy(target)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        drafter.lm_head.weight.add_(torch.randn_like(drafter.lm_head.weight) * 1.5 * drafter.lm_head.weight.std())
-    tok = tiny_tokenizer()
-    for name, model in (("target", target), ("d1", drafter), ("d2", tiny_llama(layers=1, hidden=32, heads=2, seed=9))):
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-    learner = tmp_path / "learner.yaml"
-    learner.write_text("optim: {lr: 0.05, adaptive: true, hint: last}\ntrainable: lm_head\n")
-    config = tmp_path / "service.yaml"
-    config.write_text(f"""
-target: {{id: tiny, model: {tmp_path / 'target'}}}
-drafters:
-  - {{id: d1, model: {tmp_path / 'd1'}}}
-  - {{id: d2, model: {tmp_path / 'd2'}}}
-serving: {{k: 4, max_tokens: 64, admin_token: {TOKEN}, threads: 1}}
-registry: {tmp_path / 'registry'}
-learner: {learner}
-{extra}""")
-    return str(config)
-
-
-@pytest.fixture()
-def service(tmp_path, redis_url, redis_client, monkeypatch):
-    config = write_service(tmp_path)
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    from serving.__main__ import build
-    from serving.server import BackgroundServer
-
-    app, state, cfg, cleanup = build(config)
-    srv = BackgroundServer(state, app=app).start()
-    yield srv, cfg, tmp_path
-    srv.stop()
-    cleanup()
-
-
 def admin(srv, method, path, token=TOKEN, **kw):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.request(method, srv.url + "/admin" + path, headers=headers, timeout=30, **kw)
@@ -244,28 +200,6 @@ def test_traffic_and_watch_commands_against_the_live_server(service, capsys):
     assert watch(build_parser().parse_args(["watch", "--url", srv.url, "--once"])) == 0
     screen = capsys.readouterr().out
     assert "d1: serving v1" in screen and "d2: serving v1" in screen and "queue depth" in screen
-
-
-def test_tune_applies_the_best_config_to_a_live_deployment(service, redis_client, monkeypatch, capsys):
-    from onlinespec.cli import main
-    from onlinespec.tune import export_stream
-
-    srv, cfg, tmp = service
-    for i in range(12):
-        httpx.post(srv.url + "/v1/completions", timeout=60,
-                   json={"model": "tiny", "prompt": f"abc{i}", "max_tokens": 16, "temperature": 1.0, "seed": i})
-    srv.state.loop.writer.flush()
-    path = tmp / "fb.msgpack"
-    assert export_stream(redis_client, "tiny", path) == 12
-    space = tmp / "space.yaml"
-    space.write_text("mode: grid\nspace:\n  optim.lr: [0.0, 0.05]\n  trainable: [lm_head]\n  round_records: [4]\n")
-    monkeypatch.setenv("ONLINESPEC_ADMIN_TOKEN", TOKEN)
-    with pytest.raises(SystemExit) as done:
-        main(["tune", "run", "--file", str(path), "--space", str(space), "--drafter", str(tmp / "d1"),
-              "--out", str(tmp / "best.yaml"), "--apply", srv.url, "--drafter-id", "d1"])
-    assert done.value.code == 0 and "applied to d1" in capsys.readouterr().out
-    live = admin(srv, "GET", "/drafters/d1/learner").json()
-    assert live["optim"]["lr"] == 0.05 and live["trainable"] == "lm_head"
 
 
 def _children(pid: int) -> set[int]:

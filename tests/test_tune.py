@@ -1,8 +1,14 @@
-"""Exporting feedback, importing it back, and ranking learner configurations by replay."""
+"""Tuning the learners: exports, the search space, Optuna studies that resume and run on RQ
+workers, the baseline and the held-out check, and applying the winner to a live server."""
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
+import httpx
+import msgpack
 import pytest
 import torch
 import yaml
@@ -13,12 +19,18 @@ from onlinespec.codec import encode
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
 from onlinespec.sampling import SamplingParams
-from onlinespec.tune import export_stream, import_stream, read_file
+from onlinespec.tune import SearchSpace, TuningStudy, export_stream, import_stream, read_file
+from onlinespec.tune.space import known_names
+from tests.services import TOKEN
 from tests.tiny import tiny_llama, tiny_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
+    """A drafter saved as a model directory, 48 feedback records of a tiny target, and a base
+    learner YAML that learns (lm_head, lr 0.05)."""
     root = tmp_path_factory.mktemp("tune")
     target = tiny_llama(layers=2, hidden=48, heads=4, seed=7)
     drafter = copy.deepcopy(target)
@@ -32,7 +44,37 @@ def logged(tmp_path_factory):
     records = [engine.generate(torch.randint(1, 16, (6,), generator=g).tolist(),
                                SamplingParams(max_new_tokens=24, temperature=1.0, seed=i, ignore_eos=True)).record
                for i in range(48)]
+    feedback = root / "feedback.msgpack"
+    with open(feedback, "wb") as f:
+        f.write(msgpack.packb({"format": "onlinespec-feedback", "version": 1, "target": "t"}))
+        for r in records:
+            f.write(msgpack.packb(encode(r), use_bin_type=True))
+    (root / "base.yaml").write_text("optim: {lr: 0.05, adaptive: true}\ntrainable: lm_head\n")
     return root, records
+
+
+def _space(tmp_path, values, sampler="grid", trials=None, **extra):
+    """A space over the step size alone (round size: the baseline's)."""
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"sampler": sampler, "trials": trials or len(values), "holdout": 0.25,
+                                    "space": {"optim.lr": values}, **extra}))
+    return path
+
+
+def _create(root, tmp_path, values, **kw) -> TuningStudy:
+    from onlinespec.learn.learner import LearnerConfig
+    from onlinespec.models import load_model
+
+    space = SearchSpace.from_yaml(_space(tmp_path, values, **kw))
+    return TuningStudy.create(tmp_path / "study", root / "feedback.msgpack", space, load_model(str(root / "drafter")),
+                              "test drafter", LearnerConfig.from_yaml(root / "base.yaml"), 8, "base.yaml", k=4)
+
+
+def _cli(args, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    out = capsys.readouterr()
+    return done.value.code, out.out, out.err
 
 
 def test_export_import_round_trip_skips_bad_payloads(logged, redis_client, tmp_path):
@@ -53,43 +95,139 @@ def test_export_import_round_trip_skips_bad_payloads(logged, redis_client, tmp_p
         read_file(bad)
 
 
-def test_tuner_ranks_a_zero_step_size_below_a_reasonable_one(logged, tmp_path, capsys):
-    root, records = logged
-    path = tmp_path / "feedback.msgpack"
-    import msgpack
-
-    with open(path, "wb") as f:
-        f.write(msgpack.packb({"format": "onlinespec-feedback", "version": 1, "target": "t"}))
-        for r in records:
-            f.write(msgpack.packb(encode(r), use_bin_type=True))
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"mode": "grid", "space": {
-        "optim.lr": [0.0, 0.05], "optim.adaptive": [True], "trainable": ["lm_head"], "round_records": [8]}}))
-    out = tmp_path / "best.yaml"
-    with pytest.raises(SystemExit) as done:
-        main(["tune", "run", "--file", str(path), "--space", str(space), "--drafter", str(root / "drafter"),
-              "--out", str(out), "--json"])
-    assert done.value.code == 0
-    ranking = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ranking"]
-    assert ranking[0]["settings"]["optim.lr"] == 0.05 and ranking[-1]["settings"]["optim.lr"] == 0.0
-    assert ranking[0]["prequential_loss"] < ranking[-1]["prequential_loss"]
-    assert ranking[0]["predicted_accepted_length"] > ranking[-1]["predicted_accepted_length"]
-    best = yaml.safe_load(out.read_text())
-    assert best["optim"]["lr"] == 0.05 and best["trainable"] == "lm_head"
+def test_space_errors_name_the_key_and_list_the_known_ones(tmp_path):
+    shipped = SearchSpace.from_yaml(os.path.join(ROOT, "configs", "tune.yaml"))
+    assert shipped.sampler == "tpe" and shipped.base and os.path.isfile(shipped.base)
+    with pytest.raises(ValueError, match="unknown name optim.lrr; known: .*optim.lr"):
+        SearchSpace.from_dict({"space": {"optim.lrr": [0.1]}})
+    with pytest.raises(ValueError, match="optim.hint='psychic'"):
+        SearchSpace.from_dict({"space": {"optim.hint": ["psychic"]}})
+    with pytest.raises(ValueError, match="unknown key trails"):
+        SearchSpace.from_dict({"trails": 3, "space": {"optim.lr": [0.1]}})
+    with pytest.raises(ValueError, match="a grid takes lists"):
+        SearchSpace.from_dict({"sampler": "grid", "space": {"optim.lr": {"low": 0.001, "high": 0.1}}})
+    with pytest.raises(ValueError, match="no such file"):
+        SearchSpace.from_yaml(tmp_path / "missing.yaml")
+    assert "round_records" in known_names() and "optim.lr" in known_names()
 
 
-def test_tune_never_overwrites_its_input_and_checks_the_token_first(logged, tmp_path, monkeypatch, capsys):
-    """`tune run --out` equal to `--file` once replaced the exported feedback with a YAML file; and
-    a missing admin token for --apply was found only after the whole run."""
-    path = tmp_path / "feedback.msgpack"
-    path.write_bytes(b"exported feedback")
+def test_a_zero_step_size_ranks_below_the_baseline_and_the_input_survives(logged, tmp_path, capsys, monkeypatch):
+    """Trial 0 is the baseline (lr 0.05 from --base); a zero step size learns nothing and ranks
+    below it beyond the noise; the same lr as the baseline ties it exactly."""
+    root, _ = logged
+    feedback = tmp_path / "feedback.msgpack"
+    feedback.write_bytes((root / "feedback.msgpack").read_bytes())
+    before = feedback.read_bytes()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as done:
-        main(["tune", "run", "--file", str(path), "--out", "feedback.msgpack"])
-    assert done.value.code == 2 and path.read_bytes() == b"exported feedback"
-    assert "refusing to write" in capsys.readouterr().err
+    monkeypatch.delenv("ONLINESPEC_STUDIES", raising=False)
+    code, out, err = _cli(["tune", "run", "--file", "feedback.msgpack", "--space", str(_space(tmp_path, [0.0, 0.05])),
+                           "--drafter", str(root / "drafter"), "--base", str(root / "base.yaml"), "--offline",
+                           "--study", "zero", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    ranking = {(-1 if r["baseline"] else r["settings"]["optim.lr"]): r for r in result["ranking"]}
+    assert set(ranking) == {-1, 0.0, 0.05}
+    base, zero, same = ranking[-1], ranking[0.0], ranking[0.05]
+    assert base["number"] == 0 and result["ranking"][-1]["settings"] == {"optim.lr": 0.0}
+    assert zero["loss"] > base["loss"] and zero["diff_low"] > 0 and not zero["beats_baseline"]
+    assert same["diff"] == pytest.approx(0.0, abs=1e-9)
+    assert zero["predicted_accepted_length"] < base["predicted_accepted_length"]
+    held = result["heldout"]
+    assert held["records"] == 12 and held["winner_loss"] > 0
+    study_dir = tmp_path / ".onlinespec" / "studies" / "zero"
+    for name in ("study.json", "journal.log", "feedback.msgpack", "best.yaml", "history.png", "params.png"):
+        assert (study_dir / name).is_file(), name
+    assert yaml.safe_load((study_dir / "best.yaml").read_text())["optim"]["lr"] == 0.05
+    assert feedback.read_bytes() == before  # every output went to the study directory
+    code, out, _ = _cli(["tune", "show", "zero"], capsys)
+    assert code == 0 and "baseline" in out and "lr=0" in out and "held out" in out
+
+
+def test_a_study_resumes_after_an_interruption_with_its_finished_trials(logged, tmp_path, capsys):
+    root, _ = logged
+    study = _create(root, tmp_path, [0.0, 0.01, 0.05])
+
+    def interrupt(number, done, rounds, seconds):
+        if number == 2 and done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(interrupt)
+    first = {t.number: (t.state.name, t.value) for t in study.optuna().get_trials()}
+    assert first[0][0] == first[1][0] == "COMPLETE" and first[2][0] == "FAIL"
+    code, out, err = _cli(["tune", "run", "--study", str(study.dir), "--json"], capsys)
+    assert code == 0, err
+    after = {t.number: (t.state.name, t.value) for t in study.optuna().get_trials()}
+    assert after[0] == first[0] and after[1] == first[1]  # kept, not rerun
+    complete = [t for t in study.optuna().get_trials() if t.state.name == "COMPLETE"]
+    assert len(complete) == study.total == 4
+    lrs = sorted(t.params["optim.lr"] for t in complete if t.params)
+    assert lrs == [0.0, 0.01, 0.05]
+
+
+def test_two_rq_workers_run_one_study_without_duplicates(logged, tmp_path, redis_url, redis_client, capsys):
+    root, _ = logged
+    study = _create(root, tmp_path, [0.0, 0.005, 0.01, 0.02, 0.05, 0.1])
+    code, _, err = _cli(["tune", "run", "--study", str(study.dir), "--workers", "2", "--no-wait",
+                         "--redis-url", redis_url], capsys)
+    assert code == 0, err
+    assert redis_client.llen(f"rq:queue:{keys.TUNE_QUEUE}") == 2
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    workers = [subprocess.Popen([sys.executable, "-m", "workers", "--redis-url", redis_url, "--burst", "--no-trigger",
+                                 "--nice", "0", "--registry", str(tmp_path / "registry"), "--log-level", "WARNING"],
+                                cwd=ROOT, env=env) for _ in range(2)]
+    for w in workers:
+        assert w.wait(timeout=600) == 0
+    trials = study.optuna().get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == study.total == 7
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    numbers = [t.number for t in complete]
+    assert len(set(numbers)) == len(numbers)
+    lrs = [t.params["optim.lr"] for t in complete if t.params]
+    assert sorted(lrs) == [0.0, 0.005, 0.01, 0.02, 0.05, 0.1]  # every grid point once
+    assert sum(1 for t in complete if t.user_attrs.get("baseline")) == 1
+
+
+def test_tune_on_a_live_service_then_apply_with_the_token_checked_first(service, redis_client, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Export from a live service's stream, tune from the live drafter and its live settings,
+    then apply: a missing or wrong token is refused before the study is even read."""
+    srv, cfg, tmp = service
+    for i in range(24):
+        r = httpx.post(srv.url + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer u{i}"},
+                       json={"model": "tiny", "prompt": f"tune {i} abc", "max_tokens": 24, "temperature": 1.0,
+                             "seed": i})
+        assert r.status_code == 200, r.text
+    srv.state.loop.writer.flush()
+    feedback = tmp_path / "live.msgpack"
+    code, out, err = _cli(["tune", "export", "--config", cfg.source, "--out", str(feedback)], capsys)
+    assert code == 0 and "exported" in out, err
+    assert _cli(["tune", "export", "--config", cfg.source, "--out", str(feedback)], capsys)[0] == 2  # never overwrites
+    study = tmp_path / "live-study"
+    code, out, err = _cli(["tune", "run", "--config", cfg.source, "--file", str(feedback), "--study", str(study),
+                           "--space", str(_space(tmp_path, [0.0, 0.2])), "--drafter-id", "d1", "--json"], capsys)
+    assert code == 0, err
+    meta = json.loads((study / "study.json").read_text())
+    assert meta["drafter"]["from"].startswith("live d1 v1 (registry ")  # the live version, through the registry
+    assert meta["baseline"] == {"config": json.loads(redis_client.get(keys.learner_config("d1"))),
+                                "round_records": 16, "from": "live learner settings of d1"}
+    assert json.loads(out.strip().splitlines()[-1])["ranking"]
+
     monkeypatch.delenv("ONLINESPEC_ADMIN_TOKEN", raising=False)
-    with pytest.raises(SystemExit) as done:
-        main(["tune", "run", "--file", str(path), "--apply", "http://127.0.0.1:9"])
-    assert done.value.code == 2 and "admin token" in capsys.readouterr().err
-    assert path.read_bytes() == b"exported feedback" and not (tmp_path / "tune-best.yaml").exists()
+    code, _, err = _cli(["tune", "apply", "no-such-study", "--url", srv.url, "--drafter-id", "d1"], capsys)
+    assert code == 2 and "admin token" in err
+    code, _, err = _cli(["tune", "apply", "no-such-study", "--url", srv.url, "--drafter-id", "d1", "--token", "wrong"],
+                        capsys)
+    assert code == 2 and "refused the admin token" in err  # not "no tuning study": the token came first
+    best = tmp_path / "mine.yaml"
+    best.write_text("optim: {lr: 0.123, adaptive: true}\ntrainable: lm_head\nsteps_per_round: 2\n")
+    code, out, err = _cli(["tune", "apply", str(best), "--url", srv.url, "--drafter-id", "d1", "--token", TOKEN], capsys)
+    assert code == 0, err
+    stored = json.loads(redis_client.get(keys.learner_config("d1")))
+    assert stored["optim"]["lr"] == 0.123 and stored["steps_per_round"] == 2
+    code, out, err = _cli(["tune", "apply", str(study), "--url", srv.url, "--drafter-id", "d1", "--token", TOKEN], capsys)
+    assert code == 0, err
+    winner = yaml.safe_load((study / "best.yaml").read_text())
+    assert json.loads(redis_client.get(keys.learner_config("d1")))["optim"]["lr"] == winner["optim"]["lr"]
+    assert "round_records=16: unchanged" in out  # a worker setting: said, not silently dropped

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                    learner_config=args.learner_config)
     client = connect(args.redis_url)
     queue = Queue(keys.UPDATE_QUEUE, connection=client, serializer=JSONSerializer)
+    tuning = Queue(keys.TUNE_QUEUE, connection=client, serializer=JSONSerializer)  # `onlinespec tune run --workers`
     trigger = None
     if not args.no_trigger:
         trigger = Trigger(client, queue, args.target, min_records=args.round_records, period=args.period)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         while True:
             try:
-                worker = SimpleWorker([queue], connection=client, serializer=JSONSerializer)
+                worker = SimpleWorker([queue, tuning], connection=client, serializer=JSONSerializer)
                 worker.work(burst=args.burst, logging_level=args.log_level)
                 return  # burst done, or a warm shutdown (SIGTERM / SIGINT)
             except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -23,7 +23,7 @@ from onlinespec.redis_server import connect
 from onlinespec.registry import Registry
 from onlinespec.update import POOL, PoolUpdater, Updater
 
-__all__ = ["update_drafter", "update_pool", "configure", "HEARTBEAT_TTL", "backoff_seconds"]
+__all__ = ["update_drafter", "update_pool", "tune_trials", "configure", "HEARTBEAT_TTL", "backoff_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +125,13 @@ def update_pool(target: str) -> dict:
                                      eta=hedge.hedge_eta, min_idle_ms=base.min_idle_ms, discount=hedge.hedge_discount)
     pool = _pools[target]
     return asdict(_guarded(pool.redis, POOL, pool.run_round))
+
+
+def tune_trials(study_dir: str) -> int:
+    """Run trials of a tuning study (``onlinespec tune run --workers N``) until it has all it
+    asked for; several workers share one study through its journal. Returns the trials run here."""
+    from onlinespec.tune.study import TuningStudy
+
+    done = TuningStudy(study_dir).optimize()
+    log.info("tuning study %s: %d trials run here", study_dir, done)
+    return done

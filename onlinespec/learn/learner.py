@@ -147,6 +147,7 @@ class DrafterLearner:
         self.base_cumulative = np.zeros(config.ensemble_size)
         self.window: deque = deque(maxlen=config.regret_window)  # (served, base losses) per round
         self.estimate = AcceptanceEstimate()
+        self.record_losses: tuple[np.ndarray, np.ndarray] | None = None  # of the last round (see round())
 
     # ------------------------------------------------------------------ serving side
 
@@ -202,6 +203,11 @@ class DrafterLearner:
             with torch.no_grad():
                 served, _ = self._loss(parent, batch, grad=False)
         base = np.array([o.prequential for o in outs])
+        # each record's share of the served loss (sum of 1 - acceptance over its positions, and
+        # how many): replay scoring pairs configurations record by record (onlinespec.tune)
+        lost = (1 - served.alpha).detach().double().numpy()
+        rows = batch.row.numpy()
+        self.record_losses = (np.bincount(rows, lost, len(records)), np.bincount(rows, minlength=len(records)))
         groups = [group_of(r.tenant, r.domain) for r in records]
         self.estimate.update(served.alpha, [groups[i] for i in batch.row.tolist()], batch.block_index)
         self.hedge.update(base)

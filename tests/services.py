@@ -1,0 +1,36 @@
+"""A service of tiny models saved as Hugging Face directories, for tests that run the real
+server process or its pieces (the `service` fixture in conftest.py builds one)."""
+
+import copy
+
+import torch
+
+from tests.tiny import tiny_llama, tiny_tokenizer
+
+TOKEN = "s3cret"
+
+
+def write_service(tmp_path, extra: str = "") -> str:
+    """Tiny target and two drafters saved as Hugging Face directories, and a service YAML."""
+    target = tiny_llama(layers=2, hidden=48, heads=4, seed=7)
+    drafter = copy.deepcopy(target)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        drafter.lm_head.weight.add_(torch.randn_like(drafter.lm_head.weight) * 1.5 * drafter.lm_head.weight.std())
+    tok = tiny_tokenizer()
+    for name, model in (("target", target), ("d1", drafter), ("d2", tiny_llama(layers=1, hidden=32, heads=2, seed=9))):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    learner = tmp_path / "learner.yaml"
+    learner.write_text("optim: {lr: 0.05, adaptive: true, hint: last}\ntrainable: lm_head\n")
+    config = tmp_path / "service.yaml"
+    config.write_text(f"""
+target: {{id: tiny, model: {tmp_path / 'target'}}}
+drafters:
+  - {{id: d1, model: {tmp_path / 'd1'}}}
+  - {{id: d2, model: {tmp_path / 'd2'}}}
+serving: {{k: 4, max_tokens: 64, admin_token: {TOKEN}, threads: 1}}
+registry: {tmp_path / 'registry'}
+learner: {learner}
+{extra}""")
+    return str(config)
