@@ -11,24 +11,34 @@ A sampler thread records, every ``period`` seconds, the mean accepted length sin
 sample of each drafter version's own drafts and of suffix copies (from the engine's counters),
 the pool's weights, and the queue and worker lag, so the charts have history even when nobody
 is looking.
+
+``/dashboard/studies`` lists the tuning studies (``onlinespec tune``) under ``ONLINESPEC_STUDIES``
+(default ``.onlinespec/studies``, relative to the server's directory) with their plots.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import deque
 from pathlib import Path
 
-from fastapi import APIRouter, Header
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Header, HTTPException
+from fastapi.responses import FileResponse, HTMLResponse
 
 from onlinespec import keys
 
 __all__ = ["dashboard_router"]
 
 PAGE = Path(__file__).resolve().parent / "static" / "dashboard.html"
+
+
+def _studies_root() -> Path:
+    from onlinespec.tune.cli import STUDIES
+
+    return Path(os.environ.get("ONLINESPEC_STUDIES") or STUDIES)
 
 
 class Sampler:
@@ -93,6 +103,29 @@ def dashboard_router(state, redis, registry, drafters: dict, target: str, period
     @router.get("/dashboard", response_class=HTMLResponse)
     def page():
         return PAGE.read_text()
+
+    @router.get("/dashboard/studies")
+    def tuning_studies():
+        """The tuning studies in ONLINESPEC_STUDIES (default .onlinespec/studies): progress,
+        best against the baseline, held-out verdict (onlinespec tune)."""
+        from onlinespec.tune.study import studies
+
+        out = []
+        for study in studies(_studies_root())[:10]:
+            try:
+                out.append(study.summary())
+            except Exception as exc:  # noqa: BLE001 - a study being written or damaged: listed, not fatal
+                out.append({"name": study.name, "error": f"{type(exc).__name__}: {exc}"})
+        return {"root": str(_studies_root()), "studies": out}
+
+    @router.get("/dashboard/studies/{name}/{plot}.png")
+    def study_plot(name: str, plot: str):
+        if plot not in ("history", "params") or not name or "/" in name or name.startswith("."):
+            raise HTTPException(404, "no such plot")
+        path = _studies_root() / name / f"{plot}.png"
+        if not path.is_file():
+            raise HTTPException(404, f"no {plot}.png in study {name} yet (onlinespec tune show {name} draws it)")
+        return FileResponse(path, media_type="image/png")
 
     @router.get("/dashboard/data")
     def data(authorization: str | None = Header(default=None)):

@@ -213,6 +213,14 @@ def test_tune_on_a_live_service_then_apply_with_the_token_checked_first(service,
     assert meta["baseline"] == {"config": json.loads(redis_client.get(keys.learner_config("d1"))),
                                 "round_records": 16, "from": "live learner settings of d1"}
     assert json.loads(out.strip().splitlines()[-1])["ranking"]
+    monkeypatch.setenv("ONLINESPEC_STUDIES", str(tmp_path))  # the dashboard lists the study and serves its plots
+    listed = httpx.get(srv.url + "/dashboard/studies", timeout=30).json()["studies"]
+    assert [s["name"] for s in listed] == ["live-study"] and listed[0]["counts"]["complete"] == listed[0]["total"] == 3
+    assert listed[0]["best"] and listed[0]["plots"] == ["history", "params"]
+    png = httpx.get(srv.url + "/dashboard/studies/live-study/history.png", timeout=30)
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    assert httpx.get(srv.url + "/dashboard/studies/live-study/secret.png", timeout=30).status_code == 404
+    assert httpx.get(srv.url + "/dashboard/studies/..%2F..%2Fetc/history.png", timeout=30).status_code == 404
 
     monkeypatch.delenv("ONLINESPEC_ADMIN_TOKEN", raising=False)
     code, _, err = _cli(["tune", "apply", "no-such-study", "--url", srv.url, "--drafter-id", "d1"], capsys)

@@ -38,7 +38,7 @@ from onlinespec.learn.learner import DrafterLearner, LearnerConfig
 from onlinespec.tune.exports import read_file
 from onlinespec.tune.space import SearchSpace, settings_config
 
-__all__ = ["Score", "replay", "paired", "TuningStudy", "Row", "STALE_SECONDS"]
+__all__ = ["Score", "replay", "paired", "TuningStudy", "Row", "studies", "STALE_SECONDS"]
 
 STALE_SECONDS = 120.0  # a running trial with no progress for this long is a dead worker's: failed
 
@@ -374,3 +374,28 @@ class TuningStudy:
                "gain_holds": bool(p.get("beats_baseline", False))}
         path.write_text(json.dumps(out, indent=1))
         return out
+
+    def summary(self) -> dict:
+        """What the dashboard lists: progress, the best trial against the baseline, the held-out verdict."""
+        study = self.optuna()
+        rows = self.rows(study)
+        best = rows[0] if rows else None
+        base = next((r for r in rows if r.baseline), None)
+        path = self.dir / self.HELDOUT
+        held = json.loads(path.read_text()) if path.is_file() else None
+        return {"name": self.name, "created": self.meta.get("created"), "counts": self.counts(study), "total": self.total,
+                "drafter": self.meta["drafter"]["from"], "baseline_loss": base.loss if base else None,
+                "best": best.to_dict() if best else None,
+                "heldout": held if held and best and held.get("winner") == best.number else None,
+                "plots": [p.stem for p in (self.dir / "history.png", self.dir / "params.png") if p.is_file()]}
+
+
+def studies(root: str | Path) -> list[TuningStudy]:
+    """The studies under a root directory, newest first (unreadable ones skipped)."""
+    out = []
+    for d in sorted(Path(root).glob(f"*/{TuningStudy.STUDY}")):
+        try:
+            out.append(TuningStudy(d.parent))
+        except (ValueError, OSError, KeyError):
+            continue
+    return sorted(out, key=lambda s: -float(s.meta.get("created") or 0))
