@@ -56,6 +56,35 @@ def _watch(args) -> int:
     return run(args)
 
 
+def _config(args) -> int:
+    """``onlinespec config show``: every setting, its effective value and where it came from."""
+    import json
+
+    from onlinespec.config import SECRETS, load_config
+    from onlinespec.up import redact
+
+    try:
+        cfg = load_config(args.config)
+    except ValueError as exc:
+        print(f"onlinespec config: {exc}", file=sys.stderr)
+        return 2
+
+    def shown(key, value):
+        if key in SECRETS and value:
+            return redact(value) if key == "redis.url" else "***"
+        return list(value) if isinstance(value, tuple) else value
+
+    rows = [(k, shown(k, v), src) for k, v, src in cfg.effective()]
+    if args.json:
+        print(json.dumps({"config": cfg.source, "settings": {k: {"value": v, "source": src} for k, v, src in rows}}))
+        return 0
+    print(f"# {cfg.source}")
+    width = max(len(k) for k, _, _ in rows)
+    for k, v, src in rows:
+        print(f"{k:<{width}}  {json.dumps(v):<28} # {src}")
+    return 0
+
+
 def _tune(args) -> int:
     from onlinespec.tune import run
 
@@ -148,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true")
     p.add_argument("--count", type=int, default=0)
     p.set_defaults(func=_watch)
+
+    p = sub.add_parser("config", help="show the effective service configuration and where each value came from")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("--config", default=None, help="service YAML (default: ONLINESPEC_CONFIG, else configs/demo.yaml)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_config)
 
     p = sub.add_parser("tune", help="tune the learners on exported feedback: export, import, run, show, apply",
                        description="export: the feedback stream to a file; import: back; run: an Optuna study "

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -134,13 +135,12 @@ def server_command(config: str, host: str, port: int) -> list[str]:
 def worker_command(cfg, round_records: int | None = None, period: float | None = None,
                    log_level: str | None = None) -> list[str]:
     """``python -m workers`` for a service config (its workers section unless overridden)."""
-    cmd = [sys.executable, "-m", "workers", "--target", cfg.target_id, "--registry", cfg.registry,
-           "--threads", str(cfg.workers.get("threads", 1)),
-           "--round-records", str(round_records or cfg.workers.get("round_records", 16)),
-           "--period", str(period or cfg.workers.get("period", 10)),
-           "--nice", str(cfg.workers.get("nice", 10))]
-    if cfg.learner:
-        cmd += ["--learner-config", cfg.learner]
+    # the service YAML, read as the server reads it (its environment overrides included)
+    cmd = [sys.executable, "-m", "workers", "--config", str(Path(cfg.source).resolve())]
+    if round_records:
+        cmd += ["--round-records", str(round_records)]
+    if period:
+        cmd += ["--period", str(period)]
     if log_level:
         cmd += ["--log-level", log_level]
     return cmd
@@ -204,9 +204,9 @@ def run(args) -> int:
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _raise_stop)
     cfg = load_config(args.config)
-    host = args.host or cfg.serving.get("host", "127.0.0.1")
-    port = args.port or int(cfg.serving.get("port", 8000))
-    workers = args.workers if args.workers is not None else int(cfg.workers.get("count", 1))
+    host = args.host or cfg.serving.host
+    port = args.port or cfg.serving.port
+    workers = args.workers if args.workers is not None else cfg.workers.count
     logs = os.path.join(os.path.abspath(cfg.registry), ".logs")
     os.makedirs(logs, exist_ok=True)
     sup = Supervisor()

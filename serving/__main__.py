@@ -32,7 +32,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
     from onlinespec.registry import Registry
     from onlinespec.routing import DrafterRouter
     from onlinespec.stream import FeedbackWriter, recent_records
-    from onlinespec.suffix import SuffixCache, SuffixConfig
+    from onlinespec.suffix import SuffixCache
     from onlinespec.update import bootstrap_drafter
     from serving.admin import admin_router
     from serving.app import create_app
@@ -41,9 +41,9 @@ def build(config_path: str | None = None, no_redis: bool = False):
 
     cfg = load_config(config_path)
     s = cfg.serving
-    if s.get("threads"):
-        torch.set_num_threads(int(s["threads"]))
-    device, dtype = resolve_device(s.get("device")), resolve_dtype(s.get("dtype"))
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
     tokenizer = load_tokenizer(cfg.target_model)
     target = load_model(cfg.target_model, dtype=dtype, device=device)
     log.info("target %s on %s in %s", cfg.target_model, device, str(dtype).removeprefix("torch."))
@@ -74,10 +74,9 @@ def build(config_path: str | None = None, no_redis: bool = False):
             estimates[did] = manifest.metrics.get("acceptance_estimate") or {}
         writer = FeedbackWriter(redis, cfg.target_id, maxlen=cfg.stream_maxlen)
         if len(drafters) > 1:
-            router = DrafterRouter(list(drafters), explore=float(s.get("explore", 0.05)))
-        watcher = SwapWatcher(redis, registry, drafters, rollback=bool(s.get("rollback", True)),
-                              margin=float(s.get("rollback_margin", 0.05)),
-                              min_drafted=int(s.get("rollback_min_drafted", 2000)), pool_target=cfg.target_id,
+            router = DrafterRouter(list(drafters), explore=s.explore)
+        watcher = SwapWatcher(redis, registry, drafters, rollback=s.rollback, margin=s.rollback_margin,
+                              min_drafted=s.rollback_min_drafted, pool_target=cfg.target_id,
                               router=router)
         watcher.estimates.update(estimates)
         watcher.start()
@@ -85,23 +84,21 @@ def build(config_path: str | None = None, no_redis: bool = False):
         drafters = {did: HFDrafter(model, did, version=0) for did, (model, _) in bases.items()}
 
     first = next(iter(drafters.values()), None)
-    suffix = SuffixConfig.from_dict(s.get("suffix"))
+    suffix = s.suffix
     cache = SuffixCache(suffix) if suffix.enabled else None
     if cache is not None and redis is not None:  # a restart keeps what suffix speculation learned
         records, bad = recent_records(redis, cfg.target_id, suffix.max_tokens)
         log.info("suffix speculation: warmed from %d logged outputs (%d tokens)%s", cache.warm(records),
                  cache.tokens, f"; {bad} malformed records skipped" if bad else "")
     engine = SpeculativeEngine(target, first, tokenizer=tokenizer, config=EngineConfig(
-        k=s.get("k"), k_max=int(s.get("k_max", 8)), feedback_topk=int(s.get("feedback_topk", 32)),
+        k=s.k, k_max=s.k_max, feedback_topk=s.feedback_topk,
         capture_feedback=writer is not None, target_id=cfg.target_id), suffix=cache)
     for did, estimate in estimates.items():  # each version starts from what its learners measured
         engine.k_controller.start_version(did, estimate.get("all", {}).get("acceptance"))
     state = build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
-                        max_active=int(s.get("max_active", 8)), max_queue=int(s.get("max_queue", 64)),
-                        prefill_tokens=int(s.get("prefill_tokens", 256)),
-                        kv_cache_tokens=int(s["kv_cache_tokens"]) if s.get("kv_cache_tokens") else None,
-                        max_prompt_tokens=int(s.get("max_prompt_tokens", 1536)),
-                        max_tokens=int(s.get("max_tokens", 512)), drafters=drafters, api_keys=cfg.api_keys,
+                        max_active=s.max_active, max_queue=s.max_queue, prefill_tokens=s.prefill_tokens,
+                        kv_cache_tokens=s.kv_cache_tokens or None, max_prompt_tokens=s.max_prompt_tokens,
+                        max_tokens=s.max_tokens, drafters=drafters, api_keys=cfg.api_keys,
                         router=router)
     app = create_app(state)
     if redis is not None:
@@ -139,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     app, state, cfg, cleanup = build(args.config, args.no_redis)
-    host = args.host or os.environ.get("ONLINESPEC_HOST") or cfg.serving.get("host", "127.0.0.1")
-    port = args.port or int(os.environ.get("ONLINESPEC_PORT") or cfg.serving.get("port", 8000))
+    host = args.host or cfg.serving.host  # ONLINESPEC_HOST / ONLINESPEC_PORT: through the config
+    port = args.port or cfg.serving.port
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:

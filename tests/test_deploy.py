@@ -60,7 +60,7 @@ def test_every_shipped_config_loads():
         if "target" in raw:
             cfg = load_config(path)
             if not cfg.drafters:  # suffix speculation alone: nothing for workers to learn
-                assert cfg.workers.get("count") == 0, path
+                assert cfg.workers.count == 0, path
                 continue
             assert cfg.learner and Path(cfg.learner).is_file(), path
             LearnerConfig.from_yaml(cfg.learner)

@@ -14,24 +14,46 @@ import os
 import time
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The worker's settings: its flags over the service config (the same file and environment
+    overrides the server reads), so server and workers agree on the registry, target and learner."""
     ap = argparse.ArgumentParser(prog="onlinespec worker", description=__doc__)
-    ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
-    ap.add_argument("--registry", default=os.environ.get("ONLINESPEC_REGISTRY", "registry"))
-    ap.add_argument("--target", default=os.environ.get("ONLINESPEC_TARGET_ID", "demo-target"))
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("ONLINESPEC_WORKER_THREADS", "1")))
-    ap.add_argument("--round-records", type=int, default=int(os.environ.get("ONLINESPEC_ROUND_RECORDS", "16")))
-    ap.add_argument("--period", type=float, default=float(os.environ.get("ONLINESPEC_UPDATE_PERIOD", "10")))
-    ap.add_argument("--learner-config", default=os.environ.get("ONLINESPEC_LEARNER_CONFIG"),
-                    help="YAML of LearnerConfig defaults (configs/learner.yaml); live config in Redis wins")
+    ap.add_argument("--config", default=None,
+                    help="service YAML (default: ONLINESPEC_CONFIG, else configs/demo.yaml), read as the server "
+                         "reads it: target id, Redis, registry, learner defaults and the workers section; the "
+                         "flags below override it")
+    ap.add_argument("--redis-url", default=None)
+    ap.add_argument("--registry", default=None)
+    ap.add_argument("--target", default=None, help="target id whose feedback to learn from")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--round-records", type=int, default=None)
+    ap.add_argument("--period", type=float, default=None)
+    ap.add_argument("--learner-config", default=None,
+                    help="YAML of LearnerConfig defaults (the config's `learner`); live config in Redis wins")
     ap.add_argument("--no-trigger", action="store_true", help="only run jobs; another process enqueues them")
     ap.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    ap.add_argument("--nice", type=int, default=int(os.environ.get("ONLINESPEC_WORKER_NICE", "10")),
+    ap.add_argument("--nice", type=int, default=None,
                     help="CPU priority below the server's (os.nice increment; 0: the same): learning takes "
                          "what serving leaves, so it never slows the requests on a shared machine")
     ap.add_argument("--log-level", default=os.environ.get("ONLINESPEC_WORKER_LOG_LEVEL", "INFO"),
                     help="INFO logs every job (RQ's lines too); WARNING only problems")
     args = ap.parse_args(argv)
+    from onlinespec.config import load_config
+
+    cfg = load_config(args.config)  # flags win over the config, the config's environment overrides over its file
+    args.redis_url = args.redis_url or cfg.redis_url
+    args.registry = args.registry or cfg.registry
+    args.target = args.target or cfg.target_id
+    args.threads = args.threads or cfg.workers.threads
+    args.round_records = args.round_records or cfg.workers.round_records
+    args.period = args.period or cfg.workers.period
+    args.learner_config = args.learner_config or cfg.learner
+    args.nice = cfg.workers.nice if args.nice is None else args.nice
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(levelname)s %(message)s")
     if args.nice > 0:
         os.nice(args.nice)

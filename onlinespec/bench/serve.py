@@ -116,7 +116,7 @@ def _models(args):
     else:
         domain = args.domain if args.domain in DOMAINS else "edit"
         prompts = [render(tokenizer, m) for m in chat_prompts(domain, n)]
-    suffix = SuffixConfig.from_dict(cfg.serving.get("suffix"))
+    suffix = cfg.serving.suffix
     return cfg, tokenizer, target, drafter, prompts, suffix
 
 
@@ -130,7 +130,7 @@ def run(args) -> int:
         drafter_model = drafter_model.to(device)
     eos = tokenizer.eos_token_id
     max_new = args.max_new_tokens or (24 if args.quick else 64)
-    k_max = int(cfg.serving.get("k_max", 8))
+    k_max = cfg.serving.k_max
     context = getattr(target.config, "max_position_embeddings", None)
     if context:  # a prompt longer than the model's context keeps its last tokens
         prompts = [p[-(context - max_new - k_max - 1):] for p in prompts]

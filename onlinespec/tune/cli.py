@@ -155,7 +155,7 @@ def _live(args, cfg, space):
         base, base_from = space.base_config(), f"the space's base {space.base}"
     else:
         base, base_from = LearnerConfig(), "defaults"
-    round_records = int(cfg.workers.get("round_records", space.round_records))
+    round_records = cfg.workers.round_records
     return model, drafter_from, base, base_from, round_records
 
 
