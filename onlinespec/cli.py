@@ -85,6 +85,59 @@ def _config(args) -> int:
     return 0
 
 
+def _drafter(args) -> int:
+    """``onlinespec drafter``: a drafter's control state and transitions, straight through Redis
+    (the same :class:`onlinespec.control.Control` the admin API uses)."""
+    import json
+
+    from onlinespec import keys
+    from onlinespec.config import load_config
+    from onlinespec.control import Control
+    from onlinespec.redis_server import connect
+    from onlinespec.registry import CheckpointError, PublishConflict, Registry
+
+    cfg = load_config(args.config)
+    try:
+        redis = connect(args.redis_url or cfg.redis_url)
+        known = sorted({d.decode() for d in redis.smembers(keys.drafters_set(cfg.target_id))} |
+                       {d.id for d in cfg.drafters})
+    except Exception as exc:  # noqa: BLE001 - no Redis: say so in one line
+        print(f"onlinespec drafter: cannot reach Redis ({type(exc).__name__}: {exc}); pass --redis-url",
+              file=sys.stderr)
+        return 1
+    control = Control(redis, Registry(cfg.registry, redis), cfg.target_id)
+    if args.action == "list":
+        states = [control.state(d).to_dict() for d in known]
+        if args.json:
+            print(json.dumps({"drafters": states}))
+        for st in [] if args.json else states:
+            flags = [f for f in ("paused", "backoff") if st[f]] + ([f"pinned v{st['pinned']}"] if st["pinned"] else [])
+            print(f"{st['drafter']:<24} latest v{st['latest']}  {'learning' if st['learning'] else 'not learning'}"
+                  f"{' (' + ', '.join(flags) + ')' if flags else ''}{'  round in flight' if st['inflight'] else ''}")
+        return 0
+    if args.drafter not in known:
+        print(f"onlinespec drafter: unknown drafter {args.drafter!r}; known: {', '.join(known) or 'none'}",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.action in ("pin", "rollback"):
+            if args.version is None:
+                print(f"onlinespec drafter {args.action} needs --version N", file=sys.stderr)
+                return 2
+            state = getattr(control, args.action)(args.drafter, args.version, reason=f"cli {args.action}")
+        elif args.action == "update":
+            job = control.enqueue_round(args.drafter)
+            print(f"enqueued {job}" if job else f"a round of {args.drafter} is already queued or running")
+            return 0 if job else 1
+        else:
+            state = getattr(control, args.action)(args.drafter)
+    except (CheckpointError, PublishConflict) as exc:
+        print(f"onlinespec drafter {args.action}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(state.to_dict()))
+    return 0
+
+
 def _tune(args) -> int:
     from onlinespec.tune import run
 
@@ -177,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true")
     p.add_argument("--count", type=int, default=0)
     p.set_defaults(func=_watch)
+
+    p = sub.add_parser("drafter", help="a drafter's state and its transitions: list, pause, resume, pin, rollback, update",
+                       description="The control plane of the drafters through Redis (what the admin API does): "
+                                   "list their state, pause or resume learning, pin or roll back to a kept "
+                                   "version (verified first), queue a learning round.")
+    p.add_argument("action", choices=["list", "pause", "resume", "pin", "rollback", "update"])
+    p.add_argument("drafter", nargs="?", default=None)
+    p.add_argument("--version", type=int, default=None, help="pin, rollback: the kept version")
+    p.add_argument("--config", default=None, help="service YAML (target, registry, Redis)")
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_drafter)
 
     p = sub.add_parser("config", help="show the effective service configuration and where each value came from")
     p.add_argument("action", choices=["show"])

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from onlinespec import keys
+from onlinespec.control import Control
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.registry import CheckpointError, PublishConflict, Registry, expected_shapes
 
@@ -62,6 +63,7 @@ class SwapWatcher:
                  router=None):
         self.redis = redis_client
         self.registry = registry
+        self.control = Control(redis_client, registry)
         self.drafters = drafters
         self.poll_seconds = poll_seconds
         self.rollback_enabled, self.min_drafted, self.margin = rollback, min_drafted, margin
@@ -192,7 +194,7 @@ class SwapWatcher:
         if stats.acceptance < before.acceptance - self.margin:
             reason = f"acceptance {stats.acceptance:.3f} < parent v{parent} {before.acceptance:.3f} - {self.margin}"
             try:  # only while the judged version is still the latest: never over a newer one
-                self.registry.rollback(drafter, parent, reason=reason, expect=version)
+                self.control.rollback(drafter, parent, reason=reason, expect=version)
             except (CheckpointError, PublishConflict) as exc:
                 log.warning("rollback of %s v%s failed: %s", drafter, version, exc)
                 return

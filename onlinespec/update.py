@@ -20,15 +20,14 @@ import time
 from dataclasses import dataclass
 
 from onlinespec import keys
+from onlinespec.control import POOL, Control
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
 from onlinespec.registry import CheckpointError, PublishConflict, Registry, expected_shapes
 from onlinespec.faults import failpoint
 from onlinespec.stream import FeedbackReader
 
 __all__ = ["RoundResult", "Updater", "PoolUpdater", "bootstrap_drafter", "repair_latest", "recover", "learner_config",
-           "learner_health", "already_learned", "POOL"]
-
-POOL = "__pool__"  # the pool's consumer group reads every record, like each drafter's
+           "learner_health", "already_learned", "POOL"]  # POOL (onlinespec.control): the pool's consumer group reads every record
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +170,7 @@ class Updater:
 
     def run_round(self, drafter: str) -> RoundResult:
         t0 = time.perf_counter()
-        if self.redis.exists(keys.paused_key(drafter)):
+        if Control(self.redis).paused(drafter):
             return RoundResult(drafter, "paused")
         latest = self.registry.latest(drafter)
         if latest is None:

@@ -9,10 +9,9 @@ import json
 
 from fastapi import APIRouter, Depends, Header, HTTPException
 from pydantic import BaseModel
-from rq import Queue
-from rq.serializers import JSONSerializer
 
 from onlinespec import keys
+from onlinespec.control import Control
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.registry import CheckpointError, PublishConflict, Registry
 from onlinespec.update import learner_config, learner_health
@@ -26,7 +25,7 @@ class VersionBody(BaseModel):
 
 
 def drafter_overview(redis, registry: Registry, drafter: str, serving_version: int | None) -> dict:
-    pause = redis.get(keys.paused_key(drafter))
+    state = Control(redis, registry).state(drafter)
     versions = []
     for v in registry.versions(drafter):
         try:
@@ -43,8 +42,9 @@ def drafter_overview(redis, registry: Registry, drafter: str, serving_version: i
         "id": drafter,
         "serving_version": serving_version,
         "latest": registry.latest(drafter),
-        "paused": bool(pause),
-        "pinned": pause == b"pinned",
+        "paused": state.paused,
+        "pinned": state.pinned is not None,
+        "backoff": state.backoff,
         "health": learner_health(redis, drafter),
         "learner": learner_config(redis, drafter).to_dict(),
         "versions": versions,
@@ -69,11 +69,12 @@ def admin_router(token: str | None, redis, registry: Registry, drafters: dict, t
     def list_drafters():
         return {"drafters": [drafter_overview(redis, registry, d, h.version) for d, h in drafters.items()]}
 
+    control = Control(redis, registry, target)
+
     @router.post("/drafters/{drafter}/rollback")
     def rollback(drafter: str, body: VersionBody):
-        known(drafter)
         try:
-            registry.rollback(drafter, body.version, reason="admin")
+            control.rollback(known(drafter), body.version, reason="admin")
         except CheckpointError as exc:
             raise HTTPException(400, f"cannot roll back to v{body.version}: {exc}") from None
         except PublishConflict as exc:
@@ -83,20 +84,21 @@ def admin_router(token: str | None, redis, registry: Registry, drafters: dict, t
     @router.post("/drafters/{drafter}/pin")
     def pin(drafter: str, body: VersionBody):
         """Serve this version and stop learning until resumed."""
-        rollback(drafter, body)
-        redis.set(keys.paused_key(drafter), "pinned")
-        redis.set(keys.pinned_key(drafter), body.version)  # never collected while pinned
+        try:
+            control.pin(known(drafter), body.version, reason="admin pin")
+        except CheckpointError as exc:
+            raise HTTPException(400, f"cannot pin v{body.version}: {exc}") from None
+        except PublishConflict as exc:
+            raise HTTPException(409, str(exc)) from None
         return {"drafter": drafter, "latest": body.version, "paused": True}
 
     @router.post("/drafters/{drafter}/pause")
     def pause(drafter: str):
-        redis.set(keys.paused_key(known(drafter)), "1")
-        return {"drafter": drafter, "paused": True}
+        return {"drafter": drafter, "paused": control.pause(known(drafter)).paused}
 
     @router.post("/drafters/{drafter}/resume")
     def resume(drafter: str):
-        redis.delete(keys.paused_key(known(drafter)), keys.pinned_key(drafter))
-        return {"drafter": drafter, "paused": False}
+        return {"drafter": drafter, "paused": control.resume(known(drafter)).paused}
 
     @router.get("/drafters/{drafter}/learner")
     def get_learner(drafter: str):
@@ -119,11 +121,9 @@ def admin_router(token: str | None, redis, registry: Registry, drafters: dict, t
 
     @router.post("/drafters/{drafter}/update")
     def trigger_update(drafter: str):
-        from workers.trigger import Trigger
-
-        queue = Queue(keys.UPDATE_QUEUE, connection=redis, serializer=JSONSerializer)
-        if not Trigger(redis, queue, target).enqueue(known(drafter)):
+        job = control.enqueue_round(known(drafter))
+        if job is None:
             raise HTTPException(409, f"an update of {drafter} is already queued or running")
-        return {"drafter": drafter, "enqueued": True}
+        return {"drafter": drafter, "enqueued": True, "job": job}
 
     return router

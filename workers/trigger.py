@@ -1,7 +1,8 @@
 """Enqueues update jobs: when enough new feedback is pending, or on a period when some is.
 
-Every worker process may run a trigger; the in-flight mark (SET NX with expiry) keeps at most
-one update job per drafter queued or running, whichever trigger saw the backlog first. The mark
+Every worker process may run a trigger; the in-flight mark (SET NX with expiry, set by
+:meth:`onlinespec.control.Control.enqueue_round`) keeps at most one update job per drafter
+queued or running, whichever trigger saw the backlog first. The mark
 lives ``queue_ttl`` seconds while the job waits in the queue, then the running job's heartbeat
 keeps it (``workers.jobs``) and clears it when the round ends, however it ends. A drafter whose
 last round failed waits out its backoff key; the next round retries the same pending records.
@@ -12,13 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 
 from rq import Queue
 
 from onlinespec import keys
+from onlinespec.control import POOL, Control
 from onlinespec.stream import FeedbackReader
-from onlinespec.update import POOL
 
 __all__ = ["Trigger"]
 
@@ -30,7 +30,8 @@ class Trigger:
                  job_timeout: int = 600, queue_ttl: int = 600, poll: float = 0.5):
         self.redis, self.queue, self.target = redis_client, queue, target
         self.min_records, self.period, self.poll = min_records, period, poll
-        self.job_timeout, self.queue_ttl = job_timeout, queue_ttl
+        self.control = Control(redis_client, target=target, job_timeout=job_timeout, queue_ttl=queue_ttl)
+        self.control._queue = queue
         self.last_enqueued: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -43,7 +44,7 @@ class Trigger:
         enqueued = []
         drafters = self.drafters()
         for drafter in drafters + ([POOL] if len(drafters) >= 2 else []):
-            if self.redis.exists(keys.paused_key(drafter), keys.backoff_key(drafter)):
+            if not self.control.may_learn(drafter):
                 continue  # paused, or waiting out the backoff after a failed round
             reader = FeedbackReader(self.redis, self.target, drafter, consumer="trigger")
             pending = reader.pending_new(limit=self.min_records)
@@ -54,13 +55,8 @@ class Trigger:
         return enqueued
 
     def enqueue(self, drafter: str, force: bool = False) -> bool:
-        job_id = f"update-{drafter.strip('_')}-{uuid.uuid4().hex[:8]}"
-        if not self.redis.set(keys.inflight_key(drafter), job_id, nx=True, ex=self.queue_ttl) and not force:
+        if self.control.enqueue_round(drafter, force=force) is None:
             return False
-        func, args = ("workers.jobs.update_pool", (self.target,)) if drafter == POOL else (
-            "workers.jobs.update_drafter", (self.target, drafter))
-        self.queue.enqueue_call(func, args=args, timeout=self.job_timeout, job_id=job_id, result_ttl=600,
-                                failure_ttl=86_400)
         self.last_enqueued[drafter] = time.time()
         return True
 
