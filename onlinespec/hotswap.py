@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from onlinespec import keys
+from onlinespec.background import Background
 from onlinespec.control import Control
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.registry import CheckpointError, PublishConflict, Registry, expected_shapes
@@ -79,36 +80,28 @@ class SwapWatcher:
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ready: dict[str, tuple[object, int, int | None]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._last_event, self._last_poll = "$", 0.0
+        # follows events and polls pointers; a Redis outage is logged and counted, the task goes on
+        self.task = Background("swap-watcher", self._step, period=0.0, backoff=1.0, max_backoff=5.0, log=log)
 
     # ------------------------------------------------------------------ background side
 
     def start(self) -> SwapWatcher:
-        self._thread = threading.Thread(target=self._run, name="swap-watcher", daemon=True)
-        self._thread.start()
+        self.task.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(5)
+        self.task.stop()
 
-    def _run(self) -> None:
-        last_id = "$"
-        last_poll = 0.0
-        while not self._stop.is_set():
-            try:
-                events = self.redis.xread({keys.events_stream: last_id}, count=100, block=500)
-                for _, entries in events or []:
-                    for entry_id, _ in entries:
-                        last_id = entry_id
-                if events or time.time() - last_poll >= self.poll_seconds:
-                    last_poll = time.time()
-                    self.check_all()
-            except Exception as exc:  # noqa: BLE001 - Redis down: keep serving, retry
-                log.warning("swap watcher: %s", exc)
-                self._stop.wait(1.0)
+    def _step(self) -> None:
+        """Wait up to half a second for events; check every drafter on one, or every poll period."""
+        events = self.redis.xread({keys.events_stream: self._last_event}, count=100, block=500)
+        for _, entries in events or []:
+            for entry_id, _ in entries:
+                self._last_event = entry_id
+        if events or time.time() - self._last_poll >= self.poll_seconds:
+            self._last_poll = time.time()
+            self.check_all()
 
     def check_all(self) -> None:
         for drafter, handle in self.drafters.items():

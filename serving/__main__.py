@@ -106,8 +106,10 @@ def build(config_path: str | None = None, no_redis: bool = False):
     app.include_router(dashboard_router(state, redis, registry, drafters, cfg.target_id,
                                         admin_token=cfg.admin_token))
 
-    def cleanup():
+    def cleanup():  # the owner of each background task stops it
         state.loop.stop()
+        if state.extra.get("sampler"):
+            state.extra["sampler"].stop()
         if watcher:
             watcher.stop()
         if writer:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -29,6 +28,8 @@ from fastapi import APIRouter, Header, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse
 
 from onlinespec import keys
+from onlinespec.background import Background
+from onlinespec.control import Control
 
 __all__ = ["dashboard_router"]
 
@@ -50,15 +51,16 @@ class Sampler:
         self.pool = deque(maxlen=keep)  # {t, weights}
         self.lag = deque(maxlen=keep)  # {t, queue_depth, feedback_pending, update_jobs}
         self.last: dict = {}
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, name="dashboard-sampler", daemon=True).start()
+        self._updates = Control(redis).queue() if redis is not None else None  # RQ's public count, not its keys
+        # a dashboard must never hurt serving: errors are logged and counted, the task goes on
+        self.task = Background("dashboard-sampler", self.sample, period=period)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            try:
-                self.sample()
-            except Exception:  # noqa: BLE001 - a dashboard must never hurt serving
-                pass
+    def start(self) -> Sampler:
+        self.task.start()
+        return self
+
+    def stop(self) -> None:
+        self.task.stop()
 
     def sample(self) -> None:
         now = time.time()
@@ -82,7 +84,7 @@ class Sampler:
             except Exception:  # noqa: BLE001 - the stream may not exist yet
                 pass
             lag["feedback_pending"] = pending
-            lag["update_jobs"] = int(self.redis.llen(f"rq:queue:{keys.UPDATE_QUEUE}"))
+            lag["update_jobs"] = self._updates.count
         self.lag.append(lag)
 
     def _accept(self, now, key, blocks: float, accepted: float, drafter, version, source: str) -> None:
@@ -97,8 +99,8 @@ class Sampler:
 def dashboard_router(state, redis, registry, drafters: dict, target: str, period: float = 2.0,
                      admin_token: str | None = None) -> APIRouter:
     router = APIRouter()
-    sampler = Sampler(state, redis, target, drafters, period)
-    state.extra["sampler"] = sampler
+    sampler = Sampler(state, redis, target, drafters, period).start()
+    state.extra["sampler"] = sampler  # stopped by the server's cleanup
 
     @router.get("/dashboard", response_class=HTMLResponse)
     def page():

@@ -53,6 +53,12 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
                        lambda: {(): cache.tokens})
         metrics.sample(Gauge("suffix_cache_entries", "n-grams indexed by suffix speculation."),
                        lambda: {(): len(cache)})
+    from onlinespec.background import tasks
+
+    metrics.sample(Counter("background_errors_total", "Errors in background tasks (each logged; the task goes on)."),
+                   lambda: {(("task", t.name),): t.errors for t in tasks()})
+    metrics.sample(Gauge("background_alive", "Background tasks running (1) or stopped (0)."),
+                   lambda: {(("task", t.name),): int(t.alive) for t in tasks()})
     loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
                       drafters=drafters, prefill_tokens=prefill_tokens,
                       kv_cache_tokens=kv_cache_tokens, router=router).start()

@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 from dataclasses import asdict
 
 from onlinespec import keys
+from onlinespec.background import Background
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.redis_server import connect
 from onlinespec.registry import Registry
@@ -68,19 +68,9 @@ def _guarded(redis, drafter: str, run):
 
     job = get_current_job()
     mark, token = keys.inflight_key(drafter), job.id if job is not None else "direct"
-    stop = threading.Event()
-
-    def beat():
-        while True:
-            try:
-                redis.set(mark, token, ex=HEARTBEAT_TTL)
-            except Exception as exc:  # noqa: BLE001 - Redis away: the round will fail on its own
-                log.warning("heartbeat of %s: %s", drafter, exc)
-            if stop.wait(HEARTBEAT_TTL / 3):
-                return
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{drafter}", daemon=True)
-    thread.start()
+    # Redis away: logged and counted, the round fails on its own
+    heartbeat = Background(f"heartbeat-{drafter}", lambda: redis.set(mark, token, ex=HEARTBEAT_TTL),
+                           period=HEARTBEAT_TTL / 3, log=log).start()
     health = keys.health_key(drafter)
     try:
         result = run()
@@ -99,8 +89,7 @@ def _guarded(redis, drafter: str, run):
             log.exception("could not record the failed round of %s", drafter)
         raise
     finally:
-        stop.set()
-        thread.join(5)
+        heartbeat.stop()
         try:
             redis.delete(mark)
         except Exception:  # noqa: BLE001 - the heartbeat stopped: the mark expires by itself

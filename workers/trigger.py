@@ -11,12 +11,12 @@ last round failed waits out its backoff key; the next round retries the same pen
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from rq import Queue
 
 from onlinespec import keys
+from onlinespec.background import Background
 from onlinespec.control import POOL, Control
 from onlinespec.stream import FeedbackReader
 
@@ -33,8 +33,7 @@ class Trigger:
         self.control = Control(redis_client, target=target, job_timeout=job_timeout, queue_ttl=queue_ttl)
         self.control._queue = queue
         self.last_enqueued: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.task = Background("update-trigger", self.check, period=poll, log=log)  # Redis hiccups: logged, retried
 
     def drafters(self) -> list[str]:
         return sorted(d.decode() for d in self.redis.smembers(keys.drafters_set(self.target)))
@@ -61,17 +60,7 @@ class Trigger:
         return True
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="update-trigger", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll):
-            try:
-                self.check()
-            except Exception as exc:  # noqa: BLE001 - keep triggering through Redis hiccups
-                log.warning("trigger: %s", exc)
+        self.task.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(5)
+        self.task.stop()
