@@ -100,13 +100,18 @@ def build(config_path: str | None = None, no_redis: bool = False):
                         kv_cache_tokens=s.kv_cache_tokens or None, max_prompt_tokens=s.max_prompt_tokens,
                         max_tokens=s.max_tokens, drafters=drafters, api_keys=cfg.api_keys,
                         router=router)
-    app = create_app(state)
+    app = create_app(state, on_shutdown=[lambda: cleanup()])  # the lifespan stops what this process owns
     if redis is not None:
         app.include_router(admin_router(cfg.admin_token, redis, registry, drafters, cfg.target_id))
     app.include_router(dashboard_router(state, redis, registry, drafters, cfg.target_id,
                                         admin_token=cfg.admin_token))
 
-    def cleanup():  # the owner of each background task stops it
+    stopped = []
+
+    def cleanup():  # the owner of each background task stops it (once: the lifespan, then main's finally)
+        if stopped:
+            return
+        stopped.append(True)
         state.loop.stop()
         if state.extra.get("sampler"):
             state.extra["sampler"].stop()

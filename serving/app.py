@@ -1,31 +1,24 @@
-"""The HTTP API: OpenAI-compatible completions and chat, streaming, health, metrics."""
+"""The HTTP application, built from small pieces: the OpenAI routes (``openai_api.py``), the
+operations routes (``ops.py``), error bodies (``errors.py``); ``serving/__main__.py`` adds the
+admin and dashboard routers. A lifespan stops what the server owns when it shuts down."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import hmac
-import json
-import logging
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import FastAPI
 
-from onlinespec.chat import DEFAULT_CHAT_TEMPLATE, render
-from onlinespec.engine import StepOutput
-from onlinespec.errors import InvalidRequestError
-from onlinespec.sampling import SamplingParams
-from serving.engine_loop import EngineLoop, QueueFull, RequestHandle
-from serving.logprobs import chat_logprobs, completion_logprobs
+from onlinespec.chat import DEFAULT_CHAT_TEMPLATE
+from serving.auth import bearer_token, secret_in, tenant_of
+from serving.engine_loop import EngineLoop
+from serving.errors import ApiError, install_error_handlers
 from serving.metrics import Metrics
-from serving.protocol import ChatRequest, CompletionRequest, error_body, new_id, now
+from serving.openai_api import openai_router
+from serving.ops import ops_router
 
-__all__ = ["ServerState", "create_app", "DEFAULT_CHAT_TEMPLATE", "bearer_token", "tenant_of"]
-
-log = logging.getLogger(__name__)
-
+__all__ = ["ServerState", "create_app", "DEFAULT_CHAT_TEMPLATE", "ApiError", "bearer_token", "secret_in",
+           "tenant_of"]
 
 
 @dataclass
@@ -42,284 +35,19 @@ class ServerState:
     extra: dict = field(default_factory=dict)
 
 
-def bearer_token(authorization: str | None) -> str | None:
-    """The credential of an ``Authorization: Bearer <token>`` header (the scheme is
-    case-insensitive, RFC 7235); None for a missing header or any other scheme."""
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
+def create_app(state: ServerState, on_shutdown=()) -> FastAPI:
+    """The application for a server state; ``on_shutdown``: what to call when it stops (the
+    owners' ``stop``/``close`` of the engine loop, the watcher, the writer, the sampler)."""
 
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        for stop in on_shutdown:
+            stop()
 
-def secret_in(given: str | None, secrets) -> bool:
-    """Constant-time membership (bytes: ``compare_digest`` refuses non-ASCII str)."""
-    if not given:
-        return False
-    raw = given.encode("utf-8", "surrogateescape")
-    found = False
-    for s in secrets:
-        found |= hmac.compare_digest(raw, s.encode("utf-8"))
-    return found
-
-
-def tenant_of(api_key: str | None, user: str | None) -> str | None:
-    """The request's tenant: who may copy whose outputs (suffix speculation) and the feedback
-    record's tag. It derives from the API key (a one-way hash: no secret reaches Redis); the
-    ``user`` field only narrows it within one key, since any client can write any ``user``.
-    No key, no tenant: such a request copies only from its own text."""
-    if not api_key:
-        return None
-    tenant = "key:" + hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return tenant + "/user:" + user if user else tenant
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
-
-
-def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="OnlineSpec", version="0.1.0")
+    app = FastAPI(title="OnlineSpec", version="0.1.0", lifespan=lifespan)
     app.state.server = state
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_, exc: ApiError):
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_, exc: HTTPException):
-        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
-            exc.status_code, "invalid_request_error")
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_, exc: Exception):  # a bug: still an OpenAI-style JSON body, never plain text
-        log.error("unhandled error: %s: %s", type(exc).__name__, exc, exc_info=exc)
-        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); see the server log",
-                                       "server_error"), status_code=500)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_, exc: RequestValidationError):
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{where or 'body'}: {err.get('msg')}")
-        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
-        param = ".".join(str(x) for x in first if x != "body") or None
-        return JSONResponse(error_body("; ".join(parts), param=param), status_code=400)
-
-    def _params(req, prompt_len: int) -> SamplingParams:
-        if req.model != state.model_name:
-            raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{state.model_name}'",
-                           param="model", code="model_not_found")
-        if prompt_len > state.max_prompt_tokens:
-            raise ApiError(400, f"prompt has {prompt_len} tokens, more than this server's limit of "
-                           f"{state.max_prompt_tokens}", param="prompt")
-        max_new = req.max_completion_tokens or req.max_tokens or 16
-        if max_new > state.max_tokens:
-            raise ApiError(400, f"max_tokens={max_new} exceeds this server's limit of {state.max_tokens}",
-                           param="max_tokens")
-        try:
-            return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()), k=req.k,
-                                  ignore_eos=req.ignore_eos, logprobs=req.logprobs_wanted)
-        except InvalidRequestError as exc:
-            raise ApiError(400, str(exc)) from None
-
-    def _tenant(req, request: Request) -> str | None:
-        key = bearer_token(request.headers.get("authorization"))
-        if state.api_keys and not secret_in(key, state.api_keys):
-            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                           type_="authentication_error", code="invalid_api_key")
-        return tenant_of(key, req.user)
-
-    def _submit(prompt_ids: list[int], params: SamplingParams, tenant: str | None,
-                domain: str | None = None, stream: bool = True) -> RequestHandle:
-        try:
-            return state.loop.submit(prompt_ids, params, tenant=tenant, domain=domain, stream=stream)
-        except QueueFull as exc:
-            state.metrics.rejected.inc(label="queue_full")
-            raise ApiError(429, f"server busy: {exc}; retry later", type_="rate_limit_error") from None
-
-    def _spec(handle: RequestHandle) -> dict:
-        gen = handle.generation
-        drafter = gen.drafter if gen else None
-        stats = gen.stats if gen else None
-        return {
-            "mean_accepted_length": stats.mean_accepted_length if stats else None,
-            "drafted_tokens": stats.drafted if stats else 0,
-            "accepted_tokens": stats.accepted if stats else 0,
-            "draft_steps": stats.spec_steps if stats else 0,  # steps that verified drafts
-            # drafts copied by suffix speculation (counted in drafted/accepted above)
-            "copied_tokens": stats.copied if stats else 0,
-            "copied_accepted_tokens": stats.copied_accepted if stats else 0,
-            "drafter_id": drafter.drafter_id if drafter else None,
-            "drafter_version": drafter.version if drafter else None,
-            # the drafter model's own drafts and suffix copies, apart
-            "own": {"drafted_tokens": stats.own_drafted if stats else 0,
-                    "accepted_tokens": stats.own_accepted if stats else 0,
-                    "draft_steps": stats.own_steps if stats else 0,
-                    "mean_accepted_length": stats.own_accepted_length if stats else None},
-            "copied": {"drafted_tokens": stats.copied if stats else 0,
-                       "accepted_tokens": stats.copied_accepted if stats else 0,
-                       "draft_steps": stats.copy_steps if stats else 0,
-                       "mean_accepted_length": stats.copied_accepted_length if stats else None},
-        }
-
-    def _usage(prompt_len: int, completion: int) -> dict:
-        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
-
-    async def _next(handle: RequestHandle, request: Request) -> StepOutput:
-        while True:
-            try:
-                item = await asyncio.wait_for(handle.outputs.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    handle.cancel()
-                    raise asyncio.CancelledError from None
-                continue
-            if isinstance(item, InvalidRequestError):
-                raise ApiError(400, str(item))
-            if isinstance(item, Exception):
-                raise ApiError(500, f"generation failed: {item}", type_="server_error")
-            return item
-
-    async def _collect(handle, request) -> tuple[str, list[int], str, list]:
-        """A request that is not streamed gets its steps' outputs in one list, at the end."""
-        text, tokens, logprobs = [], [], []
-        while True:
-            item = await _next(handle, request)
-            for out in item if isinstance(item, list) else [item]:
-                text.append(out.text)
-                tokens += out.tokens
-                logprobs += out.logprobs or ()
-                if out.finished:
-                    return "".join(text), tokens, out.finish_reason.value, logprobs
-
-    def _logprobs(kind: str, items, wanted: bool, text_offset: int = 0) -> dict | None:
-        if not wanted:
-            return None
-        if kind == "completion":
-            return completion_logprobs(state.tokenizer, items, text_offset)
-        return chat_logprobs(state.tokenizer, items)
-
-    def _stream(handle, request, kind: str, rid: str, prompt_len: int, include_usage: bool, wanted: bool):
-        created = now()
-        obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
-
-        def chunk(delta_text, finish, first=False, logprobs=None):
-            if kind == "completion":
-                choice = {"index": 0, "text": delta_text, "logprobs": logprobs, "finish_reason": finish}
-            else:
-                delta = {"content": delta_text}
-                if first:
-                    delta["role"] = "assistant"
-                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            return {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
-
-        async def events():
-            completion = chars = 0
-            first = True
-            pending = []  # log-probs of tokens whose text is held back (a possible stop string)
-            try:
-                while True:
-                    out = await _next(handle, request)
-                    completion += len(out.tokens)
-                    pending += out.logprobs or ()
-                    finish = out.finish_reason.value if out.finished else None
-                    if out.text or finish or first:
-                        lp = _logprobs(kind, pending, wanted, chars)
-                        yield f"data: {json.dumps(chunk(out.text, finish, first, lp))}\n\n"
-                        chars += len(out.text)
-                        pending = []
-                        first = False
-                    if out.finished:
-                        break
-                if include_usage:
-                    tail = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [],
-                            "usage": _usage(prompt_len, completion), "speculative": _spec(handle)}
-                    yield f"data: {json.dumps(tail)}\n\n"
-                yield "data: [DONE]\n\n"
-            except ApiError as exc:
-                yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param))}\n\n"
-            finally:
-                handle.cancel()  # a no-op when finished; frees the engine when the client left
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    async def _serve(req, prompt_ids: list[int], request: Request, kind: str, tenant: str | None):
-        params = _params(req, len(prompt_ids))
-        handle = _submit(prompt_ids, params, tenant, req.domain, stream=bool(req.stream))
-        rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        wanted = params.logprobs is not None
-        if req.stream:
-            return _stream(handle, request, kind, rid, len(prompt_ids), include_usage, wanted)
-        try:
-            text, tokens, finish, items = await _collect(handle, request)
-        finally:
-            handle.cancel()
-        logprobs = _logprobs(kind, items, wanted)
-        if kind == "completion":
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            obj = "text_completion"
-        else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish}
-            obj = "chat.completion"
-        return {"id": rid, "object": obj, "created": now(), "model": state.model_name, "choices": [choice],
-                "usage": _usage(len(prompt_ids), len(tokens)), "speculative": _spec(handle)}
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        tenant = _tenant(req, request)  # a bad key is refused before any work
-        if isinstance(req.prompt, list):
-            if any(not isinstance(t, int) or t < 0 for t in req.prompt):
-                raise ApiError(400, "prompt token ids must be non-negative integers", param="prompt")
-            prompt_ids = list(req.prompt)
-        else:
-            prompt_ids = state.tokenizer.encode(req.prompt)
-        if not prompt_ids:
-            raise ApiError(400, "prompt encodes to no tokens", param="prompt")
-        return await _serve(req, prompt_ids, request, "completion", tenant)
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
-        tenant = _tenant(req, request)
-        prompt_ids = render(state.tokenizer, [m.model_dump() for m in req.messages])
-        return await _serve(req, prompt_ids, request, "chat", tenant)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                            "owned_by": "onlinespec"}]}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready():
-        checks = {"models": True, "engine_loop": state.loop.alive}
-        if state.redis is None:
-            checks["redis"] = "disabled"
-        else:
-            try:
-                checks["redis"] = bool(await asyncio.to_thread(state.redis.ping))
-            except Exception as exc:  # noqa: BLE001
-                checks["redis"] = f"unreachable: {exc}"
-        # Serving does not need Redis: without it feedback is buffered (then counted as lost) and
-        # versions stop changing, so an unreachable Redis degrades the server but keeps it ready.
-        ok = bool(checks["engine_loop"])
-        body = {"ready": ok, "checks": checks, "degraded": checks["redis"] not in (True, "disabled")}
-        if state.loop.restarts:
-            body["engine_loop_restarts"] = state.loop.restarts
-            body["last_crash"] = state.loop.last_crash
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
-
+    install_error_handlers(app)
+    app.include_router(openai_router(state))
+    app.include_router(ops_router(state))
     return app

@@ -132,7 +132,7 @@ def dashboard_router(state, redis, registry, drafters: dict, target: str, period
     @router.get("/dashboard/data")
     def data(authorization: str | None = Header(default=None)):
         from serving.admin import drafter_overview
-        from serving.app import bearer_token, secret_in
+        from serving.auth import bearer_token, secret_in
 
         admin = bool(admin_token) and secret_in(bearer_token(authorization), (admin_token,))
 

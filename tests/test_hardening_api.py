@@ -172,7 +172,7 @@ def test_suffix_speculation_never_copies_across_api_keys(server):
 
 
 def test_tenant_derives_from_the_key_and_bearer_parsing_is_strict():
-    from serving.app import bearer_token, tenant_of
+    from serving.auth import bearer_token, tenant_of
 
     assert tenant_of(None, "bob") is None
     t = tenant_of("sk-1", None)
