@@ -9,6 +9,9 @@ through :class:`Control`; none of them writes these keys itself.
     resume           learning goes on; a pin is lifted
     pin V            the latest pointer goes to V (verified first), learning stops, V is never collected
     rollback V       the latest pointer goes to V (verified first); the learners continue from it
+    judge            the rollback guard: a version whose own drafts, summed over every serving
+                     replica, accept less than its parent's by more than a margin is rolled back
+                     (compare-and-set: one decision per drafter, whichever replica makes it)
     enqueue_round    one learning round queued; at most one queued or running per drafter (an
                      in-flight mark, SET NX with expiry, that the running job's heartbeat keeps)
 
@@ -18,12 +21,16 @@ round set (:meth:`Control.may_learn`).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 
 from onlinespec import keys
 
 __all__ = ["Control", "DrafterState", "POOL"]
+
+log = logging.getLogger(__name__)
+ACCEPTANCE_TTL = 7 * 86_400  # seconds a version's summed acceptance is kept after its last draft
 
 POOL = "__pool__"  # the drafter pool's pseudo-drafter: its rounds update the Hedge weights over drafters
 
@@ -106,6 +113,48 @@ class Control:
         self.queue().enqueue_call(func, args=args, timeout=self.job_timeout, job_id=job_id, result_ttl=600,
                                   failure_ttl=86_400)
         return job_id
+
+    # ------------------------------------------------------------------ the rollback guard
+
+    def record_acceptance(self, counts: dict[tuple[str, int], tuple[int, int]]) -> None:
+        """Add a replica's own-draft counts, ``{(drafter, version): (drafted, accepted)}``."""
+        if not counts:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for (drafter, version), (drafted, accepted) in counts.items():
+            key = keys.acceptance_key(drafter, version)
+            pipe.hincrby(key, "drafted", int(drafted))
+            pipe.hincrby(key, "accepted", int(accepted))
+            pipe.expire(key, ACCEPTANCE_TTL)
+        pipe.execute()
+
+    def acceptance(self, drafter: str, version: int) -> tuple[int, int]:
+        """(drafted, accepted) of a version's own drafts over every replica."""
+        drafted, accepted = self.redis.hmget(keys.acceptance_key(drafter, version), "drafted", "accepted")
+        return int(drafted or 0), int(accepted or 0)
+
+    def judge(self, drafter: str, version: int, parent: int, min_drafted: int, margin: float) -> str | None:
+        """Roll ``version`` back to ``parent`` when, with at least ``min_drafted`` drafts each, it
+        accepts less than the parent by more than ``margin``, and only while it is still the
+        latest; the reason when this call rolled it back, else None."""
+        drafted, accepted = self.acceptance(drafter, version)
+        before_drafted, before_accepted = self.acceptance(drafter, parent)
+        if drafted < min_drafted or before_drafted < min_drafted:
+            return None
+        now, before = accepted / drafted, before_accepted / before_drafted
+        if now >= before - margin:
+            return None
+        reason = f"acceptance {now:.3f} < parent v{parent} {before:.3f} - {margin} (over {drafted} drafts)"
+        from onlinespec.registry import CheckpointError, PublishConflict
+
+        try:  # never over a newer version, nor twice: another replica may have decided already
+            self.rollback(drafter, parent, reason=reason, expect=version)
+        except PublishConflict:
+            return None
+        except CheckpointError as exc:
+            log.warning("rollback of %s v%s to v%s refused: %s", drafter, version, parent, exc)
+            return None
+        return reason
 
     # ------------------------------------------------------------------ parts
 

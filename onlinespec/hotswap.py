@@ -10,9 +10,12 @@ Each version comes with the acceptance its learners estimated on recent traffic
 (:attr:`SwapWatcher.estimates`), which the engine's draft-length controller starts it from; the
 pool's Hedge weights go to the :class:`~onlinespec.routing.DrafterRouter`.
 
-:meth:`SwapWatcher.observe` feeds per-version acceptance from the engine. When a new version,
-after ``min_drafted`` drafted tokens, accepts less than its parent did by more than ``margin``,
-the drafter is rolled back to the parent (the learners then continue from it).
+:meth:`SwapWatcher.observe` takes per-version own-draft counts from the engine; the watcher
+thread adds them to every replica's sums in Redis and the control plane judges the serving
+version on those sums (:meth:`onlinespec.control.Control.judge`): when a new version, after
+``min_drafted`` drafted tokens, accepts less than its parent did by more than ``margin``, the
+drafter is rolled back to the parent (the learners then continue from it), once, by whichever
+replica decides first.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from onlinespec import keys
 from onlinespec.background import Background
 from onlinespec.control import Control
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.registry import CheckpointError, PublishConflict, Registry, expected_shapes
+from onlinespec.registry import CheckpointError, Registry, expected_shapes
 
 __all__ = ["SwapStats", "VersionStats", "SwapWatcher"]
 
@@ -81,6 +84,7 @@ class SwapWatcher:
         self._ready: dict[str, tuple[object, int, int | None]] = {}
         self._lock = threading.Lock()
         self._last_event, self._last_poll = "$", 0.0
+        self._unflushed: dict[tuple[str, int], tuple[int, int]] = {}  # own-draft counts not yet in Redis
         # follows events and polls pointers; a Redis outage is logged and counted, the task goes on
         self.task = Background("swap-watcher", self._step, period=0.0, backoff=1.0, max_backoff=5.0, log=log)
 
@@ -101,6 +105,7 @@ class SwapWatcher:
                 self._last_event = entry_id
         if events or time.time() - self._last_poll >= self.poll_seconds:
             self._last_poll = time.time()
+            self.judge()
             self.check_all()
 
     def check_all(self) -> None:
@@ -170,29 +175,37 @@ class SwapWatcher:
         return swapped
 
     def observe(self, drafter: str, version: int, drafted: int, accepted: int) -> None:
+        """The engine's own-draft counts of a step (engine loop thread: no Redis here)."""
         stats = self.stats.versions.setdefault((drafter, version), VersionStats())
         stats.drafted += drafted
         stats.accepted += accepted
         stats.steps += 1
-        if self.rollback_enabled and drafted:
-            self._maybe_rollback(drafter, version, stats)
+        if drafted:
+            with self._lock:
+                d, a = self._unflushed.get((drafter, version), (0, 0))
+                self._unflushed[(drafter, version)] = (d + drafted, a + accepted)
 
-    def _maybe_rollback(self, drafter: str, version: int, stats: VersionStats) -> None:
-        parent = self.parents.get(drafter)
-        if parent is None or stats.drafted < self.min_drafted:
-            return
-        before = self.stats.versions.get((drafter, parent))
-        if before is None or before.drafted < self.min_drafted:
-            return
-        if stats.acceptance < before.acceptance - self.margin:
-            reason = f"acceptance {stats.acceptance:.3f} < parent v{parent} {before.acceptance:.3f} - {self.margin}"
-            try:  # only while the judged version is still the latest: never over a newer one
-                self.control.rollback(drafter, parent, reason=reason, expect=version)
-            except (CheckpointError, PublishConflict) as exc:
-                log.warning("rollback of %s v%s failed: %s", drafter, version, exc)
-                return
+    def judge(self) -> list[tuple[str, int]]:
+        """Add this replica's counts to every replica's in Redis, then let the control plane judge
+        each serving version against its parent on the sum (watcher thread); the (drafter,
+        version) pairs this call rolled back."""
+        with self._lock:
+            counts, self._unflushed = self._unflushed, {}
+        self.control.record_acceptance(counts)
+        rolled = []
+        if not self.rollback_enabled:
+            return rolled
+        for drafter, handle in self.drafters.items():
+            parent, version = self.parents.get(drafter), handle.version
+            if parent is None or (drafter, version) in self.refused:
+                continue
+            reason = self.control.judge(drafter, version, parent, self.min_drafted, self.margin)
+            if reason is None:
+                continue
             self.stats.rollbacks += 1
             self.parents[drafter] = None  # do not roll back past the parent
             self.refused.add((drafter, version))
             self.reasons[(drafter, version)] = "rolled back: accepted less than its parent"
             log.warning("rolled back %s v%s -> v%s: %s", drafter, version, parent, reason)
+            rolled.append((drafter, version))
+        return rolled

@@ -6,7 +6,7 @@ __all__ = [
     "feedback_stream", "dead_letter_stream", "learner_group", "events_stream", "latest_key",
     "version_counter", "learner_metrics_stream", "learner_latest", "learner_config", "paused_key",
     "inflight_key", "UPDATE_QUEUE", "TUNE_QUEUE", "pool_key", "drafters_set", "backoff_key", "health_key", "learned_key", "relearned_key",
-    "spec_key", "serving_key", "pinned_key", "dead_letter_seen", "dead_letter_count", "written_key",
+    "spec_key", "serving_key", "pinned_key", "acceptance_key", "dead_letter_seen", "dead_letter_count", "written_key",
 ]
 
 UPDATE_QUEUE = "onlinespec-updates"
@@ -128,3 +128,9 @@ def dead_letter_count(target: str) -> str:
 def written_key(target: str, request_id: str) -> str:
     """Set (with expiry) with each record's XADD, in one script: a retried batch adds nothing twice."""
     return f"onlinespec:feedback:{target}:written:{request_id}"
+
+
+def acceptance_key(drafter: str, version: int) -> str:
+    """Hash {drafted, accepted}: the drafter model's own drafts of one version, summed over every
+    serving replica: what the rollback guard judges a version by (one decision per drafter)."""
+    return f"onlinespec:drafter:{drafter}:acceptance:v{version}"

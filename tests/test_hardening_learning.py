@@ -11,6 +11,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from onlinespec import keys
+from onlinespec.control import Control
 from onlinespec.codec import encode
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
@@ -211,7 +212,7 @@ def test_a_rollback_never_overwrites_a_version_published_after_the_one_judged(se
     assert watcher.check("a") and watcher.apply() == [("a", 2)]
     registry.publish("a", base, parent=2)  # v3 arrives while v2 is being judged
     watcher.observe("a", 2, 200, 60)  # v2 regressed, but it is no longer the latest
-    assert registry.latest("a") == 3 and watcher.stats.rollbacks == 0
+    assert watcher.judge() == [] and registry.latest("a") == 3 and watcher.stats.rollbacks == 0
     with pytest.raises(PublishConflict):
         registry.rollback("a", 1, expect=2)
 
@@ -284,3 +285,22 @@ def test_a_worker_that_finds_no_loadable_version_starts_again_from_the_base_mode
     result = Updater(redis_client, registry, TARGET, consumer="w2", round_records=10).run_round("a")
     assert result.status == "published" and result.parent == 3 and result.version == 4
     assert "base model" in registry.manifest("a", 3).note and registry.manifest("a", 3).parent == 2
+
+
+def test_replicas_judge_a_version_on_their_summed_drafts_and_roll_it_back_once(setup, redis_client):
+    """Two serving replicas each saw too few drafts of v2 to judge it alone; their sums in Redis
+    are enough, and exactly one rollback happens."""
+    target, registry, base = setup
+    replicas = [SwapWatcher(redis_client, registry, {"a": HFDrafter(base, "a", version=1)}, min_drafted=300,
+                            margin=0.05) for _ in range(2)]
+    for w in replicas:
+        w.observe("a", 1, 200, 150)  # v1: 75% over 400 drafts in all
+    registry.publish("a", perturbed(target, 2.0, seed=3), parent=1)
+    for w in replicas:
+        assert w.check("a") and w.apply() == [("a", 2)]
+        w.observe("a", 2, 200, 60)  # v2: 30%, 200 drafts each: under min_drafted on either replica
+    first = replicas[0].judge()
+    second = replicas[1].judge()
+    assert sorted(first + second) == [("a", 2)]  # one decision, by whichever replica came first
+    assert registry.latest("a") == 1
+    assert Control(redis_client, registry).acceptance("a", 2) == (400, 120)

@@ -254,6 +254,8 @@ def test_regressing_version_is_rolled_back(setup, redis_client):
     registry.publish("learned", perturbed(target, 2.0, seed=3), parent=1)
     assert watcher.check("learned") and watcher.apply() == [("learned", 2)]
     watcher.observe("learned", 2, 200, 60)  # v2 accepts 30%: a regression
+    assert registry.latest("learned") == 2  # the engine thread only counts
+    assert watcher.judge() == [("learned", 2)]  # the watcher thread judges the sums in Redis
     assert watcher.stats.rollbacks == 1 and registry.latest("learned") == 1
     assert watcher.check("learned") and watcher.apply() == [("learned", 1)]
     assert served.version == 1
