@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -36,6 +37,8 @@ from safetensors.torch import save_file
 
 from onlinespec import keys
 from onlinespec.errors import OnlineSpecError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "PublishConflict", "Manifest", "Registry", "expected_shapes", "model_spec",
            "ARCH_KEYS"]
@@ -325,6 +328,74 @@ class Registry:
         )
         self.gc(drafter)
         return manifest
+
+    # ------------------------------------------------------------------ bootstrap and repair (idempotent; safe
+    # with several replicas and workers: every pointer move is a compare-and-set)
+
+    def repair(self, drafter: str, expected=None) -> int | None:
+        """Point the drafter back at its newest version older than the latest that loads (checksums,
+        names and shapes in ``expected``, finite values), when the latest itself does not: its files
+        were lost or damaged (a registry volume reset beside a Redis that kept its pointer, a disk
+        fault). Returns the version now latest, or None when no older version loads either. The
+        move is a compare-and-set rollback with its reason in the events stream."""
+        latest = self.latest(drafter)
+        if latest is None:
+            return None
+        try:
+            self.load_weights(drafter, latest, expected)
+            return latest
+        except CheckpointError as exc:
+            problem = str(exc)
+        log.error("%s: the latest version cannot be loaded (%s); looking for an older one", drafter, problem)
+        for v in sorted((v for v in self.versions(drafter) if v < latest), reverse=True):
+            try:
+                self.load_weights(drafter, v, expected)
+            except CheckpointError:
+                continue
+            try:
+                self.rollback(drafter, v, reason=f"latest unloadable: {problem}"[:500])
+            except (CheckpointError, PublishConflict):  # another process moved it first: theirs stands
+                return self.latest(drafter)
+            log.warning("%s: rolled back from unloadable v%s to v%s", drafter, latest, v)
+            return v
+        return None
+
+
+    def bootstrap(self, drafter: str, model, base: str | None = None) -> int:
+        """Make sure the drafter has a latest version that loads: record its spec (architecture and
+        shapes: every later version must fit it), register the base model as its first version when
+        it has none; when the latest cannot be loaded, go back to the newest version that can
+        (:meth:`repair`) or, when none can, publish the base model on top of it."""
+        if self.set_spec(drafter, model, base):
+            log.warning("%s: the configured model's architecture differs from the registry's versions; "
+                        "versions that do not fit it will be refused", drafter)
+        latest = self.latest(drafter)
+        if latest is not None:
+            repaired = self.repair(drafter, expected_shapes(model))
+            if repaired is not None:
+                return repaired
+            log.error("%s: no kept version loads; serving and learning restart from the base model", drafter)
+        try:
+            return self.publish(drafter, model, parent=latest, note="base model" if latest is None else
+                                f"base model (no kept version of v{latest}'s line could be loaded)").version
+        except PublishConflict:
+            return self.latest(drafter)
+
+    def recover(self, drafter: str) -> int:
+        """The version to continue from after the latest failed to load: the newest version that
+        loads (:meth:`repair`) or, when none does, the base model the server registered,
+        reloaded from the spec's ``base`` and published again (:meth:`bootstrap`). Raises
+        :class:`CheckpointError` when neither is possible (a spec without a base)."""
+        repaired = self.repair(drafter)
+        if repaired is not None:
+            return repaired
+        base = (self.spec(drafter) or {}).get("base")
+        if not base:
+            raise CheckpointError(f"{drafter}: no version loads and its spec names no base model to start again from")
+        from onlinespec.models import load_model
+
+        log.error("%s: no kept version loads; learning restarts from the base model %s", drafter, base)
+        return self.bootstrap(drafter, load_model(base), base)
 
     def rollback(self, drafter: str, to_version: int, reason: str = "", expect: int | None = None) -> None:
         """Point the drafter back at a kept version (learners continue from it). ``expect``: the

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from onlinespec import keys
 from onlinespec.control import POOL, Control
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
-from onlinespec.registry import CheckpointError, PublishConflict, Registry, expected_shapes
+from onlinespec.registry import CheckpointError, PublishConflict, Registry
 from onlinespec.faults import failpoint
 from onlinespec.stream import FeedbackReader
 
-__all__ = ["RoundResult", "Updater", "PoolUpdater", "bootstrap_drafter", "repair_latest", "recover", "learner_config",
+__all__ = ["RoundResult", "Updater", "PoolUpdater", "learner_config",
            "learner_health", "already_learned", "POOL"]  # POOL (onlinespec.control): the pool's consumer group reads every record
 
 log = logging.getLogger(__name__)
@@ -44,73 +44,6 @@ class RoundResult:
     dead: int = 0
     seconds: float = 0.0
     metrics: dict | None = None
-
-
-def repair_latest(registry: Registry, drafter: str, expected=None) -> int | None:
-    """Point the drafter back at its newest version older than the latest that loads (checksums,
-    names and shapes in ``expected``, finite values), when the latest itself does not: its files
-    were lost or damaged (a registry volume reset beside a Redis that kept its pointer, a disk
-    fault). Returns the version now latest, or None when no older version loads either. The
-    move is a compare-and-set rollback with its reason in the events stream."""
-    latest = registry.latest(drafter)
-    if latest is None:
-        return None
-    try:
-        registry.load_weights(drafter, latest, expected)
-        return latest
-    except CheckpointError as exc:
-        problem = str(exc)
-    log.error("%s: the latest version cannot be loaded (%s); looking for an older one", drafter, problem)
-    for v in sorted((v for v in registry.versions(drafter) if v < latest), reverse=True):
-        try:
-            registry.load_weights(drafter, v, expected)
-        except CheckpointError:
-            continue
-        try:
-            registry.rollback(drafter, v, reason=f"latest unloadable: {problem}"[:500])
-        except (CheckpointError, PublishConflict):  # another process moved it first: theirs stands
-            return registry.latest(drafter)
-        log.warning("%s: rolled back from unloadable v%s to v%s", drafter, latest, v)
-        return v
-    return None
-
-
-def bootstrap_drafter(registry: Registry, drafter: str, model, base: str | None = None) -> int:
-    """Make sure the drafter has a latest version that loads: record its spec (architecture and
-    shapes: every later version must fit it), register the base model as its first version when
-    it has none; when the latest cannot be loaded, go back to the newest version that can
-    (:func:`repair_latest`) or, when none can, publish the base model on top of it."""
-    if registry.set_spec(drafter, model, base):
-        log.warning("%s: the configured model's architecture differs from the registry's versions; "
-                    "versions that do not fit it will be refused", drafter)
-    latest = registry.latest(drafter)
-    if latest is not None:
-        repaired = repair_latest(registry, drafter, expected_shapes(model))
-        if repaired is not None:
-            return repaired
-        log.error("%s: no kept version loads; serving and learning restart from the base model", drafter)
-    try:
-        return registry.publish(drafter, model, parent=latest, note="base model" if latest is None else
-                                f"base model (no kept version of v{latest}'s line could be loaded)").version
-    except PublishConflict:
-        return registry.latest(drafter)
-
-
-def recover(registry: Registry, drafter: str) -> int:
-    """The version to continue from after the latest failed to load: the newest version that
-    loads (:func:`repair_latest`) or, when none does, the base model the server registered,
-    reloaded from the spec's ``base`` and published again (:func:`bootstrap_drafter`). Raises
-    :class:`CheckpointError` when neither is possible (a spec without a base)."""
-    repaired = repair_latest(registry, drafter)
-    if repaired is not None:
-        return repaired
-    base = (registry.spec(drafter) or {}).get("base")
-    if not base:
-        raise CheckpointError(f"{drafter}: no version loads and its spec names no base model to start again from")
-    from onlinespec.models import load_model
-
-    log.error("%s: no kept version loads; learning restarts from the base model %s", drafter, base)
-    return bootstrap_drafter(registry, drafter, load_model(base), base)
 
 
 def learner_health(redis_client, drafter: str) -> dict:
@@ -198,7 +131,7 @@ class Updater:
         try:
             learner = self._learner(drafter, latest, config)
         except CheckpointError:  # its files were lost or damaged: continue from what still loads
-            latest = recover(self.registry, drafter)
+            latest = self.registry.recover(drafter)
             learner = self._learner(drafter, latest, config)
         metrics = learner.round(own).to_dict()
         failpoint("before_publish", drafter)
@@ -245,7 +178,7 @@ class PoolUpdater:
             try:
                 model = self.registry.load_model(drafter, latest)[0]
             except CheckpointError:  # lost or damaged: score what still loads
-                latest = recover(self.registry, drafter)
+                latest = self.registry.recover(drafter)
                 model = self.registry.load_model(drafter, latest)[0]
             self.models[drafter] = (latest, model)
         return self.models[drafter][1]

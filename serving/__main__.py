@@ -33,7 +33,6 @@ def build(config_path: str | None = None, no_redis: bool = False):
     from onlinespec.routing import DrafterRouter
     from onlinespec.stream import FeedbackWriter, recent_records
     from onlinespec.suffix import SuffixCache
-    from onlinespec.update import bootstrap_drafter
     from serving.admin import admin_router
     from serving.app import create_app
     from serving.dashboard import dashboard_router
@@ -65,7 +64,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
         for did, (model, name) in bases.items():
             if device != "cpu" or dtype != torch.float32:  # the registry keeps float32 weights on the CPU
                 model = load_model(name)
-            bootstrap_drafter(registry, did, model, base=name)
+            registry.bootstrap(did, model, base=name)
             redis.sadd(keys.drafters_set(cfg.target_id), did)
             redis.set(keys.learner_config(did), json.dumps(default_learner.to_dict()), nx=True)
             latest = registry.latest(did)

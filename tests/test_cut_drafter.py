@@ -84,13 +84,11 @@ def test_saved_and_loaded_through_the_users_path(saved_target, tmp_path):
 
 def test_publish_and_swap_keep_only_the_trained_weights(saved_target, tmp_path, redis_client):
     from onlinespec.registry import Registry
-    from onlinespec.update import bootstrap_drafter
-
     target, path = saved_target
     drafter = cut_from(target, path, 1, HEAD)
     registry = Registry(tmp_path / "registry", redis_client)
     name = f"cut-{np.random.default_rng().integers(1 << 30)}"
-    bootstrap_drafter(registry, name, drafter, base=str(tmp_path))
+    registry.bootstrap(name, drafter, base=str(tmp_path))
     with torch.no_grad():
         drafter.model.layers[0].mlp.up_proj.weight.mul_(1.1)
     version = registry.publish(name, drafter, parent=registry.latest(name)).version

@@ -21,7 +21,7 @@ from onlinespec.learn.optim import OptimConfig
 from onlinespec.registry import CheckpointError, PublishConflict, Registry
 from onlinespec.sampling import SamplingParams
 from onlinespec.stream import FeedbackReader
-from onlinespec.update import PoolUpdater, Updater, bootstrap_drafter
+from onlinespec.update import PoolUpdater, Updater
 from tests.tiny import perturbed, tiny_llama
 from workers import jobs
 from workers.trigger import Trigger
@@ -37,7 +37,7 @@ def setup(tmp_path, redis_client):
     base = perturbed(target, 0.5, seed=3)
     config = LearnerConfig(optim=OptimConfig(lr=0.05), trainable="lm_head")
     for name in ("a", "b"):
-        bootstrap_drafter(registry, name, base)
+        registry.bootstrap(name, base)
         redis_client.sadd(keys.drafters_set(TARGET), name)
         redis_client.set(keys.learner_config(name), json.dumps(config.to_dict()))
     return target, registry, base
@@ -276,7 +276,7 @@ def test_a_worker_that_finds_no_loadable_version_starts_again_from_the_base_mode
     base = perturbed(target, 0.5, seed=3)
     base.save_pretrained(tmp_path / "base")
     registry = Registry(tmp_path / "registry", redis_client)
-    bootstrap_drafter(registry, "a", base, base=str(tmp_path / "base"))
+    registry.bootstrap("a", base, base=str(tmp_path / "base"))
     redis_client.set(keys.learner_config("a"), json.dumps(LearnerConfig(trainable="lm_head").to_dict()))
     submit(redis_client, records(target, base, 3))
     assert Updater(redis_client, registry, TARGET, consumer="w1", round_records=10).run_round("a").version == 2

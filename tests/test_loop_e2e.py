@@ -22,7 +22,7 @@ from onlinespec.learn.optim import OptimConfig
 from onlinespec.registry import Registry
 from onlinespec.sampling import SamplingParams
 from onlinespec.stream import FeedbackReader, FeedbackWriter
-from onlinespec.update import Updater, bootstrap_drafter
+from onlinespec.update import Updater
 from tests.tiny import perturbed, tiny_llama
 
 V = 64
@@ -69,7 +69,7 @@ def setup(tmp_path, redis_client):
                             trainable="lm_head", steps_per_round=2)
     frozen = LearnerConfig(optim=OptimConfig(lr=0.0), trainable="lm_head")  # a learner that does nothing
     for name, config in (("learned", learned), ("frozen", frozen)):
-        bootstrap_drafter(registry, name, base)
+        registry.bootstrap(name, base)
         redis_client.sadd(keys.drafters_set(TARGET), name)
         redis_client.set(keys.learner_config(name), json.dumps(config.to_dict()))
     return target, registry
@@ -236,9 +236,9 @@ def test_startup_survives_a_registry_lost_beside_a_redis_that_kept_its_pointer(s
     for _ in range(2):
         parent = registry.publish("frozen", base, parent=parent).version
     shutil.rmtree(registry.path("frozen", 3))
-    assert bootstrap_drafter(registry, "frozen", base) == 2 and registry.latest("frozen") == 2
+    assert registry.bootstrap("frozen", base) == 2 and registry.latest("frozen") == 2
     shutil.rmtree(registry.root / "frozen")  # every version gone
-    version = bootstrap_drafter(registry, "frozen", base)
+    version = registry.bootstrap("frozen", base)
     assert version == 4 and registry.latest("frozen") == 4  # numbers never reused
     model, manifest = registry.load_model("frozen", 4)
     assert manifest.parent == 2 and "base model" in manifest.note
@@ -264,7 +264,7 @@ def test_regressing_version_is_rolled_back(setup, redis_client):
 def test_pool_weights_move_to_the_drafter_that_fits_the_traffic(setup, redis_client):
     target, registry = setup
     # "good" is the target itself (every draft accepted); "learned" and "frozen" are noisy heads.
-    bootstrap_drafter(registry, "good", target)
+    registry.bootstrap("good", target)
     redis_client.sadd(keys.drafters_set(TARGET), "good")
     _submit_records(target, registry.load_model("learned", 1)[0], redis_client, 12)  # served by "learned"
     from onlinespec.update import PoolUpdater

@@ -35,7 +35,7 @@ from onlinespec.redis_server import EmbeddedRedis, connect
 from onlinespec.registry import Registry
 from onlinespec.sampling import SamplingParams
 from onlinespec.stream import FeedbackWriter
-from onlinespec.update import Updater, bootstrap_drafter
+from onlinespec.update import Updater
 
 __all__ = ["run"]
 
@@ -92,7 +92,7 @@ def run(args) -> int:
         registry = Registry(root, client, keep=5)
         for key in client.scan_iter(match="onlinespec:*bench-*"):
             client.delete(key)
-        bootstrap_drafter(registry, DRAFTER, base)
+        registry.bootstrap(DRAFTER, base)
         served = HFDrafter(registry.load_model(DRAFTER, registry.latest(DRAFTER))[0], DRAFTER,
                            version=registry.latest(DRAFTER))
         config = EngineConfig(k=args.k, target_id=TARGET)
