@@ -1,7 +1,7 @@
 """The control plane of a drafter: its state and every transition made on it, in one place.
 
 The admin API (``serving/admin.py``), the workers' trigger (``workers/trigger.py``), the
-server's rollback guard (``hotswap.py``) and the CLI (``onlinespec drafter ...``) all go
+server's rollback guard (``serving/hotswap.py``) and the CLI (``onlinespec drafter ...``) all go
 through :class:`Control`; none of them writes these keys itself.
 
     state            latest version, paused, pinned version, backoff, the round in flight

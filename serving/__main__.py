@@ -25,7 +25,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
     from onlinespec.drafters.cut import share_embedding
     from onlinespec.drafters.hf import HFDrafter
     from onlinespec.engine import EngineConfig, SpeculativeEngine
-    from onlinespec.hotswap import SwapWatcher
+    from serving.hotswap import SwapWatcher
     from onlinespec.learn.learner import LearnerConfig
     from onlinespec.models import check_same_vocab, load_model, load_tokenizer
     from onlinespec.redis_server import connect

@@ -14,7 +14,7 @@ from onlinespec import keys
 from onlinespec.control import Control
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.registry import CheckpointError, PublishConflict, Registry
-from onlinespec.update import learner_config, learner_health
+from onlinespec.learn.round import learner_config, learner_health
 from serving.auth import bearer_token, secret_in
 
 __all__ = ["admin_router", "drafter_overview"]

@@ -15,13 +15,13 @@ from onlinespec.control import Control
 from onlinespec.codec import encode
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.hotswap import SwapWatcher
+from serving.hotswap import SwapWatcher
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.learn.optim import OptimConfig
 from onlinespec.registry import CheckpointError, PublishConflict, Registry
 from onlinespec.sampling import SamplingParams
 from onlinespec.stream import FeedbackReader
-from onlinespec.update import PoolUpdater, Updater
+from onlinespec.learn.round import PoolUpdater, Updater
 from tests.tiny import perturbed, tiny_llama
 from workers import jobs
 from workers.trigger import Trigger

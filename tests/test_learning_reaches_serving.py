@@ -20,7 +20,7 @@ from transformers import LlamaForCausalLM
 
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.hotswap import SwapWatcher
+from serving.hotswap import SwapWatcher
 from onlinespec.registry import Registry
 from onlinespec.suffix import SuffixCache
 from serving.server import BackgroundServer, build_state

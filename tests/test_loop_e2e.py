@@ -16,13 +16,13 @@ from onlinespec import keys
 from onlinespec.codec import encode
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.hotswap import SwapWatcher
+from serving.hotswap import SwapWatcher
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.learn.optim import OptimConfig
 from onlinespec.registry import Registry
 from onlinespec.sampling import SamplingParams
 from onlinespec.stream import FeedbackReader, FeedbackWriter
-from onlinespec.update import Updater
+from onlinespec.learn.round import Updater
 from tests.tiny import perturbed, tiny_llama
 
 V = 64
@@ -267,7 +267,7 @@ def test_pool_weights_move_to_the_drafter_that_fits_the_traffic(setup, redis_cli
     registry.bootstrap("good", target)
     redis_client.sadd(keys.drafters_set(TARGET), "good")
     _submit_records(target, registry.load_model("learned", 1)[0], redis_client, 12)  # served by "learned"
-    from onlinespec.update import PoolUpdater
+    from onlinespec.learn.round import PoolUpdater
 
     pool = PoolUpdater(redis_client, registry, TARGET, consumer="w", round_records=4, discount=0.5)
     for _ in range(3):

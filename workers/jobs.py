@@ -21,7 +21,7 @@ from onlinespec.background import Background
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.redis_server import connect
 from onlinespec.registry import Registry
-from onlinespec.update import POOL, PoolUpdater, Updater
+from onlinespec.learn.round import POOL, PoolUpdater, Updater
 
 __all__ = ["update_drafter", "update_pool", "tune_trials", "configure", "HEARTBEAT_TTL", "backoff_seconds"]
 

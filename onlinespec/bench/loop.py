@@ -29,13 +29,13 @@ from onlinespec.bench.common import emit, machine, setup
 from onlinespec.config import CONFIGS
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.hotswap import SwapWatcher
+from serving.hotswap import SwapWatcher
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.redis_server import EmbeddedRedis, connect
 from onlinespec.registry import Registry
 from onlinespec.sampling import SamplingParams
 from onlinespec.stream import FeedbackWriter
-from onlinespec.update import Updater
+from onlinespec.learn.round import Updater
 
 __all__ = ["run"]
 

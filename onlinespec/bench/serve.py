@@ -36,7 +36,7 @@ from onlinespec.bench.engine import tie_margin
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.engine import EngineConfig, SpeculativeEngine
 from onlinespec.sampling import SamplingParams
-from onlinespec.suffix import SuffixCache, SuffixConfig
+from onlinespec.suffix import SuffixCache
 
 __all__ = ["run", "serve_level", "hf_batched"]
 

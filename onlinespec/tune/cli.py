@@ -119,7 +119,7 @@ def _live(args, cfg, space):
     current version and learner settings when Redis answers, else the configured ones."""
     from onlinespec.models import load_model
     from onlinespec.registry import Registry
-    from onlinespec.update import learner_config
+    from onlinespec.learn.round import learner_config
 
     drafter_id = args.drafter_id or (cfg.drafters[0].id if cfg.drafters else None)
     spec = next((d for d in cfg.drafters if d.id == drafter_id), None)
