@@ -239,6 +239,11 @@ class BatchK:
         self._draws.clear()
         return self.at(batch or len(rows)).choose(self.acceptance(rows)) if rows else 0
 
+    def rechoose(self, rows: list[str | None], batch: int) -> int:
+        """The draft length again within a step, for ``rows`` whose blocks changed source (a muted
+        drafter's rows take copies only: their blocks are sized as suffix blocks, ``None``)."""
+        return self.at(batch).choose(self.acceptance(rows)) if rows else 0
+
     def drafts_pay(self, key: str, k: int, batch: int) -> bool:
         """Whether drafter ``key``'s own drafts earn their drafting cost in a step of ``batch``
         rows drafting ``k`` (the verification is the batch's, paid whoever drafts): expected

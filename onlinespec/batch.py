@@ -222,13 +222,19 @@ class Batch:
         adaptive = [g for g in rows if g.adaptive]
         k = self.k.choose([g.drafter.drafter_id if g.drafter is not None else None for g in adaptive],
                           batch=len(rows)) if adaptive else None
-        k_rows = [g.draft_length(k) for g in rows]
         # a drafter whose own drafts would not earn their cost drafts for nobody this step (its
         # rows still take copies); requests with a fixed k keep theirs
         pays = {key: self.k.drafts_pay(key, k, len(rows))
                 for key in {g.drafter.drafter_id for g in adaptive if g.drafter is not None}}
         muted = {b for b, g in enumerate(rows) if g.adaptive and g.drafter is not None
                  and not pays[g.drafter.drafter_id]}
+        # a muted drafter's rows make copy-only blocks: the draft length follows what those yield
+        # (a weak drafter must not shorten the copies of the rows it does not draft for)
+        block_keys = [None if (g.drafter is None or b in muted) else g.drafter.drafter_id
+                      for b, g in enumerate(rows) if g.adaptive]
+        if muted:
+            k = self.k.rechoose(block_keys, batch=len(rows))
+        k_rows = [g.draft_length(k) for g in rows]
         joins = sum(d.join_seconds for d in self.drafters.values())
         drafts, qs, copied = self._propose(k_rows, muted)
         t2 = time.perf_counter()
@@ -247,9 +253,9 @@ class Batch:
                 leaving.append(gen)
                 continue
             results.append((gen, out))
-            if gen.adaptive:
-                self.k.observe_row(gen.drafter.drafter_id if gen.drafter is not None else None, copied[b],
-                                   out.accepted, asked=k_rows[b], muted=b in muted)
+            if gen.adaptive:  # a muted row's block was a suffix block: credited as one, as without a drafter
+                key = gen.drafter.drafter_id if gen.drafter is not None and b not in muted else None
+                self.k.observe_row(key, copied[b], out.accepted, asked=k_rows[b])
             if gen.finished:
                 leaving.append(gen)
             else:  # keep every settled token but the newest (it is fed with the next drafts)
