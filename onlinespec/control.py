@@ -53,10 +53,11 @@ class DrafterState:
 
 
 class Control:
-    def __init__(self, redis, registry=None, target: str | None = None, job_timeout: int = 600, queue_ttl: int = 600):
+    def __init__(self, redis, registry=None, target: str | None = None, job_timeout: int = 600, queue_ttl: int = 600,
+                 queue=None):
         self.redis, self.registry, self.target = redis, registry, target
         self.job_timeout, self.queue_ttl = job_timeout, queue_ttl
-        self._queue = None
+        self._queue = queue  # the RQ queue of learning rounds (default: made on first use)
 
     # ------------------------------------------------------------------ state
 

@@ -71,25 +71,27 @@ def admin_router(token: str | None, redis, registry: Registry, drafters: dict, t
 
     control = Control(redis, registry, target)
 
-    @router.post("/drafters/{drafter}/rollback")
-    def rollback(drafter: str, body: VersionBody):
+    def move(drafter: str, version: int, pin: bool):
+        """Roll back or pin to a kept version: 400 when it does not load, 409 when the latest moved."""
         try:
-            control.rollback(known(drafter), body.version, reason="admin")
+            if pin:
+                control.pin(known(drafter), version, reason="admin pin")
+            else:
+                control.rollback(known(drafter), version, reason="admin")
         except CheckpointError as exc:
-            raise HTTPException(400, f"cannot roll back to v{body.version}: {exc}") from None
+            raise HTTPException(400, f"cannot {'pin' if pin else 'roll back to'} v{version}: {exc}") from None
         except PublishConflict as exc:
             raise HTTPException(409, str(exc)) from None
+
+    @router.post("/drafters/{drafter}/rollback")
+    def rollback(drafter: str, body: VersionBody):
+        move(drafter, body.version, pin=False)
         return {"drafter": drafter, "latest": body.version}
 
     @router.post("/drafters/{drafter}/pin")
     def pin(drafter: str, body: VersionBody):
         """Serve this version and stop learning until resumed."""
-        try:
-            control.pin(known(drafter), body.version, reason="admin pin")
-        except CheckpointError as exc:
-            raise HTTPException(400, f"cannot pin v{body.version}: {exc}") from None
-        except PublishConflict as exc:
-            raise HTTPException(409, str(exc)) from None
+        move(drafter, body.version, pin=True)
         return {"drafter": drafter, "latest": body.version, "paused": True}
 
     @router.post("/drafters/{drafter}/pause")

@@ -30,8 +30,7 @@ class Trigger:
                  job_timeout: int = 600, queue_ttl: int = 600, poll: float = 0.5):
         self.redis, self.queue, self.target = redis_client, queue, target
         self.min_records, self.period, self.poll = min_records, period, poll
-        self.control = Control(redis_client, target=target, job_timeout=job_timeout, queue_ttl=queue_ttl)
-        self.control._queue = queue
+        self.control = Control(redis_client, target=target, job_timeout=job_timeout, queue_ttl=queue_ttl, queue=queue)
         self.last_enqueued: dict[str, float] = {}
         self.task = Background("update-trigger", self.check, period=poll, log=log)  # Redis hiccups: logged, retried
 
