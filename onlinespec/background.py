@@ -8,7 +8,7 @@ of one error. ``stop()`` ends it and waits for the thread. Every task started in
 listed by :func:`tasks`, which ``/metrics`` reports (``onlinespec_background_errors_total``,
 ``onlinespec_background_alive`` per task).
 
-The engine loop (``serving/engine_loop.py``) and the feedback writer (``onlinespec/stream.py``)
+The engine loop (``serving/engine_loop.py``) and the feedback writer (``onlinespec/feedback/stream.py``)
 keep loops of their own, because each needs what this does not give (the loop fails the batch
 it held and reports readiness; the writer drains its buffer on stop), and report the same
 things: their restarts or failed writes are counted and shown in ``/metrics``.

@@ -24,34 +24,34 @@ def _models(args) -> int:
 
 def _bench(args) -> int:
     if args.what == "engine":
-        from onlinespec.bench.engine import run
+        from onlinespec.ops.bench.engine import run
     elif args.what == "loop":
-        from onlinespec.bench.loop import run
+        from onlinespec.ops.bench.loop import run
     elif args.what == "faults":
-        from onlinespec.bench.faults import run
+        from onlinespec.ops.bench.faults import run
     elif args.what == "serve":
-        from onlinespec.bench.serve import run
+        from onlinespec.ops.bench.serve import run
     elif args.what == "live":
-        from onlinespec.bench.live import run
+        from onlinespec.ops.bench.live import run
     else:
-        from onlinespec.bench.adapt import run
+        from onlinespec.ops.bench.adapt import run
     return run(args)
 
 
 def _up(args) -> int:
-    from onlinespec.up import run
+    from onlinespec.ops.up import run
 
     return run(args)
 
 
 def _traffic(args) -> int:
-    from onlinespec.traffic import run
+    from onlinespec.ops.traffic import run
 
     return run(args)
 
 
 def _watch(args) -> int:
-    from onlinespec.watch import run
+    from onlinespec.ops.watch import run
 
     return run(args)
 
@@ -61,7 +61,7 @@ def _config(args) -> int:
     import json
 
     from onlinespec.config import SECRETS, load_config
-    from onlinespec.up import redact
+    from onlinespec.ops.up import redact
 
     try:
         cfg = load_config(args.config)
@@ -87,14 +87,14 @@ def _config(args) -> int:
 
 def _drafter(args) -> int:
     """``onlinespec drafter``: a drafter's control state and transitions, straight through Redis
-    (the same :class:`onlinespec.control.Control` the admin API uses)."""
+    (the same :class:`onlinespec.learn.control.Control` the admin API uses)."""
     import json
 
-    from onlinespec import keys
+    from onlinespec.feedback import keys
     from onlinespec.config import load_config
-    from onlinespec.control import Control
+    from onlinespec.learn.control import Control
     from onlinespec.redis_server import connect
-    from onlinespec.registry import CheckpointError, PublishConflict, Registry
+    from onlinespec.learn.registry import CheckpointError, PublishConflict, Registry
 
     cfg = load_config(args.config)
     try:
@@ -139,7 +139,7 @@ def _drafter(args) -> int:
 
 
 def _tune(args) -> int:
-    from onlinespec.tune import run
+    from onlinespec.learn.tune import run
 
     return run(args)
 

@@ -2,7 +2,7 @@
 
 A service YAML (``configs/demo.yaml``) is read into :class:`ServiceConfig`: typed sections
 (:class:`ServingConfig`, :class:`WorkersConfig`, :class:`RedisConfig`, the suffix settings of
-:class:`~onlinespec.suffix.SuffixConfig`) whose dataclass fields hold every default, once. A key
+:class:`~onlinespec.decode.suffix.SuffixConfig`) whose dataclass fields hold every default, once. A key
 the sections do not know is an error that names it; a value of the wrong type too. The server,
 the workers, ``onlinespec up``, the benches and the tests all load it with :func:`load_config`.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from onlinespec.suffix import SuffixConfig
+from onlinespec.decode.suffix import SuffixConfig
 
 __all__ = ["DrafterSpec", "ServingConfig", "WorkersConfig", "RedisConfig", "ServiceConfig", "load_config",
            "resolve_beside", "CONFIGS", "DEFAULT_CONFIG", "DEFAULT_REGISTRY", "KNOWN_KEYS", "SECRETS"]

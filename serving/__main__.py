@@ -19,20 +19,20 @@ def build(config_path: str | None = None, no_redis: bool = False):
     """(app, state, cleanup) for a config: used by the CLI and by ``onlinespec up``."""
     import torch
 
-    from onlinespec import keys
+    from onlinespec.feedback import keys
     from onlinespec.config import load_config
     from onlinespec.device import resolve_device, resolve_dtype
     from onlinespec.drafters.cut import share_embedding
     from onlinespec.drafters.hf import HFDrafter
-    from onlinespec.engine import EngineConfig, SpeculativeEngine
+    from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
     from serving.hotswap import SwapWatcher
     from onlinespec.learn.learner import LearnerConfig
     from onlinespec.models import check_same_vocab, load_model, load_tokenizer
     from onlinespec.redis_server import connect
-    from onlinespec.registry import Registry
-    from onlinespec.routing import DrafterRouter
-    from onlinespec.stream import FeedbackWriter, recent_records
-    from onlinespec.suffix import SuffixCache
+    from onlinespec.learn.registry import Registry
+    from onlinespec.decode.routing import DrafterRouter
+    from onlinespec.feedback.stream import FeedbackWriter, recent_records
+    from onlinespec.decode.suffix import SuffixCache
     from serving.admin import admin_router
     from serving.app import create_app
     from serving.dashboard import dashboard_router

@@ -10,10 +10,10 @@ import json
 from fastapi import APIRouter, Depends, Header, HTTPException
 from pydantic import BaseModel
 
-from onlinespec import keys
-from onlinespec.control import Control
+from onlinespec.feedback import keys
+from onlinespec.learn.control import Control
 from onlinespec.learn.learner import LearnerConfig
-from onlinespec.registry import CheckpointError, PublishConflict, Registry
+from onlinespec.learn.registry import CheckpointError, PublishConflict, Registry
 from onlinespec.learn.round import learner_config, learner_health
 from serving.auth import bearer_token, secret_in
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
-from onlinespec.chat import DEFAULT_CHAT_TEMPLATE
+from onlinespec.decode.chat import DEFAULT_CHAT_TEMPLATE
 from serving.auth import bearer_token, secret_in, tenant_of
 from serving.engine_loop import EngineLoop
 from serving.errors import ApiError, install_error_handlers

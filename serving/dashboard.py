@@ -27,9 +27,9 @@ from pathlib import Path
 from fastapi import APIRouter, Header, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 from onlinespec.background import Background
-from onlinespec.control import Control
+from onlinespec.learn.control import Control
 
 __all__ = ["dashboard_router"]
 
@@ -37,7 +37,7 @@ PAGE = Path(__file__).resolve().parent / "static" / "dashboard.html"
 
 
 def _studies_root() -> Path:
-    from onlinespec.tune.cli import STUDIES
+    from onlinespec.learn.tune.cli import STUDIES
 
     return Path(os.environ.get("ONLINESPEC_STUDIES") or STUDIES)
 
@@ -110,7 +110,7 @@ def dashboard_router(state, redis, registry, drafters: dict, target: str, period
     def tuning_studies():
         """The tuning studies in ONLINESPEC_STUDIES (default .onlinespec/studies): progress,
         best against the baseline, held-out verdict (onlinespec tune)."""
-        from onlinespec.tune.study import studies
+        from onlinespec.learn.tune.study import studies
 
         out = []
         for study in studies(_studies_root())[:10]:

@@ -1,7 +1,7 @@
 """The engine loop: one thread owns the engine and steps every active request together.
 
 Requests wait in a bounded queue; up to ``max_active`` are served at once in a continuous
-batch (:class:`~onlinespec.batch.Batch`): each step is one target forward for all of them
+batch (:class:`~onlinespec.decode.batch.Batch`): each step is one target forward for all of them
 (ragged: each row its own length, position and drafts), and requests join and leave between
 steps. Between steps the loop applies hot swaps. Every step's output goes to the request's
 asyncio queue; a cancelled request (client gone) leaves the batch before the next step. Each
@@ -23,11 +23,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from onlinespec.batch import Batch
-from onlinespec.engine import Generation, SpeculativeEngine, StepOutput
+from onlinespec.decode.batch import Batch
+from onlinespec.decode.engine import Generation, SpeculativeEngine, StepOutput
 from onlinespec.errors import InvalidRequestError
 from onlinespec.learn.estimate import ALL, group_of
-from onlinespec.sampling import SamplingParams
+from onlinespec.decode.sampling import SamplingParams
 from serving.metrics import Metrics
 
 __all__ = ["QueueFull", "RequestHandle", "EngineLoop"]
@@ -74,7 +74,7 @@ class EngineLoop:
                  max_active: int = 8, max_queue: int = 64, drafters: dict | None = None,
                  prefill_tokens: int = 256, kv_cache_tokens: int | None = None, router=None):
         """``router``: draws each request's drafter among ``drafters``
-        (:class:`~onlinespec.routing.DrafterRouter`); None: the engine's drafter drafts for all."""
+        (:class:`~onlinespec.decode.routing.DrafterRouter`); None: the engine's drafter drafts for all."""
         self.engine = engine
         self.drafters = drafters or {}
         self.router = router

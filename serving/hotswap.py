@@ -8,11 +8,11 @@ A refused version is reported (counter + ``refused`` event) and the old one keep
 
 Each version comes with the acceptance its learners estimated on recent traffic
 (:attr:`SwapWatcher.estimates`), which the engine's draft-length controller starts it from; the
-pool's Hedge weights go to the :class:`~onlinespec.routing.DrafterRouter`.
+pool's Hedge weights go to the :class:`~onlinespec.decode.routing.DrafterRouter`.
 
 :meth:`SwapWatcher.observe` takes per-version own-draft counts from the engine; the watcher
 thread adds them to every replica's sums in Redis and the control plane judges the serving
-version on those sums (:meth:`onlinespec.control.Control.judge`): when a new version, after
+version on those sums (:meth:`onlinespec.learn.control.Control.judge`): when a new version, after
 ``min_drafted`` drafted tokens, accepts less than its parent did by more than ``margin``, the
 drafter is rolled back to the parent (the learners then continue from it), once, by whichever
 replica decides first.
@@ -29,11 +29,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 from onlinespec.background import Background
-from onlinespec.control import Control
+from onlinespec.learn.control import Control
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.registry import CheckpointError, Registry, expected_shapes
+from onlinespec.learn.registry import CheckpointError, Registry, expected_shapes
 
 __all__ = ["SwapStats", "VersionStats", "SwapWatcher"]
 

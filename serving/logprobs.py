@@ -8,7 +8,7 @@ U+FFFD, as with other servers); ``bytes`` carry the same string in UTF-8.
 
 from __future__ import annotations
 
-from onlinespec.engine import TokenLogprob
+from onlinespec.decode.engine import TokenLogprob
 
 __all__ = ["completion_logprobs", "chat_logprobs"]
 

@@ -152,7 +152,7 @@ class Metrics:
             self.accepted_per_pos.inc(**labels, position=pos)
 
     def observe_batch(self, step, kv_bytes: int, reserved: int = 0) -> None:
-        """An engine step (:class:`onlinespec.batch.StepTiming`) and the cache memory after it."""
+        """An engine step (:class:`onlinespec.decode.batch.StepTiming`) and the cache memory after it."""
         if step.prefill_tokens:
             self.prefill_tokens.inc(step.prefill_tokens)
         if step.rows:

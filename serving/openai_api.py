@@ -11,10 +11,10 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from onlinespec.chat import render
-from onlinespec.engine import StepOutput
+from onlinespec.decode.chat import render
+from onlinespec.decode.engine import StepOutput
 from onlinespec.errors import InvalidRequestError
-from onlinespec.sampling import SamplingParams
+from onlinespec.decode.sampling import SamplingParams
 from serving.auth import bearer_token, secret_in, tenant_of
 from serving.engine_loop import QueueFull, RequestHandle
 from serving.errors import ApiError

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from onlinespec.engine import SpeculativeEngine
+from onlinespec.decode.engine import SpeculativeEngine
 from serving.app import ServerState, create_app
 from serving.engine_loop import EngineLoop
 from serving.metrics import Counter, Gauge, Metrics
@@ -68,7 +68,7 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
 
 def _learner_metrics(metrics: Metrics, redis, drafters: list[str], target: str) -> None:
     """Learning faults, read from Redis at each scrape (the last values while Redis is away)."""
-    from onlinespec import keys
+    from onlinespec.feedback import keys
 
     last: dict = {"t": 0.0}
 

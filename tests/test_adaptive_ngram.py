@@ -2,9 +2,9 @@
 
 import pytest
 
-from onlinespec.adaptive import AdaptiveK, expected_tokens, theoretical_speedup
+from onlinespec.decode.adaptive import AdaptiveK, expected_tokens, theoretical_speedup
 from onlinespec.drafters.ngram import NGramDrafter
-from onlinespec.sampling import SamplingParams
+from onlinespec.decode.sampling import SamplingParams
 
 
 def feed(ctl, accept_rate, drafted, steps, t_draft, t_verify):
@@ -76,7 +76,7 @@ def test_ngram_prefers_longer_matches():
 def test_batch_k_speculates_where_it_pays_and_decodes_plainly_where_verification_costs_too_much():
     """Costs shaped like SmolLM2 on 2 cores (ms): B=1 plain 31.5, k=4 verify 47.0; B=16 plain
     70.6, k=4 verify 160.7 (the verify cost grows with B x (k+1)); drafts accepted at 0.25 (k=1 at 16 rows: 1.25 x 70.6 / 93.9 < 1)."""
-    from onlinespec.adaptive import BatchK
+    from onlinespec.decode.adaptive import BatchK
 
     def verify_ms(batch, k):
         plain, per_pos = (31.5, 3.9) if batch == 1 else (70.6, 22.5)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import onlinespec.engine as engine_mod
-from onlinespec.batch import Batch, run_batched
+import onlinespec.decode.engine as engine_mod
+from onlinespec.decode.batch import Batch, run_batched
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.drafters.ngram import NGramDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.sampling import SamplingParams
-from onlinespec.suffix import SuffixCache
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.decode.suffix import SuffixCache
 from tests.stats import chi2_pvalue
 from tests.test_engine_greedy import hf_greedy, prompts
 from tests.test_engine_sampling import (V, exact_marginals, verify_coupled_accepting_every_draft,

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.suffix import SuffixCache
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.suffix import SuffixCache
 from serving.server import BackgroundServer, build_state
 from tests.test_serving_api import target_greedy_text
 

@@ -105,7 +105,7 @@ def test_bench_serve_json(model_dirs, capsys, tmp_path):
 def test_bench_live_prompts_and_quarters():
     """The live benchmark's domain (IDLE's change log, used nowhere else) and its per-quarter
     figures: own drafts and copies apart, tokens/s over each quarter's wall time."""
-    from onlinespec.bench.live import changelog_prompts, summarize
+    from onlinespec.ops.bench.live import changelog_prompts, summarize
 
     prompts = changelog_prompts()
     assert len(prompts) > 50 and all(p.endswith("\n\n") and len(p) > 100 for p in prompts)

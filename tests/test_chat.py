@@ -3,8 +3,8 @@ against the target alone and prompt lookup (what `bench engine --config` reports
 
 import pytest
 
-from onlinespec.bench.engine import measure_suffix_only
-from onlinespec.chat import DOMAINS, chat_prompts, render
+from onlinespec.ops.bench.engine import measure_suffix_only
+from onlinespec.decode.chat import DOMAINS, chat_prompts, render
 
 
 def test_chat_prompts_are_deterministic_per_domain():

@@ -8,13 +8,13 @@ import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from onlinespec import keys
-from onlinespec.codec import CodecError, decode, encode
+from onlinespec.feedback import keys
+from onlinespec.feedback.codec import CodecError, decode, encode
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from onlinespec.redis_server import EmbeddedRedis, _free_port, connect
-from onlinespec.sampling import SamplingParams
-from onlinespec.stream import FeedbackWriter
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.feedback.stream import FeedbackWriter
 from workers.trigger import Trigger
 
 

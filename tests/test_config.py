@@ -7,7 +7,7 @@ import pytest
 
 from onlinespec.cli import main
 from onlinespec.config import DEFAULT_REGISTRY, ServingConfig, WorkersConfig, load_config
-from onlinespec.suffix import SuffixConfig
+from onlinespec.decode.suffix import SuffixConfig
 
 MINIMAL = "target: {id: t, model: demo:target}\ndrafters: [{id: d, model: demo:drafter-1l}]\n"
 

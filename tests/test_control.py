@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 from onlinespec.cli import main
-from onlinespec.control import Control
-from onlinespec.registry import CheckpointError, Registry
+from onlinespec.learn.control import Control
+from onlinespec.learn.registry import CheckpointError, Registry
 from tests.tiny import tiny_llama
 
 

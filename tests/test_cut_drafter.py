@@ -8,11 +8,11 @@ import torch
 
 from onlinespec.drafters.cut import CutDrafter, cut_from
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig
 from onlinespec.learn.optim import OptimConfig
 from onlinespec.models import load_model
-from onlinespec.sampling import SamplingParams
+from onlinespec.decode.sampling import SamplingParams
 from tests.tiny import tiny_llama
 
 V = 96
@@ -83,7 +83,7 @@ def test_saved_and_loaded_through_the_users_path(saved_target, tmp_path):
 
 
 def test_publish_and_swap_keep_only_the_trained_weights(saved_target, tmp_path, redis_client):
-    from onlinespec.registry import Registry
+    from onlinespec.learn.registry import Registry
     target, path = saved_target
     drafter = cut_from(target, path, 1, HEAD)
     registry = Registry(tmp_path / "registry", redis_client)

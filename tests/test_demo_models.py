@@ -6,11 +6,11 @@ import torch
 from onlinespec.demo.prompts import load_prompts
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.drafters.ngram import NGramDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig
 from onlinespec.learn.optim import OptimConfig
 from onlinespec.models import demo_models, load_model, load_tokenizer
-from onlinespec.sampling import SamplingParams
+from onlinespec.decode.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 

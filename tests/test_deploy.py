@@ -65,7 +65,7 @@ def test_every_shipped_config_loads():
             assert cfg.learner and Path(cfg.learner).is_file(), path
             LearnerConfig.from_yaml(cfg.learner)
         elif "space" in raw:
-            from onlinespec.tune import SearchSpace
+            from onlinespec.learn.tune import SearchSpace
 
             space = SearchSpace.from_yaml(path)  # every name and value checked
             assert space.base_config() and space.trials == raw["trials"]

@@ -5,8 +5,8 @@ import torch
 
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.drafters.ngram import NGramDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.sampling import SamplingParams
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.sampling import SamplingParams
 from tests.tiny import VOCAB, perturbed, tiny_llama
 
 

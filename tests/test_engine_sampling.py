@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import onlinespec.engine as engine_mod
-import onlinespec.verify as verify_mod
+import onlinespec.decode.engine as engine_mod
+import onlinespec.decode.verify as verify_mod
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.sampling import SamplingParams, probs
-from onlinespec.verify import Verdict, verify
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.sampling import SamplingParams, probs
+from onlinespec.decode.verify import Verdict, verify
 from tests.stats import chi2_pvalue
 from tests.tiny import tiny_llama
 

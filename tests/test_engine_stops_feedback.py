@@ -6,10 +6,10 @@ import torch
 
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.drafters.ngram import NGramDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from onlinespec.errors import InvalidRequestError, VocabMismatchError
-from onlinespec.sampling import SamplingParams
-from onlinespec.stops import FinishReason
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.decode.stops import FinishReason
 from tests.tiny import VOCAB, tiny_llama
 
 

@@ -5,7 +5,7 @@ learned twice, and that learning resumed without a human."""
 
 import pytest
 
-from onlinespec.bench.faults import SCENARIOS, run_scenario
+from onlinespec.ops.bench.faults import SCENARIOS, run_scenario
 from tests.services import write_service
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.suffix import SuffixCache
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.suffix import SuffixCache
 from serving.server import BackgroundServer, build_state
 from tests.tiny import perturbed
 
@@ -196,7 +196,7 @@ def test_api_keys_when_configured_are_required(target, tokenizer):
 
 
 def test_redis_urls_are_printed_without_their_password():
-    from onlinespec.up import redact
+    from onlinespec.ops.up import redact
 
     assert redact("redis://:hunter2@host:6379/0") == "redis://:***@host:6379/0"
     assert redact("rediss://user:hunter2@host/0") == "rediss://user:***@host/0"

@@ -10,17 +10,17 @@ import torch
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from onlinespec import keys
-from onlinespec.control import Control
-from onlinespec.codec import encode
+from onlinespec.feedback import keys
+from onlinespec.learn.control import Control
+from onlinespec.feedback.codec import encode
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from serving.hotswap import SwapWatcher
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.learn.optim import OptimConfig
-from onlinespec.registry import CheckpointError, PublishConflict, Registry
-from onlinespec.sampling import SamplingParams
-from onlinespec.stream import FeedbackReader
+from onlinespec.learn.registry import CheckpointError, PublishConflict, Registry
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.feedback.stream import FeedbackReader
 from onlinespec.learn.round import PoolUpdater, Updater
 from tests.tiny import perturbed, tiny_llama
 from workers import jobs

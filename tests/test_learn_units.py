@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from onlinespec.learn.batch import collate
 from onlinespec.learn.forward import drafter_logits
 from onlinespec.learn.hedge import Hedge
 from onlinespec.learn.losses import LossConfig, acceptance, compute_loss, position_terms, sharpened_log_p
 from onlinespec.learn.optim import OnlineOptimizer, OptimConfig
-from onlinespec.sampling import SamplingParams, probs
-from onlinespec.verify import verify
+from onlinespec.decode.sampling import SamplingParams, probs
+from onlinespec.decode.verify import verify
 from tests.tiny import tiny_llama
 
 V = 16

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig
 from onlinespec.learn.losses import LossConfig
 from onlinespec.learn.optim import OptimConfig
-from onlinespec.sampling import SamplingParams
+from onlinespec.decode.sampling import SamplingParams
 from tests.tiny import perturbed, tiny_llama
 
 V = 64

@@ -19,10 +19,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from serving.hotswap import SwapWatcher
-from onlinespec.registry import Registry
-from onlinespec.suffix import SuffixCache
+from onlinespec.learn.registry import Registry
+from onlinespec.decode.suffix import SuffixCache
 from serving.server import BackgroundServer, build_state
 from tests.tiny import tiny_llama
 

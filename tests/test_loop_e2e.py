@@ -12,16 +12,16 @@ import time
 import pytest
 import torch
 
-from onlinespec import keys
-from onlinespec.codec import encode
+from onlinespec.feedback import keys
+from onlinespec.feedback.codec import encode
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from serving.hotswap import SwapWatcher
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.learn.optim import OptimConfig
-from onlinespec.registry import Registry
-from onlinespec.sampling import SamplingParams
-from onlinespec.stream import FeedbackReader, FeedbackWriter
+from onlinespec.learn.registry import Registry
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.feedback.stream import FeedbackReader, FeedbackWriter
 from onlinespec.learn.round import Updater
 from tests.tiny import perturbed, tiny_llama
 

@@ -43,7 +43,7 @@ def served():
 
 def target_alone(state, messages, n):
     """Hugging Face greedy generation of the target alone, same template and stop token."""
-    from onlinespec.chat import render
+    from onlinespec.decode.chat import render
 
     tok = state.tokenizer
     ids = render(tok, messages)

@@ -6,8 +6,8 @@ import threading
 import pytest
 import torch
 
-from onlinespec import keys
-from onlinespec.registry import CheckpointError, PublishConflict, Registry, expected_shapes
+from onlinespec.feedback import keys
+from onlinespec.learn.registry import CheckpointError, PublishConflict, Registry, expected_shapes
 from tests.tiny import tiny_llama
 
 

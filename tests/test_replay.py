@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, GenerationStats, SpeculativeEngine
-from onlinespec.replay import replay_greedy, trace_target
-from onlinespec.sampling import SamplingParams
+from onlinespec.decode.engine import EngineConfig, GenerationStats, SpeculativeEngine
+from onlinespec.learn.replay import replay_greedy, trace_target
+from onlinespec.decode.sampling import SamplingParams
 from tests.test_engine_greedy import prompts
 
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from onlinespec.adaptive import SUFFIX, BatchK
-from onlinespec.codec import decode, encode
-from onlinespec.feedback import RecordBuilder
+from onlinespec.decode.adaptive import SUFFIX, BatchK
+from onlinespec.feedback.codec import decode, encode
+from onlinespec.feedback.record import RecordBuilder
 from onlinespec.learn.estimate import ALL, AcceptanceEstimate, group_of
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig
 from onlinespec.learn.pool import DrafterPool
-from onlinespec.routing import DrafterRouter
+from onlinespec.decode.routing import DrafterRouter
 from tests.tiny import perturbed, tiny_llama
 
 

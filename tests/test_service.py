@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 from tests.services import TOKEN, write_service
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +88,7 @@ def test_dashboard_data_shows_traffic_per_domain_routing_and_why_a_version_does_
     assert traffic == {"domain:code": 2, "domain:stories": 1, "other": 1}
     assert all(d["status"] == "" for d in data["drafters"])  # each serves its latest
     # a version that fails validation is latest but does not serve: the dashboard says why
-    from onlinespec.registry import Registry
+    from onlinespec.learn.registry import Registry
 
     registry = Registry(cfg.registry, redis_client)
     model = registry.load_model("d1", 1)[0]
@@ -180,8 +180,8 @@ def test_dashboard_renders_live_data_in_headless_chromium(service, tmp_path):
 
 def test_traffic_and_watch_commands_against_the_live_server(service, capsys):
     from onlinespec.cli import build_parser
-    from onlinespec.traffic import run as traffic
-    from onlinespec.watch import run as watch
+    from onlinespec.ops.traffic import run as traffic
+    from onlinespec.ops.watch import run as watch
 
     srv, _, _ = service
     args = build_parser().parse_args(["traffic", "--url", srv.url, "--schedule", "python:3,docs:3,json:2", "--by-count",
@@ -253,7 +253,7 @@ def test_up_stops_everything_it_started_on_sigterm(tmp_path):
 
 def test_traffic_pools_the_accepted_length_over_requests():
     """Tokens per draft step over all requests, not a mean of per-request means."""
-    from onlinespec.traffic import _Stats
+    from onlinespec.ops.traffic import _Stats
 
     stats = _Stats()
     for accepted, steps, phase in ((6, 2, 0), (0, 4, 0), (3, 3, 1)):

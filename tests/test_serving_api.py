@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from serving.server import BackgroundServer, build_state
 
 MODEL = "tiny-target"
@@ -168,7 +168,7 @@ def test_client_disconnect_cancels_its_request(server):
 def test_suffix_speculation_over_http_learns_per_user_and_keeps_the_output(target, tokenizer):
     from types import SimpleNamespace
 
-    from onlinespec.suffix import SuffixCache
+    from onlinespec.decode.suffix import SuffixCache
     from tests.tiny import perturbed
 
     class GuardSpy:  # records what the rollback guard is shown; swaps nothing

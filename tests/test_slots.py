@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from onlinespec.slots import SlotCache, forward_rows
+from onlinespec.decode.slots import SlotCache, forward_rows
 from tests.tiny import tiny_llama
 
 
@@ -69,8 +69,8 @@ def test_slots_are_bounded():
 
 @pytest.mark.parametrize("plain_head", [True, False], ids=["head-on-fed-positions", "full-forward"])
 def test_rows_fed_nothing_growth_and_loading_a_staged_prefill(plain_head, monkeypatch):
-    import onlinespec.slots as slots
-    from onlinespec.lm import CacheSession
+    import onlinespec.decode.slots as slots
+    from onlinespec.decode.lm import CacheSession
 
     if not plain_head:
         monkeypatch.setattr(slots, "PLAIN_HEAD", frozenset())

@@ -7,10 +7,10 @@ import pytest
 
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.drafters.ngram import NGramDrafter
-from onlinespec.engine import EngineConfig, GenerationStats, SpeculativeEngine
-from onlinespec.replay import replay_greedy, trace_target
-from onlinespec.sampling import SamplingParams
-from onlinespec.suffix import RequestIndex, SuffixCache, SuffixConfig, best_match
+from onlinespec.decode.engine import EngineConfig, GenerationStats, SpeculativeEngine
+from onlinespec.learn.replay import replay_greedy, trace_target
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.decode.suffix import RequestIndex, SuffixCache, SuffixConfig, best_match
 from tests.stats import chi2_pvalue
 from tests.test_engine_greedy import hf_greedy, prompts
 from tests.test_engine_sampling import V, engine_marginal_counts, exact_marginals, verify_without_residual
@@ -195,7 +195,7 @@ def test_sampling_with_copied_drafts_matches_target_marginals(monkeypatch):
     copied = engine.generate(prompt, SamplingParams(**{**params.__dict__, "seed": 1, "max_new_tokens": 3,
                                                        "ignore_eos": True})).stats.copied
     assert copied >= 1
-    import onlinespec.engine as engine_mod
+    import onlinespec.decode.engine as engine_mod
 
     monkeypatch.setattr(engine_mod, "verify", verify_without_residual)
     bad = engine_marginal_counts(engine, prompt, params, n)
@@ -214,9 +214,9 @@ def test_suffix_config_rejects_nonsense():
 
 def test_a_restarted_server_warms_the_cache_from_the_feedback_stream(target, redis_client):
     """The logged records carry every output and its tenant: a fresh cache relearns the newest."""
-    from onlinespec import keys
-    from onlinespec.codec import encode
-    from onlinespec.stream import recent_records
+    from onlinespec.feedback import keys
+    from onlinespec.feedback.codec import encode
+    from onlinespec.feedback.stream import recent_records
 
     engine = SpeculativeEngine(target, bad_drafter(target), config=EngineConfig(k=4, target_id="t"),
                                suffix=SuffixCache())

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from onlinespec import up
+from onlinespec.ops import up
 
 
 def test_a_child_that_exits_is_restarted_with_backoff(monkeypatch):

@@ -13,14 +13,14 @@ import pytest
 import torch
 import yaml
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 from onlinespec.cli import main
-from onlinespec.codec import encode
+from onlinespec.feedback.codec import encode
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.sampling import SamplingParams
-from onlinespec.tune import SearchSpace, TuningStudy, export_stream, import_stream, read_file
-from onlinespec.tune.space import known_names
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.learn.tune import SearchSpace, TuningStudy, export_stream, import_stream, read_file
+from onlinespec.learn.tune.space import known_names
 from tests.services import TOKEN
 from tests.tiny import tiny_llama, tiny_tokenizer
 

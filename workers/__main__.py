@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     from rq import Queue, SimpleWorker
     from rq.serializers import JSONSerializer
 
-    from onlinespec import keys
+    from onlinespec.feedback import keys
     from onlinespec.redis_server import connect
     from workers import jobs
     from workers.trigger import Trigger

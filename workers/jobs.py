@@ -16,11 +16,11 @@ import os
 import socket
 from dataclasses import asdict
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 from onlinespec.background import Background
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.redis_server import connect
-from onlinespec.registry import Registry
+from onlinespec.learn.registry import Registry
 from onlinespec.learn.round import POOL, PoolUpdater, Updater
 
 __all__ = ["update_drafter", "update_pool", "tune_trials", "configure", "HEARTBEAT_TTL", "backoff_seconds"]
@@ -119,7 +119,7 @@ def update_pool(target: str) -> dict:
 def tune_trials(study_dir: str) -> int:
     """Run trials of a tuning study (``onlinespec tune run --workers N``) until it has all it
     asked for; several workers share one study through its journal. Returns the trials run here."""
-    from onlinespec.tune.study import TuningStudy
+    from onlinespec.learn.tune.study import TuningStudy
 
     done = TuningStudy(study_dir).optimize()
     log.info("tuning study %s: %d trials run here", study_dir, done)

@@ -1,7 +1,7 @@
 """Enqueues update jobs: when enough new feedback is pending, or on a period when some is.
 
 Every worker process may run a trigger; the in-flight mark (SET NX with expiry, set by
-:meth:`onlinespec.control.Control.enqueue_round`) keeps at most one update job per drafter
+:meth:`onlinespec.learn.control.Control.enqueue_round`) keeps at most one update job per drafter
 queued or running, whichever trigger saw the backlog first. The mark
 lives ``queue_ttl`` seconds while the job waits in the queue, then the running job's heartbeat
 keeps it (``workers.jobs``) and clears it when the round ends, however it ends. A drafter whose
@@ -15,10 +15,10 @@ import time
 
 from rq import Queue
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 from onlinespec.background import Background
-from onlinespec.control import POOL, Control
-from onlinespec.stream import FeedbackReader
+from onlinespec.learn.control import POOL, Control
+from onlinespec.feedback.stream import FeedbackReader
 
 __all__ = ["Trigger"]
 

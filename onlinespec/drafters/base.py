@@ -3,7 +3,7 @@
 A drafter holds weights (shared by every request, hot-swappable) and hands out per-request
 state (its caches). The engine orchestrates; learners never live inside a drafter. Hugging Face
 drafters (:class:`onlinespec.drafters.hf.HFDrafter`) are not driven through this contract: a
-batch drafts for all of their requests at once (:class:`onlinespec.proposers.DraftRows`).
+batch drafts for all of their requests at once (:class:`onlinespec.decode.proposers.DraftRows`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from onlinespec.sampling import SamplingParams
+from onlinespec.decode.sampling import SamplingParams
 
 __all__ = ["Proposal", "Drafter"]
 
@@ -47,8 +47,8 @@ class Drafter(Protocol):
         self, state: object, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Proposal:
         """Up to ``k`` tokens to follow ``tokens`` (the whole sequence so far). Sampled drafts go
-        through :func:`onlinespec.sampling.draw` with ``generator`` (a seeded request's
-        :class:`~onlinespec.sampling.PositionNoise`) and the draft's position in the sequence."""
+        through :func:`onlinespec.decode.sampling.draw` with ``generator`` (a seeded request's
+        :class:`~onlinespec.decode.sampling.PositionNoise`) and the draft's position in the sequence."""
 
     def rewind(self, state: object, keep: int) -> None:
         """The sequence now has its first ``keep`` tokens settled; forget drafted tokens past them."""

@@ -1,6 +1,6 @@
 """A small Hugging Face causal LM as the drafter: its weights, id and version.
 
-Its drafts are made by :class:`onlinespec.proposers.DraftRows`, for every request of a batch
+Its drafts are made by :class:`onlinespec.decode.proposers.DraftRows`, for every request of a batch
 that drafts with it in one forward per draft position, over a KV cache rolled back, never
 rebuilt, on rejection.
 """

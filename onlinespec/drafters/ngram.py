@@ -1,6 +1,6 @@
 """Model-free prompt-lookup drafter: continue the most recent earlier occurrence of the suffix.
 
-The request's own n-gram index of suffix speculation (:class:`onlinespec.suffix.RequestIndex`)
+The request's own n-gram index of suffix speculation (:class:`onlinespec.decode.suffix.RequestIndex`)
 as a :class:`~onlinespec.drafters.base.Drafter`: each draft is the continuation of the longest
 suffix that occurred earlier, drafts included. Deterministic, so its ``q`` is one-hot on each
 proposed token and sampling verification accepts a draft ``d`` with probability ``p(d)``.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from onlinespec.drafters.base import Proposal
-from onlinespec.sampling import SamplingParams
-from onlinespec.suffix import RequestIndex, SuffixConfig
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.decode.suffix import RequestIndex, SuffixConfig
 
 __all__ = ["NGramDrafter"]
 

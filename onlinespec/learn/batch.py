@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from onlinespec.feedback import FeedbackRecord
+from onlinespec.feedback.record import FeedbackRecord
 
 __all__ = ["FeedbackBatch", "collate"]
 

@@ -12,7 +12,7 @@ declared domain or API key with enough positions: :func:`group_of`): the learner
 round's records before learning from them (prequential, never on data they were fit to), so the
 figure is an honest one for the version being replaced. Each published version carries it
 (``acceptance_estimate`` in its round metrics); the server's draft-length controller starts a
-new version from it and refines it with the drafts it serves (:mod:`onlinespec.adaptive`).
+new version from it and refines it with the drafts it serves (:mod:`onlinespec.decode.adaptive`).
 """
 
 from __future__ import annotations

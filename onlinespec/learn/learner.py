@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from onlinespec.feedback import FeedbackRecord
+from onlinespec.feedback.record import FeedbackRecord
 from onlinespec.learn.batch import FeedbackBatch, collate
 from onlinespec.learn.estimate import AcceptanceEstimate, group_of
 from onlinespec.learn.forward import drafter_logits
@@ -204,7 +204,7 @@ class DrafterLearner:
                 served, _ = self._loss(parent, batch, grad=False)
         base = np.array([o.prequential for o in outs])
         # each record's share of the served loss (sum of 1 - acceptance over its positions, and
-        # how many): replay scoring pairs configurations record by record (onlinespec.tune)
+        # how many): replay scoring pairs configurations record by record (onlinespec.learn.tune)
         lost = (1 - served.alpha).detach().double().numpy()
         rows = batch.row.numpy()
         self.record_losses = (np.bincount(rows, lost, len(records)), np.bincount(rows, minlength=len(records)))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from onlinespec.feedback import FeedbackRecord
+from onlinespec.feedback.record import FeedbackRecord
 from onlinespec.learn.batch import collate
 from onlinespec.learn.estimate import group_of
 from onlinespec.learn.forward import drafter_logits

@@ -19,15 +19,15 @@ import logging
 import time
 from dataclasses import dataclass
 
-from onlinespec import keys
-from onlinespec.control import POOL, Control
+from onlinespec.feedback import keys
+from onlinespec.learn.control import POOL, Control
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
-from onlinespec.registry import CheckpointError, PublishConflict, Registry
+from onlinespec.learn.registry import CheckpointError, PublishConflict, Registry
 from onlinespec.faults import failpoint
-from onlinespec.stream import FeedbackReader
+from onlinespec.feedback.stream import FeedbackReader
 
 __all__ = ["RoundResult", "Updater", "PoolUpdater", "learner_config",
-           "learner_health", "already_learned", "POOL"]  # POOL (onlinespec.control): the pool's consumer group reads every record
+           "learner_health", "already_learned", "POOL"]  # POOL (onlinespec.learn.control): the pool's consumer group reads every record
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ followed it:
   by default, so one tenant's text is never proposed to another.
 
 At each draft position the longer of the two matches proposes (the request's own on a tie);
-with no match the drafter does (:meth:`onlinespec.batch.Batch._propose`). Copied drafts are deterministic: their ``q`` is one-hot, so
+with no match the drafter does (:meth:`onlinespec.decode.batch.Batch._propose`). Copied drafts are deterministic: their ``q`` is one-hot, so
 sampling verification accepts them with probability ``p(token)`` and stays exact.
 """
 

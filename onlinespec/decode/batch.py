@@ -1,18 +1,18 @@
 """Continuous batching: every active request advances in one target forward per step.
 
-A :class:`Batch` holds the requests being served (each a :class:`~onlinespec.engine.Generation`
+A :class:`Batch` holds the requests being served (each a :class:`~onlinespec.decode.engine.Generation`
 with its tokens, stop state, generator, statistics and feedback) and their keys and values in
-slot caches (:mod:`onlinespec.slots`): one for the target, one per Hugging Face drafter.
+slot caches (:mod:`onlinespec.decode.slots`): one for the target, one per Hugging Face drafter.
 Requests join and leave between steps. Each :meth:`Batch.step`:
 
 1. **prefill**: requests that joined feed their prompts in chunks, at most ``prefill_tokens``
    a step over all of them, in one forward of their own (a long prompt never stalls the others
    for more than one chunk); a request whose prompt is in takes a row (its keys and values are
    copied in); its drafter encodes its text the first time it drafts for it;
-2. **propose**: ``k`` from :class:`~onlinespec.adaptive.BatchK` (costs measured at this batch
+2. **propose**: ``k`` from :class:`~onlinespec.decode.adaptive.BatchK` (costs measured at this batch
    size, acceptance per source of drafts; ``k = 0`` where speculation would not pay; a drafter
    whose own drafts would not earn their cost is muted for the step). Per draft position,
-   the proposers (:mod:`onlinespec.proposers`) draft in turn for the rows still without a draft
+   the proposers (:mod:`onlinespec.decode.proposers`) draft in turn for the rows still without a draft
    there: suffix copies where a row's text matches, then each drafter for its rows in one
    forward, then other drafters' blocks;
 3. **verify**: one target forward over every row's last settled token and drafts, ragged;
@@ -32,13 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from onlinespec.adaptive import BatchK
+from onlinespec.decode.adaptive import BatchK
 from onlinespec.drafters.base import Proposal
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import Generation, SpeculativeEngine, StepOutput
+from onlinespec.decode.engine import Generation, SpeculativeEngine, StepOutput
 from onlinespec.errors import InvalidRequestError
-from onlinespec.proposers import Blocks, Copies, DraftRows
-from onlinespec.slots import SlotCache, forward_rows, leave_row
+from onlinespec.decode.proposers import Blocks, Copies, DraftRows
+from onlinespec.decode.slots import SlotCache, forward_rows, leave_row
 
 __all__ = ["Batch", "StepTiming", "run_batched"]
 

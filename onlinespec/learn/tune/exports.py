@@ -11,8 +11,8 @@ from pathlib import Path
 
 import msgpack
 
-from onlinespec import keys
-from onlinespec.codec import CodecError, decode
+from onlinespec.feedback import keys
+from onlinespec.feedback.codec import CodecError, decode
 
 __all__ = ["FORMAT", "export_stream", "import_stream", "read_file"]
 

@@ -21,7 +21,7 @@ Figures:
 
 With a service config (``--config FILE``; the default when neither ``--target`` nor
 ``--drafter`` is given: ``configs/demo.yaml``, SmolLM2-135M-Instruct and its drafters) the
-prompts are chat conversations (``--domain`` one of :data:`onlinespec.chat.DOMAINS`, default
+prompts are chat conversations (``--domain`` one of :data:`onlinespec.decode.chat.DOMAINS`, default
 ``edit``) through the tokenizer's chat template, and it measures against the target alone
 (Hugging Face greedy ``generate``): this engine decoding plainly; suffix speculation alone
 (adaptive and fixed ``k``) and Hugging Face prompt lookup (``prompt_lookup_num_tokens=k``); each
@@ -39,12 +39,12 @@ import time
 
 import torch
 
-from onlinespec.adaptive import theoretical_speedup
-from onlinespec.bench.common import emit, machine, setup
+from onlinespec.decode.adaptive import theoretical_speedup
+from onlinespec.ops.bench.common import emit, machine, setup
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, GenerationStats, SpeculativeEngine
-from onlinespec.sampling import SamplingParams
-from onlinespec.suffix import SuffixCache
+from onlinespec.decode.engine import EngineConfig, GenerationStats, SpeculativeEngine
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.decode.suffix import SuffixCache
 
 __all__ = ["run", "measure"]
 
@@ -195,8 +195,8 @@ def measure_service(target, drafter_model, tokenizer, prompts, max_new_tokens: i
 
 def _run_config(args) -> int:
     """A service config's target and drafters on chat prompts."""
-    from onlinespec.bench.common import set_threads
-    from onlinespec.chat import DOMAINS, chat_prompts, render
+    from onlinespec.ops.bench.common import set_threads
+    from onlinespec.decode.chat import DOMAINS, chat_prompts, render
     from onlinespec.config import DEFAULT_CONFIG, load_config
     from onlinespec.models import load_model, load_tokenizer
 

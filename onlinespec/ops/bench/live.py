@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from onlinespec.bench.common import emit, machine
+from onlinespec.ops.bench.common import emit, machine
 from onlinespec.config import DEFAULT_CONFIG, load_config
 
 __all__ = ["changelog_prompts", "summarize", "run"]
@@ -171,7 +171,7 @@ def plot(path: str, quarters: list[dict], nospec: float) -> None:
 
 
 def run(args) -> int:
-    from onlinespec.bench.faults import Service
+    from onlinespec.ops.bench.faults import Service
 
     config = args.config or DEFAULT_CONFIG
     prompts = changelog_prompts()

@@ -3,7 +3,7 @@
 A stream of prompts whose domain shifts is served in rounds of greedy speculative decoding; between rounds each method learns
 from the round's feedback through the same ``DrafterLearner`` the workers run. Every method
 sees the identical stream for a seed. The target decodes each prompt once (cached); serving is
-replayed exactly from the drafter's teacher-forced predictions (``onlinespec.replay``), so a
+replayed exactly from the drafter's teacher-forced predictions (``onlinespec.learn.replay``), so a
 method costs drafter work only. Tokens/s per round are modelled from the step costs measured
 on this machine (one verification of k+1 positions, one drafter token).
 
@@ -37,13 +37,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from onlinespec.bench.common import emit, machine, set_threads
+from onlinespec.ops.bench.common import emit, machine, set_threads
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
 from onlinespec.learn.losses import LossConfig
 from onlinespec.learn.optim import OptimConfig
 from onlinespec.learn.pool import DrafterPool
-from onlinespec.replay import predictions, replay_served, trace_target
-from onlinespec.suffix import SuffixCache, SuffixConfig
+from onlinespec.learn.replay import predictions, replay_served, trace_target
+from onlinespec.decode.suffix import SuffixCache, SuffixConfig
 
 __all__ = ["run", "METHODS", "simulate"]
 
@@ -169,7 +169,7 @@ def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, 
 
 def _measure_costs(target, drafter, prompt: list[int], k: int) -> dict:
     """Seconds of one verification of k+1 positions and of one drafter token, on this machine."""
-    from onlinespec.lm import CacheSession
+    from onlinespec.decode.lm import CacheSession
 
     def timed(model, n_new, reps=20):
         s = CacheSession(model)
@@ -224,8 +224,8 @@ def _plot(path: str, per_method: dict, regret_curves: dict, schedule: list[str],
 
 def _prompts(tok, domain: str, n: int) -> list[list[int]]:
     """Held-out demo text, or chat conversations through the chat template for a chat domain."""
-    from onlinespec.bench.common import heldout_prompts
-    from onlinespec.chat import DOMAINS, chat_prompts, render
+    from onlinespec.ops.bench.common import heldout_prompts
+    from onlinespec.decode.chat import DOMAINS, chat_prompts, render
 
     if domain in DOMAINS:
         return [render(tok, m) for m in chat_prompts(domain, n)]

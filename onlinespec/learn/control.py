@@ -25,7 +25,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 
 __all__ = ["Control", "DrafterState", "POOL"]
 
@@ -146,7 +146,7 @@ class Control:
         if now >= before - margin:
             return None
         reason = f"acceptance {now:.3f} < parent v{parent} {before:.3f} - {margin} (over {drafted} drafts)"
-        from onlinespec.registry import CheckpointError, PublishConflict
+        from onlinespec.learn.registry import CheckpointError, PublishConflict
 
         try:  # never over a newer version, nor twice: another replica may have decided already
             self.rollback(drafter, parent, reason=reason, expect=version)

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 from onlinespec.errors import OnlineSpecError
 
 log = logging.getLogger(__name__)

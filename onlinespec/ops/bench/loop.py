@@ -24,17 +24,17 @@ import time
 
 import torch
 
-from onlinespec import keys
-from onlinespec.bench.common import emit, machine, setup
+from onlinespec.feedback import keys
+from onlinespec.ops.bench.common import emit, machine, setup
 from onlinespec.config import CONFIGS
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from serving.hotswap import SwapWatcher
 from onlinespec.learn.learner import LearnerConfig
 from onlinespec.redis_server import EmbeddedRedis, connect
-from onlinespec.registry import Registry
-from onlinespec.sampling import SamplingParams
-from onlinespec.stream import FeedbackWriter
+from onlinespec.learn.registry import Registry
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.feedback.stream import FeedbackWriter
 from onlinespec.learn.round import Updater
 
 __all__ = ["run"]

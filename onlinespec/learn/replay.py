@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from onlinespec.engine import EngineConfig, GenerationStats, SpeculativeEngine
-from onlinespec.feedback import FeedbackRecord
+from onlinespec.decode.engine import EngineConfig, GenerationStats, SpeculativeEngine
+from onlinespec.feedback.record import FeedbackRecord
 from onlinespec.learn.batch import collate
-from onlinespec.sampling import SamplingParams
-from onlinespec.suffix import RequestIndex, SuffixCache, best_match
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.decode.suffix import RequestIndex, SuffixCache, best_match
 
 __all__ = ["TargetTrace", "trace_target", "replay_greedy", "replay_served", "predictions"]
 

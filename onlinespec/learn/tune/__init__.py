@@ -15,13 +15,13 @@ a bootstrap spread and a paired comparison with it; the winner is checked on a h
 of the stream. Exports: ``exports.py``.
 """
 
-from onlinespec.tune.exports import FORMAT, export_stream, import_stream, read_file
-from onlinespec.tune.space import SearchSpace, settings_config
-from onlinespec.tune.study import TuningStudy, paired, replay
+from onlinespec.learn.tune.exports import FORMAT, export_stream, import_stream, read_file
+from onlinespec.learn.tune.space import SearchSpace, settings_config
+from onlinespec.learn.tune.study import TuningStudy, paired, replay
 
 
 def run(args) -> int:
-    from onlinespec.tune.cli import run as _run
+    from onlinespec.learn.tune.cli import run as _run
 
     return _run(args)
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from onlinespec import keys
-from onlinespec.codec import CodecError, decode, encode
-from onlinespec.feedback import FeedbackRecord
+from onlinespec.feedback import keys
+from onlinespec.feedback.codec import CodecError, decode, encode
+from onlinespec.feedback.record import FeedbackRecord
 
 __all__ = ["WriterStats", "FeedbackWriter", "Delivery", "FeedbackReader", "recent_records"]
 

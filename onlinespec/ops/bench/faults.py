@@ -33,10 +33,10 @@ from pathlib import Path
 import httpx
 import yaml
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 from onlinespec.config import DEFAULT_CONFIG, load_config
 from onlinespec.redis_server import EmbeddedRedis, _free_port, connect
-from onlinespec.up import Supervisor, _RedisProc, server_command, spawn, wait_ready, worker_command
+from onlinespec.ops.up import Supervisor, _RedisProc, server_command, spawn, wait_ready, worker_command
 
 __all__ = ["SCENARIOS", "ScenarioResult", "Service", "run_scenario", "run"]
 
@@ -145,7 +145,7 @@ class Service:
         self.redis = None
 
     def env(self, **extra) -> dict:
-        root = str(Path(__file__).resolve().parents[2])
+        root = str(Path(__file__).resolve().parents[3])
         return {**os.environ, "REDIS_URL": self.redis_server.url, "ONLINESPEC_REGISTRY": self.cfg.registry,
                 "PYTHONUNBUFFERED": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 "ONLINESPEC_MIN_IDLE_MS": str(self.min_idle_ms), **extra}
@@ -227,7 +227,7 @@ def _wrong_shape_version(svc: Service, drafter: str) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from onlinespec.registry import Manifest, _sha256
+    from onlinespec.learn.registry import Manifest, _sha256
 
     vocab = json.loads(svc.redis.get(keys.spec_key(drafter)))["arch"]["vocab_size"]
     other = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -253,8 +253,8 @@ def _poison_payloads(svc: Service) -> list[bytes]:
     import msgpack
     import numpy as np
 
-    from onlinespec.codec import encode
-    from onlinespec.stream import _decode_entry
+    from onlinespec.feedback.codec import encode
+    from onlinespec.feedback.stream import _decode_entry
 
     entries = svc.redis.xrevrange(keys.feedback_stream(svc.cfg.target_id), count=1)
     record = _decode_entry(entries[0][1])
@@ -344,7 +344,7 @@ def run_scenario(name: str, config: str, workdir: Path, warmup: float = 20.0, af
             ready = httpx.get(svc.url + "/ready", timeout=5).json()
             result.checks["server ready"] = bool(ready["ready"])
             latest = svc.latest()[svc.drafters()[0]]
-            from onlinespec.registry import CheckpointError, Registry
+            from onlinespec.learn.registry import CheckpointError, Registry
 
             try:
                 Registry(svc.cfg.registry, svc.redis).load_model(svc.drafters()[0], latest)

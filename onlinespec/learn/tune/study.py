@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from onlinespec.adaptive import expected_tokens
+from onlinespec.decode.adaptive import expected_tokens
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig
-from onlinespec.tune.exports import read_file
-from onlinespec.tune.space import SearchSpace, settings_config
+from onlinespec.learn.tune.exports import read_file
+from onlinespec.learn.tune.space import SearchSpace, settings_config
 
 __all__ = ["Score", "replay", "paired", "TuningStudy", "Row", "studies", "STALE_SECONDS"]
 

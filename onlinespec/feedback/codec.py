@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
-from onlinespec.feedback import SCHEMA_VERSION, FeedbackRecord
+from onlinespec.feedback.record import SCHEMA_VERSION, FeedbackRecord
 
 __all__ = ["CodecError", "encode", "decode"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from onlinespec import keys
+from onlinespec.feedback import keys
 from onlinespec.learn.learner import LearnerConfig
 
 __all__ = ["run", "study_dir", "STUDIES"]
@@ -87,7 +87,7 @@ class Progress:
 
 
 def _export(args, cfg) -> int:
-    from onlinespec.tune.exports import export_stream
+    from onlinespec.learn.tune.exports import export_stream
 
     target = args.target or cfg.target_id
     out = Path(args.out or f"feedback-{target}-{time.strftime('%Y%m%d-%H%M%S')}.msgpack")
@@ -99,7 +99,7 @@ def _export(args, cfg) -> int:
 
 
 def _import(args, cfg) -> int:
-    from onlinespec.tune.exports import import_stream
+    from onlinespec.learn.tune.exports import import_stream
 
     if not args.file:
         return _fail("import needs --file (an exported feedback file)")
@@ -118,7 +118,7 @@ def _live(args, cfg, space):
     """(drafter model, where from, baseline config, where from, round_records): the live drafter's
     current version and learner settings when Redis answers, else the configured ones."""
     from onlinespec.models import load_model
-    from onlinespec.registry import Registry
+    from onlinespec.learn.registry import Registry
     from onlinespec.learn.round import learner_config
 
     drafter_id = args.drafter_id or (cfg.drafters[0].id if cfg.drafters else None)
@@ -161,8 +161,8 @@ def _live(args, cfg, space):
 
 def _run(args, cfg) -> int:
     from onlinespec.config import CONFIGS
-    from onlinespec.tune.space import SearchSpace
-    from onlinespec.tune.study import TuningStudy
+    from onlinespec.learn.tune.space import SearchSpace
+    from onlinespec.learn.tune.study import TuningStudy
 
     name = args.study or f"{args.drafter_id or (cfg.drafters[0].id if cfg.drafters else 'drafter')}-" \
                          f"{time.strftime('%Y%m%d-%H%M%S')}"
@@ -375,7 +375,7 @@ def _plots(study, rows) -> list[Path]:
 
 
 def _show(args) -> int:
-    from onlinespec.tune.study import TuningStudy
+    from onlinespec.learn.tune.study import TuningStudy
 
     if not args.study:
         return _fail("show needs a study: onlinespec tune show NAME|DIR")
@@ -409,7 +409,7 @@ def _apply(args) -> int:
     if source.suffix in (".yaml", ".yml") and source.is_file():
         config = LearnerConfig.from_yaml(source)
     else:
-        from onlinespec.tune.study import TuningStudy
+        from onlinespec.learn.tune.study import TuningStudy
 
         study = TuningStudy(study_dir(args.study))
         config, round_records, best = study.best_config()
@@ -432,7 +432,7 @@ def _apply(args) -> int:
 
 
 def _flat(d: dict) -> dict:
-    from onlinespec.tune.space import flatten
+    from onlinespec.learn.tune.space import flatten
 
     return flatten(d)
 

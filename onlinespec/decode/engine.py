@@ -1,7 +1,7 @@
 """The speculative decoding engine: propose, verify, accept, rewind.
 
 One :class:`Generation` per request: its tokens, stop state, randomness, statistics and feedback
-record. Steps are taken by a :class:`~onlinespec.batch.Batch`, for every request it holds in
+record. Steps are taken by a :class:`~onlinespec.decode.batch.Batch`, for every request it holds in
 one target forward:
 
 1. ``propose``: copies and the drafter's drafts, ``k`` after the settled sequence (k = 0: plain);
@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from onlinespec.adaptive import BatchK
+from onlinespec.decode.adaptive import BatchK
 from onlinespec.drafters.base import Drafter, Proposal
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.errors import InvalidRequestError
-from onlinespec.feedback import FeedbackRecord, RecordBuilder
+from onlinespec.feedback.record import FeedbackRecord, RecordBuilder
 from onlinespec.models import check_same_vocab, vocab_size
-from onlinespec.sampling import PositionNoise, SamplingParams
-from onlinespec.stops import FinishReason, StopState
-from onlinespec.suffix import RequestIndex, SuffixCache
-from onlinespec.verify import verify, verify_coupled
+from onlinespec.decode.sampling import PositionNoise, SamplingParams
+from onlinespec.decode.stops import FinishReason, StopState
+from onlinespec.decode.suffix import RequestIndex, SuffixCache
+from onlinespec.decode.verify import verify, verify_coupled
 
 __all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "StepOutput", "TokenLogprob", "GenerationResult",
            "GenerationStats"]
@@ -247,7 +247,7 @@ class SpeculativeEngine:
         """``tenant`` scopes suffix speculation's past outputs (with ``scope: tenant``);
         ``isolated``: copy only from this request's own text, and keep nothing of its output;
         ``coupled`` (default: when the request samples with a seed): draw each token with noise
-        fixed by the seed and its position (:class:`~onlinespec.sampling.PositionNoise`), so the
+        fixed by the seed and its position (:class:`~onlinespec.decode.sampling.PositionNoise`), so the
         text does not depend on the drafts, the draft length or the batch; otherwise sampled
         requests are verified by rejection sampling (a higher acceptance, a text that depends
         on the drafts). ``drafter``: the one that drafts for this request (default: the
@@ -360,7 +360,7 @@ class Generation:
     def step(self) -> StepOutput:
         """One step of this request alone (a batch of one): prefill, then propose, verify,
         accept, rewind."""
-        from onlinespec.batch import Batch
+        from onlinespec.decode.batch import Batch
 
         assert not self.finished, "step() on a finished generation"
         if self._alone is None:

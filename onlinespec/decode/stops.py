@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from onlinespec.errors import InvalidRequestError
-from onlinespec.sampling import SamplingParams
+from onlinespec.decode.sampling import SamplingParams
 
 __all__ = ["FinishReason", "StopState"]
 

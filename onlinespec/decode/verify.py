@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from onlinespec.sampling import SamplingParams, noisy_argmax, probs
+from onlinespec.decode.sampling import SamplingParams, noisy_argmax, probs
 
 __all__ = ["Verdict", "verify", "verify_coupled"]
 
@@ -68,7 +68,7 @@ def verify(
 
 def verify_coupled(logits: torch.Tensor, drafts: torch.Tensor, params: SamplingParams,
                    noise: torch.Tensor) -> Verdict:
-    """A seeded request's verification (:class:`~onlinespec.sampling.PositionNoise`): the target's
+    """A seeded request's verification (:class:`~onlinespec.decode.sampling.PositionNoise`): the target's
     token at each position is ``argmax(log p + g)`` with that position's noise ``g`` ([m+1, V]),
     an exact sample from ``p`` fixed by the seed and the position; drafts are accepted while they
     equal it (the greedy rule on perturbed log-probabilities), then that token is emitted."""

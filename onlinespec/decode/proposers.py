@@ -1,6 +1,6 @@
 """Proposers: what drafts a batch's rows, one draft position at a time, behind one seam.
 
-At each draft position :class:`~onlinespec.batch.Batch` asks its proposers in turn, each for the
+At each draft position :class:`~onlinespec.decode.batch.Batch` asks its proposers in turn, each for the
 rows still without a draft there: suffix speculation first (:class:`Copies`: free to consult,
 and right where the text repeats), then each Hugging Face drafter for its own rows in one
 forward (:class:`DraftRows`), then any other drafter, which proposes its whole block at the
@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.lm import CacheSession
-from onlinespec.sampling import draw
-from onlinespec.slots import SlotCache, forward_rows, leave_row
-from onlinespec.suffix import best_match
+from onlinespec.decode.lm import CacheSession
+from onlinespec.decode.sampling import draw
+from onlinespec.decode.slots import SlotCache, forward_rows, leave_row
+from onlinespec.decode.suffix import best_match
 
 if TYPE_CHECKING:
-    from onlinespec.engine import Generation
+    from onlinespec.decode.engine import Generation
 
 __all__ = ["Draft", "Proposer", "Copies", "DraftRows", "Blocks"]
 

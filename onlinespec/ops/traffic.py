@@ -2,7 +2,7 @@
 
 Prompts are the held-out snippets of the demo domains (``python``, ``shakespeare``, ``docs``:
 never trained on), sent as completions, or instruct conversations of the chat domains (``edit``,
-``json``, ``explain``, ``summarize``, ``question``, ``story``, ``data``: :mod:`onlinespec.chat`),
+``json``, ``explain``, ``summarize``, ``question``, ``story``, ``data``: :mod:`onlinespec.decode.chat`),
 sent as chat completions. Every
 request carries ``--api-key`` (one tenant: suffix speculation copies across its requests). The
 schedule is a list of ``domain:seconds`` (or ``domain:requests`` with ``--by-count``) phases,
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from onlinespec.chat import DOMAINS as CHAT_DOMAINS
-from onlinespec.chat import chat_prompts
+from onlinespec.decode.chat import DOMAINS as CHAT_DOMAINS
+from onlinespec.decode.chat import chat_prompts
 from onlinespec.demo.prompts import load_prompts
 
 __all__ = ["Phase", "parse_schedule", "run"]

@@ -4,7 +4,7 @@ At each concurrency ``c`` (1, 2, 4, 8, 16; ``--quick``: 1, 4, 8) the same prompt
 least 4), greedy, the same ``max_new_tokens``, are served three ways, in this process, nothing
 external started:
 
-- ``spec_tok_s``: this engine's continuous batch (:class:`onlinespec.batch.Batch`, the engine
+- ``spec_tok_s``: this engine's continuous batch (:class:`onlinespec.decode.batch.Batch`, the engine
   loop's core) with speculation (the config's first drafter, if any, and suffix speculation, as
   the service serves them: suffix speculation learns each finished output within the one tenant
   the requests share, starting empty at each level) and the batch-aware draft length (its
@@ -29,14 +29,14 @@ import time
 
 import torch
 
-from onlinespec.adaptive import BatchK
-from onlinespec.batch import Batch
-from onlinespec.bench.common import emit, heldout_prompts, machine, set_threads
-from onlinespec.bench.engine import tie_margin
+from onlinespec.decode.adaptive import BatchK
+from onlinespec.decode.batch import Batch
+from onlinespec.ops.bench.common import emit, heldout_prompts, machine, set_threads
+from onlinespec.ops.bench.engine import tie_margin
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.engine import EngineConfig, SpeculativeEngine
-from onlinespec.sampling import SamplingParams
-from onlinespec.suffix import SuffixCache
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.decode.suffix import SuffixCache
 
 __all__ = ["run", "serve_level", "hf_batched"]
 
@@ -102,7 +102,7 @@ def hf_batched(target, prompts: list[list[int]], batch: int, max_new_tokens: int
 
 def _models(args):
     """(service config, tokenizer, target, drafter model or None, prompts as ids, suffix config)."""
-    from onlinespec.chat import DOMAINS, chat_prompts, render
+    from onlinespec.decode.chat import DOMAINS, chat_prompts, render
     from onlinespec.config import DEFAULT_CONFIG, load_config
     from onlinespec.models import load_model, load_tokenizer
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from onlinespec.lm import CACHE_KWARG
+from onlinespec.decode.lm import CACHE_KWARG
 
 __all__ = ["SlotCache", "forward_rows", "leave_row", "PLAIN_HEAD"]
 
