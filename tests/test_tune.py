@@ -165,6 +165,21 @@ def test_a_study_resumes_after_an_interruption_with_its_finished_trials(logged, 
     assert lrs == [0.0, 0.01, 0.05]
 
 
+def test_a_repeated_point_reuses_the_trial_that_ran_it(logged, tmp_path):
+    """TPE and random search may draw a finished point again: it is not replayed a second time
+    (the replay is deterministic), and the table says whose figures it shows."""
+    root, _ = logged
+    study = _create(root, tmp_path, [0.02], sampler="random", trials=3)
+    replays = []
+    study.optimize(lambda number, done, rounds, seconds: replays.append(number))
+    rows = {r.number: r for r in study.rows()}
+    assert sorted(rows) == [0, 1, 2, 3]
+    assert set(replays) == {0, 1}  # the baseline and the first trial at lr 0.02 ran; 2 and 3 did not
+    assert rows[1].repeat_of is None and rows[2].repeat_of == rows[3].repeat_of == 1
+    assert rows[2].loss == rows[3].loss == rows[1].loss and rows[2].seconds == 0.0
+    assert rows[1].loss != rows[0].loss  # a real replay, not the baseline's figures
+
+
 def test_two_rq_workers_run_one_study_without_duplicates(logged, tmp_path, redis_url, redis_client, capsys):
     root, _ = logged
     study = _create(root, tmp_path, [0.0, 0.005, 0.01, 0.02, 0.05, 0.1])

@@ -154,6 +154,8 @@ def run(args) -> int:
         args.model = httpx.get(args.url + "/v1/models", timeout=30).json()["data"][0]["id"]
     threads = [threading.Thread(target=client, daemon=True) for _ in range(args.concurrency)]
     t_start = time.monotonic()
+    tty = sys.stderr.isatty()  # a redrawn bar on a terminal; in a log, a plain line every 10 s
+    last_line = 0.0
     [t.start() for t in threads]
     try:
         for i, phase in enumerate(phases):
@@ -163,8 +165,13 @@ def run(args) -> int:
                 done = (stats.requests - r0) / phase.amount if args.by_count else (time.monotonic() - t0) / phase.amount
                 elapsed = time.monotonic() - t_start
                 bar = "#" * int(min(1.0, done) * 30)
-                print(f"\r[{i + 1}/{len(phases)}] {phase.domain:<12} [{bar:<30}] {stats.requests} req "
-                      f"{stats.tokens / max(elapsed, 1e-9):6.1f} tok/s {stats.errors} errors", end="", file=sys.stderr)
+                line = (f"[{i + 1}/{len(phases)}] {phase.domain:<12} [{bar:<30}] {stats.requests} req "
+                        f"{stats.tokens / max(elapsed, 1e-9):6.1f} tok/s {stats.errors} errors")
+                if tty:
+                    print("\r" + line, end="", file=sys.stderr)
+                elif elapsed - last_line >= 10.0 or done >= 1.0:
+                    print(line, file=sys.stderr, flush=True)
+                    last_line = elapsed
                 if done >= 1.0:
                     break
                 time.sleep(0.5)
@@ -174,7 +181,8 @@ def run(args) -> int:
         stop.set()
         [t.join(args.timeout) for t in threads]
     elapsed = time.monotonic() - t_start
-    print(file=sys.stderr)
+    if tty:
+        print(file=sys.stderr)
     rows = []
     def by_drafter_then_version(item):
         (drafter, version), _ = item

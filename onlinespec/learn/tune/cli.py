@@ -265,7 +265,8 @@ def _report(args, study, heldout: bool) -> int:
         delta = ("baseline" if r.baseline else f"{r.diff:+.4f} [{r.diff_low:+.4f},{r.diff_high:+.4f}]"
                  if r.diff is not None else "(no baseline yet)")
         print(f"{rank:>4} {r.number:>5} {r.loss:>8.4f}+-{r.stderr:.4f} {delta:>26}{'*' if r.beats_baseline else ' '}"
-              f"{r.predicted_accepted_length:>8.3f} {r.round_records:>3}  {settings_text(r.settings)}")
+              f"{r.predicted_accepted_length:>8.3f} {r.round_records:>3}  {settings_text(r.settings)}"
+              + (f"  (the settings of trial {r.repeat_of}: not replayed again)" if r.repeat_of is not None else ""))
     config, round_records, best = study.best_config()
     out = study.dir / "best.yaml"
     out.write_text(f"# study {study.name}: trial {best.number} of {len(rows)}, prequential loss {best.loss:.4f}"

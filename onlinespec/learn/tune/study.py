@@ -113,6 +113,7 @@ class Row:
     predicted_accepted_length: float
     round_records: int
     seconds: float
+    repeat_of: int | None = None  # a trial whose settings an earlier one had: its figures, not replayed again
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -223,6 +224,13 @@ class TuningStudy:
         baseline = bool(trial.user_attrs.get("baseline"))
         settings = {} if baseline else self.space.suggest(trial)
         config, round_records = settings_config(settings, self.base, self.base_round_records)
+        earlier = None if baseline else self._finished_with(trial.study, settings)
+        if earlier is not None:  # TPE may draw a finished point again: a replay is deterministic, so reuse it
+            for key in ("loss_sums", "counts", "rounds", "round_records", "settings", "predicted_accepted_length"):
+                trial.set_user_attr(key, earlier.user_attrs[key])
+            trial.set_user_attr("seconds", 0.0)
+            trial.set_user_attr("repeat_of", earlier.number)
+            return float(earlier.value)
         tuning, _ = self.records()
         start, last = time.time(), [0.0]
 
@@ -243,6 +251,19 @@ class TuningStudy:
         trial.set_user_attr("seconds", round(time.time() - start, 2))
         trial.set_user_attr("predicted_accepted_length", score.predicted_accepted_length(self.k))
         return score.loss
+
+    @staticmethod
+    def _finished_with(study, settings: dict):
+        """The first complete trial that ran exactly these settings (not a repeat itself), or None."""
+        from optuna.trial import TrialState
+
+        key = json.dumps(settings, sort_keys=True)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            a = t.user_attrs
+            if not a.get("baseline") and "repeat_of" not in a and "loss_sums" in a \
+                    and json.dumps(a.get("settings", {}), sort_keys=True) == key:
+                return t
+        return None
 
     def reap_stale(self, study=None) -> list[int]:
         """Fail running trials whose process died (no progress for ``STALE_SECONDS``): a killed
@@ -334,7 +355,8 @@ class TuningStudy:
                             loss=p["loss"], stderr=p["stderr"], diff=p.get("diff"), diff_low=p.get("diff_low"),
                             diff_high=p.get("diff_high"), beats_baseline=bool(p.get("beats_baseline")),
                             predicted_accepted_length=float(t.user_attrs["predicted_accepted_length"]),
-                            round_records=int(t.user_attrs["round_records"]), seconds=float(t.user_attrs["seconds"])))
+                            round_records=int(t.user_attrs["round_records"]), seconds=float(t.user_attrs["seconds"]),
+                            repeat_of=t.user_attrs.get("repeat_of")))
         return sorted(rows, key=lambda r: r.loss)
 
     def best(self, study=None) -> Row | None:
