@@ -19,3 +19,5 @@ Who may import whom is checked by tests/test_layout.py: ``feedback`` imports non
 folders, ``decode`` and ``drafters`` not ``learn`` or ``ops``, ``learn`` not ``ops``; nothing in
 the package but ``ops`` and ``cli`` imports ``serving`` or ``workers``.
 """
+
+__version__ = "0.1.0"
