@@ -4,9 +4,11 @@ A :class:`Background` runs ``step()`` again and again in a daemon thread named a
 waiting ``period`` seconds between steps (a step may also block on its own, as an XREAD does).
 An exception in a step is logged and counted (``errors``, ``last_error``) and the task goes on
 after a backoff (doubling to ``max_backoff``, reset by the next clean step): a task never dies
-of one error. ``stop()`` ends it and waits for the thread. Every task started in the process is
-listed by :func:`tasks`, which ``/metrics`` reports (``onlinespec_background_errors_total``,
-``onlinespec_background_alive`` per task).
+of one error. ``stop()`` ends it and waits for the thread. Every task started in the process and
+not stopped by its owner is listed by :func:`tasks` (a task whose thread died stays listed, not
+alive), which ``/metrics`` reports (``onlinespec_background_errors_total``,
+``onlinespec_background_alive`` per task). A stopped task leaves the list, so a process that
+builds its server again (the tests do) reports the new task, not the old one of the same name.
 
 The engine loop (``serving/engine_loop.py``) and the feedback writer (``onlinespec/feedback/stream.py``)
 keep loops of their own, because each needs what this does not give (the loop fails the batch
@@ -26,7 +28,7 @@ _TASKS: weakref.WeakSet = weakref.WeakSet()
 
 
 def tasks() -> list[Background]:
-    """Every task of this process that was started, by name."""
+    """Every task of this process that was started and not stopped, by name."""
     return sorted(list(_TASKS), key=lambda t: t.name)
 
 
@@ -54,6 +56,8 @@ class Background:
         self.stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if not self.alive:  # stopped by its owner: no longer one of the process's tasks
+            _TASKS.discard(self)
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when the task is being stopped (for steps that wait)."""

@@ -24,6 +24,7 @@ def test_a_task_survives_its_errors_and_stops_when_told():
     assert any(t is task for t in tasks()) and any(t.name == "test-flaky" for t in threading.enumerate())
     task.stop()
     assert not task.alive
+    assert not any(t is task for t in tasks())  # stopped by its owner: /metrics no longer lists it
     n = len(calls)
     time.sleep(0.05)
     assert len(calls) == n  # stopped means stopped
