@@ -183,3 +183,42 @@ def test_memory_and_rows_are_released(target, close_drafter_model):
         for _ in range(3):
             batch.add(engine.start([1, 2], SamplingParams(max_new_tokens=4)))
     assert torch.is_tensor(batch.cache.lengths)
+
+
+def _batch_with_costs(target, acceptance: float, encode_rate: float):
+    """A batch whose controller has measured costs (a plain step 10 ms, a drafted position 1 ms
+    to draft and 1 ms to verify), drafter ``d``'s acceptance and its cost of encoding a text."""
+    drafter = HFDrafter(perturbed(target, 0.1, seed=3), "d")
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig())
+    costs = engine.k_controller.at(2)
+    costs.t_plain, costs.t_draft, costs.v = 0.010, 0.001, 0.001
+    engine.k_controller.start_version("d", acceptance)
+    engine.k_controller.encode_rate["d"] = encode_rate
+    return engine, drafter, Batch(engine, slots=2, prefill_tokens=256)
+
+
+def test_a_drafter_encodes_only_rows_that_earn_the_encoding_back(target):
+    """Encoding a joining row's text is paid once: a row with 3 tokens left would spend more on
+    it than its drafts save (it takes copies only); one with 100 left joins. A probe (a step
+    speculating where the estimates say it does not pay) encodes nobody."""
+    engine, drafter, batch = _batch_with_costs(target, acceptance=0.8, encode_rate=1e-3)
+    text = [[(7 * i + 3) % VOCAB for i in range(30)], [(5 * i + 1) % VOCAB for i in range(30)]]  # 29 tokens to encode
+    long, short = (engine.start(p, SamplingParams(max_new_tokens=n)) for p, n in zip(text, (100, 3)))
+    batch.add(long)
+    batch.add(short)
+    batch.step()
+    assert batch.last.k > 0
+    group = batch.drafters[id(drafter)]
+    assert group.joined(long) and not group.joined(short)
+    assert long.stats.own_steps == 1 and short.stats.own_steps == 0  # the drafter drafted for the long row only
+
+    engine, drafter, batch = _batch_with_costs(target, acceptance=0.05, encode_rate=1e-6)
+    costs = engine.k_controller.at(2)
+    copies = engine.k_controller.proposer(engine.k_controller.rows_key(None))
+    copies.accepted, copies.rejected = 1.0, 19.0  # copies do not pay either
+    costs.plain_streak = costs.probe_every  # plain for a while: the next step probes
+    for gen in (engine.start(p, SamplingParams(max_new_tokens=100)) for p in text):
+        batch.add(gen)
+    batch.step()
+    assert engine.k_controller.probing(2)
+    assert id(drafter) not in batch.drafters or not batch.drafters[id(drafter)].gens

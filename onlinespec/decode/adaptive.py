@@ -12,9 +12,13 @@ probes again every ``probe_every`` steps so it notices when the drafter has impr
 All estimates are exponentially weighted, so they follow a drifting drafter.
 
 Under batching (:class:`BatchK`) the same rule runs per batch size: a step of ``B`` rows costs
-``t_plain(B)`` plain and ``k * t_draft(B) + t_plain(B) + v(B) * k`` with drafts, every row
-expecting ``tokens(k)`` at its proposer's acceptance, so ``k = 0`` (plain batched decoding)
-wins wherever verifying ``B x (k+1)`` positions costs more than the drafts bring.
+``t_plain(B)`` plain and ``k * t_draft(B) + t_plain(B) + v(B) * k + t_join(B)`` with drafts, every
+row expecting ``tokens(k)`` at its proposer's acceptance, so ``k = 0`` (plain batched decoding)
+wins wherever verifying ``B x (k+1)`` positions costs more than the drafts bring. The costs are
+what the batch measures, not what the forwards alone take: verification includes accepting and
+rewinding every row, and ``t_join`` is the drafters' encoding of rows new to them (under load
+requests come and go, and each is encoded once). A probe that keeps saying "plain" doubles the
+wait before the next one (``max_backoff``), since under load a probe costs a slow step.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ class AdaptiveK:
     prior_accept: float = 0.6
     probe_every: int = 32
     min_speedup: float = 1.0
+    # a probe that did not show speculation paying doubles the wait before the next one, up to
+    # probe_every x max_backoff plain steps (a probe under load costs a slow step and the
+    # drafter encoding every row it has not seen)
+    max_backoff: int = 8
     # after this many speculative steps in a row, one plain step refreshes t_plain (0: never);
     # every other cost is measured against it
     plain_every: int = 0
@@ -64,6 +72,12 @@ class AdaptiveK:
         self.plain_streak = 0
         self.spec_streak = 0
         self.steps = 0
+        self.backoff = 1  # the probe interval's multiplier
+        self.probing = False  # whether the last choice was a probe
+        # drafter seconds per speculative step spent encoding rows it had not drafted for: under
+        # load requests come and go and each is encoded once, a cost every speculative step
+        # shares (from 0, not from the first step, whose rows all join at once)
+        self.t_join = 0.0
 
     @property
     def acceptance(self) -> float:
@@ -78,7 +92,7 @@ class AdaptiveK:
     def speedup(self, k: int, acceptance: float | None = None) -> float:
         if self.t_plain is None or self.t_draft is None:
             return float("inf")  # unmeasured: speculate to learn the costs
-        step = k * self.t_draft + self.t_plain + self.v * k
+        step = k * self.t_draft + self.t_plain + self.v * k + self.t_join
         a = self.acceptance if acceptance is None else acceptance
         return expected_tokens(a, k) * self.t_plain / step
 
@@ -90,13 +104,15 @@ class AdaptiveK:
         one to assume (default: this controller's own estimate)."""
         if self.t_plain is None:
             return 0  # measure plain decoding once first
+        self.probing = False
         k = self.best_k(acceptance)
         if self.speedup(k, acceptance) >= self.min_speedup:
             if self.plain_every and self.spec_streak >= self.plain_every:
                 return 0
             return k
-        if self.plain_streak >= self.probe_every:
-            return k  # probe: one speculative step refreshes the acceptance estimate
+        if self.plain_streak >= self.probe_every * self.backoff:
+            self.probing = True  # one speculative step refreshes the estimates
+            return k
         return 0
 
     def _ema(self, old: float | None, new: float) -> float:
@@ -131,12 +147,18 @@ class AdaptiveK:
         self.accepted = self.decay * self.accepted + accepted
         self.rejected = self.decay * self.rejected + rejections
 
-    def observe_costs(self, drafted: int, draft_seconds: float, verify_seconds: float) -> None:
-        """A step that drafted ``drafted`` positions (and verified ``drafted + 1``)."""
+    def observe_costs(self, drafted: int, draft_seconds: float, verify_seconds: float,
+                      join_seconds: float = 0.0) -> None:
+        """A step that drafted ``drafted`` positions (and verified ``drafted + 1``), after
+        ``join_seconds`` of encoding rows the drafter joined (not in ``draft_seconds``). A probe
+        (the last choice) that is observed doubles the wait before the next one; a step chosen
+        on its merit resets it."""
         self.plain_streak = 0
         self.spec_streak += 1
+        self.backoff = min(2 * self.backoff, self.max_backoff) if self.probing else 1
         if drafted == 0:
             return
+        self.t_join = self._ema(self.t_join, join_seconds)
         self.t_draft = self._cost(self.t_draft, draft_seconds / drafted)
         if self.t_plain is not None:
             expected = self.t_plain + self.v * drafted
@@ -179,6 +201,7 @@ class BatchK:
         self.rng = random.Random(seed)
         self._step: dict[str, list[float]] = {}  # this step's [accepted, rejections] per source
         self._draws: dict[str, float] = {}  # this step's acceptance per source
+        self.encode_rate: dict[str, float] = {}  # per drafter: seconds per token of a joining row's text
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -244,6 +267,32 @@ class BatchK:
         drafter's rows take copies only: their blocks are sized as suffix blocks, ``None``)."""
         return self.at(batch).choose(self.acceptance(rows)) if rows else 0
 
+    def saving_per_token(self, key: str | None, k: int, batch: int) -> float:
+        """Seconds a row of drafter ``key`` saves per token it generates in steps of ``batch`` rows
+        drafting ``k`` (negative: speculation costs; inf: costs not measured yet)."""
+        costs = self.at(batch)
+        if not k or costs.t_plain is None or costs.t_draft is None:
+            return float("inf") if k else 0.0
+        tokens = expected_tokens(self.proposer(self.rows_key(key)).acceptance, k)
+        step = k * costs.t_draft + costs.t_plain + costs.v * k + costs.t_join
+        return (tokens * costs.t_plain - step) / (batch * tokens)
+
+    def observe_join(self, key: str, seconds: float, tokens: int) -> None:
+        """Drafter ``key`` encoded ``tokens`` of a joining row's text in ``seconds``."""
+        rate = seconds / max(1, tokens)
+        old = self.encode_rate.get(key)
+        self.encode_rate[key] = rate if old is None else 0.9 * old + 0.1 * rate
+
+    def join_pays(self, key: str, k: int, batch: int, tokens: int, tokens_left: int) -> bool:
+        """Whether a row with ``tokens`` of text that drafter ``key`` has not encoded yet should
+        join it now: the encoding is paid once, the saving per token at most ``tokens_left``
+        times (a request near its end, or one that joins only because the load dropped for a
+        moment, would spend more encoding its text than its drafts bring back)."""
+        rate = self.encode_rate.get(key)
+        if rate is None:
+            return True  # the encoding cost is not measured yet
+        return self.saving_per_token(key, k, batch) * tokens_left >= rate * tokens
+
     def drafts_pay(self, key: str, k: int, batch: int) -> bool:
         """Whether drafter ``key``'s own drafts earn their drafting cost in a step of ``batch``
         rows drafting ``k`` (the verification is the batch's, paid whoever drafts): expected
@@ -272,22 +321,32 @@ class BatchK:
         rejected = accepted < drafted
         for source, acc, rej in ((SUFFIX, copies_accepted, (rejected and copied[accepted]) or unmatched),
                                  (key, accepted - copies_accepted, rejected and not copied[accepted]),
-                                 # the block as a whole; a muted drafter's row that got nothing counts
-                                 # as a block cut short
-                                 (self.rows_key(key), accepted, rejected or (unmatched and muted))):
+                                 # the block as a whole: a row that got nothing yields one token for
+                                 # its k + 1 verified positions (rows are padded to the longest), a
+                                 # block cut short
+                                 (self.rows_key(key), accepted, rejected or unmatched)):
             if source is not None and (acc or rej):
                 counts = self._step.setdefault(source, [0.0, 0.0])
                 counts[0] += acc
                 counts[1] += rej
 
-    def observe_step(self, batch: int, drafted: int, draft_seconds: float, verify_seconds: float) -> None:
+    def probing(self, batch: int) -> bool:
+        """Whether this step of ``batch`` rows is a probe (speculation not expected to pay):
+        a drafter then drafts only for rows it holds already, since encoding the others would
+        make the probe cost several steps."""
+        return self.at(batch).probing
+
+    def observe_step(self, batch: int, drafted: int, draft_seconds: float, verify_seconds: float,
+                     join_seconds: float = 0.0) -> None:
         """A step of ``batch`` rows whose longest draft was ``drafted`` (0: a plain step); the
-        rows it observed update their sources' acceptance together."""
+        rows it observed update their sources' acceptance together. ``verify_seconds``: the
+        target's forward and the accepting and rewinding of every row; ``join_seconds``: drafters
+        encoding rows new to them."""
         for key, (accepted, rejections) in self._step.items():
             self.proposer(key).observe_counts(accepted, rejections)
         self._step.clear()
         costs = self.at(batch)
         if drafted:
-            costs.observe_costs(drafted, draft_seconds, verify_seconds)
+            costs.observe_costs(drafted, draft_seconds, verify_seconds, join_seconds)
         else:
             costs.observe_plain(verify_seconds)

@@ -8,7 +8,8 @@ Requests join and leave between steps. Each :meth:`Batch.step`:
 1. **prefill**: requests that joined feed their prompts in chunks, at most ``prefill_tokens``
    a step over all of them, in one forward of their own (a long prompt never stalls the others
    for more than one chunk); a request whose prompt is in takes a row (its keys and values are
-   copied in); its drafter encodes its text the first time it drafts for it;
+   copied in); its drafter encodes its text the first time it drafts for it, and only if the
+   row has enough tokens left to earn that back (never in a probe);
 2. **propose**: ``k`` from :class:`~onlinespec.decode.adaptive.BatchK` (costs measured at this batch
    size, acceptance per source of drafts; ``k = 0`` where speculation would not pay; a drafter
    whose own drafts would not earn their cost is muted for the step). Per draft position,
@@ -228,6 +229,18 @@ class Batch:
                 for key in {g.drafter.drafter_id for g in adaptive if g.drafter is not None}}
         muted = {b for b, g in enumerate(rows) if g.adaptive and g.drafter is not None
                  and not pays[g.drafter.drafter_id]}
+        if k:
+            # rows a drafter does not hold yet join it only where that pays: never in a probe (it
+            # would cost several steps), and only if the row has enough tokens left to earn back
+            # the encoding of its text; the others take copies
+            probing = self.k.probing(len(rows))
+            for b, g in enumerate(rows):
+                group = self._draft_rows(g)
+                if b in muted or not g.adaptive or group is None or group.joined(g):
+                    continue
+                left = g.params.max_new_tokens - len(g.generated)
+                if probing or not self.k.join_pays(g.drafter.drafter_id, k, len(rows), len(g.tokens) - 1, left):
+                    muted.add(b)
         # a muted drafter's rows make copy-only blocks: the draft length follows what those yield
         # (a weak drafter must not shorten the copies of the rows it does not draft for)
         block_keys = [None if (g.drafter is None or b in muted) else g.drafter.drafter_id
@@ -238,16 +251,19 @@ class Batch:
         joins = sum(d.join_seconds for d in self.drafters.values())
         drafts, qs, copied = self._propose(k_rows, muted)
         t2 = time.perf_counter()
-        # rows joining a drafter encode their text: a prefill, kept out of the drafting cost
+        # rows joining a drafter encode their text: reported as prefill, costed apart from drafting
         joined = sum(d.join_seconds for d in self.drafters.values()) - joins
-        t1 += joined
+        for group in self.drafters.values():
+            for seconds, tokens in group.joins:
+                self.k.observe_join(group.drafter.drafter_id, seconds, tokens)
+            group.joins.clear()
         logits = forward_rows(self.engine.target, self.cache, [[g.tokens[-1], *d] for g, d in zip(rows, drafts)])
         t3 = time.perf_counter()
         results: list[tuple[Generation, StepOutput | Exception]] = []
         leaving = []
         for b, gen in enumerate(rows):
             try:
-                out = gen.settle(self._proposal(drafts[b], qs[b]), copied[b], logits[b], t2 - t1, t3 - t2)
+                out = gen.settle(self._proposal(drafts[b], qs[b]), copied[b], logits[b], t2 - t1 - joined, t3 - t2)
             except Exception as exc:  # noqa: BLE001 - one request's failure leaves the others going
                 results.append((gen, exc))
                 leaving.append(gen)
@@ -265,11 +281,15 @@ class Batch:
                 if group is not None:
                     group.rewind(gen, keep)
         drafted = max(map(len, drafts))
+        t4 = time.perf_counter()
         if adaptive:
-            self.k.observe_step(len(rows), drafted, t2 - t1, t3 - t2)
+            # what speculation costs the batch, as measured: drafting, the drafters' encoding of
+            # rows new to them (under load requests come and go, each encoded once), and
+            # verification with accepting and rewinding every row (k + 1 logits a row)
+            self.k.observe_step(len(rows), drafted, t2 - t1 - joined, t4 - t2, joined)
         for gen in leaving:
             self.remove(gen)
-        self.last = StepTiming(len(rows), drafted, fed, t1 - t0, t2 - t1, t3 - t2)
+        self.last = StepTiming(len(rows), drafted, fed, t1 - t0 + joined, t2 - t1 - joined, t3 - t2)
         return results
 
 

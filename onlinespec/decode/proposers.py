@@ -71,12 +71,16 @@ class DraftRows:
     when it enters the batch: a request its drafter never drafts for (plain steps, a muted
     drafter) costs the drafter nothing."""
 
+    def joined(self, gen: Generation) -> bool:
+        return gen in self.gens
+
     def __init__(self, drafter: HFDrafter, slots: int, max_len: int, catch_up: int):
         self.drafter = drafter
         self.cache = SlotCache.for_model(drafter.model, slots, max_len)
         self.gens: list[Generation] = []
         self.catch_up = catch_up  # the most tokens a row feeds in one forward
-        self.join_seconds = 0.0  # encoding the text of joining rows (a prefill, not a draft cost)
+        self.join_seconds = 0.0  # encoding the text of joining rows (reported as prefill, costed apart)
+        self.joins: list[tuple[float, int]] = []  # (seconds, tokens) of each join, for the caller to take
 
     def join(self, gen: Generation) -> None:
         row = self.cache.join()
@@ -104,7 +108,9 @@ class DraftRows:
             if rows[b] not in self.gens:
                 t0 = time.perf_counter()
                 self.join(rows[b])
-                self.join_seconds += time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                self.join_seconds += seconds
+                self.joins.append((seconds, len(rows[b].tokens) - 1))
         where = {id(g): b for b, g in enumerate(rows)}
         # Every row feeds what its cache lacks of its text as of this position (a copy made here
         # is fed at the next forward), at most catch_up tokens: a row whose copies were accepted
