@@ -222,3 +222,38 @@ def test_a_drafter_encodes_only_rows_that_earn_the_encoding_back(target):
     batch.step()
     assert engine.k_controller.probing(2)
     assert id(drafter) not in batch.drafters or not batch.drafters[id(drafter)].gens
+
+
+def test_a_drafters_rows_draft_what_the_drafter_alone_drafts(target, monkeypatch):
+    """Rows joining a drafter together (text of different lengths, encoded in one forward, in
+    chunks) and later ones draft exactly what the drafter drafts from the same text alone:
+    a broken encoding stays lossless (verification catches it) but would draft wrong."""
+    import onlinespec.decode.proposers as proposers_mod
+
+    monkeypatch.setattr(proposers_mod, "ENCODE_CHUNK", 7)  # texts of up to 39 tokens: several chunks, ragged
+    model = perturbed(target, 0.3, seed=5)
+    engine = SpeculativeEngine(target, HFDrafter(model, "d"), config=EngineConfig(k=3))
+    batch = Batch(engine, slots=3, prefill_tokens=256)  # the first three prompts join at once
+    seen: list[tuple[list[int], list[int]]] = []
+    propose = Batch._propose
+
+    def recording(self, k_rows, muted=frozenset()):
+        texts = [list(g.tokens) for g in self.rows]
+        drafts, qs, copied = propose(self, k_rows, muted)
+        seen.extend(zip(texts, drafts))
+        return drafts, qs, copied
+
+    monkeypatch.setattr(Batch, "_propose", recording)
+    gens = [engine.start(p, SamplingParams(max_new_tokens=6 + 3 * i)) for i, p in enumerate(prompts(5, seed=11))]
+    drive(batch, list(gens))
+
+    def alone(text: list[int], k: int) -> list[int]:
+        out = []
+        with torch.no_grad():
+            for _ in range(k):
+                out.append(int(model(torch.tensor([text + out])).logits[0, -1].argmax()))
+        return out
+
+    assert len(seen) > 10 and len({len(t) for t, _ in seen[:3]}) > 1
+    for text, drafts in seen:
+        assert drafts == alone(text, len(drafts)), text

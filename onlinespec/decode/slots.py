@@ -202,10 +202,11 @@ def leave_row(cache: SlotCache, owners: list, owner) -> None:
 
 
 @torch.inference_mode()
-def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = False):
+def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = False, logits: bool = True):
     """Feed ``rows[b]`` (possibly nothing) to active row ``b``, every row in one forward.
     Returns each row's logits ``[len(rows[b]), V]`` (and with ``hidden``, the last hidden states
-    at the same positions); the tokens are committed to the cache."""
+    at the same positions); the tokens are committed to the cache. ``logits=False``: only the
+    keys and values are wanted (encoding text), the head is not run; returns None."""
     b = len(rows)
     assert b == cache.active, "one row of tokens per active row, in row order"
     lens = [len(r) for r in rows]
@@ -225,6 +226,10 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
         mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(
             ~mask, torch.finfo(model.dtype).min)
     inputs = dict(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+    if not logits:
+        model(**inputs, logits_to_keep=1)
+        cache.lengths[:b] += torch.tensor(lens)
+        return None
     if getattr(model.config, "model_type", None) in PLAIN_HEAD:
         states = model.get_decoder()(**inputs).last_hidden_state  # [B, T, H]
         if all(n == t for n in lens):
