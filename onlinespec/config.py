@@ -52,6 +52,7 @@ class ServingConfig:
     max_active: int = 8  # requests batched together
     max_queue: int = 64  # waiting requests beyond this get 429
     prefill_tokens: int = 256  # prompt tokens prefilled per step
+    drafter_context: int | None = 64  # tokens of a request's text a drafter encodes when it joins (None: all)
     kv_cache_tokens: int | None = None  # key/value positions requests may reserve together
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
@@ -65,6 +66,10 @@ class ServingConfig:
     admin_token: str | None = None
     api_keys: tuple[str, ...] = ()  # keys accepted on /v1; empty: any key
     suffix: SuffixConfig = field(default_factory=SuffixConfig)
+
+    def __post_init__(self):
+        if self.drafter_context is not None and self.drafter_context < 1:
+            raise ValueError(f"drafter_context must be >= 1 or null (all), got {self.drafter_context}")
 
 
 @dataclass(frozen=True)

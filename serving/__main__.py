@@ -90,7 +90,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
         log.info("suffix speculation: warmed from %d logged outputs (%d tokens)%s", cache.warm(records),
                  cache.tokens, f"; {bad} malformed records skipped" if bad else "")
     engine = SpeculativeEngine(target, first, tokenizer=tokenizer, config=EngineConfig(
-        k=s.k, k_max=s.k_max, feedback_topk=s.feedback_topk,
+        k=s.k, k_max=s.k_max, feedback_topk=s.feedback_topk, drafter_context=s.drafter_context,
         capture_feedback=writer is not None, target_id=cfg.target_id), suffix=cache)
     for did, estimate in estimates.items():  # each version starts from what its learners measured
         engine.k_controller.start_version(did, estimate.get("all", {}).get("acceptance"))

@@ -224,15 +224,17 @@ def test_a_drafter_encodes_only_rows_that_earn_the_encoding_back(target):
     assert id(drafter) not in batch.drafters or not batch.drafters[id(drafter)].gens
 
 
-def test_a_drafters_rows_draft_what_the_drafter_alone_drafts(target, monkeypatch):
+@pytest.mark.parametrize("context", [None, 10], ids=["whole-text", "window"])
+def test_a_drafters_rows_draft_what_the_drafter_alone_drafts(target, monkeypatch, context):
     """Rows joining a drafter together (text of different lengths, encoded in one forward, in
-    chunks) and later ones draft exactly what the drafter drafts from the same text alone:
-    a broken encoding stays lossless (verification catches it) but would draft wrong."""
+    chunks) and later ones draft exactly what the drafter drafts alone from the same text (with
+    ``drafter_context``, from the last tokens of the text when the row joined, as a text of its
+    own): a broken encoding stays lossless (verification catches it) but would draft wrong."""
     import onlinespec.decode.proposers as proposers_mod
 
     monkeypatch.setattr(proposers_mod, "ENCODE_CHUNK", 7)  # texts of up to 39 tokens: several chunks, ragged
     model = perturbed(target, 0.3, seed=5)
-    engine = SpeculativeEngine(target, HFDrafter(model, "d"), config=EngineConfig(k=3))
+    engine = SpeculativeEngine(target, HFDrafter(model, "d"), config=EngineConfig(k=3, drafter_context=context))
     batch = Batch(engine, slots=3, prefill_tokens=256)  # the first three prompts join at once
     seen: list[tuple[list[int], list[int]]] = []
     propose = Batch._propose
@@ -240,7 +242,8 @@ def test_a_drafters_rows_draft_what_the_drafter_alone_drafts(target, monkeypatch
     def recording(self, k_rows, muted=frozenset()):
         texts = [list(g.tokens) for g in self.rows]
         drafts, qs, copied = propose(self, k_rows, muted)
-        seen.extend(zip(texts, drafts))
+        group = next(iter(self.drafters.values()))
+        seen.extend((text[group.skipped[g]:], d) for g, text, d in zip(self.rows, texts, drafts))
         return drafts, qs, copied
 
     monkeypatch.setattr(Batch, "_propose", recording)
@@ -254,6 +257,10 @@ def test_a_drafters_rows_draft_what_the_drafter_alone_drafts(target, monkeypatch
                 out.append(int(model(torch.tensor([text + out])).logits[0, -1].argmax()))
         return out
 
-    assert len(seen) > 10 and len({len(t) for t, _ in seen[:3]}) > 1
+    assert len(seen) > 10
+    if context:  # the window (and the newest token) when they joined, what was generated since
+        assert {len(t) for t, _ in seen[:3]} == {context + 1} and max(len(t) for t, _ in seen) < context + 30
+    else:
+        assert len({len(t) for t, _ in seen[:3]}) > 1  # ragged texts encoded together
     for text, drafts in seen:
         assert drafts == alone(text, len(drafts)), text

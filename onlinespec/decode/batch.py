@@ -153,7 +153,8 @@ class Batch:
         if isinstance(gen.drafter, HFDrafter) and id(gen.drafter) not in self.drafters:
             # the drafter's rows; each request joins them when first asked to draft
             self.drafters[id(gen.drafter)] = DraftRows(gen.drafter, self.slots, self.max_len,
-                                                       catch_up=self.engine.config.k_max + 1)
+                                                       catch_up=self.engine.config.k_max + 1,
+                                                       context=self.engine.config.drafter_context)
 
     def _prefill(self) -> int:
         """Advance the staged prompts by up to ``prefill_tokens`` in one forward; the prompts that

@@ -70,27 +70,35 @@ class DraftRows:
 
     A request joins the first time it is asked to draft (its text so far is encoded then), not
     when it enters the batch: a request its drafter never drafts for (plain steps, a muted
-    drafter) costs the drafter nothing."""
+    drafter) costs the drafter nothing. It encodes the last ``context`` tokens of the text (None:
+    all) at positions from 0: a drafter with rotary positions drafts as from that window (what
+    it attends over is the same relative layout), and joining costs a bounded forward."""
 
     def joined(self, gen: Generation) -> bool:
         return gen in self.gens
 
-    def __init__(self, drafter: HFDrafter, slots: int, max_len: int, catch_up: int):
+    def __init__(self, drafter: HFDrafter, slots: int, max_len: int, catch_up: int, context: int | None = None):
         self.drafter = drafter
         self.cache = SlotCache.for_model(drafter.model, slots, max_len)
         self.gens: list[Generation] = []
+        self.skipped: dict[Generation, int] = {}  # per row: text tokens before its window
         self.catch_up = catch_up  # the most tokens a row feeds in one forward
+        self.context = context
         self.join_seconds = 0.0  # encoding the text of joining rows (reported as prefill, costed apart)
         self.joins: list[tuple[float, int]] = []  # (seconds, tokens) of each join, for the caller to take
 
     def join(self, gens: list[Generation]) -> None:
         """Rows new to this drafter take rows of its cache, their text so far encoded together:
-        one forward for all of them (per ``ENCODE_CHUNK`` positions), without the head. One
-        forward per row cost twice as much a token on the bundled drafter (per-call overhead)."""
+        one forward for all of them (per ``ENCODE_CHUNK`` positions), without the head."""
         if not gens:
             return
         t0 = time.perf_counter()
-        texts = [gen.tokens[: len(gen.tokens) - 1] for gen in gens]  # all but the last, like the target's cache
+        texts = []
+        for gen in gens:
+            n = len(gen.tokens) - 1  # all but the last, like the target's cache
+            skip = max(0, n - self.context) if self.context else 0
+            self.skipped[gen] = skip
+            texts.append(gen.tokens[skip:n])
         longest = max(map(len, texts))
         staging = None
         if longest:
@@ -111,11 +119,13 @@ class DraftRows:
     def leave(self, gen: Generation) -> None:
         if gen in self.gens:
             leave_row(self.cache, self.gens, gen)
+            del self.skipped[gen]
 
     def rewind(self, gen: Generation, keep: int) -> None:
+        """Keep the first ``keep`` tokens of ``gen``'s text."""
         if gen in self.gens:
             row = self.gens.index(gen)
-            self.cache.rewind(row, min(keep, int(self.cache.lengths[row])))
+            self.cache.rewind(row, max(0, min(keep - self.skipped[gen], int(self.cache.lengths[row]))))
 
     def propose(self, rows, need, drafts, position, room):
         mine = [b for b in need if rows[b].drafter is self.drafter]
@@ -129,7 +139,7 @@ class DraftRows:
         # length, and drafts only once it has.
         feeds, complete = [], set()
         for i, gen in enumerate(self.gens):
-            lacking = (gen.tokens + drafts[where[id(gen)]][:position])[int(self.cache.lengths[i]):]
+            lacking = (gen.tokens + drafts[where[id(gen)]][:position])[self.skipped[gen] + int(self.cache.lengths[i]):]
             feeds.append(lacking[: self.catch_up])
             if 0 < len(lacking) <= self.catch_up:
                 complete.add(id(gen))

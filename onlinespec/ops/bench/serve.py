@@ -141,7 +141,8 @@ def run(args) -> int:
     def spec_engine():  # fresh suffix cache per level: each level starts from the same state
         return SpeculativeEngine(target, HFDrafter(drafter_model, cfg.drafters[0].id) if drafter_model else None,
                                  tokenizer=tokenizer, config=EngineConfig(k=args.k_fixed, k_max=k_max,
-                                                                          capture_feedback=False),
+                                                                          capture_feedback=False,
+                                                                          drafter_context=cfg.serving.drafter_context),
                                  suffix=SuffixCache(suffix_cfg) if suffix_cfg.enabled else None)
 
     plain = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(capture_feedback=False))
