@@ -52,7 +52,7 @@ class ServingConfig:
     max_active: int = 8  # requests batched together
     max_queue: int = 64  # waiting requests beyond this get 429
     prefill_tokens: int = 256  # prompt tokens prefilled per step
-    drafter_context: int | None = 64  # tokens of a request's text a drafter encodes when it joins (None: all)
+    drafter_context: int | None = None  # tokens of a request's text a drafter encodes when it joins (None: all)
     kv_cache_tokens: int | None = None  # key/value positions requests may reserve together
     max_prompt_tokens: int = 1536
     max_tokens: int = 512

@@ -51,9 +51,9 @@ class EngineConfig:
     capture_feedback: bool = True
     target_id: str = "target"
     # Tokens of a request's text (its last) a drafter model encodes when it first drafts for it
-    # (None: all). Encoding is paid once per request and drafter; under load it was 3-5% of the
+    # (None: all, the default). Encoding is paid once per request and drafter; under load it was 3-5% of the
     # bundled pair's time, and a small drafter's drafts barely use distant context.
-    drafter_context: int | None = 64
+    drafter_context: int | None = None
 
     def __post_init__(self):
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
