@@ -249,14 +249,14 @@ class Batch:
         if muted:
             k = self.k.rechoose(block_keys, batch=len(rows))
         k_rows = [g.draft_length(k) for g in rows]
-        joins = sum(d.join_seconds for d in self.drafters.values())
         drafts, qs, copied = self._propose(k_rows, muted)
         t2 = time.perf_counter()
         # rows joining a drafter encode their text: reported as prefill, costed apart from drafting
-        joined = sum(d.join_seconds for d in self.drafters.values()) - joins
+        joined = 0.0
         for group in self.drafters.values():
             for seconds, tokens in group.joins:
                 self.k.observe_join(group.drafter.drafter_id, seconds, tokens)
+                joined += seconds
             group.joins.clear()
         logits = forward_rows(self.engine.target, self.cache, [[g.tokens[-1], *d] for g, d in zip(rows, drafts)])
         t3 = time.perf_counter()

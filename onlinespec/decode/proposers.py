@@ -84,8 +84,9 @@ class DraftRows:
         self.skipped: dict[Generation, int] = {}  # per row: text tokens before its window
         self.catch_up = catch_up  # the most tokens a row feeds in one forward
         self.context = context
-        self.join_seconds = 0.0  # encoding the text of joining rows (reported as prefill, costed apart)
-        self.joins: list[tuple[float, int]] = []  # (seconds, tokens) of each join, for the caller to take
+        # (seconds, tokens) of each join since the caller last took them: encoding the text of
+        # joining rows (reported as prefill, costed apart from drafting)
+        self.joins: list[tuple[float, int]] = []
 
     def join(self, gens: list[Generation]) -> None:
         """Rows new to this drafter take rows of its cache, their text so far encoded together:
@@ -112,9 +113,7 @@ class DraftRows:
             self.gens.append(gen)
             if texts[i]:
                 self.cache.load(row, staging, len(texts[i]), source_row=i)
-        seconds = time.perf_counter() - t0
-        self.join_seconds += seconds
-        self.joins.append((seconds, sum(map(len, texts))))
+        self.joins.append((time.perf_counter() - t0, sum(map(len, texts))))
 
     def leave(self, gen: Generation) -> None:
         if gen in self.gens:
