@@ -89,12 +89,15 @@ class AdaptiveK:
             return None
         return self.t_draft / self.t_plain
 
+    def step_seconds(self, k: int) -> float:
+        """What a step drafting ``k`` costs, as measured (both costs must be measured)."""
+        return k * self.t_draft + self.t_plain + self.v * k + self.t_join
+
     def speedup(self, k: int, acceptance: float | None = None) -> float:
         if self.t_plain is None or self.t_draft is None:
             return float("inf")  # unmeasured: speculate to learn the costs
-        step = k * self.t_draft + self.t_plain + self.v * k + self.t_join
         a = self.acceptance if acceptance is None else acceptance
-        return expected_tokens(a, k) * self.t_plain / step
+        return expected_tokens(a, k) * self.t_plain / self.step_seconds(k)
 
     def best_k(self, acceptance: float | None = None) -> int:
         return max(range(self.k_min, self.k_max + 1), key=lambda k: self.speedup(k, acceptance))
@@ -301,8 +304,7 @@ class BatchK:
         if not k or costs.t_plain is None or costs.t_draft is None:
             return float("inf") if k else 0.0
         tokens = expected_tokens(self.proposer(self.rows_key(key)).acceptance, k)
-        step = k * costs.t_draft + costs.t_plain + costs.v * k + costs.t_join
-        return (tokens * costs.t_plain - step) / (batch * tokens)
+        return (tokens * costs.t_plain - costs.step_seconds(k)) / (batch * tokens)
 
     def observe_join(self, key: str, seconds: float, tokens: int) -> None:
         """Drafter ``key`` encoded ``tokens`` of a joining row's text in ``seconds``."""
