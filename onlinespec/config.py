@@ -28,7 +28,7 @@ import yaml
 
 from onlinespec.decode.suffix import SuffixConfig
 
-__all__ = ["DrafterSpec", "ServingConfig", "WorkersConfig", "RedisConfig", "ServiceConfig", "load_config",
+__all__ = ["DrafterSpec", "VllmConfig", "ServingConfig", "WorkersConfig", "RedisConfig", "ServiceConfig", "load_config",
            "resolve_beside", "CONFIGS", "DEFAULT_CONFIG", "DEFAULT_REGISTRY", "KNOWN_KEYS", "SECRETS"]
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/ (not in a wheel)
@@ -40,6 +40,26 @@ DEFAULT_REGISTRY = ".onlinespec/registry"  # the server's and the workers' alike
 class DrafterSpec:
     id: str
     model: str
+
+
+ENGINES = ("embedded", "vllm")
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """``serving.engine: vllm`` (:mod:`serving.vllm_loop`): vLLM's own engine arguments that matter here."""
+
+    num_speculative_tokens: int = 3  # the most drafts a request gets a step (vLLM's speculative k)
+    gpu_memory_utilization: float = 0.3  # on the CPU backend: the share of memory vLLM may reserve
+    kv_cache_memory_bytes: int | None = None  # the key/value cache size (None: from the utilization)
+    max_model_len: int | None = None  # None: serving.max_prompt_tokens + serving.max_tokens
+    enforce_eager: bool = True  # no compilation: a 30 s start on the CPU, not 2 minutes
+
+    def __post_init__(self):
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"vllm.num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)
@@ -66,8 +86,12 @@ class ServingConfig:
     admin_token: str | None = None
     api_keys: tuple[str, ...] = ()  # keys accepted on /v1; empty: any key
     suffix: SuffixConfig = field(default_factory=SuffixConfig)
+    engine: str = "embedded"  # embedded | vllm (its own virtualenv: ./run vllm-setup)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.drafter_context is not None and self.drafter_context < 1:
             raise ValueError(f"drafter_context must be >= 1 or null (all), got {self.drafter_context}")
 
@@ -163,6 +187,7 @@ KNOWN_KEYS = {
     "drafters[]": {"id", "model"},
     **{name: _known(cls) for name, cls in SECTIONS.items()},
     "serving.suffix": _known(SuffixConfig),
+    "serving.vllm": _known(VllmConfig),
 }
 
 
@@ -232,6 +257,7 @@ def _check_keys(path: Path, raw: dict) -> None:
     serving = raw.get("serving") if isinstance(raw.get("serving"), dict) else {}
     sections = [("", raw), ("target", raw.get("target")), ("serving", raw.get("serving")),
                 ("redis", raw.get("redis")), ("workers", raw.get("workers")), ("serving.suffix", serving.get("suffix")),
+                ("serving.vllm", serving.get("vllm")),
                 *(("drafters[]", d) for d in raw.get("drafters") or [])]
     for name, section in sections:
         if section is None:

@@ -98,6 +98,21 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+def _drop_quantization(directory: Path) -> None:
+    """The copy holds dequantized float32 weights, but transformers keeps the GGUF file's
+    ``quantization_config`` in its config.json, which other loaders (vLLM) then refuse: drop it
+    (also from a copy converted before this was done)."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):  # no config to repair: loading it says what is wrong
+        return
+    if config.pop("quantization_config", None) is not None:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
 def packaged_path(name: str) -> str:
     """The converted directory of ``pypi:NAME``, converting it on first use."""
     key = name.removeprefix(PREFIX)
@@ -108,6 +123,7 @@ def packaged_path(name: str) -> str:
     cache = model_cache()
     final = cache / model.name
     if _complete(final, gguf):
+        _drop_quantization(final)
         return str(final)
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / f".{model.name}.lock", "w") as lock:
@@ -117,6 +133,7 @@ def packaged_path(name: str) -> str:
         tmp = cache / f".{model.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             _convert(gguf, tmp)
+            _drop_quantization(tmp)
             (tmp / "onlinespec-source.json").write_text(json.dumps(
                 {"file": str(gguf), "size": gguf.stat().st_size, "distribution": model.distribution,
                  "model_size": (tmp / "model.safetensors").stat().st_size}))

@@ -24,19 +24,16 @@ def build(config_path: str | None = None, no_redis: bool = False):
     from onlinespec.device import resolve_device, resolve_dtype
     from onlinespec.drafters.cut import share_embedding
     from onlinespec.drafters.hf import HFDrafter
-    from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
     from serving.hotswap import SwapWatcher
     from onlinespec.learn.learner import LearnerConfig
     from onlinespec.models import check_same_vocab, load_model, load_tokenizer
     from onlinespec.redis_server import connect
     from onlinespec.learn.registry import Registry
     from onlinespec.decode.routing import DrafterRouter
-    from onlinespec.feedback.stream import FeedbackWriter, recent_records
-    from onlinespec.decode.suffix import SuffixCache
+    from onlinespec.feedback.stream import FeedbackWriter
     from serving.admin import admin_router
     from serving.app import create_app
     from serving.dashboard import dashboard_router
-    from serving.server import build_state
 
     cfg = load_config(config_path)
     s = cfg.serving
@@ -44,10 +41,18 @@ def build(config_path: str | None = None, no_redis: bool = False):
         torch.set_num_threads(s.threads)
     device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
     tokenizer = load_tokenizer(cfg.target_model)
-    target = load_model(cfg.target_model, dtype=dtype, device=device)
-    log.info("target %s on %s in %s", cfg.target_model, device, str(dtype).removeprefix("torch."))
-    if device == "cpu" and dtype == torch.float32:  # cut drafters use the target's embedding, not a copy
-        share_embedding(cfg.target_model, target)
+    on_vllm = s.engine == "vllm"
+    if on_vllm:  # vLLM loads the target itself; the drafters are checked against its vocabulary size
+        from transformers import AutoConfig
+
+        from onlinespec.models import resolve_model_path
+
+        target = int(AutoConfig.from_pretrained(resolve_model_path(cfg.target_model)).vocab_size)
+    else:
+        target = load_model(cfg.target_model, dtype=dtype, device=device)
+        log.info("target %s on %s in %s", cfg.target_model, device, str(dtype).removeprefix("torch."))
+        if device == "cpu" and dtype == torch.float32:  # cut drafters use the target's embedding, not a copy
+            share_embedding(cfg.target_model, target)
     bases = {}
     for spec in cfg.drafters:
         model = load_model(spec.model, dtype=dtype, device=device)
@@ -82,23 +87,10 @@ def build(config_path: str | None = None, no_redis: bool = False):
     else:
         drafters = {did: HFDrafter(model, did, version=0) for did, (model, _) in bases.items()}
 
-    first = next(iter(drafters.values()), None)
-    suffix = s.suffix
-    cache = SuffixCache(suffix) if suffix.enabled else None
-    if cache is not None and redis is not None:  # a restart keeps what suffix speculation learned
-        records, bad = recent_records(redis, cfg.target_id, suffix.max_tokens)
-        log.info("suffix speculation: warmed from %d logged outputs (%d tokens)%s", cache.warm(records),
-                 cache.tokens, f"; {bad} malformed records skipped" if bad else "")
-    engine = SpeculativeEngine(target, first, tokenizer=tokenizer, config=EngineConfig(
-        k=s.k, k_max=s.k_max, feedback_topk=s.feedback_topk, drafter_context=s.drafter_context,
-        capture_feedback=writer is not None, target_id=cfg.target_id), suffix=cache)
-    for did, estimate in estimates.items():  # each version starts from what its learners measured
-        engine.k_controller.start_version(did, estimate.get("all", {}).get("acceptance"))
-    state = build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
-                        max_active=s.max_active, max_queue=s.max_queue, prefill_tokens=s.prefill_tokens,
-                        kv_cache_tokens=s.kv_cache_tokens or None, max_prompt_tokens=s.max_prompt_tokens,
-                        max_tokens=s.max_tokens, drafters=drafters, api_keys=cfg.api_keys,
-                        router=router)
+    if on_vllm:
+        state = _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router)
+    else:
+        state = _embedded_state(cfg, target, tokenizer, drafters, estimates, writer, watcher, redis, router)
     app = create_app(state, on_shutdown=[lambda: cleanup()])  # the lifespan stops what this process owns
     if redis is not None:
         app.include_router(admin_router(cfg.admin_token, redis, registry, drafters, cfg.target_id))
@@ -120,6 +112,55 @@ def build(config_path: str | None = None, no_redis: bool = False):
             writer.close()
 
     return app, state, cfg, cleanup
+
+
+def _embedded_state(cfg, target, tokenizer, drafters, estimates, writer, watcher, redis, router):
+    """The server state around OnlineSpec's own engine (``serving.engine: embedded``)."""
+    from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+    from onlinespec.decode.suffix import SuffixCache
+    from onlinespec.feedback.stream import recent_records
+    from serving.server import build_state
+
+    s = cfg.serving
+    first = next(iter(drafters.values()), None)
+    cache = SuffixCache(s.suffix) if s.suffix.enabled else None
+    if cache is not None and redis is not None:  # a restart keeps what suffix speculation learned
+        records, bad = recent_records(redis, cfg.target_id, s.suffix.max_tokens)
+        log.info("suffix speculation: warmed from %d logged outputs (%d tokens)%s", cache.warm(records),
+                 cache.tokens, f"; {bad} malformed records skipped" if bad else "")
+    engine = SpeculativeEngine(target, first, tokenizer=tokenizer, config=EngineConfig(
+        k=s.k, k_max=s.k_max, feedback_topk=s.feedback_topk, drafter_context=s.drafter_context,
+        capture_feedback=writer is not None, target_id=cfg.target_id), suffix=cache)
+    for did, estimate in estimates.items():  # each version starts from what its learners measured
+        engine.k_controller.start_version(did, estimate.get("all", {}).get("acceptance"))
+    return build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
+                       max_active=s.max_active, max_queue=s.max_queue, prefill_tokens=s.prefill_tokens,
+                       kv_cache_tokens=s.kv_cache_tokens or None, max_prompt_tokens=s.max_prompt_tokens,
+                       max_tokens=s.max_tokens, drafters=drafters, api_keys=cfg.api_keys, router=router)
+
+
+def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router):
+    """The server state around vLLM's engine (``serving.engine: vllm``), OnlineSpec's drafters inside it."""
+    from onlinespec.models import resolve_model_path
+    from onlinespec.vllm_backend.engine import start_engine
+    from serving.server import build_state
+    from serving.vllm_loop import VllmLoop
+
+    s = cfg.serving
+    if s.suffix.enabled:
+        log.info("serving.engine is vllm: drafts come from the drafter models (suffix speculation is the "
+                 "embedded engine's)")
+    engine, proposer = start_engine(cfg, resolve_model_path(cfg.target_model), speculate=bool(drafters))
+
+    def make_loop(metrics):
+        return VllmLoop(engine, proposer, metrics, cfg.target_id, writer=writer, watcher=watcher,
+                        max_active=s.max_active, max_queue=s.max_queue, drafters=drafters, router=router,
+                        k=s.k, feedback_topk=s.feedback_topk)
+
+    return build_state(None, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
+                       max_active=s.max_active, max_queue=s.max_queue, max_prompt_tokens=s.max_prompt_tokens,
+                       max_tokens=s.max_tokens, drafters=drafters, api_keys=cfg.api_keys, router=router,
+                       make_loop=make_loop)
 
 
 def _maybe_tokenizer(name: str):

@@ -143,7 +143,7 @@ def dashboard_router(state, redis, registry, drafters: dict, target: str, period
                "events": [],
                # the chance of each drafter for a request (of a group without weights of its own)
                "routing": router.probabilities() if router is not None else (
-                   {loop.engine.drafter.drafter_id: 1.0} if loop.engine.drafter else {}),
+                   {loop.default_drafter.drafter_id: 1.0} if loop.default_drafter else {}),
                # requests per traffic group: declared domains for anyone, API keys (hashed) for the admin
                "traffic": [{"group": g, "requests": n,
                             "routing": router.probabilities(g) if router is not None and g != "all" else None}

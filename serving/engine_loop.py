@@ -96,6 +96,11 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
+    @property
+    def default_drafter(self):
+        """The drafter a request gets without a router (the dashboard's routing without a pool)."""
+        return self.engine.drafter
+
     def _new_batch(self) -> Batch:
         return Batch(self.engine, slots=self.max_active, prefill_tokens=self.prefill_tokens,
                      kv_tokens=self.kv_cache_tokens)

@@ -16,10 +16,13 @@ from serving.metrics import Counter, Gauge, Metrics
 __all__ = ["build_state", "BackgroundServer"]
 
 
-def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=None, watcher=None, redis=None,
+def build_state(engine: SpeculativeEngine | None, tokenizer, model_name: str, writer=None, watcher=None, redis=None,
                 max_active: int = 8, max_queue: int = 64, prefill_tokens: int = 256, kv_cache_tokens: int | None = None,
                 max_prompt_tokens: int = 1536,
-                max_tokens: int = 512, drafters: dict | None = None, api_keys=(), router=None) -> ServerState:
+                max_tokens: int = 512, drafters: dict | None = None, api_keys=(), router=None,
+                make_loop=None) -> ServerState:
+    """``make_loop(metrics)``: another engine loop than the embedded engine's (``serving.engine: vllm``,
+    :class:`serving.vllm_loop.VllmLoop`); ``engine`` is then None."""
     metrics = Metrics()
     if writer is not None:
         metrics.sample(Gauge("feedback_queue_depth", "Feedback records waiting to be written."),
@@ -42,12 +45,12 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
                        lambda: {(): watcher.stats.rollbacks})
     if redis is not None and drafters:
         _learner_metrics(metrics, redis, [*drafters, *(["__pool__"] if len(drafters) > 1 else [])],
-                         engine.config.target_id)
+                         engine.config.target_id if engine is not None else model_name)
     if router is not None:
         metrics.sample(Gauge("drafter_route_probability",
                              "Chance that a request (of no group with its own weights) drafts with each drafter."),
                        lambda: {(("drafter", d),): p for d, p in router.probabilities().items()})
-    if engine.suffix is not None:
+    if engine is not None and engine.suffix is not None:
         cache = engine.suffix
         metrics.sample(Gauge("suffix_cache_tokens", "Output tokens suffix speculation can copy from."),
                        lambda: {(): cache.tokens})
@@ -59,9 +62,12 @@ def build_state(engine: SpeculativeEngine, tokenizer, model_name: str, writer=No
                    lambda: {(("task", t.name),): t.errors for t in tasks()})
     metrics.sample(Gauge("background_alive", "Background tasks running (1) or stopped (0)."),
                    lambda: {(("task", t.name),): int(t.alive) for t in tasks()})
-    loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
-                      drafters=drafters, prefill_tokens=prefill_tokens,
-                      kv_cache_tokens=kv_cache_tokens, router=router).start()
+    if make_loop is not None:
+        loop = make_loop(metrics).start()
+    else:
+        loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
+                          drafters=drafters, prefill_tokens=prefill_tokens,
+                          kv_cache_tokens=kv_cache_tokens, router=router).start()
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
                        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, api_keys=tuple(api_keys))
 

@@ -60,6 +60,27 @@ def test_a_converted_copy_damaged_later_is_converted_again(fake, tmp_path, monke
     assert (tmp_path / "cache" / "fake" / "model.safetensors").stat().st_size == 1000
 
 
+def test_a_converted_copy_keeps_no_gguf_quantization_config(fake, tmp_path, monkeypatch):
+    """Its weights are dequantized float32: a config that still names the GGUF quantization is
+    refused by other loaders (vLLM), so it is dropped, also from a copy converted before."""
+    import json
+
+    def convert(gguf, out):  # what transformers saves for a model read from a GGUF file
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"w" * 1000)
+        (out / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+            "quant_method": "gguf", "gguf_file": "x.gguf"}}))
+
+    monkeypatch.setattr(packaged, "_convert", convert)
+    name = fake("pytest", "pytest/__init__.py")
+    path = resolve_model_path(name)
+    assert json.loads(open(f"{path}/config.json").read()) == {"model_type": "llama"}
+    old = {"model_type": "llama", "quantization_config": {"quant_method": "gguf"}}
+    open(f"{path}/config.json", "w").write(json.dumps(old))  # converted by an earlier release
+    assert resolve_model_path(name) == path
+    assert json.loads(open(f"{path}/config.json").read()) == {"model_type": "llama"}
+
+
 def test_a_damaged_bundled_drafter_says_how_to_restore_it(tmp_path, monkeypatch):
     import shutil
 

@@ -1,0 +1,62 @@
+"""Starting vLLM's engine for a service config, with OnlineSpec's proposer inside it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from onlinespec.errors import ModelLoadError
+
+__all__ = ["PROPOSER", "engine_args", "start_engine"]
+
+log = logging.getLogger(__name__)
+
+PROPOSER = "onlinespec.vllm_backend.proposer.OnlineSpecProposer"
+
+
+def engine_args(cfg, model_path: str, speculate: bool = True) -> dict:
+    """vLLM's engine arguments for a service config (``serving.vllm``, the limits of ``serving``)."""
+    s, v = cfg.serving, cfg.serving.vllm
+    args = dict(
+        model=model_path, tokenizer=model_path, served_model_name=cfg.target_id,
+        dtype=s.dtype if s.dtype != "float32" else "float32",
+        max_model_len=v.max_model_len or s.max_prompt_tokens + s.max_tokens,
+        max_num_seqs=s.max_active,
+        max_logprobs=max(20, s.feedback_topk),
+        gpu_memory_utilization=v.gpu_memory_utilization,
+        enforce_eager=v.enforce_eager,
+        seed=0,
+    )
+    if v.kv_cache_memory_bytes:
+        args["kv_cache_memory_bytes"] = v.kv_cache_memory_bytes
+    if speculate:
+        args["speculative_config"] = {"method": "custom_class", "model": PROPOSER,
+                                      "num_speculative_tokens": v.num_speculative_tokens}
+    return args
+
+
+def start_engine(cfg, model_path: str, speculate: bool = True):
+    """(vLLM's ``LLMEngine``, the :class:`OnlineSpecProposer` inside it, or None without speculation).
+
+    The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the proposer shares
+    memory with the server's drafters, watcher and feedback writer."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+    except ImportError as exc:
+        raise ModelLoadError(
+            "serving.engine is vllm but vLLM is not installed in this environment: run ./run vllm-setup "
+            f"and serve with .venv-vllm/bin/onlinespec serve ({exc})") from exc
+    from onlinespec.vllm_backend.proposer import attach
+
+    args = engine_args(cfg, model_path, speculate)
+    log.info("starting vLLM: %s", {k: v for k, v in args.items() if k != "speculative_config"})
+    engine = LLMEngine.from_engine_args(EngineArgs(**args))
+    proposer = None
+    if speculate:
+        found = [p for p in engine.collective_rpc(attach) if p is not None]
+        if not found:
+            raise RuntimeError("vLLM started without OnlineSpec's proposer (speculative_config not applied?)")
+        proposer = found[0]
+    return engine, proposer

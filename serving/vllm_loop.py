@@ -1,0 +1,315 @@
+"""The engine loop for ``serving.engine: vllm``: one thread steps vLLM's engine for every request.
+
+The same surface as :class:`serving.engine_loop.EngineLoop` (``submit`` hands back a
+:class:`~serving.engine_loop.RequestHandle` whose queue receives :class:`StepOutput` items), so the
+OpenAI routes, metrics, dashboard and admin routes do not know which engine serves. vLLM
+batches, schedules, verifies and samples; OnlineSpec's proposer
+(:class:`~onlinespec.vllm_backend.proposer.OnlineSpecProposer`) drafts inside it. This loop
+
+- picks each request's drafter as the embedded engine does (the pool's router for its traffic
+  group) and tells the proposer before vLLM's next step;
+- applies validated drafter versions between steps (the watcher's ``apply``: the proposer drafts
+  with the swapped weights from the next step) and feeds the rollback guard the drafter's counts;
+- turns each finished request into the feedback record the learners read: vLLM's top-K raw
+  log-probs at every generated position (requested from vLLM, no extra target pass) joined with
+  the proposer's per-step drafts and accepted counts.
+
+vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so proposer and loop share memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from onlinespec.decode.engine import GenerationStats, StepOutput, TokenLogprob
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.decode.stops import FinishReason
+from onlinespec.errors import InvalidRequestError
+from onlinespec.feedback.record import RecordBuilder
+from onlinespec.learn.estimate import ALL, group_of
+from serving.engine_loop import MAX_TRAFFIC_GROUPS, QueueFull, RequestHandle
+from serving.metrics import Metrics
+
+__all__ = ["VllmGeneration", "VllmLoop", "feedback_record"]
+
+log = logging.getLogger(__name__)
+
+
+class VllmGeneration:
+    """A request served by vLLM: what the API reads (``stats``, ``finished``, ``drafter``)."""
+
+    def __init__(self, request_id: str, drafter, k: int):
+        self.request_id = request_id  # the id vLLM returned (the proposer's key)
+        self.drafter = drafter
+        self.k = k
+        self.stats = GenerationStats()
+        self.tokens: list[int] = []
+        self.logprobs: list[dict] = []  # vLLM's per position {token id: Logprob}
+        self.finished = False
+
+
+class VllmLoop:
+    def __init__(self, engine, proposer, metrics: Metrics, target_id: str, writer=None, watcher=None,
+                 max_active: int = 8, max_queue: int = 64, drafters: dict | None = None, router=None,
+                 k: int | None = None, feedback_topk: int = 32):
+        self.engine = engine  # vllm.v1.engine.llm_engine.LLMEngine
+        self.proposer = proposer
+        self.metrics = metrics
+        self.target_id = target_id
+        self.writer = writer
+        self.watcher = watcher
+        self.max_active = max_active
+        self.max_queue = max_queue
+        self.drafters = drafters or {}
+        self.router = router
+        self.k = k if k is not None else proposer.k_max
+        self.feedback_topk = feedback_topk
+        self.traffic: dict[str, int] = {}
+        self.pending: queue.Queue[RequestHandle] = queue.Queue()
+        self.active: dict[str, RequestHandle] = {}  # the id the request was added with -> handle
+        self.healthy = True
+        self.restarts = 0
+        self.last_crash = ""
+        self.record_failures = 0  # finished requests whose record did not validate (not written)
+        self.record_gaps = 0  # generated positions the proposer's log did not cover (logged as undrafted)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
+
+    @property
+    def default_drafter(self):
+        """The drafter a request gets without a router (the dashboard's routing without a pool)."""
+        return next(iter(self.drafters.values()), None)
+
+    def start(self) -> VllmLoop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.healthy
+
+    @property
+    def depth(self) -> int:
+        return self.pending.qsize() + len(self.active)
+
+    def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
+               domain: str | None = None, stream: bool = True) -> RequestHandle:
+        if self.pending.qsize() >= self.max_queue:
+            raise QueueFull(f"{self.pending.qsize()} requests are already waiting (max_queue={self.max_queue})")
+        handle = RequestHandle(prompt, params, asyncio.Queue(), asyncio.get_running_loop(), tenant=tenant,
+                               domain=domain, stream=stream)
+        self.pending.put(handle)
+        self.metrics.queue_depth.set(self.depth)
+        return handle
+
+    # ------------------------------------------------------------------ the loop thread
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self._serve()
+            except Exception as exc:  # noqa: BLE001 - the loop must come back whatever went wrong
+                self.healthy = False
+                self.restarts += 1
+                self.metrics.loop_restarts.inc()
+                self.last_crash = f"{type(exc).__name__}: {exc}"
+                log.exception("vLLM engine loop crashed (restart %d in %.1fs)", self.restarts, backoff)
+                held, self.active = self.active, {}
+                for ext, handle in held.items():
+                    self._drop(ext, handle)
+                    self._fail(handle, RuntimeError(f"engine loop restarted: {self.last_crash}"))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self._admit()
+            for ext, handle in list(self.active.items()):
+                if handle.cancelled:
+                    self.metrics.cancelled.inc()
+                    self._drop(ext, handle)
+                    del self.active[ext]
+            self.metrics.queue_depth.set(self.depth)
+            if not self.active:
+                self.healthy = True
+                continue
+            if self.watcher is not None:
+                for drafter, version in self.watcher.apply():
+                    self.metrics.swaps.inc()
+                    log.info("swapped in %s v%s", drafter, version)
+            outputs = self.engine.step()
+            self.metrics.engine_steps.inc()
+            for out in outputs:
+                handle = self.active.get(out.request_id)
+                if handle is not None:
+                    self._emit(out.request_id, handle, out)
+            self.healthy = True
+
+    def _admit(self) -> None:
+        while len(self.active) < self.max_active:
+            try:
+                handle = self.pending.get(timeout=0.05 if not self.active else 0)
+            except queue.Empty:
+                return
+            if handle.cancelled:
+                self.metrics.cancelled.inc()
+                continue
+            ext = uuid.uuid4().hex
+            try:
+                handle.generation = self._start(ext, handle)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
+                if not isinstance(exc, InvalidRequestError):
+                    log.exception("request failed to start")
+                self._fail(handle, exc if isinstance(exc, InvalidRequestError) else InvalidRequestError(str(exc)))
+                continue
+            self.active[ext] = handle
+
+    def _start(self, ext: str, handle: RequestHandle) -> VllmGeneration:
+        from vllm import SamplingParams as VllmSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        p = handle.params
+        group = group_of(handle.tenant, handle.domain)
+        choice = self.router.pick(group) if self.router is not None else None
+        drafter = self.drafters.get(choice) if choice is not None else self.default_drafter
+        k = p.k if p.k is not None else self.k
+        # top-K for the feedback record, and the request's own log-probs when it asked for them
+        want = max(self.feedback_topk if self.writer is not None else 0, p.logprobs or 0)
+        sampling = VllmSampling(
+            max_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or -1,
+            seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
+            ignore_eos=p.ignore_eos, logprobs=want or None, output_kind=RequestOutputKind.DELTA)
+        request_id = self.engine.add_request(ext, {"prompt_token_ids": list(handle.prompt)}, sampling)
+        self.proposer.assign(request_id, drafter, k)
+        key = group or ALL
+        if key not in self.traffic and len(self.traffic) >= MAX_TRAFFIC_GROUPS:
+            key = "other"
+        self.traffic[key] = self.traffic.get(key, 0) + 1
+        if drafter is not None:
+            self.metrics.routed.inc(drafter=drafter.drafter_id)
+        return VllmGeneration(request_id, drafter, k)
+
+    def _drop(self, ext: str, handle: RequestHandle) -> None:
+        """Abort a request in vLLM and forget its drafts (cancelled, or the loop restarting)."""
+        try:
+            self.engine.abort_request([ext])
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        if handle.generation is not None:
+            self.proposer.finish(handle.generation.request_id)
+
+    def _fail(self, handle: RequestHandle, exc: Exception) -> None:
+        handle.error = exc
+        self.metrics.request_errors.inc(label="invalid" if isinstance(exc, InvalidRequestError) else "internal")
+        handle._put(exc)
+
+    def _emit(self, ext: str, handle: RequestHandle, out) -> None:
+        gen: VllmGeneration = handle.generation
+        completion = out.outputs[0]
+        tokens = list(completion.token_ids)
+        drafter = gen.drafter
+        drafted = accepted = 0
+        for d, a in self.proposer.take(gen.request_id):
+            gen.stats.add(d, a, 0.0, 0.0)
+            gen.stats.own_steps += 1
+            drafted += d
+            accepted += a
+        gen.stats.steps += 0 if drafted else 1
+        if drafted and drafter is not None:
+            self.metrics.observe_step(drafter.drafter_id, drafter.version, drafted, accepted)
+            if self.watcher is not None:
+                self.watcher.observe(drafter.drafter_id, drafter.version, drafted, accepted)
+        gen.tokens += tokens
+        positions = list(completion.logprobs or [])
+        gen.logprobs += positions
+        if tokens and handle.first_token is None:
+            handle.first_token = time.perf_counter()
+            self.metrics.ttft.observe(handle.first_token - handle.submitted)
+        gen.finished = out.finished
+        reason = None
+        if out.finished:
+            reason = FinishReason.LENGTH if completion.finish_reason == "length" else FinishReason.STOP
+        step = StepOutput(tokens=tokens, text=completion.text or "", drafted=drafted, accepted=accepted,
+                          finished=out.finished, finish_reason=reason,
+                          logprobs=_request_logprobs(tokens, positions, handle.params.logprobs))
+        self.metrics.generated_tokens.inc(len(tokens))
+        if handle.stream:
+            handle._put(step)
+        else:
+            handle.held.append(step)
+            if out.finished:
+                handle._put(handle.held)
+        if out.finished:
+            del self.active[ext]
+            draft_log = self.proposer.finish(gen.request_id)
+            self.metrics.latency.observe(time.perf_counter() - handle.submitted)
+            self.metrics.requests.inc(label=reason.value)
+            if self.writer is not None and gen.tokens and len(gen.logprobs) == len(gen.tokens):
+                try:
+                    record, gaps = feedback_record(handle, gen, draft_log, self.target_id, self.feedback_topk)
+                except ValueError:  # a record that does not validate is not written; serving goes on
+                    self.record_failures += 1
+                    log.exception("feedback record of request %s not written", ext)
+                    return
+                self.record_gaps += gaps
+                self.writer.submit(record)
+
+
+def _request_logprobs(tokens: list[int], positions: list[dict], n: int | None):
+    """What the request asked for: each token's log-prob and its ``n`` most likely alternatives."""
+    if n is None or not positions:
+        return None
+    out = []
+    for token, position in zip(tokens, positions):
+        ranked = sorted(position.items(), key=lambda kv: kv[1].rank)
+        top = tuple((int(t), float(lp.logprob)) for t, lp in ranked if lp.rank <= n)
+        out.append(TokenLogprob(int(token), float(position[token].logprob), top))
+    return tuple(out)
+
+
+def _topk(positions: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's per-position log-probs as the record's [G, K] ids and log-probs (the ``k`` best by
+    rank; vLLM adds the sampled token beside them when it ranks lower, which is left out)."""
+    ids = np.zeros((len(positions), k), np.int32)
+    lps = np.full((len(positions), k), -1e4, np.float32)
+    for i, position in enumerate(positions):
+        for t, lp in position.items():
+            if 1 <= lp.rank <= k:
+                ids[i, lp.rank - 1] = t
+                lps[i, lp.rank - 1] = max(lp.logprob, -1e4)
+    return ids, lps
+
+
+def feedback_record(handle: RequestHandle, gen: VllmGeneration, draft_log, target_id: str, k: int):
+    """The request's feedback record (the embedded engine's, field for field) and how many generated
+    positions the proposer's log did not cover (recorded as plain target steps)."""
+    ids, lps = _topk(gen.logprobs, k)
+    drafter = gen.drafter
+    builder = RecordBuilder(list(handle.prompt), target_id,
+                            drafter.drafter_id if drafter is not None else "none",
+                            draft_log.drafter_version if draft_log is not None else 0,
+                            handle.params.as_record(), tenant=handle.tenant, domain=handle.domain)
+    total, at = len(gen.tokens), 0
+    for drafts, emitted, accepted in (draft_log.blocks if draft_log is not None else []):
+        if at >= total:
+            break
+        n = min(emitted, total - at)  # vLLM cut the last block at a stop or max_tokens
+        builder.add_block(ids[at:at + n], lps[at:at + n], drafts, accepted, n)
+        at += n
+    gaps = total - at
+    while at < total:
+        builder.add_block(ids[at:at + 1], lps[at:at + 1], [], 0, 1)
+        at += 1
+    return builder.build(gen.tokens), gaps

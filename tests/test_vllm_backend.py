@@ -1,0 +1,231 @@
+"""``serving.engine: vllm``: the server run by vLLM (on the CPU), OnlineSpec's drafters inside it.
+
+One server process (vLLM's own virtualenv, ``./run vllm-setup``) on the bundled demo pair, with
+this session's Redis and a registry of its own. The tests run in the main virtualenv and judge
+it from outside: greedy output equals the target alone and the embedded engine; the feedback
+records it logs are the records the learners read (and learn from); a version published to the
+registry reaches the drafts vLLM verifies.
+
+Without the vLLM virtualenv the module is skipped, except in CI (``CI=true``), where it fails.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.sampling import SamplingParams
+from onlinespec.demo.prompts import load_prompts
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.feedback import keys
+from onlinespec.feedback.stream import _decode_entry
+from onlinespec.learn.learner import DrafterLearner, LearnerConfig
+from onlinespec.learn.optim import OptimConfig
+from onlinespec.learn.registry import Registry
+from onlinespec.models import load_model, load_tokenizer
+from onlinespec.redis_server import connect
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = os.environ.get("ONLINESPEC_VLLM_PYTHON") or str(
+    ROOT / os.environ.get("ONLINESPEC_VLLM_VENV", ".venv-vllm") / "bin" / "python")
+TARGET_ID = "demo-vllm"  # its own feedback stream on the shared test Redis
+DRAFTER = "drafter-1l"
+K = 3
+
+
+def _vllm_missing() -> str | None:
+    if not Path(VLLM_PYTHON).exists():
+        return f"no vLLM virtualenv at {VLLM_PYTHON} (./run vllm-setup)"
+    probe = subprocess.run([VLLM_PYTHON, "-c", "import vllm, onlinespec"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"vLLM does not import: {probe.stderr[-400:]}"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, redis_url):
+    missing = _vllm_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI installs vLLM (.ci/run): {missing}")
+        pytest.skip(missing)
+    tmp = tmp_path_factory.mktemp("vllm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp / "service.yaml"
+    config.write_text(f"""
+target: {{id: {TARGET_ID}, model: "demo:target"}}
+drafters:
+  - {{id: {DRAFTER}, model: "demo:drafter-1l"}}
+serving:
+  port: {port}
+  k: {K}
+  max_tokens: 64
+  max_prompt_tokens: 256
+  engine: vllm
+  vllm: {{num_speculative_tokens: {K}, kv_cache_memory_bytes: 268435456}}
+registry: {tmp / 'registry'}
+""")
+    client = connect(redis_url)
+    client.delete(keys.feedback_stream(TARGET_ID))
+    env = {**os.environ, "REDIS_URL": redis_url, "ONLINESPEC_CONFIG": str(config)}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([VLLM_PYTHON, "-m", "serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the vLLM server exited {proc.returncode}: {(tmp / 'server.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"the vLLM server did not become ready: {(tmp / 'server.log').read_text()[-3000:]}")
+    yield url, str(config), tmp / "registry", client
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    tok = load_tokenizer("demo:target")
+    return tok, load_model("demo:target"), load_model("demo:drafter-1l")
+
+
+def prompts(tok, domain, n, offset=0):
+    return [tok.encode(r.text)[-64:] for r in load_prompts(domain)[offset:offset + n]]
+
+
+def complete(url, prompt, max_tokens=32, **kw) -> dict:
+    body = {"model": TARGET_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def records(client) -> list:
+    return [_decode_entry(fields) for _, fields in client.xrange(keys.feedback_stream(TARGET_ID))]
+
+
+def test_greedy_output_through_vllm_equals_the_target_alone_and_the_embedded_engine(served, demo):
+    url, _, _, _ = served
+    tok, target, d1 = demo
+    embedded = SpeculativeEngine(target, HFDrafter(d1, DRAFTER), tokenizer=tok, config=EngineConfig(k=K))
+    drafted = accepted = 0
+    for prompt in prompts(tok, "python", 2) + prompts(tok, "shakespeare", 2):
+        out = complete(url, prompt, max_tokens=32, ignore_eos=True)
+        alone = target.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                min_new_tokens=32)[0, len(prompt):].tolist()
+        ours = embedded.generate(prompt, SamplingParams(max_new_tokens=32, ignore_eos=True)).tokens
+        served_text = out["choices"][0]["text"]
+        assert served_text == tok.decode(alone) == tok.decode(ours), (served_text, tok.decode(alone))
+        spec = out["speculative"]
+        assert spec["drafter_id"] == DRAFTER
+        drafted += spec["own"]["drafted_tokens"]
+        accepted += spec["own"]["accepted_tokens"]
+    assert drafted > 0 and 0 < accepted < drafted, (drafted, accepted)  # vLLM verified our drafts
+
+
+def test_vllm_feedback_records_are_the_records_the_learners_read(served, demo):
+    url, _, _, client = served
+    tok, target, _ = demo
+    before = len(records(client))
+    prompt = prompts(tok, "docs", 1, offset=3)[0]
+    out = complete(url, prompt, max_tokens=24, ignore_eos=True)
+    deadline = time.time() + 20
+    while len(records(client)) == before and time.time() < deadline:
+        time.sleep(0.2)
+    record = records(client)[-1]
+    record.validate(vocab_size=target.config.vocab_size)
+    generated = record.tokens[record.prompt_len:]
+    assert record.tokens[:record.prompt_len].tolist() == prompt
+    assert tok.decode(generated.tolist()) == out["choices"][0]["text"]
+    assert (record.drafter_id, record.target_id) == (DRAFTER, TARGET_ID)
+    spec = out["speculative"]
+    # a position is "drafted" when a draft stood there (drafts past a rejection have no position)
+    assert 0 < spec["own"]["draft_steps"] <= int(record.drafted.sum()) <= spec["own"]["drafted_tokens"]
+    assert int(record.accepted.sum()) == spec["own"]["accepted_tokens"]
+    # the logged distribution is the target's own, position by position (raw log-softmax, top-K)
+    with torch.no_grad():
+        logits = target(torch.tensor([record.tokens.tolist()])).logits[0, record.prompt_len - 1:-1]
+    logp = torch.log_softmax(logits.float(), -1)
+    assert record.topk_ids[:, 0].tolist() == generated.tolist()  # greedy: the top-1 is what was emitted
+    mine = np.take_along_axis(logp.numpy(), record.topk_ids.astype(np.int64), axis=1)
+    assert np.abs(mine - record.topk_logprobs.astype(np.float32)).max() < 2e-2
+    assert record.topk_ids.shape[1] == 32
+
+
+def test_the_learners_improve_on_what_vllm_logged(served, demo):
+    """Records served by vLLM (sampled, temperature 1) train the drafter as the embedded engine's do."""
+    url, _, _, client = served
+    tok, _, d1 = demo
+    start = len(records(client))
+    ps = prompts(tok, "shakespeare", 54, offset=40)
+    for i, p in enumerate(ps):
+        complete(url, p, max_tokens=32, temperature=1.0, seed=i, ignore_eos=True)
+    deadline = time.time() + 30
+    while len(records(client)) < start + len(ps) and time.time() < deadline:
+        time.sleep(0.2)
+    logged = records(client)[start:]
+    assert len(logged) == len(ps)
+    learner = DrafterLearner(load_model("demo:drafter-1l"), LearnerConfig(
+        optim=OptimConfig(lr=1e-4, hint="last", adaptive=True, max_grad_norm=1.0)))
+    heldout, train = logged[:6], logged[6:]
+    before = learner.evaluate(heldout)["mean_alpha"]
+    for r in range(6):
+        learner.round(train[r * 8:(r + 1) * 8])
+    after = learner.evaluate(heldout)["mean_alpha"]
+    assert after > before + 0.02, (before, after)
+
+
+def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
+    """A version that drafts nothing the target says (every weight zero: it always proposes id 0)
+    serves from the next requests: its drafts are all rejected, the output stays the target's."""
+    url, config, registry_dir, client = served
+    tok, target, _ = demo
+    registry = Registry(str(registry_dir), client)
+    parent = registry.latest(DRAFTER)
+    broken = load_model("demo:drafter-1l")
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.zero_()
+    version = registry.publish(DRAFTER, broken, parent=parent).version
+    prompt = prompts(tok, "python", 1, offset=5)[0]
+    alone = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                            min_new_tokens=24)[0, len(prompt):].tolist()
+    deadline = time.time() + 60
+    while True:
+        out = complete(url, prompt, max_tokens=24, ignore_eos=True)
+        if out["speculative"]["drafter_version"] == version or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    spec = out["speculative"]
+    assert spec["drafter_version"] == version, spec
+    assert spec["own"]["drafted_tokens"] > 0 and spec["own"]["accepted_tokens"] == 0, spec
+    assert out["choices"][0]["text"] == tok.decode(alone)
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    line = (f'onlinespec_spec_decode_num_accepted_tokens_total{{drafter="{DRAFTER}",version="{version}"}} 0')
+    assert line in metrics, [m for m in metrics.splitlines() if "accepted_tokens_total" in m]
+    assert f'onlinespec_spec_decode_num_draft_tokens_total{{drafter="{DRAFTER}",version="{version}"}}' in metrics
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
