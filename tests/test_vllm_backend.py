@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -130,8 +131,10 @@ def test_greedy_output_through_vllm_equals_the_target_alone_and_the_embedded_eng
     tok, target, d1 = demo
     embedded = SpeculativeEngine(target, HFDrafter(d1, DRAFTER), tokenizer=tok, config=EngineConfig(k=K))
     drafted = accepted = 0
-    for prompt in prompts(tok, "python", 2) + prompts(tok, "shakespeare", 2):
-        out = complete(url, prompt, max_tokens=32, ignore_eos=True)
+    batch = prompts(tok, "python", 3) + prompts(tok, "shakespeare", 3)
+    with ThreadPoolExecutor(len(batch)) as pool:  # served together: vLLM batches, the drafter too
+        served_out = list(pool.map(lambda p: complete(url, p, max_tokens=32, ignore_eos=True), batch))
+    for prompt, out in zip(batch, served_out):
         alone = target.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                 min_new_tokens=32)[0, len(prompt):].tolist()
         ours = embedded.generate(prompt, SamplingParams(max_new_tokens=32, ignore_eos=True)).tokens

@@ -8,8 +8,10 @@ For every request the proposer
   emits the accepted prefix of the drafts, then one token of the target's); that block is kept in
   the request's :class:`DraftLog` for the feedback record;
 - drafts up to ``k`` tokens greedily with the request's drafter (a Hugging Face model, the same
-  object the server's hot-swap watcher swaps), over a key/value cache of its own that is cut back
-  to the verified text, never rebuilt, on rejection.
+  object the server's hot-swap watcher swaps): every request drafting with one drafter in one
+  forward per draft position, over the drafter's slot cache
+  (:class:`~onlinespec.decode.slots.SlotCache`, as in the embedded engine), whose rows are cut
+  back to the verified text, never rebuilt, on rejection.
 
 Which drafter drafts for a request, and how many tokens, the server decides when the request
 starts (:meth:`assign`, the pool's routing as in the embedded engine); a request with no
@@ -31,6 +33,8 @@ import numpy as np
 import torch
 
 __all__ = ["DraftLog", "OnlineSpecProposer", "attach"]
+
+ENCODE_CHUNK = 256  # text positions a joining request encodes per forward
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +59,84 @@ class DraftLog:
 
 @dataclass
 class _Row:
-    """A request's drafting state: its drafter, k, and the drafter's cache over ``tokens``."""
+    """A request's drafting state: its drafter, k, what happened to its drafts."""
 
     drafter: object | None  # HFDrafter
     k: int
     log: DraftLog
-    tokens: list[int] = field(default_factory=list)  # what the cache holds keys and values for
-    cache: object | None = None
     pending: list[int] = field(default_factory=list)  # drafts handed to vLLM, not yet verified
     new: list = field(default_factory=list)  # (drafted, accepted) of steps not yet taken by the loop
+
+
+class _Rows:
+    """One drafter's keys and values for the requests it drafts for (a slot cache: one forward per
+    draft position for all of them). A request joins the first time it drafts (its text encoded
+    then, without the head); at each step its row is cut back to what vLLM verified, fed what it
+    lacks, then drafts."""
+
+    def __init__(self, drafter, slots: int, max_len: int):
+        from onlinespec.decode.slots import SlotCache
+
+        self.drafter = drafter
+        self.cache = SlotCache.for_model(drafter.model, slots, max_len)
+        self.owners: list[str] = []  # request ids in row order
+        self.held: dict[str, list[int]] = {}  # the tokens each row holds keys and values for
+
+    def leave(self, request_id: str) -> None:
+        from onlinespec.decode.slots import leave_row
+
+        if request_id in self.held:
+            leave_row(self.cache, self.owners, request_id)
+            del self.held[request_id]
+
+    @torch.inference_mode()
+    def draft(self, contexts: dict[str, list[int]], ks: dict[str, int]) -> dict[str, list[int]]:
+        """Greedy drafts, ``ks[r]`` of them, after each request's text ``contexts[r]``."""
+        from onlinespec.decode.slots import SlotCache, forward_rows
+
+        model = self.drafter.model
+        feeds: dict[str, list[int]] = {}
+        joining = []
+        for rid, context in contexts.items():
+            held = self.held.get(rid)
+            if held is not None:
+                keep = min(_common_prefix(held, context), len(context) - 1)
+                if len(context) - keep > ENCODE_CHUNK:  # far behind (preempted and back): start afresh
+                    self.leave(rid)
+                    held = None
+            if held is None:
+                joining.append(rid)
+                continue
+            row = self.owners.index(rid)
+            self.cache.rewind(row, keep)
+            del held[keep:]
+            feeds[rid] = context[keep:]
+        if joining:  # their text but the last token, encoded together in a cache of their own
+            texts = [contexts[rid][:-1] for rid in joining]
+            staging = SlotCache.for_model(model, len(joining), self.cache.max_len)
+            for _ in joining:
+                staging.join()
+            for start in range(0, max(map(len, texts)), ENCODE_CHUNK):
+                forward_rows(model, staging, [t[start:start + ENCODE_CHUNK] for t in texts], logits=False)
+            for i, rid in enumerate(joining):
+                row = self.cache.join()
+                self.owners.append(rid)
+                self.cache.load(row, staging, len(texts[i]), source_row=i)
+                self.held[rid] = list(texts[i])
+                feeds[rid] = contexts[rid][-1:]
+        drafts: dict[str, list[int]] = {rid: [] for rid in contexts}
+        for position in range(max(ks.values(), default=0)):
+            rows = [feeds.get(rid, []) if len(drafts.get(rid, ())) < ks.get(rid, 0) else [] for rid in self.owners]
+            if not any(rows):
+                break
+            logits = forward_rows(model, self.cache, rows)
+            for b, rid in enumerate(self.owners):
+                if rows[b]:
+                    self.held[rid].extend(rows[b])
+                    token = int(logits[b][-1].argmax())
+                    drafts[rid].append(token)
+                    feeds[rid] = [token]
+        return drafts
 
 
 class OnlineSpecProposer:
@@ -76,6 +149,9 @@ class OnlineSpecProposer:
         self._assigned: dict[str, tuple[object | None, int]] = {}  # vLLM's request id -> (drafter, k)
         self._rows: dict[str, _Row] = {}  # vLLM's request id -> its state
         self._lock = threading.Lock()  # assign/finish come from the server's threads
+        self._drafting: dict[int, _Rows] = {}  # id(drafter) -> its rows
+        self.slots = int(vllm_config.scheduler_config.max_num_seqs)
+        self.max_len = int(vllm_config.model_config.max_model_len)
         self.steps = 0
 
     def load_model(self, target_model) -> None:  # noqa: ARG002 - the drafters are the server's
@@ -102,6 +178,8 @@ class OnlineSpecProposer:
         with self._lock:
             self._assigned.pop(request_id, None)
             row = self._rows.pop(request_id, None)
+        for rows in self._drafting.values():
+            rows.leave(request_id)
         return row.log if row is not None else None
 
     # ------------------------------------------------------------------ vLLM side
@@ -111,11 +189,11 @@ class OnlineSpecProposer:
         if self.runner is None:  # before attach(): plain decoding
             return [[] for _ in sampled_token_ids]
         req_ids = self.runner.input_batch.req_ids
-        out: list[list[int]] = []
+        wanted: dict[int, tuple[str, _Row]] = {}  # batch index -> (request, row) that drafts now
         for i, emitted in enumerate(sampled_token_ids):
-            row = self._row(req_ids[i])
+            rid = req_ids[i]
+            row = self._row(rid)
             if row is None or not len(emitted):  # unknown request, or a prefill chunk that emitted nothing
-                out.append([])
                 continue
             emitted = [int(t) for t in emitted]
             drafts, row.pending = row.pending, []
@@ -126,13 +204,25 @@ class OnlineSpecProposer:
             row.log.blocks.append((drafts, len(emitted), accepted))
             if drafts:
                 row.new.append((len(drafts), accepted))
-            n = int(num_tokens_no_spec[i])
-            if row.drafter is None or row.k == 0:
-                out.append([])
-                continue
-            row.pending = self._draft(row, token_ids_cpu[i, :n], row.k)
-            out.append(row.pending)
-        return out
+            if row.drafter is not None and row.k > 0:
+                wanted[i] = (rid, row)
+        by_drafter: dict[int, list[int]] = {}
+        for i, (_, row) in wanted.items():
+            by_drafter.setdefault(id(row.drafter), []).append(i)
+        for indices in by_drafter.values():
+            drafter = wanted[indices[0]][1].drafter
+            rows = self._drafting.get(id(drafter))
+            if rows is None:
+                rows = self._drafting[id(drafter)] = _Rows(drafter, self.slots, self.max_len)
+            contexts = {wanted[i][0]: token_ids_cpu[i, :int(num_tokens_no_spec[i])].tolist() for i in indices}
+            # never past the longest sequence vLLM holds
+            ks = {wanted[i][0]: max(0, min(wanted[i][1].k, self.max_len - int(num_tokens_no_spec[i])))
+                  for i in indices}
+            drafts = rows.draft(contexts, ks)
+            for i in indices:
+                rid, row = wanted[i]
+                row.pending = drafts[rid]
+        return [wanted[i][1].pending if i in wanted else [] for i in range(len(sampled_token_ids))]
 
     def _row(self, request_id: str) -> _Row | None:
         row = self._rows.get(request_id)
@@ -145,32 +235,6 @@ class OnlineSpecProposer:
             row = _Row(drafter, k, DraftLog(getattr(drafter, "drafter_id", None), getattr(drafter, "version", 0)))
             self._rows[request_id] = row
         return row
-
-    @torch.inference_mode()
-    def _draft(self, row: _Row, context: np.ndarray, k: int) -> list[int]:
-        """k greedy drafts after ``context``, the drafter's cache cut back to what the context keeps."""
-        from transformers import DynamicCache
-
-        model = row.drafter.model
-        context = context.tolist()
-        keep = _common_prefix(row.tokens, context)
-        if row.cache is None:
-            row.cache, row.tokens, keep = DynamicCache(), [], 0
-        if keep == len(context):  # all of it cached: re-feed the last token for its logits
-            keep -= 1
-        if keep < len(row.tokens):
-            row.cache.crop(keep - len(row.tokens))  # negative: drop that many positions
-            del row.tokens[keep:]
-        feed = context[keep:]
-        drafts: list[int] = []
-        for _ in range(k):
-            logits = model(input_ids=torch.tensor([feed], device=model.device), past_key_values=row.cache,
-                           use_cache=True).logits[0, -1]
-            row.tokens.extend(feed)
-            token = int(logits.argmax())
-            drafts.append(token)
-            feed = [token]
-        return drafts
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,0 +1,119 @@
+"""OnlineSpec's vLLM proposer, driven through vLLM's custom-class protocol without vLLM.
+
+vLLM calls ``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)`` after each step:
+each row emitted the accepted prefix of its drafts plus one token of the target's. Here a greedy
+target plays vLLM's part (accept while the draft is its argmax), on tiny models, several requests
+batched, joining and leaving. The proposer must draft exactly what its drafter alone drafts after
+each text, and keep the per-step log the feedback record is built from.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.vllm_backend.proposer import OnlineSpecProposer
+from tests.tiny import perturbed, tiny_llama
+
+MAX_LEN = 128
+
+
+def greedy(model, tokens: list[int], n: int) -> list[int]:
+    out = list(tokens)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(tokens):]
+
+
+class FakeVllm:
+    """The batch vLLM would hold: request ids per row, token_ids_cpu, num_tokens_no_spec."""
+
+    def __init__(self, target, k: int):
+        self.target = target
+        self.proposer = OnlineSpecProposer(SimpleNamespace(
+            speculative_config=SimpleNamespace(num_speculative_tokens=k),
+            scheduler_config=SimpleNamespace(max_num_seqs=4), model_config=SimpleNamespace(max_model_len=MAX_LEN)))
+        self.proposer.runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=[]))
+        self.texts: dict[str, list[int]] = {}
+        self.drafts: dict[str, list[int]] = {}
+
+    def add(self, rid, prompt, drafter, k):
+        self.proposer.assign(rid, drafter, k)
+        self.texts[rid] = list(prompt)
+        self.drafts[rid] = []
+
+    def step(self) -> dict[str, list[int]]:
+        """Verify every row's drafts (greedy target), emit, and ask for the next drafts."""
+        ids = list(self.texts)
+        emitted = []
+        for rid in ids:
+            want = greedy(self.target, self.texts[rid], len(self.drafts[rid]) + 1)
+            n = 0
+            while n < len(self.drafts[rid]) and self.drafts[rid][n] == want[n]:
+                n += 1
+            emitted.append(want[: n + 1])
+            self.texts[rid] += want[: n + 1]
+        tokens = np.zeros((len(ids), MAX_LEN), np.int32)
+        for i, rid in enumerate(ids):
+            tokens[i, : len(self.texts[rid])] = self.texts[rid]
+        self.proposer.runner.input_batch.req_ids = ids
+        out = self.proposer.propose(emitted, np.array([len(self.texts[r]) for r in ids]), tokens)
+        self.drafts = dict(zip(ids, out))
+        return dict(zip(ids, emitted))
+
+    def finish(self, rid):
+        del self.texts[rid], self.drafts[rid]
+        return self.proposer.finish(rid)
+
+
+def test_the_proposer_drafts_what_its_drafter_alone_drafts_and_logs_every_block():
+    target = tiny_llama(layers=2, hidden=64, seed=0)
+    a = HFDrafter(perturbed(target, 0.05, seed=1), "a", version=3)
+    b = HFDrafter(perturbed(target, 0.3, seed=2), "b", version=1)
+    vllm = FakeVllm(target, k=4)
+    rng = np.random.default_rng(0)
+    prompts = {f"r{i}": rng.integers(1, 60, size=5 + 3 * i).tolist() for i in range(4)}
+    drafters = {"r0": a, "r1": b, "r2": a, "r3": None}
+    vllm.add("r0", prompts["r0"], a, 4)
+    vllm.add("r1", prompts["r1"], b, 2)
+    steps = {}
+    for step in range(12):
+        if step == 3:  # joins while the others are mid-way
+            vllm.add("r2", prompts["r2"], a, 3)
+            vllm.add("r3", prompts["r3"], None, 4)
+        emitted = vllm.step()
+        for rid, toks in emitted.items():
+            steps.setdefault(rid, []).append(len(toks))
+        for rid, drafts in vllm.drafts.items():
+            d, k = drafters[rid], {"r0": 4, "r1": 2, "r2": 3, "r3": 0}[rid]
+            expected = greedy(d.model, vllm.texts[rid], k) if d is not None else []
+            assert drafts == expected, (step, rid)
+        if step == 7:
+            log = vllm.finish("r1")  # leaves: the others keep their rows
+            assert log.drafter_id == "b" and log.drafter_version == 1
+    texts = {rid: list(t) for rid, t in vllm.texts.items()}
+    logs = {rid: vllm.finish(rid) for rid in list(vllm.texts)}
+    assert logs["r3"].drafted == 0 and all(not d for d, _, _ in logs["r3"].blocks)
+    for rid in ("r0", "r2"):
+        log = logs[rid]
+        assert [n for _, n, _ in log.blocks] == steps[rid]  # one block per step, what it emitted
+        assert sum(steps[rid]) == len(texts[rid]) - len(prompts[rid])
+        assert log.blocks[0][0] == [] and all(acc == n - 1 for d, n, acc in log.blocks if d)
+        assert log.mismatches == 0
+    assert logs["r0"].accepted > 0  # the close drafter is accepted: the bookkeeping is exercised
+    assert logs["r0"].drafted > logs["r0"].accepted
+
+
+def test_take_reports_each_step_once():
+    target = tiny_llama(layers=2, hidden=64, seed=0)
+    vllm = FakeVllm(target, k=3)
+    vllm.add("r", [5, 6, 7, 8], HFDrafter(perturbed(target, 0.05, seed=1), "a"), 3)
+    vllm.step()
+    assert vllm.proposer.take("r") == []  # the first step verified nothing
+    vllm.step()
+    first = vllm.proposer.take("r")
+    assert len(first) == 1 and first[0][0] == 3 and 0 <= first[0][1] <= 3
+    assert vllm.proposer.take("r") == []
+    assert vllm.proposer.take("unknown") == []
