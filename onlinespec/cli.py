@@ -33,6 +33,8 @@ def _bench(args) -> int:
         from onlinespec.ops.bench.serve import run
     elif args.what == "live":
         from onlinespec.ops.bench.live import run
+    elif args.what == "vllm":
+        from onlinespec.ops.bench.vllm import run
     else:
         from onlinespec.ops.bench.adapt import run
     return run(args)
@@ -152,12 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures (and --json)")
-    p.add_argument("what", choices=["engine", "serve", "loop", "adapt", "faults", "live"])
+    p.add_argument("what", choices=["engine", "serve", "loop", "adapt", "faults", "live", "vllm"])
     p.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a smoke run in under a minute")
     p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     p.add_argument("--target", default=None,
                    help="engine, adapt: target model path or hub id instead of a config (demo:target for the demo pair)")
-    p.add_argument("--drafter", default=None, help="engine: drafter model path or hub id (demo:drafter-1l)")
+    p.add_argument("--drafter", default=None,
+                   help="engine: drafter model path or hub id (demo:drafter-1l); vllm: drafter id of the config")
     p.add_argument("--k", type=int, default=4, help="draft length (the same for this engine and Hugging Face)")
     p.add_argument("--prompts", type=int, default=None, help="number of prompts")
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -195,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None,
                    help="serve: passes of each level, in turn (medians reported; default 3, --quick 1)")
     p.add_argument("--k-fixed", type=int, default=None,
-                   help="serve: a fixed draft length instead of the batch-aware controller")
+                   help="serve: a fixed draft length instead of the batch-aware controller; vllm: drafts per step")
     p.add_argument("--scenarios", nargs="*", default=None,
                    help="faults: a subset of redis_kill worker_kill worker_kill_after_publish poison hostile_seed")
     p.set_defaults(func=_bench)

@@ -144,7 +144,7 @@ def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router):
     from onlinespec.models import resolve_model_path
     from onlinespec.vllm_backend.engine import start_engine
     from serving.server import build_state
-    from serving.vllm_loop import VllmLoop
+    from serving.vllm_loop import VllmLoop, vllm_exposition
 
     s = cfg.serving
     if s.suffix.enabled:
@@ -153,6 +153,7 @@ def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router):
     engine, proposer = start_engine(cfg, resolve_model_path(cfg.target_model), speculate=bool(drafters))
 
     def make_loop(metrics):
+        metrics.expose(vllm_exposition)
         return VllmLoop(engine, proposer, metrics, cfg.target_id, writer=writer, watcher=watcher,
                         max_active=s.max_active, max_queue=s.max_queue, drafters=drafters, router=router,
                         k=s.k, feedback_topk=s.feedback_topk)

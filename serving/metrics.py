@@ -129,6 +129,11 @@ class Metrics:
         self.kv_cache_reserved = Gauge("kv_cache_reserved_tokens",
                                        "Key/value positions the batch's requests reserve (rows x the longest).")
         self.sampled: list[tuple[Counter, object]] = []  # (metric, callable -> {label tuple: value})
+        self.expositions: list = []  # callables -> Prometheus text, appended as they are
+
+    def expose(self, text) -> None:
+        """Another exposition appended at each scrape (``text()`` -> Prometheus text): vLLM's own metrics."""
+        self.expositions.append(text)
 
     def sample(self, metric: Counter, read) -> None:
         """A metric whose values are read from elsewhere (the writer, the watcher) at each scrape."""
@@ -174,4 +179,9 @@ class Metrics:
         for metric, read in self.sampled:
             metric.values = dict(read())
             lines += metric.render()
+        for text in self.expositions:
+            try:
+                lines += text().rstrip("\n").splitlines()
+            except Exception:  # noqa: BLE001 - a scrape must not fail because a source did
+                pass
         return "\n".join(lines) + "\n"

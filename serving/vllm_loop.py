@@ -37,7 +37,7 @@ from onlinespec.learn.estimate import ALL, group_of
 from serving.engine_loop import MAX_TRAFFIC_GROUPS, QueueFull, RequestHandle
 from serving.metrics import Metrics
 
-__all__ = ["VllmGeneration", "VllmLoop", "feedback_record"]
+__all__ = ["VllmGeneration", "VllmLoop", "feedback_record", "vllm_exposition"]
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,15 @@ class VllmLoop:
                     return
                 self.record_gaps += gaps
                 self.writer.submit(record)
+
+
+def vllm_exposition() -> str:
+    """vLLM's own metrics (``vllm:`` names: its spec-decode counters among them), from the
+    Prometheus registry its engine writes to in this process: /metrics shows them beside ours."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    text = generate_latest(REGISTRY).decode()
+    return "\n".join(line for line in text.splitlines() if "vllm:" in line)
 
 
 def _request_logprobs(tokens: list[int], positions: list[dict], n: int | None):

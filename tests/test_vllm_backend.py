@@ -206,6 +206,7 @@ def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
     tok, target, _ = demo
     registry = Registry(str(registry_dir), client)
     parent = registry.latest(DRAFTER)
+    before = vllm_counters(url)
     broken = load_model("demo:drafter-1l")
     with torch.no_grad():
         for p in broken.parameters():
@@ -228,6 +229,21 @@ def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
     line = (f'onlinespec_spec_decode_num_accepted_tokens_total{{drafter="{DRAFTER}",version="{version}"}} 0')
     assert line in metrics, [m for m in metrics.splitlines() if "accepted_tokens_total" in m]
     assert f'onlinespec_spec_decode_num_draft_tokens_total{{drafter="{DRAFTER}",version="{version}"}}' in metrics
+    # vLLM's own counters (its scheduler's view of the drafts it verified) saw the same
+    after = vllm_counters(url)
+    assert after["drafted"] > before["drafted"] and after["accepted"] >= before["accepted"], (before, after)
+    assert after["drafted"] - before["drafted"] >= spec["own"]["drafted_tokens"]
+
+
+def vllm_counters(url) -> dict:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {"drafted": 0.0, "accepted": 0.0}
+    for line in text.splitlines():
+        if line.startswith("vllm:spec_decode_num_draft_tokens_total"):
+            out["drafted"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:spec_decode_num_accepted_tokens_total"):
+            out["accepted"] += float(line.rsplit(" ", 1)[1])
+    return out
 
 
 if __name__ == "__main__":

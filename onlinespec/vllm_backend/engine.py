@@ -26,6 +26,7 @@ def engine_args(cfg, model_path: str, speculate: bool = True) -> dict:
         gpu_memory_utilization=v.gpu_memory_utilization,
         enforce_eager=v.enforce_eager,
         seed=0,
+        disable_log_stats=False,  # vLLM's own counters (vllm:spec_decode_*), shown on /metrics
     )
     if v.kv_cache_memory_bytes:
         args["kv_cache_memory_bytes"] = v.kv_cache_memory_bytes

@@ -1,0 +1,184 @@
+"""``onlinespec bench vllm``: vLLM with OnlineSpec's drafters against vLLM alone and vLLM's n-gram.
+
+Run it with vLLM's virtualenv (``.venv-vllm/bin/onlinespec bench vllm``, after ``./run vllm-setup``).
+The same prompts (chat prompts of the config's target; ``2 x batch`` of them per level), greedy,
+the same max tokens, at batch 1, 8 and 16 (``--quick``: 1 and 8), for three engines, each in a
+process of its own (one vLLM engine per process, started once for all its levels):
+
+- ``onlinespec``: vLLM with OnlineSpec's proposer drafting with the config's first drafter
+  (``--drafter ID`` for another; its bundled starting weights), ``serving.vllm.num_speculative_tokens`` drafts;
+- ``none``: vLLM without speculation;
+- ``ngram``: vLLM's own prompt-lookup proposer, the same number of drafts.
+
+Each level runs its prompts in static waves of ``batch`` requests (all added, then stepped until all
+finish), so every engine sees the same batches. Reports aggregate tokens/s per engine and level,
+the drafts' acceptance (OnlineSpec's from its proposer, vLLM's n-gram's from vLLM's own counters),
+and ``lossless``: every output with speculation equals the output without.
+JSON: ``{"levels": [{"batch", "onlinespec_tok_s", "none_tok_s", "ngram_tok_s"}], "acceptance",
+"lossless", "target", "drafter", "k", "machine"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+__all__ = ["run"]
+
+ENGINES = ("onlinespec", "none", "ngram")
+
+
+def _prompts(cfg, tokenizer, n: int, domain: str) -> list[list[int]]:
+    from onlinespec.decode.chat import DOMAINS, chat_prompts, render
+
+    domains = [domain] if domain in DOMAINS else list(DOMAINS)
+    out: list[list[int]] = []
+    while len(out) < n:
+        for d in domains:
+            out += [render(tokenizer, m) for m in chat_prompts(d, n)]
+    return out[:n]
+
+
+def _child(spec: dict) -> dict:
+    """One engine, every level: what the parent prints (run in a process of its own)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from onlinespec.config import load_config
+    from onlinespec.models import resolve_model_path
+    from onlinespec.vllm_backend.engine import engine_args, start_engine
+
+    cfg = load_config(spec["config"])
+    model_path = resolve_model_path(cfg.target_model)
+    mode, k = spec["engine"], spec["k"]
+    proposer = drafter = None
+    if mode == "onlinespec":
+        from onlinespec.drafters.hf import HFDrafter
+        from onlinespec.models import load_model
+
+        d = next(d for d in cfg.drafters if d.id == spec["drafter"])
+        drafter = HFDrafter(load_model(d.model), d.id)
+        engine, proposer = start_engine(cfg, model_path)
+    else:
+        args = engine_args(cfg, model_path, speculate=False)
+        if mode == "ngram":
+            args["speculative_config"] = {"method": "ngram", "num_speculative_tokens": k,
+                                          "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+        engine = LLMEngine.from_engine_args(EngineArgs(**args))
+
+    def wave(prompts, max_tokens):
+        ids = {}
+        for i, p in enumerate(prompts):
+            rid = engine.add_request(f"{time.monotonic_ns()}-{i}", {"prompt_token_ids": p},
+                                     SamplingParams(max_tokens=max_tokens, temperature=0.0))
+            if proposer is not None:
+                proposer.assign(rid, drafter, k)
+            ids[rid] = i
+        outs = [None] * len(prompts)
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    outs[int(o.request_id.rsplit("-", 1)[1])] = list(o.outputs[0].token_ids)
+        drafted = accepted = 0
+        if proposer is not None:
+            for rid in ids:
+                log = proposer.finish(rid)
+                if log is not None:
+                    drafted, accepted = drafted + log.drafted, accepted + log.accepted
+        return outs, drafted, accepted
+
+    prompts, max_tokens = spec["prompts"], spec["max_tokens"]
+    wave(prompts[:2], 8)  # warm-up
+    levels, outputs, drafted, accepted = [], {}, 0, 0
+    for batch in spec["batches"]:
+        group = prompts[: 2 * batch]
+        t0, tokens, level_out = time.perf_counter(), 0, []
+        for s in range(0, len(group), batch):
+            outs, d, a = wave(group[s:s + batch], max_tokens)
+            level_out += outs
+            tokens += sum(len(o) for o in outs)
+            drafted, accepted = drafted + d, accepted + a
+        levels.append({"batch": batch, "tok_s": tokens / (time.perf_counter() - t0)})
+        outputs[str(batch)] = level_out
+    if mode == "ngram":
+        drafted, accepted = _vllm_counters(engine)
+    return {"levels": levels, "outputs": outputs, "drafted": drafted, "accepted": accepted}
+
+
+def _vllm_counters(engine) -> tuple[int, int]:
+    """vLLM's own spec-decode counters (draft tokens, accepted tokens)."""
+    drafted = accepted = 0
+    for m in engine.get_metrics():
+        if m.name == "vllm:spec_decode_num_draft_tokens":
+            drafted += int(m.value)
+        elif m.name == "vllm:spec_decode_num_accepted_tokens":
+            accepted += int(m.value)
+    return drafted, accepted
+
+
+def run(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        print("bench vllm needs vLLM: ./run vllm-setup, then .venv-vllm/bin/onlinespec bench vllm", file=sys.stderr)
+        return 2
+    from onlinespec.config import CONFIGS, load_config
+    from onlinespec.models import load_tokenizer
+    from onlinespec.ops.bench.common import emit, machine
+
+    config = args.config or str(CONFIGS / "vllm.yaml")
+    cfg = load_config(config)
+    drafter = args.drafter or cfg.drafters[0].id
+    k = args.k_fixed or cfg.serving.vllm.num_speculative_tokens
+    batches = [1, 8] if args.quick else [1, 8, 16]
+    max_tokens = args.max_new_tokens or (32 if args.quick else 64)
+    tokenizer = load_tokenizer(cfg.target_model)
+    prompts = _prompts(cfg, tokenizer, 2 * max(batches), args.domain)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ENGINES:
+            spec = {"engine": name, "config": config, "drafter": drafter, "k": k, "batches": batches,
+                    "prompts": prompts, "max_tokens": max_tokens}
+            path = os.path.join(tmp, f"{name}.json")
+            with open(path, "w") as f:
+                json.dump(spec, f)
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "onlinespec.ops.bench.vllm", path],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                raise RuntimeError(f"bench vllm: the {name} engine failed (exit {proc.returncode})")
+            with open(path + ".out") as f:
+                results[name] = json.load(f)
+            print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    lossless = all(results[n]["outputs"] == results["none"]["outputs"] for n in ("onlinespec", "ngram"))
+    levels = []
+    for i, batch in enumerate(batches):
+        levels.append({"batch": batch, **{f"{n}_tok_s": results[n]["levels"][i]["tok_s"] for n in ENGINES}})
+    acceptance = {n: (results[n]["accepted"] / results[n]["drafted"] if results[n]["drafted"] else None)
+                  for n in ("onlinespec", "ngram")}
+    table = [("target", cfg.target_model), ("drafter", drafter), ("k", k)]
+    for lv in levels:
+        b = lv["batch"]
+        table += [(f"batch {b} tokens/s onlinespec / none / ngram",
+                   f"{lv['onlinespec_tok_s']:.1f} / {lv['none_tok_s']:.1f} / {lv['ngram_tok_s']:.1f}"),
+                  (f"batch {b} onlinespec / none", lv["onlinespec_tok_s"] / lv["none_tok_s"])]
+    table += [(f"acceptance {n}", "-" if a is None else f"{a:.3f}") for n, a in acceptance.items()]
+    table.append(("lossless (greedy outputs equal vLLM without speculation)", lossless))
+    emit(table, {"levels": levels, "acceptance": acceptance, "lossless": lossless, "target": cfg.target_model,
+                 "drafter": drafter, "k": k, "machine": machine()}, args.json)
+    return 0 if lossless else 1
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    result = _child(spec)
+    with open(sys.argv[1] + ".out", "w") as f:
+        json.dump(result, f)
