@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("decode", "feedback", "learn", "drafters", "ops", "demo")
+FOLDERS = ("decode", "feedback", "learn", "drafters", "ops", "demo", "vllm_backend")
 # folder -> the folders and processes (or single modules) it must not import
 FORBIDDEN = {
     "feedback": {"decode", "learn", "drafters", "ops", "serving", "workers"},
     "decode": {"learn", "ops", "serving", "workers"},
     "drafters": {"learn", "ops", "serving", "workers"},
     "learn": {"ops", "serving", "workers"},
+    "vllm_backend": {"learn", "ops", "serving", "workers"},  # runs inside vLLM: drafting, not learning
     # the shared modules are loaded by every process: not the learners, nor the engine itself
     "shared": {"learn", "ops", "serving", "workers", "onlinespec.decode.engine", "onlinespec.decode.batch"},
     "cli.py": set(),  # the command: it runs every tool and starts the server and the worker
@@ -63,7 +64,7 @@ def violations(rel: Path, source: str) -> list[str]:
 
 
 def test_the_folders_exist_and_say_what_they_own():
-    for folder in ("decode", "feedback", "learn", "drafters", "ops"):
+    for folder in ("decode", "feedback", "learn", "drafters", "ops", "vllm_backend"):
         init = ROOT / "onlinespec" / folder / "__init__.py"
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and "may import" in doc.lower(), f"{init} says what it may import"

@@ -8,5 +8,6 @@ objects the hot-swap watcher swaps, and keeps per request what it drafted and wh
 which the loop joins with vLLM's log-probs into the feedback record the learners already read.
 
 Nothing here is imported by the embedded engine; this package needs ``vllm`` (its own
-virtualenv: ``./run vllm-setup``).
+virtualenv: ``./run vllm-setup``). It may import ``decode`` (the slot cache), ``drafters`` and the
+shared modules; not ``learn``, ``ops``, ``serving`` or ``workers`` (it runs inside vLLM's engine).
 """
