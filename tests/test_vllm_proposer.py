@@ -38,6 +38,7 @@ class FakeVllm:
         self.proposer.runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=[]))
         self.texts: dict[str, list[int]] = {}
         self.drafts: dict[str, list[int]] = {}
+        self.preempted: set[str] = set()  # not in vLLM's batch this step (their drafts dropped)
 
     def add(self, rid, prompt, drafter, k):
         self.proposer.assign(rid, drafter, k)
@@ -46,7 +47,9 @@ class FakeVllm:
 
     def step(self) -> dict[str, list[int]]:
         """Verify every row's drafts (greedy target), emit, and ask for the next drafts."""
-        ids = list(self.texts)
+        ids = [r for r in self.texts if r not in self.preempted]
+        for rid in self.preempted:
+            self.drafts[rid] = []
         emitted = []
         for rid in ids:
             want = greedy(self.target, self.texts[rid], len(self.drafts[rid]) + 1)
@@ -60,7 +63,7 @@ class FakeVllm:
             tokens[i, : len(self.texts[rid])] = self.texts[rid]
         self.proposer.runner.input_batch.req_ids = ids
         out = self.proposer.propose(emitted, np.array([len(self.texts[r]) for r in ids]), tokens)
-        self.drafts = dict(zip(ids, out))
+        self.drafts.update(zip(ids, out))
         return dict(zip(ids, emitted))
 
     def finish(self, rid):
@@ -104,6 +107,31 @@ def test_the_proposer_drafts_what_its_drafter_alone_drafts_and_logs_every_block(
         assert log.mismatches == 0
     assert logs["r0"].accepted > 0  # the close drafter is accepted: the bookkeeping is exercised
     assert logs["r0"].drafted > logs["r0"].accepted
+
+
+def test_preempted_requests_give_their_rows_back_and_rejoin():
+    """vLLM runs at most max_num_seqs requests (4 here); one it preempts leaves the proposer's
+    rows, so a fifth can draft, and drafts right when it returns."""
+    target = tiny_llama(layers=2, hidden=64, seed=0)
+    d = HFDrafter(perturbed(target, 0.05, seed=1), "a")
+    vllm = FakeVllm(target, k=3)
+    for i in range(4):
+        vllm.add(f"r{i}", [3 + i, 5, 7, 11, 13], d, 3)
+    for step in range(8):
+        if step == 2:
+            vllm.preempted.add("r1")
+        if step == 3:
+            vllm.add("r4", [9, 8, 7, 6], d, 3)  # the fifth: r1's row is free
+        if step == 6:  # the fifth finished: the first comes back
+            vllm.finish("r4")
+            vllm.preempted.discard("r1")
+        vllm.step()
+        for rid, drafts in vllm.drafts.items():
+            if rid not in vllm.preempted:
+                assert drafts == greedy(d.model, vllm.texts[rid], 3), (step, rid)
+    log = vllm.finish("r1")
+    # steps 0-1 and 6-7 ran; its drafts of step 1 were dropped by the preemption, not rejected
+    assert [len(d) for d, _, _ in log.blocks] == [0, 3, 0, 3] and log.mismatches == 0
 
 
 def test_take_reports_each_step_once():

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 PROPOSER = "onlinespec.vllm_backend.proposer.OnlineSpecProposer"
 
 
-def engine_args(cfg, model_path: str, speculate: bool = True) -> dict:
+def engine_args(cfg, model_path: str, speculate: bool = True, **overrides) -> dict:
     """vLLM's engine arguments for a service config (``serving.vllm``, the limits of ``serving``)."""
     s, v = cfg.serving, cfg.serving.vllm
     args = dict(
@@ -30,13 +30,14 @@ def engine_args(cfg, model_path: str, speculate: bool = True) -> dict:
     )
     if v.kv_cache_memory_bytes:
         args["kv_cache_memory_bytes"] = v.kv_cache_memory_bytes
+    args.update(overrides)
     if speculate:
         args["speculative_config"] = {"method": "custom_class", "model": PROPOSER,
                                       "num_speculative_tokens": v.num_speculative_tokens}
     return args
 
 
-def start_engine(cfg, model_path: str, speculate: bool = True):
+def start_engine(cfg, model_path: str, speculate: bool = True, **overrides):
     """(vLLM's ``LLMEngine``, the :class:`OnlineSpecProposer` inside it, or None without speculation).
 
     The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the proposer shares
@@ -51,7 +52,7 @@ def start_engine(cfg, model_path: str, speculate: bool = True):
             f"and serve with .venv-vllm/bin/onlinespec serve ({exc})") from exc
     from onlinespec.vllm_backend.proposer import attach
 
-    args = engine_args(cfg, model_path, speculate)
+    args = engine_args(cfg, model_path, speculate, **overrides)
     log.info("starting vLLM: %s", {k: v for k, v in args.items() if k != "speculative_config"})
     engine = LLMEngine.from_engine_args(EngineArgs(**args))
     proposer = None

@@ -65,6 +65,7 @@ class _Row:
     k: int
     log: DraftLog
     pending: list[int] = field(default_factory=list)  # drafts handed to vLLM, not yet verified
+    last_step: int = -1  # the proposer call that last saw it emit
     new: list = field(default_factory=list)  # (drafted, accepted) of steps not yet taken by the loop
 
 
@@ -197,6 +198,9 @@ class OnlineSpecProposer:
                 continue
             emitted = [int(t) for t in emitted]
             drafts, row.pending = row.pending, []
+            if row.last_step != self.steps - 1:  # it was out of the batch (preempted): vLLM dropped its drafts
+                drafts = []
+            row.last_step = self.steps
             accepted = len(emitted) - 1 if drafts else 0
             if accepted > len(drafts) or emitted[:accepted] != drafts[:accepted]:
                 row.log.mismatches += 1  # not what this proposer drafted (vLLM trimmed the drafts?)
@@ -206,6 +210,10 @@ class OnlineSpecProposer:
                 row.new.append((len(drafts), accepted))
             if row.drafter is not None and row.k > 0:
                 wanted[i] = (rid, row)
+        present = set(req_ids)
+        for rows in self._drafting.values():  # rows of requests vLLM no longer runs (preempted, aborted)
+            for rid in [r for r in rows.owners if r not in present]:
+                rows.leave(rid)  # a preempted request rejoins when it comes back
         by_drafter: dict[int, list[int]] = {}
         for i, (_, row) in wanted.items():
             by_drafter.setdefault(id(row.drafter), []).append(i)

@@ -64,9 +64,9 @@ def _child(spec: dict) -> dict:
 
         d = next(d for d in cfg.drafters if d.id == spec["drafter"])
         drafter = HFDrafter(load_model(d.model), d.id)
-        engine, proposer = start_engine(cfg, model_path)
+        engine, proposer = start_engine(cfg, model_path, max_num_seqs=max(spec["batches"]))
     else:
-        args = engine_args(cfg, model_path, speculate=False)
+        args = engine_args(cfg, model_path, speculate=False, max_num_seqs=max(spec["batches"]))
         if mode == "ngram":
             args["speculative_config"] = {"method": "ngram", "num_speculative_tokens": k,
                                           "prompt_lookup_min": 2, "prompt_lookup_max": 4}
