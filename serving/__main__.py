@@ -154,6 +154,12 @@ def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router):
 
     def make_loop(metrics):
         metrics.expose(vllm_exposition)
+        if proposer is not None:
+            from serving.metrics import Counter
+
+            metrics.sample(Counter("vllm_step_draft_length_total",
+                                   "vLLM steps by the draft length the proposer chose (0: plain decoding)."),
+                           lambda: {(("k", str(k)),): n for k, n in proposer.step_k.chosen.items()})
         return VllmLoop(engine, proposer, metrics, cfg.target_id, writer=writer, watcher=watcher,
                         max_active=s.max_active, max_queue=s.max_queue, drafters=drafters, router=router,
                         k=s.k, feedback_topk=s.feedback_topk)

@@ -69,7 +69,7 @@ class VllmLoop:
         self.max_queue = max_queue
         self.drafters = drafters or {}
         self.router = router
-        self.k = k if k is not None else proposer.k_max
+        self.k = k  # None: each step's length from the proposer's StepK, up to num_speculative_tokens
         self.feedback_topk = feedback_topk
         self.traffic: dict[str, int] = {}
         self.pending: queue.Queue[RequestHandle] = queue.Queue()
@@ -185,6 +185,9 @@ class VllmLoop:
         choice = self.router.pick(group) if self.router is not None else None
         drafter = self.drafters.get(choice) if choice is not None else self.default_drafter
         k = p.k if p.k is not None else self.k
+        adaptive = k is None
+        if adaptive:
+            k = self.proposer.k_max if self.proposer is not None else 0
         # top-K for the feedback record, and the request's own log-probs when it asked for them
         want = max(self.feedback_topk if self.writer is not None else 0, p.logprobs or 0)
         sampling = VllmSampling(
@@ -192,7 +195,8 @@ class VllmLoop:
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
             ignore_eos=p.ignore_eos, logprobs=want or None, output_kind=RequestOutputKind.DELTA)
         request_id = self.engine.add_request(ext, {"prompt_token_ids": list(handle.prompt)}, sampling)
-        self.proposer.assign(request_id, drafter, k)
+        if self.proposer is not None:
+            self.proposer.assign(request_id, drafter, k, adaptive=adaptive)
         key = group or ALL
         if key not in self.traffic and len(self.traffic) >= MAX_TRAFFIC_GROUPS:
             key = "other"
@@ -207,7 +211,7 @@ class VllmLoop:
             self.engine.abort_request([ext])
         except Exception:  # noqa: BLE001 - already gone
             pass
-        if handle.generation is not None:
+        if handle.generation is not None and self.proposer is not None:
             self.proposer.finish(handle.generation.request_id)
 
     def _fail(self, handle: RequestHandle, exc: Exception) -> None:
@@ -221,7 +225,7 @@ class VllmLoop:
         tokens = list(completion.token_ids)
         drafter = gen.drafter
         drafted = accepted = 0
-        for d, a in self.proposer.take(gen.request_id):
+        for d, a in (self.proposer.take(gen.request_id) if self.proposer is not None else ()):
             gen.stats.add(d, a, 0.0, 0.0)
             gen.stats.own_steps += 1
             drafted += d
@@ -253,7 +257,7 @@ class VllmLoop:
                 handle._put(handle.held)
         if out.finished:
             del self.active[ext]
-            draft_log = self.proposer.finish(gen.request_id)
+            draft_log = self.proposer.finish(gen.request_id) if self.proposer is not None else None
             self.metrics.latency.observe(time.perf_counter() - handle.submitted)
             self.metrics.requests.inc(label=reason.value)
             if self.writer is not None and gen.tokens and len(gen.logprobs) == len(gen.tokens):

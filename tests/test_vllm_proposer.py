@@ -145,3 +145,38 @@ def test_take_reports_each_step_once():
     assert len(first) == 1 and first[0][0] == 3 and 0 <= first[0][1] <= 3
     assert vllm.proposer.take("r") == []
     assert vllm.proposer.take("unknown") == []
+
+
+def simulate(controller, batch, cost, accept, steps=400):
+    """Steps of ``batch`` rows: length k costs ``cost(k)`` seconds and each row emits the expected
+    accepted drafts plus one (acceptance ``accept`` per position)."""
+    for _ in range(steps):
+        k = controller.choose(batch)
+        tokens = batch * sum(accept ** i for i in range(k + 1))
+        controller.observe(batch, k, cost(k), round(tokens))
+    return max(controller.chosen, key=controller.chosen.get)
+
+
+def test_step_k_decodes_plainly_where_drafting_measured_slower_and_drafts_where_it_pays():
+    from onlinespec.vllm_backend.steps import StepK
+
+    # a weak drafter on a CPU: every draft position costs a fifth of a step, 6% accepted
+    assert simulate(StepK(3), 8, lambda k: 0.1 * (1 + 0.2 * k), 0.06) == 0
+    # a good drafter: 80% accepted, drafts cheap
+    assert simulate(StepK(3), 8, lambda k: 0.1 * (1 + 0.05 * k), 0.8) == 3
+    # each batch size is judged on its own: drafting pays at 1 row but not at 16
+    both = StepK(3)
+    assert simulate(both, 1, lambda k: 0.03 * (1 + 0.1 * k), 0.6) > 0
+    assert simulate(both, 16, lambda k: 0.1 * (1 + 0.8 * k), 0.6) == 0
+    assert simulate(both, 1, lambda k: 0.03 * (1 + 0.1 * k), 0.6, steps=50) > 0  # still: its own bucket
+
+
+def test_step_k_ignores_idle_gaps():
+    from onlinespec.vllm_backend.steps import StepK
+
+    c = StepK(1, explore=0.0)
+    for _ in range(5):
+        c.observe(4, 0, 0.1, 4)
+        c.observe(4, 1, 0.12, 6)
+    c.observe(4, 1, 30.0, 6)  # the batch emptied and a request came a while later
+    assert c.choose(4) == 1

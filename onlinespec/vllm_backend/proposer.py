@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from onlinespec.vllm_backend.steps import StepK
 
 __all__ = ["DraftLog", "OnlineSpecProposer", "attach"]
 
@@ -64,6 +67,7 @@ class _Row:
     drafter: object | None  # HFDrafter
     k: int
     log: DraftLog
+    adaptive: bool = False  # k is an upper bound; the step's length comes from StepK
     pending: list[int] = field(default_factory=list)  # drafts handed to vLLM, not yet verified
     last_step: int = -1  # the proposer call that last saw it emit
     new: list = field(default_factory=list)  # (drafted, accepted) of steps not yet taken by the loop
@@ -147,24 +151,28 @@ class OnlineSpecProposer:
     def __init__(self, vllm_config):
         self.k_max = int(vllm_config.speculative_config.num_speculative_tokens)
         self.runner = None
-        self._assigned: dict[str, tuple[object | None, int]] = {}  # vLLM's request id -> (drafter, k)
+        self._assigned: dict[str, tuple[object | None, int, bool]] = {}  # vLLM's request id -> (drafter, k, adaptive)
         self._rows: dict[str, _Row] = {}  # vLLM's request id -> its state
         self._lock = threading.Lock()  # assign/finish come from the server's threads
         self._drafting: dict[int, _Rows] = {}  # id(drafter) -> its rows
         self.slots = int(vllm_config.scheduler_config.max_num_seqs)
         self.max_len = int(vllm_config.model_config.max_model_len)
         self.steps = 0
+        self.step_k = StepK(self.k_max)
+        self._mark: tuple[int, int, float] | None = None  # (rows, k, start) of the step under way
 
     def load_model(self, target_model) -> None:  # noqa: ARG002 - the drafters are the server's
         """The drafters are not vLLM's to load: the server assigns them per request."""
 
     # ------------------------------------------------------------------ server side
 
-    def assign(self, request_id: str, drafter, k: int) -> None:
-        """After ``add_request``, before the next step: ``request_id`` (the id vLLM returned) drafts with ``drafter`` (an HFDrafter, or None for
-        no drafts), at most ``k`` tokens a step (capped at vLLM's ``num_speculative_tokens``)."""
+    def assign(self, request_id: str, drafter, k: int, adaptive: bool = False) -> None:
+        """After ``add_request``, before the next step: ``request_id`` (the id vLLM returned) drafts
+        with ``drafter`` (an HFDrafter, or None for no drafts), ``k`` tokens a step (capped at vLLM's
+        ``num_speculative_tokens``); ``adaptive``: at most ``k``, as many as :class:`StepK` finds
+        pays at the batch's size (0: plain decoding)."""
         with self._lock:
-            self._assigned[request_id] = (drafter, max(0, min(int(k), self.k_max)))
+            self._assigned[request_id] = (drafter, max(0, min(int(k), self.k_max)), adaptive)
 
     def take(self, request_id: str) -> list[tuple[int, int]]:
         """(drafted, accepted) of the request's steps since the last call: the server's per-step counters."""
@@ -187,8 +195,13 @@ class OnlineSpecProposer:
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):  # noqa: ARG002
         self.steps += 1
+        now = time.perf_counter()
         if self.runner is None:  # before attach(): plain decoding
             return [[] for _ in sampled_token_ids]
+        if self._mark is not None:  # the step just done: its cost and what it yielded
+            rows, k, start = self._mark
+            self.step_k.observe(rows, k, now - start, sum(len(e) for e in sampled_token_ids))
+            self._mark = None
         req_ids = self.runner.input_batch.req_ids
         wanted: dict[int, tuple[str, _Row]] = {}  # batch index -> (request, row) that drafts now
         for i, emitted in enumerate(sampled_token_ids):
@@ -210,23 +223,29 @@ class OnlineSpecProposer:
                 row.new.append((len(drafts), accepted))
             if row.drafter is not None and row.k > 0:
                 wanted[i] = (rid, row)
+        step_k = None
+        if any(row.adaptive for _, row in wanted.values()):
+            step_k = self.step_k.choose(len(sampled_token_ids))
+            self._mark = (len(sampled_token_ids), step_k, now)
         present = set(req_ids)
         for rows in self._drafting.values():  # rows of requests vLLM no longer runs (preempted, aborted)
             for rid in [r for r in rows.owners if r not in present]:
                 rows.leave(rid)  # a preempted request rejoins when it comes back
+        ks: dict[int, int] = {}  # batch index -> drafts this step
+        for i, (_, row) in wanted.items():
+            k = min(row.k, step_k) if row.adaptive else row.k
+            ks[i] = max(0, min(k, self.max_len - int(num_tokens_no_spec[i])))  # never past vLLM's longest sequence
         by_drafter: dict[int, list[int]] = {}
         for i, (_, row) in wanted.items():
-            by_drafter.setdefault(id(row.drafter), []).append(i)
+            if ks[i]:
+                by_drafter.setdefault(id(row.drafter), []).append(i)
         for indices in by_drafter.values():
             drafter = wanted[indices[0]][1].drafter
             rows = self._drafting.get(id(drafter))
             if rows is None:
                 rows = self._drafting[id(drafter)] = _Rows(drafter, self.slots, self.max_len)
             contexts = {wanted[i][0]: token_ids_cpu[i, :int(num_tokens_no_spec[i])].tolist() for i in indices}
-            # never past the longest sequence vLLM holds
-            ks = {wanted[i][0]: max(0, min(wanted[i][1].k, self.max_len - int(num_tokens_no_spec[i])))
-                  for i in indices}
-            drafts = rows.draft(contexts, ks)
+            drafts = rows.draft(contexts, {wanted[i][0]: ks[i] for i in indices})
             for i in indices:
                 rid, row = wanted[i]
                 row.pending = drafts[rid]
@@ -239,8 +258,9 @@ class OnlineSpecProposer:
                 assigned = self._assigned.get(request_id)
             if assigned is None:
                 return None
-            drafter, k = assigned
-            row = _Row(drafter, k, DraftLog(getattr(drafter, "drafter_id", None), getattr(drafter, "version", 0)))
+            drafter, k, adaptive = assigned
+            row = _Row(drafter, k, DraftLog(getattr(drafter, "drafter_id", None), getattr(drafter, "version", 0)),
+                       adaptive=adaptive)
             self._rows[request_id] = row
         return row
 

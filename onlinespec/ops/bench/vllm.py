@@ -6,7 +6,9 @@ the same max tokens, at batch 1, 8 and 16 (``--quick``: 1 and 8), for three engi
 process of its own (one vLLM engine per process, started once for all its levels):
 
 - ``onlinespec``: vLLM with OnlineSpec's proposer drafting with the config's first drafter
-  (``--drafter ID`` for another; its bundled starting weights), ``serving.vllm.num_speculative_tokens`` drafts;
+  (``--drafter ID`` for another; its bundled starting weights), each step as many drafts as its
+  measured throughput says pay (:class:`~onlinespec.vllm_backend.steps.StepK`, up to
+  ``serving.vllm.num_speculative_tokens``; ``--k-fixed K``: always K);
 - ``none``: vLLM without speculation;
 - ``ngram``: vLLM's own prompt-lookup proposer, the same number of drafts.
 
@@ -78,7 +80,7 @@ def _child(spec: dict) -> dict:
             rid = engine.add_request(f"{time.monotonic_ns()}-{i}", {"prompt_token_ids": p},
                                      SamplingParams(max_tokens=max_tokens, temperature=0.0))
             if proposer is not None:
-                proposer.assign(rid, drafter, k)
+                proposer.assign(rid, drafter, k, adaptive=spec["adaptive"])
             ids[rid] = i
         outs = [None] * len(prompts)
         while engine.has_unfinished_requests():
@@ -108,7 +110,9 @@ def _child(spec: dict) -> dict:
         outputs[str(batch)] = level_out
     if mode == "ngram":
         drafted, accepted = _vllm_counters(engine)
-    return {"levels": levels, "outputs": outputs, "drafted": drafted, "accepted": accepted}
+    chosen = proposer.step_k.chosen if proposer is not None and spec["adaptive"] else {}
+    return {"levels": levels, "outputs": outputs, "drafted": drafted, "accepted": accepted,
+            "chosen_k": {str(k): n for k, n in sorted(chosen.items())}}
 
 
 def _vllm_counters(engine) -> tuple[int, int]:
@@ -143,7 +147,8 @@ def run(args) -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ENGINES:
-            spec = {"engine": name, "config": config, "drafter": drafter, "k": k, "batches": batches,
+            spec = {"engine": name, "config": config, "drafter": drafter, "k": k, "adaptive": args.k_fixed is None,
+                    "batches": batches,
                     "prompts": prompts, "max_tokens": max_tokens}
             path = os.path.join(tmp, f"{name}.json")
             with open(path, "w") as f:
@@ -170,9 +175,13 @@ def run(args) -> int:
                    f"{lv['onlinespec_tok_s']:.1f} / {lv['none_tok_s']:.1f} / {lv['ngram_tok_s']:.1f}"),
                   (f"batch {b} onlinespec / none", lv["onlinespec_tok_s"] / lv["none_tok_s"])]
     table += [(f"acceptance {n}", "-" if a is None else f"{a:.3f}") for n, a in acceptance.items()]
+    chosen = results["onlinespec"]["chosen_k"]
+    if chosen:
+        table.append(("onlinespec steps by draft length", " ".join(f"k={k}:{n}" for k, n in chosen.items())))
     table.append(("lossless (greedy outputs equal vLLM without speculation)", lossless))
     emit(table, {"levels": levels, "acceptance": acceptance, "lossless": lossless, "target": cfg.target_model,
-                 "drafter": drafter, "k": k, "machine": machine()}, args.json)
+                 "drafter": drafter, "k": k, "adaptive": args.k_fixed is None, "chosen_k": chosen,
+                 "machine": machine()}, args.json)
     return 0 if lossless else 1
 
 
