@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="serve: where the models run (auto: cuda when there is one)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="serve: passes of each level, in turn (medians reported; default 3, --quick 1)")
+                   help="serve, vllm: passes of each level, in turn (medians reported; default 3, --quick 1)")
     p.add_argument("--k-fixed", type=int, default=None,
                    help="serve: a fixed draft length instead of the batch-aware controller; vllm: drafts per step")
     p.add_argument("--scenarios", nargs="*", default=None,

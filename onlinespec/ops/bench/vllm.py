@@ -13,7 +13,9 @@ process of its own (one vLLM engine per process, started once for all its levels
 - ``ngram``: vLLM's own prompt-lookup proposer, the same number of drafts.
 
 Each level runs its prompts in static waves of ``batch`` requests (all added, then stepped until all
-finish), so every engine sees the same batches. Reports aggregate tokens/s per engine and level,
+finish), so every engine sees the same batches. The three engines are started together and take
+turns, level by level, ``--repeats`` passes each (default 3, ``--quick`` 1; medians reported,
+and each pass's onlinespec/none ratio): one machine's noise falls on all three alike. Reports aggregate tokens/s per engine and level,
 the drafts' acceptance (OnlineSpec's from its proposer, vLLM's n-gram's from vLLM's own counters),
 and ``lossless``: every output with speculation equals the output without.
 JSON: ``{"levels": [{"batch", "onlinespec_tok_s", "none_tok_s", "ngram_tok_s"}], "acceptance",
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,8 +48,9 @@ def _prompts(cfg, tokenizer, n: int, domain: str) -> list[list[int]]:
     return out[:n]
 
 
-def _child(spec: dict) -> dict:
-    """One engine, every level: what the parent prints (run in a process of its own)."""
+def _child(spec: dict) -> None:
+    """One engine, started once, measuring levels as the parent asks (a process of its own):
+    reads ``{"batch": B}`` lines on stdin, answers each with a ``BENCH `` line on stdout."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
@@ -97,22 +101,24 @@ def _child(spec: dict) -> dict:
 
     prompts, max_tokens = spec["prompts"], spec["max_tokens"]
     wave(prompts[:2], 8)  # warm-up
-    levels, outputs, drafted, accepted = [], {}, 0, 0
-    for batch in spec["batches"]:
+    print("BENCH " + json.dumps({"ready": True}), flush=True)
+    drafted = accepted = 0
+    for line in sys.stdin:
+        batch = json.loads(line)["batch"]
         group = prompts[: 2 * batch]
-        t0, tokens, level_out = time.perf_counter(), 0, []
+        t0, tokens, outputs = time.perf_counter(), 0, []
         for s in range(0, len(group), batch):
             outs, d, a = wave(group[s:s + batch], max_tokens)
-            level_out += outs
+            outputs += outs
             tokens += sum(len(o) for o in outs)
             drafted, accepted = drafted + d, accepted + a
-        levels.append({"batch": batch, "tok_s": tokens / (time.perf_counter() - t0)})
-        outputs[str(batch)] = level_out
-    if mode == "ngram":
-        drafted, accepted = _vllm_counters(engine)
-    chosen = proposer.step_k.chosen if proposer is not None and spec["adaptive"] else {}
-    return {"levels": levels, "outputs": outputs, "drafted": drafted, "accepted": accepted,
-            "chosen_k": {str(k): n for k, n in sorted(chosen.items())}}
+        seconds = time.perf_counter() - t0
+        if mode == "ngram":
+            drafted, accepted = _vllm_counters(engine)
+        chosen = proposer.step_k.chosen if proposer is not None and spec["adaptive"] else {}
+        print("BENCH " + json.dumps({"tok_s": tokens / seconds, "outputs": outputs, "drafted": drafted,
+                                     "accepted": accepted,
+                                     "chosen_k": {str(k): n for k, n in sorted(chosen.items())}}), flush=True)
 
 
 def _vllm_counters(engine) -> tuple[int, int]:
@@ -144,28 +150,57 @@ def run(args) -> int:
     max_tokens = args.max_new_tokens or (32 if args.quick else 64)
     tokenizer = load_tokenizer(cfg.target_model)
     prompts = _prompts(cfg, tokenizer, 2 * max(batches), args.domain)
-    results = {}
+    repeats = args.repeats or (1 if args.quick else 3)
+    children = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ENGINES:
-            spec = {"engine": name, "config": config, "drafter": drafter, "k": k, "adaptive": args.k_fixed is None,
-                    "batches": batches,
-                    "prompts": prompts, "max_tokens": max_tokens}
-            path = os.path.join(tmp, f"{name}.json")
-            with open(path, "w") as f:
-                json.dump(spec, f)
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "onlinespec.ops.bench.vllm", path],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                raise RuntimeError(f"bench vllm: the {name} engine failed (exit {proc.returncode})")
-            with open(path + ".out") as f:
-                results[name] = json.load(f)
-            print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        try:
+            for name in ENGINES:  # all three started, then measured in turns: the same machine weather
+                spec = {"engine": name, "config": config, "drafter": drafter, "k": k,
+                        "adaptive": args.k_fixed is None, "batches": batches, "prompts": prompts,
+                        "max_tokens": max_tokens}
+                path = os.path.join(tmp, f"{name}.json")
+                with open(path, "w") as f:
+                    json.dump(spec, f)
+                log = open(os.path.join(tmp, f"{name}.log"), "w")
+                children[name] = (subprocess.Popen([sys.executable, "-m", "onlinespec.ops.bench.vllm", path],
+                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                                   text=True), log)
+            for name in ENGINES:
+                _answer(name, *children[name])
+            runs = {name: {b: [] for b in batches} for name in ENGINES}
+            last = {}
+            for batch in batches:
+                for r in range(repeats):
+                    for name in ENGINES[r % 3:] + ENGINES[:r % 3]:  # each engine first in turn
+                        proc, log = children[name]
+                        proc.stdin.write(json.dumps({"batch": batch}) + "\n")
+                        proc.stdin.flush()
+                        result = _answer(name, proc, log)
+                        runs[name][batch].append(result["tok_s"])
+                        last[(name, batch)] = result
+                    print(f"batch {batch} pass {r + 1}/{repeats}: " + " / ".join(
+                        f"{n} {runs[n][batch][-1]:.1f}" for n in ENGINES) + " tokens/s", file=sys.stderr)
+        finally:
+            for proc, log in children.values():
+                if proc.stdin:
+                    proc.stdin.close()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                log.close()
+    results = {name: {"levels": [{"batch": b, "tok_s": statistics.median(runs[name][b]), "runs": runs[name][b]}
+                                 for b in batches],
+                      "outputs": {str(b): last[(name, b)]["outputs"] for b in batches},
+                      "drafted": last[(name, batches[-1])]["drafted"],
+                      "accepted": last[(name, batches[-1])]["accepted"],
+                      "chosen_k": last[(name, batches[-1])]["chosen_k"]} for name in ENGINES}
     lossless = all(results[n]["outputs"] == results["none"]["outputs"] for n in ("onlinespec", "ngram"))
     levels = []
     for i, batch in enumerate(batches):
-        levels.append({"batch": batch, **{f"{n}_tok_s": results[n]["levels"][i]["tok_s"] for n in ENGINES}})
+        levels.append({"batch": batch, **{f"{n}_tok_s": results[n]["levels"][i]["tok_s"] for n in ENGINES},
+                       "onlinespec_vs_none_runs": [a / b for a, b in zip(results["onlinespec"]["levels"][i]["runs"],
+                                                                          results["none"]["levels"][i]["runs"])]})
     acceptance = {n: (results[n]["accepted"] / results[n]["drafted"] if results[n]["drafted"] else None)
                   for n in ("onlinespec", "ngram")}
     table = [("target", cfg.target_model), ("drafter", drafter), ("k", k)]
@@ -185,9 +220,17 @@ def run(args) -> int:
     return 0 if lossless else 1
 
 
+def _answer(name: str, proc, log) -> dict:
+    """The child's next ``BENCH`` line (its other output is vLLM's)."""
+    for line in proc.stdout:
+        if line.startswith("BENCH "):
+            return json.loads(line[6:])
+    log.flush()
+    with open(log.name) as f:
+        tail = f.read()[-4000:]
+    raise RuntimeError(f"bench vllm: the {name} engine stopped (exit {proc.wait()}):\n{tail}")
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
-        spec = json.load(f)
-    result = _child(spec)
-    with open(sys.argv[1] + ".out", "w") as f:
-        json.dump(result, f)
+        _child(json.load(f))
