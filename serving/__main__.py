@@ -146,11 +146,19 @@ def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router):
     from serving.server import build_state
     from serving.vllm_loop import VllmLoop, vllm_exposition
 
+    from onlinespec.decode.suffix import SuffixCache
+
     s = cfg.serving
-    if s.suffix.enabled:
-        log.info("serving.engine is vllm: drafts come from the drafter models (suffix speculation is the "
-                 "embedded engine's)")
-    engine, proposer = start_engine(cfg, resolve_model_path(cfg.target_model), speculate=bool(drafters))
+    engine, proposer = start_engine(cfg, resolve_model_path(cfg.target_model),
+                                    speculate=bool(drafters) or s.suffix.enabled)
+    if proposer is not None and s.suffix.enabled:  # copies where text already written continues the request's
+        proposer.suffix_config = s.suffix
+        proposer.suffix = SuffixCache(s.suffix)
+        if redis is not None:  # a restart keeps what suffix speculation learned
+            from onlinespec.feedback.stream import recent_records
+
+            records, bad = recent_records(redis, cfg.target_id, s.suffix.max_tokens)
+            log.info("suffix speculation: warmed from %d logged outputs", proposer.suffix.warm(records))
 
     def make_loop(metrics):
         metrics.expose(vllm_exposition)

@@ -196,7 +196,10 @@ class VllmLoop:
             ignore_eos=p.ignore_eos, logprobs=want or None, output_kind=RequestOutputKind.DELTA)
         request_id = self.engine.add_request(ext, {"prompt_token_ids": list(handle.prompt)}, sampling)
         if self.proposer is not None:
-            self.proposer.assign(request_id, drafter, k, adaptive=adaptive)
+            suffix = self.proposer.suffix_config
+            scope = handle.tenant if suffix is not None and suffix.scope == "tenant" else None
+            isolated = handle.tenant is None and suffix is not None and suffix.scope == "tenant"
+            self.proposer.assign(request_id, drafter, k, adaptive=adaptive, scope=scope, isolated=isolated)
         key = group or ALL
         if key not in self.traffic and len(self.traffic) >= MAX_TRAFFIC_GROUPS:
             key = "other"
@@ -224,17 +227,24 @@ class VllmLoop:
         completion = out.outputs[0]
         tokens = list(completion.token_ids)
         drafter = gen.drafter
-        drafted = accepted = 0
-        for d, a in (self.proposer.take(gen.request_id) if self.proposer is not None else ()):
+        drafted = accepted = copied = copied_accepted = 0
+        for d, a, is_copy in (self.proposer.take(gen.request_id) if self.proposer is not None else ()):
             gen.stats.add(d, a, 0.0, 0.0)
-            gen.stats.own_steps += 1
-            drafted += d
-            accepted += a
+            drafted, accepted = drafted + d, accepted + a
+            if is_copy:
+                gen.stats.copied += d
+                gen.stats.copied_accepted += a
+                gen.stats.copy_steps += 1
+                copied, copied_accepted = copied + d, copied_accepted + a
+            else:
+                gen.stats.own_steps += 1
         gen.stats.steps += 0 if drafted else 1
-        if drafted and drafter is not None:
-            self.metrics.observe_step(drafter.drafter_id, drafter.version, drafted, accepted)
-            if self.watcher is not None:
-                self.watcher.observe(drafter.drafter_id, drafter.version, drafted, accepted)
+        if drafted:  # without a drafter model every draft is a copy: counted under drafter "none"
+            did, version = (drafter.drafter_id, drafter.version) if drafter is not None else ("none", 0)
+            self.metrics.observe_step(did, version, drafted, accepted, copied, copied_accepted)
+            if self.watcher is not None and drafter is not None and drafted > copied:
+                # the rollback guard judges the drafter's own drafts: copies do not depend on its version
+                self.watcher.observe(drafter.drafter_id, drafter.version, drafted - copied, accepted - copied_accepted)
         gen.tokens += tokens
         positions = list(completion.logprobs or [])
         gen.logprobs += positions
@@ -246,6 +256,7 @@ class VllmLoop:
         if out.finished:
             reason = FinishReason.LENGTH if completion.finish_reason == "length" else FinishReason.STOP
         step = StepOutput(tokens=tokens, text=completion.text or "", drafted=drafted, accepted=accepted,
+                          copied=copied, copied_accepted=copied_accepted,
                           finished=out.finished, finish_reason=reason,
                           logprobs=_request_logprobs(tokens, positions, handle.params.logprobs))
         self.metrics.generated_tokens.inc(len(tokens))
@@ -258,6 +269,11 @@ class VllmLoop:
         if out.finished:
             del self.active[ext]
             draft_log = self.proposer.finish(gen.request_id) if self.proposer is not None else None
+            suffix = self.proposer.suffix if self.proposer is not None else None
+            if suffix is not None and not (handle.tenant is None and suffix.config.scope == "tenant"):
+                # what it wrote can be copied by the next requests of its scope (an isolated one leaves nothing)
+                suffix.add_output(list(handle.prompt), gen.tokens,
+                                  handle.tenant if suffix.config.scope == "tenant" else None)
             self.metrics.latency.observe(time.perf_counter() - handle.submitted)
             self.metrics.requests.inc(label=reason.value)
             if self.writer is not None and gen.tokens and len(gen.logprobs) == len(gen.tokens):

@@ -115,9 +115,10 @@ def prompts(tok, domain, n, offset=0):
     return [tok.encode(r.text)[-64:] for r in load_prompts(domain)[offset:offset + n]]
 
 
-def complete(url, prompt, max_tokens=32, **kw) -> dict:
+def complete(url, prompt, max_tokens=32, key=None, **kw) -> dict:
     body = {"model": TARGET_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -163,9 +164,10 @@ def test_vllm_feedback_records_are_the_records_the_learners_read(served, demo):
     assert tok.decode(generated.tolist()) == out["choices"][0]["text"]
     assert (record.drafter_id, record.target_id) == (DRAFTER, TARGET_ID)
     spec = out["speculative"]
-    # a position is "drafted" when a draft stood there (drafts past a rejection have no position)
-    assert 0 < spec["own"]["draft_steps"] <= int(record.drafted.sum()) <= spec["own"]["drafted_tokens"]
-    assert int(record.accepted.sum()) == spec["own"]["accepted_tokens"]
+    # a position is "drafted" when a draft (the drafter's or a copy) stood there; drafts past a
+    # rejection have no position
+    assert 0 < spec["draft_steps"] <= int(record.drafted.sum()) <= spec["drafted_tokens"]
+    assert int(record.accepted.sum()) == spec["accepted_tokens"]
     # the logged distribution is the target's own, position by position (raw log-softmax, top-K)
     with torch.no_grad():
         logits = target(torch.tensor([record.tokens.tolist()])).logits[0, record.prompt_len - 1:-1]
@@ -174,6 +176,23 @@ def test_vllm_feedback_records_are_the_records_the_learners_read(served, demo):
     mine = np.take_along_axis(logp.numpy(), record.topk_ids.astype(np.int64), axis=1)
     assert np.abs(mine - record.topk_logprobs.astype(np.float32)).max() < 2e-2
     assert record.topk_ids.shape[1] == 32
+
+
+def test_suffix_speculation_copies_what_a_tenant_was_already_served(served, demo):
+    """The second time a tenant (an API key) asks the same, vLLM verifies copies of the first answer;
+    another tenant's request copies only from its own text."""
+    url, _, _, _ = served
+    tok, target, _ = demo
+    prompt = prompts(tok, "docs", 1, offset=9)[0]
+    first = complete(url, prompt, max_tokens=24, ignore_eos=True, key="key-a")
+    again = complete(url, prompt, max_tokens=24, ignore_eos=True, key="key-a")
+    other = complete(url, prompt, max_tokens=24, ignore_eos=True, key="key-b")
+    assert first["choices"][0]["text"] == again["choices"][0]["text"] == other["choices"][0]["text"]
+    copied = again["speculative"]["copied"]
+    assert copied["accepted_tokens"] >= 15, again["speculative"]  # of 24, k = 3: 3 a step, the 4th the target's
+    # the other tenant, like the first request, copies only from its own text: fewer
+    for alone in (first, other):
+        assert alone["speculative"]["copied"]["accepted_tokens"] < copied["accepted_tokens"], alone["speculative"]
 
 
 def test_the_learners_improve_on_what_vllm_logged(served, demo):
@@ -226,13 +245,13 @@ def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
     assert spec["own"]["drafted_tokens"] > 0 and spec["own"]["accepted_tokens"] == 0, spec
     assert out["choices"][0]["text"] == tok.decode(alone)
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    line = (f'onlinespec_spec_decode_num_accepted_tokens_total{{drafter="{DRAFTER}",version="{version}"}} 0')
+    line = (f'onlinespec_spec_decode_num_own_accepted_tokens_total{{drafter="{DRAFTER}",version="{version}"}} 0')
     assert line in metrics, [m for m in metrics.splitlines() if "accepted_tokens_total" in m]
-    assert f'onlinespec_spec_decode_num_draft_tokens_total{{drafter="{DRAFTER}",version="{version}"}}' in metrics
+    assert f'onlinespec_spec_decode_num_own_draft_tokens_total{{drafter="{DRAFTER}",version="{version}"}}' in metrics
     # vLLM's own counters (its scheduler's view of the drafts it verified) saw the same
     after = vllm_counters(url)
     assert after["drafted"] > before["drafted"] and after["accepted"] >= before["accepted"], (before, after)
-    assert after["drafted"] - before["drafted"] >= spec["own"]["drafted_tokens"]
+    assert after["drafted"] - before["drafted"] >= spec["drafted_tokens"]
 
 
 def vllm_counters(url) -> dict:

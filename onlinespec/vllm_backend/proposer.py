@@ -49,6 +49,7 @@ class DraftLog:
     drafter_id: str | None
     drafter_version: int
     blocks: list[tuple[list[int], int, int]] = field(default_factory=list)  # (drafts, emitted, accepted) per step
+    copied_blocks: int = 0  # of the blocks with drafts, those copied by suffix speculation
     mismatches: int = 0  # steps whose emitted tokens disagreed with the drafts they claim to accept
 
     @property
@@ -68,9 +69,13 @@ class _Row:
     k: int
     log: DraftLog
     adaptive: bool = False  # k is an upper bound; the step's length comes from StepK
+    scope: object = None  # whose past outputs it may copy from (its tenant)
+    isolated: bool = False  # copies from its own text only
+    index: object | None = None  # RequestIndex over its settled text (suffix speculation)
     pending: list[int] = field(default_factory=list)  # drafts handed to vLLM, not yet verified
+    copied: bool = False  # the pending drafts are copies, not the drafter's
     last_step: int = -1  # the proposer call that last saw it emit
-    new: list = field(default_factory=list)  # (drafted, accepted) of steps not yet taken by the loop
+    new: list = field(default_factory=list)  # (drafted, accepted, copied) of steps not yet taken by the loop
 
 
 class _Rows:
@@ -151,7 +156,9 @@ class OnlineSpecProposer:
     def __init__(self, vllm_config):
         self.k_max = int(vllm_config.speculative_config.num_speculative_tokens)
         self.runner = None
-        self._assigned: dict[str, tuple[object | None, int, bool]] = {}  # vLLM's request id -> (drafter, k, adaptive)
+        self._assigned: dict[str, tuple] = {}  # vLLM's request id -> (drafter, k, adaptive, scope, isolated)
+        self.suffix = None  # SuffixCache: suffix speculation over past outputs (set by the server)
+        self.suffix_config = None  # SuffixConfig: copies at all (None: the drafters alone)
         self._rows: dict[str, _Row] = {}  # vLLM's request id -> its state
         self._lock = threading.Lock()  # assign/finish come from the server's threads
         self._drafting: dict[int, _Rows] = {}  # id(drafter) -> its rows
@@ -166,16 +173,18 @@ class OnlineSpecProposer:
 
     # ------------------------------------------------------------------ server side
 
-    def assign(self, request_id: str, drafter, k: int, adaptive: bool = False) -> None:
+    def assign(self, request_id: str, drafter, k: int, adaptive: bool = False, scope: object = None,
+               isolated: bool = False) -> None:
         """After ``add_request``, before the next step: ``request_id`` (the id vLLM returned) drafts
         with ``drafter`` (an HFDrafter, or None for no drafts), ``k`` tokens a step (capped at vLLM's
         ``num_speculative_tokens``); ``adaptive``: at most ``k``, as many as :class:`StepK` finds
-        pays at the batch's size (0: plain decoding)."""
+        pays at the batch's size (0: plain decoding). ``scope``: whose past outputs suffix
+        speculation may copy from (its tenant; None: shared); ``isolated``: only from its own text."""
         with self._lock:
-            self._assigned[request_id] = (drafter, max(0, min(int(k), self.k_max)), adaptive)
+            self._assigned[request_id] = (drafter, max(0, min(int(k), self.k_max)), adaptive, scope, isolated)
 
-    def take(self, request_id: str) -> list[tuple[int, int]]:
-        """(drafted, accepted) of the request's steps since the last call: the server's per-step counters."""
+    def take(self, request_id: str) -> list[tuple[int, int, bool]]:
+        """(drafted, accepted, copied) of the request's steps since the last call: the server's per-step counters."""
         row = self._rows.get(request_id)
         if row is None:
             return []
@@ -211,6 +220,7 @@ class OnlineSpecProposer:
                 continue
             emitted = [int(t) for t in emitted]
             drafts, row.pending = row.pending, []
+            copied, row.copied = row.copied, False
             if row.last_step != self.steps - 1:  # it was out of the batch (preempted): vLLM dropped its drafts
                 drafts = []
             row.last_step = self.steps
@@ -220,8 +230,9 @@ class OnlineSpecProposer:
                 accepted = _common_prefix(emitted, drafts)
             row.log.blocks.append((drafts, len(emitted), accepted))
             if drafts:
-                row.new.append((len(drafts), accepted))
-            if row.drafter is not None and row.k > 0:
+                row.new.append((len(drafts), accepted, copied))
+                row.log.copied_blocks += copied
+            if (row.drafter is not None or row.index is not None) and row.k > 0:
                 wanted[i] = (rid, row)
         step_k = None
         if any(row.adaptive for _, row in wanted.values()):
@@ -237,7 +248,16 @@ class OnlineSpecProposer:
             ks[i] = max(0, min(k, self.max_len - int(num_tokens_no_spec[i])))  # never past vLLM's longest sequence
         by_drafter: dict[int, list[int]] = {}
         for i, (_, row) in wanted.items():
-            if ks[i]:
+            if not ks[i]:
+                continue
+            if row.index is not None:  # text already written that continues this one: copied, not drafted
+                context = token_ids_cpu[i, :int(num_tokens_no_spec[i])].tolist()
+                row.index.extend(context)
+                copies = self._copies(row, context, ks[i])
+                if copies:
+                    row.pending, row.copied = copies, True
+                    continue
+            if row.drafter is not None:
                 by_drafter.setdefault(id(row.drafter), []).append(i)
         for indices in by_drafter.values():
             drafter = wanted[indices[0]][1].drafter
@@ -251,6 +271,19 @@ class OnlineSpecProposer:
                 row.pending = drafts[rid]
         return [wanted[i][1].pending if i in wanted else [] for i in range(len(sampled_token_ids))]
 
+    def _copies(self, row: _Row, context: list[int], k: int) -> list[int]:
+        """Up to ``k`` tokens copied where the request's own text, or past outputs of its scope,
+        continue its last n-gram (each copy extends the context the next one matches)."""
+        from onlinespec.decode.suffix import best_match
+
+        out: list[int] = []
+        while len(out) < k:
+            match = best_match(row.index, None if row.isolated else self.suffix, context + out, row.scope)
+            if match is None:
+                break
+            out.append(match.token)
+        return out
+
     def _row(self, request_id: str) -> _Row | None:
         row = self._rows.get(request_id)
         if row is None:
@@ -258,9 +291,13 @@ class OnlineSpecProposer:
                 assigned = self._assigned.get(request_id)
             if assigned is None:
                 return None
-            drafter, k, adaptive = assigned
+            drafter, k, adaptive, scope, isolated = assigned
             row = _Row(drafter, k, DraftLog(getattr(drafter, "drafter_id", None), getattr(drafter, "version", 0)),
-                       adaptive=adaptive)
+                       adaptive=adaptive, scope=scope, isolated=isolated)
+            if self.suffix_config is not None:
+                from onlinespec.decode.suffix import RequestIndex
+
+                row.index = RequestIndex(self.suffix_config)
             self._rows[request_id] = row
         return row
 
