@@ -5,7 +5,9 @@ The same prompts (chat prompts of the config's target; ``2 x batch`` of them per
 the same max tokens, at batch 1, 8 and 16 (``--quick``: 1 and 8), for three engines, each in a
 process of its own (one vLLM engine per process, started once for all its levels):
 
-- ``onlinespec``: vLLM with OnlineSpec's proposer drafting with the config's first drafter
+- ``onlinespec``: vLLM with OnlineSpec's proposer: suffix copies from the request's own text where
+  the config enables suffix speculation (past outputs are not copied: the passes repeat the same
+  prompts), else the config's first drafter
   (``--drafter ID`` for another; its bundled starting weights), each step as many drafts as its
   measured throughput says pay (:class:`~onlinespec.vllm_backend.steps.StepK`, up to
   ``serving.vllm.num_speculative_tokens``; ``--k-fixed K``: always K);
@@ -71,6 +73,8 @@ def _child(spec: dict) -> None:
         d = next(d for d in cfg.drafters if d.id == spec["drafter"])
         drafter = HFDrafter(load_model(d.model), d.id)
         engine, proposer = start_engine(cfg, model_path, max_num_seqs=max(spec["batches"]))
+        if cfg.serving.suffix.enabled:  # copies from the request's own text, as the service does
+            proposer.suffix_config = cfg.serving.suffix
     else:
         args = engine_args(cfg, model_path, speculate=False, max_num_seqs=max(spec["batches"]))
         if mode == "ngram":
@@ -84,7 +88,9 @@ def _child(spec: dict) -> None:
             rid = engine.add_request(f"{time.monotonic_ns()}-{i}", {"prompt_token_ids": p},
                                      SamplingParams(max_tokens=max_tokens, temperature=0.0))
             if proposer is not None:
-                proposer.assign(rid, drafter, k, adaptive=spec["adaptive"])
+                # isolated: a request copies from its own text only (the levels and passes repeat the
+                # same prompts: past outputs would be the answers themselves)
+                proposer.assign(rid, drafter, k, adaptive=spec["adaptive"], isolated=True)
             ids[rid] = i
         outs = [None] * len(prompts)
         while engine.has_unfinished_requests():
