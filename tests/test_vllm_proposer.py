@@ -180,3 +180,34 @@ def test_step_k_ignores_idle_gaps():
         c.observe(4, 1, 0.12, 6)
     c.observe(4, 1, 30.0, 6)  # the batch emptied and a request came a while later
     assert c.choose(4) == 1
+
+
+def test_a_drafter_that_fails_costs_its_rows_their_drafts_not_the_step():
+    """An exception inside the drafter (a bad version, memory) must not reach vLLM's step: its
+    rows decode without drafts, the other drafter's rows draft as before, and it recovers."""
+    target = tiny_llama(layers=2, hidden=64, seed=0)
+    good = HFDrafter(perturbed(target, 0.05, seed=1), "good")
+    bad = HFDrafter(perturbed(target, 0.05, seed=2), "bad")
+    vllm = FakeVllm(target, k=2)
+    vllm.add("g", [4, 5, 6, 7], good, 2)
+    vllm.add("b", [8, 9, 10, 11], bad, 2)
+    vllm.step()
+    healthy = bad.model
+
+    class Broken(torch.nn.Module):
+        def __getattr__(self, name):
+            if name in ("config", "dtype", "device"):
+                return getattr(healthy, name)
+            return super().__getattr__(name)
+
+        def forward(self, *a, **kw):
+            raise RuntimeError("out of memory")
+
+    bad.model = Broken()
+    vllm.step()
+    assert vllm.drafts["b"] == [] and vllm.proposer.failures == 1
+    assert vllm.drafts["g"] == greedy(good.model, vllm.texts["g"], 2)
+    bad.model = healthy  # swapped back (a rollback): it drafts again, from a fresh cache
+    vllm.step()
+    vllm.step()
+    assert vllm.drafts["b"] == greedy(bad.model, vllm.texts["b"], 2)

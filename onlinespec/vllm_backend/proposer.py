@@ -165,6 +165,7 @@ class OnlineSpecProposer:
         self.slots = int(vllm_config.scheduler_config.max_num_seqs)
         self.max_len = int(vllm_config.model_config.max_model_len)
         self.steps = 0
+        self.failures = 0  # drafting calls that raised (their rows went without drafts)
         self.step_k = StepK(self.k_max)
         self._mark: tuple[int, int, float] | None = None  # (rows, k, start) of the step under way
 
@@ -265,10 +266,18 @@ class OnlineSpecProposer:
             if rows is None:
                 rows = self._drafting[id(drafter)] = _Rows(drafter, self.slots, self.max_len)
             contexts = {wanted[i][0]: token_ids_cpu[i, :int(num_tokens_no_spec[i])].tolist() for i in indices}
-            drafts = rows.draft(contexts, {wanted[i][0]: ks[i] for i in indices})
+            try:
+                drafts = rows.draft(contexts, {wanted[i][0]: ks[i] for i in indices})
+            except Exception:  # noqa: BLE001 - a drafter that fails must not stop vLLM's step
+                # its rows decode plainly this step; its cache is rebuilt from their text next time
+                self.failures += 1
+                log.exception("drafter %s failed to draft (%d so far); its rows decode without drafts",
+                              getattr(drafter, "drafter_id", "?"), self.failures)
+                del self._drafting[id(drafter)]
+                drafts = {}
             for i in indices:
                 rid, row = wanted[i]
-                row.pending = drafts[rid]
+                row.pending = drafts.get(rid, [])
         return [wanted[i][1].pending if i in wanted else [] for i in range(len(sampled_token_ids))]
 
     def _copies(self, row: _Row, context: list[int], k: int) -> list[int]:
