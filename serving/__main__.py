@@ -168,6 +168,9 @@ def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router):
             metrics.sample(Counter("vllm_step_draft_length_total",
                                    "vLLM steps by the draft length the proposer chose (0: plain decoding)."),
                            lambda: {(("k", str(k)),): n for k, n in proposer.step_k.chosen.items()})
+            metrics.sample(Counter("vllm_steps_with_drafter_model_total",
+                                   "vLLM steps where the drafter models drafted (the others: copies or nothing)."),
+                           lambda: {(): proposer.step_k.modelled})
         return VllmLoop(engine, proposer, metrics, cfg.target_id, writer=writer, watcher=watcher,
                         max_active=s.max_active, max_queue=s.max_queue, drafters=drafters, router=router,
                         k=s.k, feedback_topk=s.feedback_topk)

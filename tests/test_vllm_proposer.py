@@ -147,28 +147,45 @@ def test_take_reports_each_step_once():
     assert vllm.proposer.take("unknown") == []
 
 
-def simulate(controller, batch, cost, accept, steps=400):
-    """Steps of ``batch`` rows: length k costs ``cost(k)`` seconds and each row emits the expected
-    accepted drafts plus one (acceptance ``accept`` per position)."""
-    for _ in range(steps):
-        k = controller.choose(batch)
-        tokens = batch * sum(accept ** i for i in range(k + 1))
-        controller.observe(batch, k, cost(k), round(tokens))
-    return max(controller.chosen, key=controller.chosen.get)
+def expected(accept: float, k: int) -> float:
+    """Tokens a row emits from k drafts accepted each with probability ``accept``, plus one."""
+    return sum(accept ** i for i in range(k + 1))
+
+
+def simulate(controller, batch, copied, a_copy, a_model, draft_cost, verify_cost, steps=600):
+    """Steps of ``batch`` rows, a share ``copied`` of them with copies (accepted ``a_copy`` per
+    position), the rest drafted by the model when it is on (``a_model``). A step costs 0.1 s, plus
+    ``verify_cost`` per draft token verified, plus ``draft_cost`` per position the model drafts.
+    Returns the choice made most often over the last half."""
+    counts = {}
+    for step in range(steps):
+        k, model = controller.choose(batch, True)
+        rows_copy = round(batch * copied)
+        rows_model = batch - rows_copy if model else 0
+        tokens = rows_copy * expected(a_copy, k) + rows_model * expected(a_model, k) + (batch - rows_copy - rows_model)
+        seconds = 0.1 + verify_cost * k * (rows_copy + rows_model) + (draft_cost * k if rows_model else 0)
+        controller.observe(batch, k, rows_model > 0, seconds, round(tokens))
+        if step >= steps // 2:
+            counts[(k, model and k > 0)] = counts.get((k, model and k > 0), 0) + 1
+    return max(counts, key=counts.get)
 
 
 def test_step_k_decodes_plainly_where_drafting_measured_slower_and_drafts_where_it_pays():
     from onlinespec.vllm_backend.steps import StepK
 
-    # a weak drafter on a CPU: every draft position costs a fifth of a step, 6% accepted
-    assert simulate(StepK(3), 8, lambda k: 0.1 * (1 + 0.2 * k), 0.06) == 0
-    # a good drafter: 80% accepted, drafts cheap
-    assert simulate(StepK(3), 8, lambda k: 0.1 * (1 + 0.05 * k), 0.8) == 3
-    # each batch size is judged on its own: drafting pays at 1 row but not at 16
+    # a weak drafter, nothing to copy: plain decoding (k = 0) or the model muted
+    k, model = simulate(StepK(3), 8, 0.0, 0.0, 0.06, draft_cost=0.01, verify_cost=0.002)
+    assert k == 0 or not model
+    # a good drafter, cheap drafts: the model drafts, the longest length
+    assert simulate(StepK(3), 8, 0.0, 0.0, 0.8, draft_cost=0.003, verify_cost=0.001) == (3, True)
+    # copies that are accepted, a drafter that is not: copies go on, the model is muted
+    k, model = simulate(StepK(3), 8, 0.5, 0.9, 0.06, draft_cost=0.01, verify_cost=0.001)
+    assert k >= 2 and not model
+    # each batch size is judged on its own: the model pays at 1 row but not at 16
     both = StepK(3)
-    assert simulate(both, 1, lambda k: 0.03 * (1 + 0.1 * k), 0.6) > 0
-    assert simulate(both, 16, lambda k: 0.1 * (1 + 0.8 * k), 0.6) == 0
-    assert simulate(both, 1, lambda k: 0.03 * (1 + 0.1 * k), 0.6, steps=50) > 0  # still: its own bucket
+    assert simulate(both, 1, 0.0, 0.0, 0.6, draft_cost=0.003, verify_cost=0.001)[1]
+    k, model = simulate(both, 16, 0.0, 0.0, 0.6, draft_cost=0.01, verify_cost=0.006)
+    assert k == 0 or not model
 
 
 def test_step_k_ignores_idle_gaps():
@@ -176,10 +193,12 @@ def test_step_k_ignores_idle_gaps():
 
     c = StepK(1, explore=0.0)
     for _ in range(5):
-        c.observe(4, 0, 0.1, 4)
-        c.observe(4, 1, 0.12, 6)
-    c.observe(4, 1, 30.0, 6)  # the batch emptied and a request came a while later
-    assert c.choose(4) == 1
+        c.observe(4, 0, False, 0.1, 4)
+        c.observe(4, 1, False, 0.1, 4)
+        c.observe(4, 1, True, 0.12, 6)
+    c.observe(4, 1, True, 30.0, 6)  # the batch emptied and a request came a while later
+    assert c.choose(4) == (1, True)
+    assert c.choose(4, modelled=False) in ((0, False), (1, False))  # no row would use the model
 
 
 def test_a_drafter_that_fails_costs_its_rows_their_drafts_not_the_step():

@@ -167,7 +167,7 @@ class OnlineSpecProposer:
         self.steps = 0
         self.failures = 0  # drafting calls that raised (their rows went without drafts)
         self.step_k = StepK(self.k_max)
-        self._mark: tuple[int, int, float] | None = None  # (rows, k, start) of the step under way
+        self._mark: tuple | None = None  # (rows, k, drafter model used, start) of the step under way
 
     def load_model(self, target_model) -> None:  # noqa: ARG002 - the drafters are the server's
         """The drafters are not vLLM's to load: the server assigns them per request."""
@@ -209,8 +209,8 @@ class OnlineSpecProposer:
         if self.runner is None:  # before attach(): plain decoding
             return [[] for _ in sampled_token_ids]
         if self._mark is not None:  # the step just done: its cost and what it yielded
-            rows, k, start = self._mark
-            self.step_k.observe(rows, k, now - start, sum(len(e) for e in sampled_token_ids))
+            rows, k, modelled, start = self._mark
+            self.step_k.observe(rows, k, modelled, now - start, sum(len(e) for e in sampled_token_ids))
             self._mark = None
         req_ids = self.runner.input_batch.req_ids
         wanted: dict[int, tuple[str, _Row]] = {}  # batch index -> (request, row) that drafts now
@@ -235,31 +235,38 @@ class OnlineSpecProposer:
                 row.log.copied_blocks += copied
             if (row.drafter is not None or row.index is not None) and row.k > 0:
                 wanted[i] = (rid, row)
-        step_k = None
-        if any(row.adaptive for _, row in wanted.values()):
-            step_k = self.step_k.choose(len(sampled_token_ids))
-            self._mark = (len(sampled_token_ids), step_k, now)
         present = set(req_ids)
         for rows in self._drafting.values():  # rows of requests vLLM no longer runs (preempted, aborted)
             for rid in [r for r in rows.owners if r not in present]:
                 rows.leave(rid)  # a preempted request rejoins when it comes back
-        ks: dict[int, int] = {}  # batch index -> drafts this step
+        # copies first (cheap: no forward), at the longest length a row may use
+        room: dict[int, int] = {}  # batch index -> the most drafts it may get
+        copies: dict[int, list[int]] = {}
         for i, (_, row) in wanted.items():
-            k = min(row.k, step_k) if row.adaptive else row.k
-            ks[i] = max(0, min(k, self.max_len - int(num_tokens_no_spec[i])))  # never past vLLM's longest sequence
-        by_drafter: dict[int, list[int]] = {}
-        for i, (_, row) in wanted.items():
-            if not ks[i]:
-                continue
-            if row.index is not None:  # text already written that continues this one: copied, not drafted
+            room[i] = max(0, min(row.k, self.max_len - int(num_tokens_no_spec[i])))  # never past vLLM's longest sequence
+            if row.index is not None and room[i]:  # text already written that continues this one
                 context = token_ids_cpu[i, :int(num_tokens_no_spec[i])].tolist()
                 row.index.extend(context)
-                copies = self._copies(row, context, ks[i])
-                if copies:
-                    row.pending, row.copied = copies, True
-                    continue
-            if row.drafter is not None:
+                copies[i] = self._copies(row, context, room[i])
+        # the step's length, and whether rows nothing copies for draft with their drafter model
+        step_k, use_drafter = None, True
+        if any(row.adaptive for _, row in wanted.values()):
+            modelled = any(not copies.get(i) and row.drafter is not None and room[i] for i, (_, row) in wanted.items())
+            step_k, use_drafter = self.step_k.choose(len(sampled_token_ids), modelled)
+        by_drafter: dict[int, list[int]] = {}
+        ks: dict[int, int] = {}  # batch index -> drafts this step
+        drafted_with_model = False
+        for i, (_, row) in wanted.items():
+            ks[i] = min(room[i], step_k) if row.adaptive else room[i]
+            if not ks[i]:
+                continue
+            if copies.get(i):
+                row.pending, row.copied = copies[i][:ks[i]], True
+            elif row.drafter is not None and (use_drafter or not row.adaptive):
                 by_drafter.setdefault(id(row.drafter), []).append(i)
+                drafted_with_model = True
+        if step_k is not None:  # measured under what the step really did
+            self._mark = (len(sampled_token_ids), step_k, drafted_with_model, now)
         for indices in by_drafter.values():
             drafter = wanted[indices[0]][1].drafter
             rows = self._drafting.get(id(drafter))

@@ -124,7 +124,9 @@ def _child(spec: dict) -> None:
         chosen = proposer.step_k.chosen if proposer is not None and spec["adaptive"] else {}
         print("BENCH " + json.dumps({"tok_s": tokens / seconds, "outputs": outputs, "drafted": drafted,
                                      "accepted": accepted,
-                                     "chosen_k": {str(k): n for k, n in sorted(chosen.items())}}), flush=True)
+                                     "chosen_k": {str(k): n for k, n in sorted(chosen.items())},
+                                     "model_steps": proposer.step_k.modelled if proposer is not None else 0}),
+              flush=True)
 
 
 def _vllm_counters(engine) -> tuple[int, int]:
@@ -200,7 +202,8 @@ def run(args) -> int:
                       "outputs": {str(b): last[(name, b)]["outputs"] for b in batches},
                       "drafted": last[(name, batches[-1])]["drafted"],
                       "accepted": last[(name, batches[-1])]["accepted"],
-                      "chosen_k": last[(name, batches[-1])]["chosen_k"]} for name in ENGINES}
+                      "chosen_k": last[(name, batches[-1])]["chosen_k"],
+                      "model_steps": last[(name, batches[-1])]["model_steps"]} for name in ENGINES}
     lossless = all(results[n]["outputs"] == results["none"]["outputs"] for n in ("onlinespec", "ngram"))
     levels = []
     for i, batch in enumerate(batches):
@@ -219,9 +222,11 @@ def run(args) -> int:
     chosen = results["onlinespec"]["chosen_k"]
     if chosen:
         table.append(("onlinespec steps by draft length", " ".join(f"k={k}:{n}" for k, n in chosen.items())))
+        table.append(("onlinespec steps with the drafter model on", results["onlinespec"]["model_steps"]))
     table.append(("lossless (greedy outputs equal vLLM without speculation)", lossless))
     emit(table, {"levels": levels, "acceptance": acceptance, "lossless": lossless, "target": cfg.target_model,
                  "drafter": drafter, "k": k, "adaptive": args.k_fixed is None, "chosen_k": chosen,
+                 "model_steps": results["onlinespec"]["model_steps"],
                  "machine": machine()}, args.json)
     return 0 if lossless else 1
 
