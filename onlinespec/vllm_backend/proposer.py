@@ -7,15 +7,18 @@ For every request the proposer
 - learns what happened to its previous drafts: the first ``len(emitted) - 1`` were accepted (vLLM
   emits the accepted prefix of the drafts, then one token of the target's); that block is kept in
   the request's :class:`DraftLog` for the feedback record;
-- drafts up to ``k`` tokens greedily with the request's drafter (a Hugging Face model, the same
-  object the server's hot-swap watcher swaps): every request drafting with one drafter in one
-  forward per draft position, over the drafter's slot cache
-  (:class:`~onlinespec.decode.slots.SlotCache`, as in the embedded engine), whose rows are cut
-  back to the verified text, never rebuilt, on rejection.
+- copies up to ``k`` tokens where its own text, or its tenant's past outputs, continue it
+  (suffix speculation, when the server sets ``suffix_config``);
+- else drafts up to ``k`` tokens greedily with its drafter (a Hugging Face model, the same object
+  the server's hot-swap watcher swaps): every request drafting with one drafter in one forward per
+  draft position, over the drafter's slot cache (:class:`~onlinespec.decode.slots.SlotCache`, as
+  in the embedded engine), whose rows are cut back to the verified text, never rebuilt, on
+  rejection.
 
-Which drafter drafts for a request, and how many tokens, the server decides when the request
-starts (:meth:`assign`, the pool's routing as in the embedded engine); a request with no
-assignment, or whose drafter is ``None``, is decoded without drafts. vLLM verifies every draft
+Which drafter drafts for a request, and its most drafts a step, the server decides when the
+request starts (:meth:`assign`, the pool's routing as in the embedded engine); each step's length
+and whether the drafter models draft come from :class:`~onlinespec.vllm_backend.steps.StepK` for
+requests whose length is not fixed. A request with no assignment is decoded without drafts. vLLM verifies every draft
 against the target over the full vocabulary (its rejection sampler; drafts without draft
 probabilities are treated as the n-gram proposer's are), so output is exactly the target's.
 
