@@ -169,10 +169,12 @@ class VllmLoop:
             ext = uuid.uuid4().hex
             try:
                 handle.generation = self._start(ext, handle)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
-                if not isinstance(exc, InvalidRequestError):
-                    log.exception("request failed to start")
+            except (ValueError, TypeError) as exc:  # vLLM refused it (too long, settings it rejects): a 400
                 self._fail(handle, exc if isinstance(exc, InvalidRequestError) else InvalidRequestError(str(exc)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
+                log.exception("request failed to start")
+                self._fail(handle, exc)
                 continue
             self.active[ext] = handle
 
