@@ -230,3 +230,32 @@ def test_a_drafter_that_fails_costs_its_rows_their_drafts_not_the_step():
     vllm.step()
     vllm.step()
     assert vllm.drafts["b"] == greedy(bad.model, vllm.texts["b"], 2)
+
+
+def test_the_record_is_cut_where_vllm_cut_the_output():
+    """vLLM stops a request inside a block (a stop token, max_tokens): the proposer saw the whole
+    block, the record keeps only the positions vLLM emitted; positions its log missed are plain."""
+    from onlinespec.decode.sampling import SamplingParams
+    from onlinespec.vllm_backend.proposer import DraftLog
+    from serving.engine_loop import RequestHandle
+    from serving.vllm_loop import VllmGeneration, feedback_record
+
+    def position(top: list[int]) -> dict:  # vLLM's per-position log-probs: rank 1 first
+        return {t: SimpleNamespace(logprob=-0.1 * r, rank=r + 1) for r, t in enumerate(top)}
+
+    handle = RequestHandle([1, 2, 3], SamplingParams(max_new_tokens=6), None, None, tenant="t")
+    gen = VllmGeneration("r", HFDrafter(tiny_llama(layers=1, hidden=32, heads=2), "d", version=4), 3)
+    gen.tokens = [10, 11, 12, 13, 14, 15]
+    gen.logprobs = [position([t, 99, 98]) for t in gen.tokens]
+    log = DraftLog("d", 4, blocks=[([], 1, 0), ([11, 12, 50], 3, 2), ([14, 15, 16], 4, 3)])
+    record, gaps = feedback_record(handle, gen, log, "target", 2)
+    record.validate()
+    assert gaps == 0 and record.generated == 6
+    assert record.drafted.tolist() == [False, True, True, True, True, True]  # the last block cut to 2
+    assert record.accepted.tolist() == [False, True, True, False, True, True]
+    assert record.draft_tokens.tolist() == [-1, 11, 12, 50, 14, 15]
+    assert record.topk_ids[:, 0].tolist() == gen.tokens and record.topk_ids.shape == (6, 2)
+    assert (record.drafter_id, record.drafter_version, record.tenant) == ("d", 4, "t")
+    short = DraftLog("d", 4, blocks=[([], 1, 0), ([11, 12, 50], 3, 2)])  # a log that ends early
+    record, gaps = feedback_record(handle, gen, short, "target", 2)
+    assert gaps == 2 and record.generated == 6 and not record.drafted[4:].any()
