@@ -30,7 +30,7 @@ from onlinespec.learn.estimate import ALL, group_of
 from onlinespec.decode.sampling import SamplingParams
 from serving.metrics import Metrics
 
-__all__ = ["QueueFull", "RequestHandle", "EngineLoop"]
+__all__ = ["QueueFull", "RequestHandle", "LoopBase", "EngineLoop"]
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,20 @@ class RequestHandle:
             self.cancelled = True
 
 
-class EngineLoop:
-    def __init__(self, engine: SpeculativeEngine, metrics: Metrics, writer=None, watcher=None,
-                 max_active: int = 8, max_queue: int = 64, drafters: dict | None = None,
-                 prefill_tokens: int = 256, kv_cache_tokens: int | None = None, router=None):
+class LoopBase:
+    """What every engine loop shares, whichever engine it steps (:class:`EngineLoop`, or
+    :class:`serving.vllm_loop.VllmLoop`): the waiting queue and ``submit``, the thread and its
+    supervisor (a crash outside any request fails the requests held, is counted, and the loop
+    comes back after a backoff), traffic counts, per-drafter draft counters, and handing a step's
+    output to its request. A loop implements ``_serve`` (its passes) and ``_crashed`` (forget
+    the requests it held and return them)."""
+
+    name = "engine loop"
+
+    def __init__(self, metrics: Metrics, writer=None, watcher=None, max_active: int = 8, max_queue: int = 64,
+                 drafters: dict | None = None, router=None):
         """``router``: draws each request's drafter among ``drafters``
-        (:class:`~onlinespec.decode.routing.DrafterRouter`); None: the engine's drafter drafts for all."""
-        self.engine = engine
+        (:class:`~onlinespec.decode.routing.DrafterRouter`); None: the default drafter drafts for all."""
         self.drafters = drafters or {}
         self.router = router
         self.traffic: dict[str, int] = {}  # requests started per traffic group (the dashboard's)
@@ -84,28 +91,15 @@ class EngineLoop:
         self.watcher = watcher
         self.max_active = max_active
         self.max_queue = max_queue
-        self.prefill_tokens = prefill_tokens
-        self.kv_cache_tokens = kv_cache_tokens
         self.pending: queue.Queue[RequestHandle] = queue.Queue()
-        self._held: RequestHandle | None = None  # started, waiting for key/value room
-        self.batch = self._new_batch()
-        self.active: dict[Generation, RequestHandle] = {}  # the batch's requests
+        self.active: dict = {}  # the requests being served -> their handles
         self.healthy = True  # false from a crash of the loop until its next clean pass
         self.restarts = 0
         self.last_crash = ""
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name.replace(" ", "-"), daemon=True)
 
-    @property
-    def default_drafter(self):
-        """The drafter a request gets without a router (the dashboard's routing without a pool)."""
-        return self.engine.drafter
-
-    def _new_batch(self) -> Batch:
-        return Batch(self.engine, slots=self.max_active, prefill_tokens=self.prefill_tokens,
-                     kv_tokens=self.kv_cache_tokens)
-
-    def start(self) -> EngineLoop:
+    def start(self):
         self._thread.start()
         return self
 
@@ -120,7 +114,7 @@ class EngineLoop:
 
     @property
     def depth(self) -> int:
-        return self.pending.qsize() + len(self.active) + (self._held is not None)
+        return self.pending.qsize() + len(self.active)
 
     def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
                domain: str | None = None, stream: bool = True) -> RequestHandle:
@@ -131,6 +125,97 @@ class EngineLoop:
         self.pending.put(handle)
         self.metrics.queue_depth.set(self.depth)
         return handle
+
+    def _count_traffic(self, group: str | None, drafter) -> None:
+        """A request started in ``group``, drafting with ``drafter`` (or none)."""
+        key = group or ALL
+        if key not in self.traffic and len(self.traffic) >= MAX_TRAFFIC_GROUPS:
+            key = "other"  # domains are the clients' to name: the table stays bounded
+        self.traffic[key] = self.traffic.get(key, 0) + 1
+        if drafter is not None:
+            self.metrics.routed.inc(drafter=drafter.drafter_id)
+
+    def _observe_drafts(self, drafter, out: StepOutput) -> None:
+        """A step's drafts in the per-drafter counters, and the drafter's own in the rollback guard."""
+        if not out.drafted:
+            return
+        # without a drafter model every draft is a copy: counted under drafter "none"
+        did, version = (drafter.drafter_id, drafter.version) if drafter is not None else ("none", 0)
+        self.metrics.observe_step(did, version, out.drafted, out.accepted, out.copied, out.copied_accepted)
+        if self.watcher is not None and drafter is not None and out.own_drafted:
+            # the rollback guard judges the drafter's own drafts: copies do not depend on its version
+            self.watcher.observe(drafter.drafter_id, drafter.version, out.own_drafted, out.own_accepted)
+
+    def _deliver(self, handle: RequestHandle, out: StepOutput) -> None:
+        """Hand a step's output to its request (every step when streamed, else all at the end);
+        the first token's and a finished request's timings and counters."""
+        if out.tokens and handle.first_token is None:
+            handle.first_token = time.perf_counter()
+            self.metrics.ttft.observe(handle.first_token - handle.submitted)
+        self.metrics.generated_tokens.inc(len(out.tokens))
+        if handle.stream:
+            handle._put(out)
+        else:
+            handle.held.append(out)
+            if out.finished:
+                handle._put(handle.held)
+        if out.finished:
+            self.metrics.latency.observe(time.perf_counter() - handle.submitted)
+            self.metrics.requests.inc(label=out.finish_reason.value)
+
+    def _fail(self, handle: RequestHandle, exc: Exception) -> None:
+        handle.error = exc
+        self.metrics.request_errors.inc(label="invalid" if isinstance(exc, InvalidRequestError) else "internal")
+        handle._put(exc)
+
+    def _run(self) -> None:
+        """Supervises :meth:`_serve`: a crash outside any request restarts it after a backoff."""
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self._serve()
+            except Exception as exc:  # noqa: BLE001 - the loop must come back whatever went wrong
+                self.healthy = False
+                self.restarts += 1
+                self.metrics.loop_restarts.inc()
+                self.last_crash = f"{type(exc).__name__}: {exc}"
+                log.exception("%s crashed (restart %d in %.1fs)", self.name, self.restarts, backoff)
+                for handle in self._crashed():
+                    self._fail(handle, RuntimeError(f"engine loop restarted: {self.last_crash}"))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+    def _crashed(self) -> list[RequestHandle]:
+        raise NotImplementedError
+
+
+class EngineLoop(LoopBase):
+    def __init__(self, engine: SpeculativeEngine, metrics: Metrics, writer=None, watcher=None,
+                 max_active: int = 8, max_queue: int = 64, drafters: dict | None = None,
+                 prefill_tokens: int = 256, kv_cache_tokens: int | None = None, router=None):
+        self.engine = engine
+        self.prefill_tokens = prefill_tokens
+        self.kv_cache_tokens = kv_cache_tokens
+        self._held: RequestHandle | None = None  # started, waiting for key/value room
+        super().__init__(metrics, writer, watcher, max_active, max_queue, drafters, router)
+        self.batch = self._new_batch()
+        self.active: dict[Generation, RequestHandle] = {}  # the batch's requests
+
+    @property
+    def default_drafter(self):
+        """The drafter a request gets without a router (the dashboard's routing without a pool)."""
+        return self.engine.drafter
+
+    def _new_batch(self) -> Batch:
+        return Batch(self.engine, slots=self.max_active, prefill_tokens=self.prefill_tokens,
+                     kv_tokens=self.kv_cache_tokens)
+
+    @property
+    def depth(self) -> int:
+        return super().depth + (self._held is not None)
 
     def _admit(self) -> None:
         """Start waiting requests while the batch has a slot and key/value room for them, first
@@ -169,40 +254,16 @@ class EngineLoop:
         drafter = self.drafters[choice] if choice in self.drafters else "default"
         gen = self.engine.start(handle.prompt, handle.params, tenant=handle.tenant, isolated=isolated,
                                 drafter=drafter, domain=handle.domain)
-        key = group or ALL
-        if key not in self.traffic and len(self.traffic) >= MAX_TRAFFIC_GROUPS:
-            key = "other"  # domains are the clients' to name: the table stays bounded
-        self.traffic[key] = self.traffic.get(key, 0) + 1
-        if gen.drafter is not None:
-            self.metrics.routed.inc(drafter=gen.drafter.drafter_id)
+        self._count_traffic(group, gen.drafter)
         self.batch.check_admissible(gen)
         return gen
 
-    def _fail(self, handle: RequestHandle, exc: Exception) -> None:
-        handle.error = exc
-        self.metrics.request_errors.inc(label="invalid" if isinstance(exc, InvalidRequestError) else "internal")
-        handle._put(exc)
-
-    def _run(self) -> None:
-        """Supervises :meth:`_serve`: a crash outside any request restarts it after a backoff."""
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                self._serve()
-            except Exception as exc:  # noqa: BLE001 - the loop must come back whatever went wrong
-                self.healthy = False
-                self.restarts += 1
-                self.metrics.loop_restarts.inc()
-                self.last_crash = f"{type(exc).__name__}: {exc}"
-                log.exception("engine loop crashed (restart %d in %.1fs)", self.restarts, backoff)
-                held = list(self.active.values())
-                self.active.clear()
-                # their rows may be half-updated: fail them (the waiting ones stay) and start afresh
-                self.batch = self._new_batch()
-                for handle in held:
-                    self._fail(handle, RuntimeError(f"engine loop restarted: {self.last_crash}"))
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+    def _crashed(self) -> list[RequestHandle]:
+        held = list(self.active.values())
+        self.active.clear()
+        # their rows may be half-updated: fail them (the waiting ones stay) and start afresh
+        self.batch = self._new_batch()
+        return held
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -239,26 +300,9 @@ class EngineLoop:
 
     def _emit(self, handle: RequestHandle, out: StepOutput) -> None:
         gen = handle.generation
-        drafter = gen.drafter
-        if out.tokens and handle.first_token is None:
-            handle.first_token = time.perf_counter()
-            self.metrics.ttft.observe(handle.first_token - handle.submitted)
-        if out.drafted:  # without a drafter model every draft is a copy: counted under drafter "none"
-            did, version = (drafter.drafter_id, drafter.version) if drafter is not None else ("none", 0)
-            self.metrics.observe_step(did, version, out.drafted, out.accepted, out.copied, out.copied_accepted)
-            if self.watcher is not None and drafter is not None and out.own_drafted:
-                # the rollback guard judges the drafter's own drafts: copies do not depend on its version
-                self.watcher.observe(drafter.drafter_id, drafter.version, out.own_drafted, out.own_accepted)
-        self.metrics.generated_tokens.inc(len(out.tokens))
-        if handle.stream:
-            handle._put(out)
-        else:
-            handle.held.append(out)
-            if gen.finished:
-                handle._put(handle.held)
+        self._observe_drafts(gen.drafter, out)
+        self._deliver(handle, out)
         if gen.finished:
-            self.metrics.latency.observe(time.perf_counter() - handle.submitted)
-            self.metrics.requests.inc(label=out.finish_reason.value)
             if self.writer is not None:
                 record = gen.record()
                 if record is not None:

@@ -19,22 +19,18 @@ vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so proposer an
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
-import threading
-import time
 import uuid
 
 import numpy as np
 
 from onlinespec.decode.engine import GenerationStats, StepOutput, TokenLogprob
-from onlinespec.decode.sampling import SamplingParams
 from onlinespec.decode.stops import FinishReason
 from onlinespec.errors import InvalidRequestError
 from onlinespec.feedback.record import RecordBuilder
-from onlinespec.learn.estimate import ALL, group_of
-from serving.engine_loop import MAX_TRAFFIC_GROUPS, QueueFull, RequestHandle
+from onlinespec.learn.estimate import group_of
+from serving.engine_loop import LoopBase, RequestHandle
 from serving.metrics import Metrics
 
 __all__ = ["VllmGeneration", "VllmLoop", "feedback_record", "vllm_exposition"]
@@ -55,83 +51,34 @@ class VllmGeneration:
         self.finished = False
 
 
-class VllmLoop:
+class VllmLoop(LoopBase):
+    name = "vLLM engine loop"
+
     def __init__(self, engine, proposer, metrics: Metrics, target_id: str, writer=None, watcher=None,
                  max_active: int = 8, max_queue: int = 64, drafters: dict | None = None, router=None,
                  k: int | None = None, feedback_topk: int = 32):
+        super().__init__(metrics, writer, watcher, max_active, max_queue, drafters, router)
         self.engine = engine  # vllm.v1.engine.llm_engine.LLMEngine
         self.proposer = proposer
-        self.metrics = metrics
         self.target_id = target_id
-        self.writer = writer
-        self.watcher = watcher
-        self.max_active = max_active
-        self.max_queue = max_queue
-        self.drafters = drafters or {}
-        self.router = router
         self.k = k  # None: each step's length from the proposer's StepK, up to num_speculative_tokens
         self.feedback_topk = feedback_topk
-        self.traffic: dict[str, int] = {}
-        self.pending: queue.Queue[RequestHandle] = queue.Queue()
         self.active: dict[str, RequestHandle] = {}  # the id the request was added with -> handle
-        self.healthy = True
-        self.restarts = 0
-        self.last_crash = ""
         self.record_failures = 0  # finished requests whose record did not validate (not written)
         self.record_gaps = 0  # generated positions the proposer's log did not cover (logged as undrafted)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
 
     @property
     def default_drafter(self):
         """The drafter a request gets without a router (the dashboard's routing without a pool)."""
         return next(iter(self.drafters.values()), None)
 
-    def start(self) -> VllmLoop:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.healthy
-
-    @property
-    def depth(self) -> int:
-        return self.pending.qsize() + len(self.active)
-
-    def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
-               domain: str | None = None, stream: bool = True) -> RequestHandle:
-        if self.pending.qsize() >= self.max_queue:
-            raise QueueFull(f"{self.pending.qsize()} requests are already waiting (max_queue={self.max_queue})")
-        handle = RequestHandle(prompt, params, asyncio.Queue(), asyncio.get_running_loop(), tenant=tenant,
-                               domain=domain, stream=stream)
-        self.pending.put(handle)
-        self.metrics.queue_depth.set(self.depth)
-        return handle
-
     # ------------------------------------------------------------------ the loop thread
 
-    def _run(self) -> None:
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                self._serve()
-            except Exception as exc:  # noqa: BLE001 - the loop must come back whatever went wrong
-                self.healthy = False
-                self.restarts += 1
-                self.metrics.loop_restarts.inc()
-                self.last_crash = f"{type(exc).__name__}: {exc}"
-                log.exception("vLLM engine loop crashed (restart %d in %.1fs)", self.restarts, backoff)
-                held, self.active = self.active, {}
-                for ext, handle in held.items():
-                    self._drop(ext, handle)
-                    self._fail(handle, RuntimeError(f"engine loop restarted: {self.last_crash}"))
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+    def _crashed(self) -> list[RequestHandle]:
+        held, self.active = self.active, {}
+        for ext, handle in held.items():
+            self._drop(ext, handle)
+        return list(held.values())
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -202,12 +149,7 @@ class VllmLoop:
             scope = handle.tenant if suffix is not None and suffix.scope == "tenant" else None
             isolated = handle.tenant is None and suffix is not None and suffix.scope == "tenant"
             self.proposer.assign(request_id, drafter, k, adaptive=adaptive, scope=scope, isolated=isolated)
-        key = group or ALL
-        if key not in self.traffic and len(self.traffic) >= MAX_TRAFFIC_GROUPS:
-            key = "other"
-        self.traffic[key] = self.traffic.get(key, 0) + 1
-        if drafter is not None:
-            self.metrics.routed.inc(drafter=drafter.drafter_id)
+        self._count_traffic(group, drafter)
         return VllmGeneration(request_id, drafter, k)
 
     def _drop(self, ext: str, handle: RequestHandle) -> None:
@@ -219,16 +161,10 @@ class VllmLoop:
         if handle.generation is not None and self.proposer is not None:
             self.proposer.finish(handle.generation.request_id)
 
-    def _fail(self, handle: RequestHandle, exc: Exception) -> None:
-        handle.error = exc
-        self.metrics.request_errors.inc(label="invalid" if isinstance(exc, InvalidRequestError) else "internal")
-        handle._put(exc)
-
     def _emit(self, ext: str, handle: RequestHandle, out) -> None:
         gen: VllmGeneration = handle.generation
         completion = out.outputs[0]
         tokens = list(completion.token_ids)
-        drafter = gen.drafter
         drafted = accepted = copied = copied_accepted = 0
         for d, a, is_copy in (self.proposer.take(gen.request_id) if self.proposer is not None else ()):
             gen.stats.add(d, a, 0.0, 0.0)
@@ -241,18 +177,9 @@ class VllmLoop:
             else:
                 gen.stats.own_steps += 1
         gen.stats.steps += 0 if drafted else 1
-        if drafted:  # without a drafter model every draft is a copy: counted under drafter "none"
-            did, version = (drafter.drafter_id, drafter.version) if drafter is not None else ("none", 0)
-            self.metrics.observe_step(did, version, drafted, accepted, copied, copied_accepted)
-            if self.watcher is not None and drafter is not None and drafted > copied:
-                # the rollback guard judges the drafter's own drafts: copies do not depend on its version
-                self.watcher.observe(drafter.drafter_id, drafter.version, drafted - copied, accepted - copied_accepted)
         gen.tokens += tokens
         positions = list(completion.logprobs or [])
         gen.logprobs += positions
-        if tokens and handle.first_token is None:
-            handle.first_token = time.perf_counter()
-            self.metrics.ttft.observe(handle.first_token - handle.submitted)
         gen.finished = out.finished
         reason = None
         if out.finished:
@@ -261,13 +188,8 @@ class VllmLoop:
                           copied=copied, copied_accepted=copied_accepted,
                           finished=out.finished, finish_reason=reason,
                           logprobs=_request_logprobs(tokens, positions, handle.params.logprobs))
-        self.metrics.generated_tokens.inc(len(tokens))
-        if handle.stream:
-            handle._put(step)
-        else:
-            handle.held.append(step)
-            if out.finished:
-                handle._put(handle.held)
+        self._observe_drafts(gen.drafter, step)
+        self._deliver(handle, step)
         if out.finished:
             del self.active[ext]
             draft_log = self.proposer.finish(gen.request_id) if self.proposer is not None else None
@@ -276,8 +198,6 @@ class VllmLoop:
                 # what it wrote can be copied by the next requests of its scope (an isolated one leaves nothing)
                 suffix.add_output(list(handle.prompt), gen.tokens,
                                   handle.tenant if suffix.config.scope == "tenant" else None)
-            self.metrics.latency.observe(time.perf_counter() - handle.submitted)
-            self.metrics.requests.inc(label=reason.value)
             if self.writer is not None and gen.tokens and len(gen.logprobs) == len(gen.tokens):
                 try:
                     record, gaps = feedback_record(handle, gen, draft_log, self.target_id, self.feedback_topk)
