@@ -203,10 +203,16 @@ def test_the_learners_improve_on_what_vllm_logged(served, demo):
     ps = prompts(tok, "shakespeare", 54, offset=40)
     for i, p in enumerate(ps):
         complete(url, p, max_tokens=32, temperature=1.0, seed=i, ignore_eos=True)
+    # the writer is asynchronous: a record of the previous test may land after ``start`` was read
+    sent = {tuple(p) for p in ps}
+
+    def ours():
+        return [r for r in records(client)[start:] if tuple(r.tokens[:r.prompt_len].tolist()) in sent]
+
     deadline = time.time() + 30
-    while len(records(client)) < start + len(ps) and time.time() < deadline:
+    while len(ours()) < len(ps) and time.time() < deadline:
         time.sleep(0.2)
-    logged = records(client)[start:]
+    logged = ours()
     assert len(logged) == len(ps)
     learner = DrafterLearner(load_model("demo:drafter-1l"), LearnerConfig(
         optim=OptimConfig(lr=1e-4, hint="last", adaptive=True, max_grad_norm=1.0)))
