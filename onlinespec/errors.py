@@ -7,6 +7,7 @@ __all__ = [
     "InvalidRequestError",
     "VocabMismatchError",
     "ModelLoadError",
+    "CheckpointError",
 ]
 
 
@@ -24,3 +25,7 @@ class VocabMismatchError(OnlineSpecError, ValueError):
 
 class ModelLoadError(OnlineSpecError, RuntimeError):
     """A model path or hub id that could not be loaded."""
+
+
+class CheckpointError(OnlineSpecError):
+    """A drafter version that must not be served: missing files, bad checksum, wrong shapes, NaNs."""

@@ -150,7 +150,8 @@ def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router):
 
     s = cfg.serving
     engine, proposer = start_engine(cfg, resolve_model_path(cfg.target_model),
-                                    speculate=bool(drafters) or s.suffix.enabled)
+                                    speculate=bool(drafters) or s.suffix.enabled, drafters=drafters,
+                                    registry_root=str(cfg.registry))
     if proposer is not None and s.suffix.enabled:  # copies where text already written continues the request's
         proposer.suffix_config = s.suffix
         proposer.suffix = SuffixCache(s.suffix)
@@ -171,6 +172,12 @@ def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router):
             metrics.sample(Counter("vllm_steps_with_drafter_model_total",
                                    "vLLM steps where the drafter models drafted (the others: copies or nothing)."),
                            lambda: {(): proposer.step_k.modelled})
+            metrics.sample(Counter("vllm_drafter_weight_updates_total",
+                                   "Drafter versions copied into vLLM through its weight-update API."),
+                           lambda: {(): proposer.model.updates})
+            metrics.sample(Counter("vllm_drafter_weight_update_seconds_total",
+                                   "Time vLLM's weight updates of the drafters took (reading and checking included)."),
+                           lambda: {(): proposer.model.seconds})
         return VllmLoop(engine, proposer, metrics, cfg.target_id, writer=writer, watcher=watcher,
                         max_active=s.max_active, max_queue=s.max_queue, drafters=drafters, router=router,
                         k=s.k, feedback_topk=s.feedback_topk)

@@ -138,8 +138,10 @@ class SwapWatcher:
             self.redis.xadd(keys.events_stream, {"type": "refused", "drafter": drafter, "version": latest,
                                                  "reason": str(exc)[:500]}, maxlen=10_000, approximate=True)
             return False
+        weights = (str(self.registry.path(drafter, latest) / "model.safetensors"), manifest.files.get("model.safetensors"))
         with self._lock:
-            self._ready[drafter] = (model, latest, manifest.parent, manifest.metrics.get("acceptance_estimate") or {})
+            self._ready[drafter] = (model, latest, manifest.parent, manifest.metrics.get("acceptance_estimate") or {},
+                                    weights)
         return True
 
     def status(self, drafter: str, latest: int | None, paused: bool = False, pinned: bool = False) -> str:
@@ -159,14 +161,29 @@ class SwapWatcher:
 
     # ------------------------------------------------------------------ engine-loop side
 
-    def apply(self) -> list[tuple[str, int]]:
-        """Swap in every validated version. Called between engine steps; cheap."""
+    def apply(self, install=None) -> list[tuple[str, int]]:
+        """Swap in every validated version. Called between engine steps; cheap.
+
+        ``install(drafter, version, path, sha256)``, when given, puts the version in place instead
+        of the pointer swap (vLLM: its weight-update API copies the checked file in place); if it
+        raises, the version is refused and the serving one stays."""
         t0 = time.perf_counter()
         with self._lock:
             ready, self._ready = self._ready, {}
         swapped = []
-        for drafter, (model, version, parent, estimate) in ready.items():
-            self.drafters[drafter].swap(model, version)
+        for drafter, (model, version, parent, estimate, (path, digest)) in ready.items():
+            if install is None:
+                self.drafters[drafter].swap(model, version)
+            else:
+                try:
+                    install(drafter, version, path, digest)
+                except Exception as exc:  # noqa: BLE001 - whatever the engine says, the old version serves on
+                    self.refused.add((drafter, version))
+                    self.reasons[(drafter, version)] = "refused: the engine did not take it"
+                    self.stats.refusals += 1
+                    self.stats.last_refusal = str(exc)
+                    log.error("the engine refused %s v%s: %s", drafter, version, exc)
+                    continue
             self.parents[drafter] = parent
             self.estimates[drafter] = estimate
             self.stats.swaps += 1

@@ -8,8 +8,12 @@ batches, schedules, verifies and samples; OnlineSpec's proposer
 
 - picks each request's drafter as the embedded engine does (the pool's router for its traffic
   group) and tells the proposer before vLLM's next step;
-- applies validated drafter versions between steps (the watcher's ``apply``: the proposer drafts
-  with the swapped weights from the next step) and feeds the rollback guard the drafter's counts;
+- applies validated drafter versions between steps through vLLM's weight-update API
+  (``start_draft_weight_update``, ``update_weights``, ``finish_weight_update``; the ``onlinespec``
+  transfer backend copies the checked file in place, :mod:`onlinespec.vllm_backend.transfer`): the
+  proposer drafts with them from the next step; a version vLLM refuses is refused as a corrupt
+  one is (the serving version stays). It feeds the rollback guard the drafters' counts, and a
+  rollback or a pin reaches vLLM the same way;
 - turns each finished request into the feedback record the learners read: vLLM's top-K raw
   log-probs at every generated position (requested from vLLM, no extra target pass) joined with
   the proposer's per-step drafts and accepted counts.
@@ -74,6 +78,13 @@ class VllmLoop(LoopBase):
 
     # ------------------------------------------------------------------ the loop thread
 
+    def _install(self, drafter: str, version: int, path: str, sha256: str) -> None:
+        """A validated version into vLLM through its weight-update API (between steps)."""
+        from onlinespec.vllm_backend.engine import update_drafter
+        from onlinespec.vllm_backend.transfer import UpdateInfo
+
+        update_drafter(self.engine, UpdateInfo(drafter, version, path, sha256))
+
     def _crashed(self) -> list[RequestHandle]:
         held, self.active = self.active, {}
         for ext, handle in held.items():
@@ -93,7 +104,7 @@ class VllmLoop(LoopBase):
                 self.healthy = True
                 continue
             if self.watcher is not None:
-                for drafter, version in self.watcher.apply():
+                for drafter, version in self.watcher.apply(install=self._install if self.proposer else None):
                     self.metrics.swaps.inc()
                     log.info("swapped in %s v%s", drafter, version)
             outputs = self.engine.step()

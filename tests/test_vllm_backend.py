@@ -4,7 +4,7 @@ One server process (vLLM's own virtualenv, ``./run vllm-setup``) on the bundled 
 this session's Redis and a registry of its own. The tests run in the main virtualenv and judge
 it from outside: greedy output equals the target alone and the embedded engine; the feedback
 records it logs are the records the learners read (and learn from); a version published to the
-registry reaches the drafts vLLM verifies.
+registry, and a rollback, reach the drafts vLLM verifies through vLLM's weight-update API.
 
 Without the vLLM virtualenv the module is skipped, except in CI (``CI=true``), where it fails.
 """
@@ -233,6 +233,7 @@ def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
     registry = Registry(str(registry_dir), client)
     parent = registry.latest(DRAFTER)
     before = vllm_counters(url)
+    updates = metric(url, "onlinespec_vllm_drafter_weight_updates_total")
     broken = load_model("demo:drafter-1l")
     with torch.no_grad():
         for p in broken.parameters():
@@ -259,6 +260,28 @@ def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
     after = vllm_counters(url)
     assert after["drafted"] > before["drafted"] and after["accepted"] >= before["accepted"], (before, after)
     assert after["drafted"] - before["drafted"] >= spec["drafted_tokens"]
+    # it came through vLLM's weight-update API (the onlinespec transfer backend), copied in place
+    assert metric(url, "onlinespec_vllm_drafter_weight_updates_total") == updates + 1
+
+    # rolled back (what the guard or an operator does): the parent's weights reach vLLM the same way
+    registry.rollback(DRAFTER, parent, reason="test", expect=version)
+    deadline = time.time() + 60
+    while True:
+        out = complete(url, prompt, max_tokens=24, ignore_eos=True)
+        if out["speculative"]["drafter_version"] == parent or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    spec = out["speculative"]
+    assert spec["drafter_version"] == parent and spec["own"]["accepted_tokens"] > 0, spec
+    assert out["choices"][0]["text"] == tok.decode(alone)
+    assert metric(url, "onlinespec_vllm_drafter_weight_updates_total") == updates + 2
+
+
+def metric(url, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not on /metrics")
 
 
 def vllm_counters(url) -> dict:

@@ -20,6 +20,9 @@ class HFDrafter:
     already hold (computed by the previous version): re-encoding every prefix would stall the
     engine loop at every swap, and what the drafter proposes never changes the output, only how
     much of it is accepted. New requests use the new weights only.
+
+    Under vLLM the module stays and its parameters are overwritten in place instead
+    (:meth:`onlinespec.vllm_backend.transfer.DrafterModules.load_version`), with the same effect.
     """
 
     def __init__(self, model: PreTrainedModel, drafter_id: str, version: int = 0):

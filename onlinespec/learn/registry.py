@@ -35,12 +35,15 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from onlinespec.errors import CheckpointError, OnlineSpecError
 from onlinespec.feedback import keys
-from onlinespec.errors import OnlineSpecError
+from onlinespec.weights import check_fit as _check_fit
+from onlinespec.weights import expected_shapes
+from onlinespec.weights import read_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "PublishConflict", "Manifest", "Registry", "expected_shapes", "model_spec",
+__all__ = ["CheckpointError", "PublishConflict", "Manifest", "Registry", "expected_shapes", "model_spec", "read_weights",
            "ARCH_KEYS"]
 
 # Compare-and-set of the latest pointer: ARGV[1] the expected parent ("" for none), ARGV[2] the new,
@@ -66,10 +69,6 @@ ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "nu
              "max_position_embeddings", "rms_norm_eps")
 
 
-class CheckpointError(OnlineSpecError):
-    """A version that must not be served: missing files, bad checksum, wrong shapes, NaNs."""
-
-
 class PublishConflict(OnlineSpecError):
     """Another worker advanced the drafter from the same parent first."""
 
@@ -93,31 +92,11 @@ class Manifest:
         return cls(**json.loads(text))
 
 
-def expected_shapes(model) -> dict[str, torch.Size]:
-    """Parameter names and shapes as a published version stores them (tied lm_head left out)."""
-    state = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    return {k: v.shape for k, v in state.items()}
-
-
 def model_spec(model) -> dict:
     """What every version of a drafter must keep: its architecture keys and parameter shapes."""
     config = model.config.to_dict()
     return {"arch": {k: config.get(k) for k in ARCH_KEYS},
             "shapes": {k: list(v) for k, v in expected_shapes(model).items()}}
-
-
-def _check_fit(what: str, shapes: dict, expected: dict) -> None:
-    """Parameter names and shapes exactly as expected, or :class:`CheckpointError` saying how not."""
-    missing = sorted(set(expected) - set(shapes))
-    extra = sorted(set(shapes) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{what}: parameter names differ from the drafter's (missing {missing[:3]}, "
-                              f"extra {extra[:3]})")
-    for name, shape in expected.items():
-        if tuple(shapes[name]) != tuple(shape):
-            raise CheckpointError(f"{what}: {name} has shape {tuple(shapes[name])}, expected {tuple(shape)}")
 
 
 def _sha256(path: Path) -> str:
@@ -211,24 +190,8 @@ class Registry:
         must match exactly (default: the drafter's spec), and every value must be finite."""
         expected = self._expected(drafter, expected)
         manifest = self.verify(drafter, version)
-        # The weights are read once into memory, checked against the manifest's checksum and parsed
-        # from those bytes: a file memory-mapped instead would be trusted on an earlier read, and
-        # one truncated while mapped (a disk fault, a copy over it) kills the process with SIGBUS.
-        try:
-            data = (self.path(drafter, version) / "model.safetensors").read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"{drafter} v{version}: unreadable weights: {exc}") from None
-        if hashlib.sha256(data).hexdigest() != manifest.files.get("model.safetensors"):
-            raise CheckpointError(f"{drafter} v{version}: checksum mismatch in model.safetensors")
-        try:
-            weights = load_safetensors(data)
-        except Exception as exc:  # safetensors raises its own error types on corrupt files
-            raise CheckpointError(f"{drafter} v{version}: unreadable weights: {exc}") from None
-        if expected is not None:
-            _check_fit(f"{drafter} v{version}", {k: v.shape for k, v in weights.items()}, expected)
-        for name, value in weights.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise CheckpointError(f"{drafter} v{version}: non-finite values in {name}")
+        weights = read_weights(self.path(drafter, version) / "model.safetensors",
+                               manifest.files.get("model.safetensors"), f"{drafter} v{version}", expected)
         return weights, manifest
 
     def load_model(self, drafter: str, version: int, expected: dict[str, torch.Size] | None = None,

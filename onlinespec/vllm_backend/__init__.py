@@ -4,8 +4,10 @@ vLLM runs in the server process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; :mod:`ser
 steps its ``LLMEngine`` from the engine-loop thread), so the proposer vLLM builds
 (:class:`~onlinespec.vllm_backend.proposer.OnlineSpecProposer`, ``method: custom_class``) and the
 server share memory: the proposer drafts with the same :class:`~onlinespec.drafters.hf.HFDrafter`
-objects the hot-swap watcher swaps, and keeps per request what it drafted and what vLLM accepted,
-which the loop joins with vLLM's log-probs into the feedback record the learners already read.
+objects the hot-swap watcher updates (through vLLM's weight-update API and the ``onlinespec``
+transfer backend, :mod:`~onlinespec.vllm_backend.transfer`), and keeps per request what it
+drafted and what vLLM accepted, which the loop joins with vLLM's log-probs into the feedback
+record the learners already read.
 
 Nothing here is imported by the embedded engine; this package needs ``vllm`` (its own
 virtualenv: ``./run vllm-setup``). It may import ``decode`` (the slot cache), ``drafters`` and the

@@ -6,8 +6,9 @@ import logging
 import os
 
 from onlinespec.errors import ModelLoadError
+from onlinespec.vllm_backend.transfer import BACKEND, UpdateInfo, register
 
-__all__ = ["PROPOSER", "engine_args", "start_engine"]
+__all__ = ["PROPOSER", "engine_args", "start_engine", "update_drafter"]
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,19 @@ def engine_args(cfg, model_path: str, speculate: bool = True, **overrides) -> di
     if speculate:
         args["speculative_config"] = {"method": "custom_class", "model": PROPOSER,
                                       "num_speculative_tokens": v.num_speculative_tokens}
+        # new drafter versions arrive through vLLM's weight-update API (onlinespec.vllm_backend.transfer)
+        args["weight_transfer_config"] = {"backend": BACKEND}
     return args
 
 
-def start_engine(cfg, model_path: str, speculate: bool = True, **overrides):
+def start_engine(cfg, model_path: str, speculate: bool = True, drafters: dict | None = None,
+                 registry_root: str | None = None, **overrides):
     """(vLLM's ``LLMEngine``, the :class:`OnlineSpecProposer` inside it, or None without speculation).
 
     The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the proposer shares
-    memory with the server's drafters, watcher and feedback writer."""
+    memory with the server's drafters, watcher and feedback writer. ``drafters`` (id -> HFDrafter)
+    become vLLM's draft model, updated through its weight-update API with the ``onlinespec``
+    transfer backend, from files under ``registry_root`` only (:func:`update_drafter`)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         from vllm.engine.arg_utils import EngineArgs
@@ -52,6 +58,7 @@ def start_engine(cfg, model_path: str, speculate: bool = True, **overrides):
             f"and serve with .venv-vllm/bin/onlinespec serve ({exc})") from exc
     from onlinespec.vllm_backend.proposer import attach
 
+    register()  # the entry point does this where OnlineSpec is installed; a source checkout may not be
     args = engine_args(cfg, model_path, speculate, **overrides)
     log.info("starting vLLM: %s", {k: v for k, v in args.items() if k != "speculative_config"})
     engine = LLMEngine.from_engine_args(EngineArgs(**args))
@@ -61,4 +68,16 @@ def start_engine(cfg, model_path: str, speculate: bool = True, **overrides):
         if not found:
             raise RuntimeError("vLLM started without OnlineSpec's proposer (speculative_config not applied?)")
         proposer = found[0]
+        proposer.serve(drafters or {})
+        engine.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"root": registry_root}})
     return engine, proposer
+
+
+def update_drafter(engine, update: UpdateInfo) -> None:
+    """One drafter version into the running engine, as any vLLM trainer updates weights:
+    ``start_draft_weight_update``, ``update_weights``, ``finish_weight_update`` (the
+    ``onlinespec`` backend copies the checked file in place). Raises if vLLM refused it; the
+    drafter then keeps the weights it had."""
+    engine.collective_rpc("start_draft_weight_update")
+    engine.collective_rpc("update_weights", kwargs={"update_info": update.to_dict()})  # a failure ends the session
+    engine.collective_rpc("finish_weight_update")

@@ -10,10 +10,10 @@ For every request the proposer
 - copies up to ``k`` tokens where its own text, or its tenant's past outputs, continue it
   (suffix speculation, when the server sets ``suffix_config``);
 - else drafts up to ``k`` tokens greedily with its drafter (a Hugging Face model, the same object
-  the server's hot-swap watcher swaps): every request drafting with one drafter in one forward per
-  draft position, over the drafter's slot cache (:class:`~onlinespec.decode.slots.SlotCache`, as
-  in the embedded engine), whose rows are cut back to the verified text, never rebuilt, on
-  rejection.
+  the server's hot-swap watcher updates in place through vLLM's weight-update API): every
+  request drafting with one drafter in one forward per draft position, over the drafter's slot
+  cache (:class:`~onlinespec.decode.slots.SlotCache`, as in the embedded engine), whose rows are
+  cut back to the verified text, never rebuilt, on rejection.
 
 Which drafter drafts for a request, and its most drafts a step, the server decides when the
 request starts (:meth:`assign`, the pool's routing as in the embedded engine); each step's length
@@ -173,7 +173,18 @@ class OnlineSpecProposer:
         self._mark: tuple | None = None  # (rows, k, drafter model used, start) of the step under way
 
     def load_model(self, target_model) -> None:  # noqa: ARG002 - the drafters are the server's
-        """The drafters are not vLLM's to load: the server assigns them per request."""
+        """The drafters are not vLLM's to load: the server gives them (:meth:`serve`) and assigns
+        them per request."""
+
+    def serve(self, drafters: dict) -> None:
+        """The server's drafters (id -> HFDrafter) become vLLM's draft model (``self.model``,
+        :class:`~onlinespec.vllm_backend.transfer.DrafterModules`): what vLLM's
+        ``start_draft_weight_update`` targets, and the ``onlinespec`` transfer backend updates in
+        place. Set after vLLM started (vLLM wraps a draft model it finds at start-up for CUDA
+        graphs, which these Hugging Face modules are not built for)."""
+        from onlinespec.vllm_backend.transfer import DrafterModules
+
+        self.model = DrafterModules(drafters)
 
     # ------------------------------------------------------------------ server side
 
