@@ -245,9 +245,8 @@ class EngineLoop(LoopBase):
             self.active[handle.generation] = handle
 
     def _start(self, handle: RequestHandle) -> Generation:
-        # No identity under scope "tenant": the request copies only from its own text.
         suffix = self.engine.suffix
-        isolated = handle.tenant is None and suffix is not None and suffix.config.scope == "tenant"
+        isolated = suffix is not None and suffix.config.isolates(handle.tenant)
         # its drafter: drawn from the pool's weights for its traffic group (the engine's without a pool)
         group = group_of(handle.tenant, handle.domain)
         choice = self.router.pick(group) if self.router is not None else None

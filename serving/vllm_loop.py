@@ -157,9 +157,9 @@ class VllmLoop(LoopBase):
         request_id = self.engine.add_request(ext, {"prompt_token_ids": list(handle.prompt)}, sampling)
         if self.proposer is not None:
             suffix = self.proposer.suffix_config
-            scope = handle.tenant if suffix is not None and suffix.scope == "tenant" else None
-            isolated = handle.tenant is None and suffix is not None and suffix.scope == "tenant"
-            self.proposer.assign(request_id, drafter, k, adaptive=adaptive, scope=scope, isolated=isolated)
+            self.proposer.assign(request_id, drafter, k, adaptive=adaptive,
+                                 scope=suffix.scope_of(handle.tenant) if suffix is not None else None,
+                                 isolated=suffix is not None and suffix.isolates(handle.tenant))
         self._count_traffic(group, drafter)
         return VllmGeneration(request_id, drafter, k)
 
@@ -205,10 +205,9 @@ class VllmLoop(LoopBase):
             del self.active[ext]
             draft_log = self.proposer.finish(gen.request_id) if self.proposer is not None else None
             suffix = self.proposer.suffix if self.proposer is not None else None
-            if suffix is not None and not (handle.tenant is None and suffix.config.scope == "tenant"):
+            if suffix is not None and not suffix.config.isolates(handle.tenant):
                 # what it wrote can be copied by the next requests of its scope (an isolated one leaves nothing)
-                suffix.add_output(list(handle.prompt), gen.tokens,
-                                  handle.tenant if suffix.config.scope == "tenant" else None)
+                suffix.add_output(list(handle.prompt), gen.tokens, suffix.config.scope_of(handle.tenant))
             if self.writer is not None and gen.tokens and len(gen.logprobs) == len(gen.tokens):
                 try:
                     record, gaps = feedback_record(handle, gen, draft_log, self.target_id, self.feedback_topk)

@@ -320,7 +320,7 @@ class Generation:
         # Past outputs are copied within the request's tenant, or across all requests with scope
         # "shared"; an isolated request copies only from its own text and leaves nothing behind.
         self.cache = None if isolated else suffix
-        self.scope = tenant if suffix is not None and suffix.config.scope == "tenant" else None
+        self.scope = suffix.config.scope_of(tenant) if suffix is not None else None
         self.builder = (
             RecordBuilder(
                 prompt=list(prompt),

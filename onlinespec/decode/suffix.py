@@ -42,6 +42,16 @@ class SuffixConfig:
         if self.scope not in ("tenant", "shared"):
             raise ValueError(f"suffix: scope must be 'tenant' or 'shared', got {self.scope!r}")
 
+    def scope_of(self, tenant: object) -> object:
+        """Whose past outputs a request of ``tenant`` copies from and adds to: its tenant's under
+        ``scope: tenant``, everyone's (None) under ``shared``."""
+        return tenant if self.scope == "tenant" else None
+
+    def isolates(self, tenant: object) -> bool:
+        """A request with no identity under ``scope: tenant`` copies only from its own text and
+        leaves nothing behind (no tenant's past outputs are its to read)."""
+        return tenant is None and self.scope == "tenant"
+
     @classmethod
     def from_dict(cls, d: dict | None) -> SuffixConfig:
         d = dict(d or {})
@@ -77,10 +87,9 @@ class SuffixCache:
         before = self.added
         for r in records:
             tokens = r.tokens.tolist()
-            if r.tenant is None and self.config.scope == "tenant":
+            if self.config.isolates(r.tenant):
                 continue  # served to no identity: isolated then, and not copyable now either
-            scope = r.tenant if self.config.scope == "tenant" else None
-            self.add_output(tokens[:r.prompt_len], tokens[r.prompt_len:], scope)
+            self.add_output(tokens[:r.prompt_len], tokens[r.prompt_len:], self.config.scope_of(r.tenant))
         return self.added - before
 
     def add_output(self, prompt: list[int], generated: list[int], scope: object = None) -> None:
