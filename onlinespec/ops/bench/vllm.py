@@ -1,9 +1,9 @@
-"""``onlinespec bench vllm``: vLLM with OnlineSpec's drafters against vLLM alone and vLLM's n-gram.
+"""``onlinespec bench vllm``: vLLM with OnlineSpec's drafters against vLLM alone and vLLM's own proposers.
 
 Run it with vLLM's virtualenv (``.venv-vllm/bin/onlinespec bench vllm``, after ``./run vllm-setup``).
 The same prompts (chat prompts of the config's target; ``2 x batch`` of them per level), greedy,
-the same max tokens, at batch 1, 8 and 16 (``--quick``: 1 and 8), for three engines, each in a
-process of its own (one vLLM engine per process, started once for all its levels):
+the same max tokens, at batch 1, 8 and 16 (``--quick``: 1 and 8), for three or four engines, each
+in a process of its own (one vLLM engine per process, started once for all its levels):
 
 - ``onlinespec``: vLLM with OnlineSpec's proposer: suffix copies from the request's own text where
   the config enables suffix speculation (past outputs are not copied: the passes repeat the same
@@ -12,16 +12,20 @@ process of its own (one vLLM engine per process, started once for all its levels
   measured throughput says pay (:class:`~onlinespec.vllm_backend.steps.StepK`, up to
   ``serving.vllm.num_speculative_tokens``; ``--k-fixed K``: always K);
 - ``none``: vLLM without speculation;
-- ``ngram``: vLLM's own prompt-lookup proposer, the same number of drafts.
+- ``ngram``: vLLM's own prompt-lookup proposer, the same number of drafts;
+- ``suffix``: vLLM's own suffix decoding (prompt and output trees of each request; its global
+  tree of past responses off, as OnlineSpec's copies from past outputs are), the same most drafts
+  a step; only where ``arctic_inference`` imports (it has no wheel on PyPI: ``docs/vllm.md`` says
+  how to build the part vLLM uses), else skipped with a note.
 
 Each level runs its prompts in static waves of ``batch`` requests (all added, then stepped until all
-finish), so every engine sees the same batches. The three engines are started together and take
+finish), so every engine sees the same batches. The engines are started together and take
 turns, level by level, ``--repeats`` passes each (default 3, ``--quick`` 1; medians reported,
 and each pass's onlinespec/none ratio): one machine's noise falls on all three alike. Reports aggregate tokens/s per engine and level,
-the drafts' acceptance (OnlineSpec's from its proposer, vLLM's n-gram's from vLLM's own counters),
+the drafts' acceptance (OnlineSpec's from its proposer, vLLM's proposers' from vLLM's own counters),
 and ``lossless``: every output with speculation equals the output without.
-JSON: ``{"levels": [{"batch", "onlinespec_tok_s", "none_tok_s", "ngram_tok_s"}], "acceptance",
-"lossless", "target", "drafter", "k", "machine"}``.
+JSON: ``{"levels": [{"batch", "onlinespec_tok_s", "none_tok_s", "ngram_tok_s"[, "suffix_tok_s"]}],
+"engines", "acceptance", "lossless", "target", "drafter", "k", "machine"}``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ import time
 
 __all__ = ["run"]
 
-ENGINES = ("onlinespec", "none", "ngram")
+ENGINES = ("onlinespec", "none", "ngram", "suffix")  # suffix: where arctic_inference imports
+VLLM_PROPOSERS = {  # vLLM's own proposers, as its speculative_config names them
+    "ngram": {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+    "suffix": {"method": "suffix", "suffix_decoding_max_cached_requests": 0},
+}
 
 
 def _prompts(cfg, tokenizer, n: int, domain: str) -> list[list[int]]:
@@ -77,9 +85,8 @@ def _child(spec: dict) -> None:
             proposer.suffix_config = cfg.serving.suffix
     else:
         args = engine_args(cfg, model_path, speculate=False, max_num_seqs=max(spec["batches"]))
-        if mode == "ngram":
-            args["speculative_config"] = {"method": "ngram", "num_speculative_tokens": k,
-                                          "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+        if mode in VLLM_PROPOSERS:
+            args["speculative_config"] = {**VLLM_PROPOSERS[mode], "num_speculative_tokens": k}
         engine = LLMEngine.from_engine_args(EngineArgs(**args))
 
     def wave(prompts, max_tokens):
@@ -119,7 +126,7 @@ def _child(spec: dict) -> None:
             tokens += sum(len(o) for o in outs)
             drafted, accepted = drafted + d, accepted + a
         seconds = time.perf_counter() - t0
-        if mode == "ngram":
+        if mode in VLLM_PROPOSERS:
             drafted, accepted = _vllm_counters(engine)
         chosen = proposer.step_k.chosen if proposer is not None and spec["adaptive"] else {}
         print("BENCH " + json.dumps({"tok_s": tokens / seconds, "outputs": outputs, "drafted": drafted,
@@ -159,10 +166,16 @@ def run(args) -> int:
     tokenizer = load_tokenizer(cfg.target_model)
     prompts = _prompts(cfg, tokenizer, 2 * max(batches), args.domain)
     repeats = args.repeats or (1 if args.quick else 3)
+    engines = ENGINES
+    if importlib.util.find_spec("arctic_inference") is None:
+        engines = tuple(e for e in ENGINES if e != "suffix")
+        print("bench vllm: vLLM's suffix proposer needs arctic_inference, not installed here: skipped "
+              "(docs/vllm.md: building it)", file=sys.stderr)
+    speculative = [e for e in engines if e != "none"]
     children = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for name in ENGINES:  # all three started, then measured in turns: the same machine weather
+            for name in engines:  # all started, then measured in turns: the same machine weather
                 spec = {"engine": name, "config": config, "drafter": drafter, "k": k,
                         "adaptive": args.k_fixed is None, "batches": batches, "prompts": prompts,
                         "max_tokens": max_tokens}
@@ -173,13 +186,13 @@ def run(args) -> int:
                 children[name] = (subprocess.Popen([sys.executable, "-m", "onlinespec.ops.bench.vllm", path],
                                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                                    text=True), log)
-            for name in ENGINES:
+            for name in engines:
                 _answer(name, *children[name])
-            runs = {name: {b: [] for b in batches} for name in ENGINES}
+            runs = {name: {b: [] for b in batches} for name in engines}
             last = {}
             for batch in batches:
                 for r in range(repeats):
-                    for name in ENGINES[r % 3:] + ENGINES[:r % 3]:  # each engine first in turn
+                    for name in engines[r % len(engines):] + engines[:r % len(engines)]:  # each first in turn
                         proc, log = children[name]
                         proc.stdin.write(json.dumps({"batch": batch}) + "\n")
                         proc.stdin.flush()
@@ -187,7 +200,7 @@ def run(args) -> int:
                         runs[name][batch].append(result["tok_s"])
                         last[(name, batch)] = result
                     print(f"batch {batch} pass {r + 1}/{repeats}: " + " / ".join(
-                        f"{n} {runs[n][batch][-1]:.1f}" for n in ENGINES) + " tokens/s", file=sys.stderr)
+                        f"{n} {runs[n][batch][-1]:.1f}" for n in engines) + " tokens/s", file=sys.stderr)
         finally:
             for proc, log in children.values():
                 if proc.stdin:
@@ -203,20 +216,19 @@ def run(args) -> int:
                       "drafted": last[(name, batches[-1])]["drafted"],
                       "accepted": last[(name, batches[-1])]["accepted"],
                       "chosen_k": last[(name, batches[-1])]["chosen_k"],
-                      "model_steps": last[(name, batches[-1])]["model_steps"]} for name in ENGINES}
-    lossless = all(results[n]["outputs"] == results["none"]["outputs"] for n in ("onlinespec", "ngram"))
+                      "model_steps": last[(name, batches[-1])]["model_steps"]} for name in engines}
+    lossless = all(results[n]["outputs"] == results["none"]["outputs"] for n in speculative)
     levels = []
     for i, batch in enumerate(batches):
-        levels.append({"batch": batch, **{f"{n}_tok_s": results[n]["levels"][i]["tok_s"] for n in ENGINES},
+        levels.append({"batch": batch, **{f"{n}_tok_s": results[n]["levels"][i]["tok_s"] for n in engines},
                        "onlinespec_vs_none_runs": [a / b for a, b in zip(results["onlinespec"]["levels"][i]["runs"],
                                                                           results["none"]["levels"][i]["runs"])]})
     acceptance = {n: (results[n]["accepted"] / results[n]["drafted"] if results[n]["drafted"] else None)
-                  for n in ("onlinespec", "ngram")}
+                  for n in speculative}
     table = [("target", cfg.target_model), ("drafter", drafter), ("k", k)]
     for lv in levels:
         b = lv["batch"]
-        table += [(f"batch {b} tokens/s onlinespec / none / ngram",
-                   f"{lv['onlinespec_tok_s']:.1f} / {lv['none_tok_s']:.1f} / {lv['ngram_tok_s']:.1f}"),
+        table += [(f"batch {b} tokens/s " + " / ".join(engines), " / ".join(f"{lv[n + '_tok_s']:.1f}" for n in engines)),
                   (f"batch {b} onlinespec / none", lv["onlinespec_tok_s"] / lv["none_tok_s"])]
     table += [(f"acceptance {n}", "-" if a is None else f"{a:.3f}") for n, a in acceptance.items()]
     chosen = results["onlinespec"]["chosen_k"]
@@ -224,7 +236,7 @@ def run(args) -> int:
         table.append(("onlinespec steps by draft length", " ".join(f"k={k}:{n}" for k, n in chosen.items())))
         table.append(("onlinespec steps with the drafter model on", results["onlinespec"]["model_steps"]))
     table.append(("lossless (greedy outputs equal vLLM without speculation)", lossless))
-    emit(table, {"levels": levels, "acceptance": acceptance, "lossless": lossless, "target": cfg.target_model,
+    emit(table, {"levels": levels, "engines": list(engines), "acceptance": acceptance, "lossless": lossless, "target": cfg.target_model,
                  "drafter": drafter, "k": k, "adaptive": args.k_fixed is None, "chosen_k": chosen,
                  "model_steps": results["onlinespec"]["model_steps"],
                  "machine": machine()}, args.json)
