@@ -54,8 +54,17 @@ class VllmConfig:
     kv_cache_memory_bytes: int | None = None  # the key/value cache size (None: from the utilization)
     max_model_len: int | None = None  # None: serving.max_prompt_tokens + serving.max_tokens
     enforce_eager: bool = True  # no compilation: a 30 s start on the CPU, not 2 minutes
+    tensor_parallel_size: int = 1  # > 1: vLLM's workers in processes of their own, each with the drafters
+    multiprocessing: bool = False  # vLLM's engine core in a process of its own (always with tensor parallelism)
+
+    @property
+    def in_process(self) -> bool:
+        """vLLM's model runner (and OnlineSpec's proposer) in the server's process: drafters shared."""
+        return not self.multiprocessing and self.tensor_parallel_size == 1
 
     def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"vllm.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"vllm.num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:

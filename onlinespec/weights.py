@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 
 from onlinespec.errors import CheckpointError
 
-__all__ = ["check_fit", "expected_shapes", "read_weights"]
+__all__ = ["build_model", "check_fit", "expected_shapes", "load_version", "read_weights"]
 
 
 def expected_shapes(model) -> dict[str, torch.Size]:
@@ -64,3 +64,40 @@ def read_weights(path: Path, digest: str | None, what: str, expected: dict | Non
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{what}: non-finite values in {name}")
     return weights
+
+
+def build_model(directory: Path, weights: dict[str, torch.Tensor], what: str):
+    """A Hugging Face causal LM from a version's ``config.json`` (in ``directory``) and its checked
+    weights, in eval mode; :class:`CheckpointError` when they do not fit each other."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import onlinespec.drafters.cut  # noqa: F401 - registers the cut drafter's model type with the Auto classes
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as exc:
+        raise CheckpointError(f"{what}: unreadable config: {exc}") from None
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except Exception as exc:
+        raise CheckpointError(f"{what}: cannot rebuild the model: {exc}") from None
+    tied = getattr(config, "tie_word_embeddings", False)
+    if unexpected or [m for m in missing if not (tied and m == "lm_head.weight")]:
+        raise CheckpointError(f"{what}: weights do not fit the config ({missing[:3]}, {unexpected[:3]})")
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def load_version(directory: Path, what: str):
+    """A registry version's model from its folder alone (``manifest.json`` gives the weights'
+    checksum): for a process that has the registry's files but not its Redis (a vLLM worker)."""
+    import json
+
+    directory = Path(directory)
+    try:
+        digest = json.loads((directory / "manifest.json").read_text())["files"]["model.safetensors"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{what}: unreadable manifest: {exc}") from None
+    return build_model(directory, read_weights(directory / "model.safetensors", digest, what), what)

@@ -88,7 +88,8 @@ def build(config_path: str | None = None, no_redis: bool = False):
         drafters = {did: HFDrafter(model, did, version=0) for did, (model, _) in bases.items()}
 
     if on_vllm:
-        state = _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router)
+        state = _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router, registry,
+                            {spec.id: spec.model for spec in cfg.drafters})
     else:
         state = _embedded_state(cfg, target, tokenizer, drafters, estimates, writer, watcher, redis, router)
     app = create_app(state, on_shutdown=[lambda: cleanup()])  # the lifespan stops what this process owns
@@ -139,46 +140,53 @@ def _embedded_state(cfg, target, tokenizer, drafters, estimates, writer, watcher
                        max_tokens=s.max_tokens, drafters=drafters, api_keys=cfg.api_keys, router=router)
 
 
-def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router):
+def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router, registry=None, specs=None):
     """The server state around vLLM's engine (``serving.engine: vllm``), OnlineSpec's drafters inside it."""
     from onlinespec.models import resolve_model_path
     from onlinespec.vllm_backend.engine import start_engine
     from serving.server import build_state
     from serving.vllm_loop import VllmLoop, vllm_exposition
 
-    from onlinespec.decode.suffix import SuffixCache
-
     s = cfg.serving
-    engine, proposer = start_engine(cfg, resolve_model_path(cfg.target_model),
-                                    speculate=bool(drafters) or s.suffix.enabled, drafters=drafters,
-                                    registry_root=str(cfg.registry))
-    if proposer is not None and s.suffix.enabled:  # copies where text already written continues the request's
-        proposer.suffix_config = s.suffix
-        proposer.suffix = SuffixCache(s.suffix)
-        if redis is not None:  # a restart keeps what suffix speculation learned
-            from onlinespec.feedback.stream import recent_records
+    # where vLLM runs the proposer in other processes, each builds the drafters from these
+    drafter_specs = [{"id": did, "version": h.version,
+                      "dir": str(registry.path(did, h.version)) if registry is not None else None,
+                      "model": (specs or {}).get(did)} for did, h in drafters.items()]
+    engine, link = start_engine(cfg, resolve_model_path(cfg.target_model),
+                                speculate=bool(drafters) or s.suffix.enabled, drafters=drafters,
+                                drafter_specs=drafter_specs, registry_root=str(cfg.registry))
+    if link is not None and link.suffix_config is not None and redis is not None:
+        # a restart keeps what suffix speculation learned
+        from onlinespec.decode.suffix import copyable_outputs
+        from onlinespec.feedback.stream import recent_records
 
-            records, bad = recent_records(redis, cfg.target_id, s.suffix.max_tokens)
-            log.info("suffix speculation: warmed from %d logged outputs", proposer.suffix.warm(records))
+        records, bad = recent_records(redis, cfg.target_id, s.suffix.max_tokens)
+        warmed = 0
+        for prompt, generated, scope in copyable_outputs(records, link.suffix_config):
+            link.add_output(prompt, generated, scope)
+            warmed += 1
+        link.flush()
+        log.info("suffix speculation: warmed from %d logged outputs%s", warmed,
+                 f"; {bad} malformed records skipped" if bad else "")
 
     def make_loop(metrics):
         metrics.expose(vllm_exposition)
-        if proposer is not None:
+        if link is not None:
             from serving.metrics import Counter
 
             metrics.sample(Counter("vllm_step_draft_length_total",
-                                   "vLLM steps by the draft length the proposer chose (0: plain decoding)."),
-                           lambda: {(("k", str(k)),): n for k, n in proposer.step_k.chosen.items()})
+                                   "vLLM steps by the length the drafter models drafted (0: muted; copies go at full length)."),
+                           lambda: {(("k", k),): n for k, n in link.stats["chosen"].items()})
             metrics.sample(Counter("vllm_steps_with_drafter_model_total",
                                    "vLLM steps where the drafter models drafted (the others: copies or nothing)."),
-                           lambda: {(): proposer.step_k.modelled})
+                           lambda: {(): link.stats["modelled"]})
             metrics.sample(Counter("vllm_drafter_weight_updates_total",
                                    "Drafter versions copied into vLLM through its weight-update API."),
-                           lambda: {(): proposer.model.updates})
+                           lambda: {(): link.stats["updates"]})
             metrics.sample(Counter("vllm_drafter_weight_update_seconds_total",
                                    "Time vLLM's weight updates of the drafters took (reading and checking included)."),
-                           lambda: {(): proposer.model.seconds})
-        return VllmLoop(engine, proposer, metrics, cfg.target_id, writer=writer, watcher=watcher,
+                           lambda: {(): link.stats["update_seconds"]})
+        return VllmLoop(engine, link, metrics, cfg.target_id, writer=writer, watcher=watcher,
                         max_active=s.max_active, max_queue=s.max_queue, drafters=drafters, router=router,
                         k=s.k, feedback_topk=s.feedback_topk)
 

@@ -177,6 +177,7 @@ class SwapWatcher:
             else:
                 try:
                     install(drafter, version, path, digest)
+                    self.drafters[drafter].version = version  # the engine holds the weights; the label here too
                 except Exception as exc:  # noqa: BLE001 - whatever the engine says, the old version serves on
                     self.refused.add((drafter, version))
                     self.reasons[(drafter, version)] = "refused: the engine did not take it"

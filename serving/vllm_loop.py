@@ -18,7 +18,10 @@ batches, schedules, verifies and samples; OnlineSpec's proposer
   log-probs at every generated position (requested from vLLM, no extra target pass) joined with
   the proposer's per-step drafts and accepted counts.
 
-vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so proposer and loop share memory.
+The loop reaches the proposer through a :class:`~onlinespec.vllm_backend.link.ProposerLink` (vLLM's
+``collective_rpc`` and OnlineSpec's worker extension, plain data once per step), so the proposer
+may run in this process (the default: vLLM's engine in process, drafters shared with the server)
+or in vLLM's own processes (``serving.vllm.multiprocessing``, ``tensor_parallel_size`` > 1).
 """
 
 from __future__ import annotations
@@ -58,12 +61,12 @@ class VllmGeneration:
 class VllmLoop(LoopBase):
     name = "vLLM engine loop"
 
-    def __init__(self, engine, proposer, metrics: Metrics, target_id: str, writer=None, watcher=None,
+    def __init__(self, engine, link, metrics: Metrics, target_id: str, writer=None, watcher=None,
                  max_active: int = 8, max_queue: int = 64, drafters: dict | None = None, router=None,
                  k: int | None = None, feedback_topk: int = 32):
         super().__init__(metrics, writer, watcher, max_active, max_queue, drafters, router)
         self.engine = engine  # vllm.v1.engine.llm_engine.LLMEngine
-        self.proposer = proposer
+        self.link = link  # ProposerLink: the proposer inside vLLM (None: no speculation)
         self.target_id = target_id
         self.k = k  # None: each step's length from the proposer's StepK, up to num_speculative_tokens
         self.feedback_topk = feedback_topk
@@ -104,11 +107,16 @@ class VllmLoop(LoopBase):
                 self.healthy = True
                 continue
             if self.watcher is not None:
-                for drafter, version in self.watcher.apply(install=self._install if self.proposer else None):
+                for drafter, version in self.watcher.apply(install=self._install if self.link else None):
                     self.metrics.swaps.inc()
                     log.info("swapped in %s v%s", drafter, version)
+            if self.link is not None:
+                self.link.flush()  # new requests' drafters, aborted ones, outputs to copy from
             outputs = self.engine.step()
             self.metrics.engine_steps.inc()
+            if self.link is not None:  # the step's draft counts, and the logs of the requests it finished
+                self.link.sync([self.active[o.request_id].generation.request_id for o in outputs
+                                if o.finished and o.request_id in self.active])
             for out in outputs:
                 handle = self.active.get(out.request_id)
                 if handle is not None:
@@ -147,7 +155,7 @@ class VllmLoop(LoopBase):
         k = p.k if p.k is not None else self.k
         adaptive = k is None
         if adaptive:
-            k = self.proposer.k_max if self.proposer is not None else 0
+            k = self.link.k_max if self.link is not None else 0
         # top-K for the feedback record, and the request's own log-probs when it asked for them
         want = max(self.feedback_topk if self.writer is not None else 0, p.logprobs or 0)
         sampling = VllmSampling(
@@ -155,9 +163,9 @@ class VllmLoop(LoopBase):
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
             ignore_eos=p.ignore_eos, logprobs=want or None, output_kind=RequestOutputKind.DELTA)
         request_id = self.engine.add_request(ext, {"prompt_token_ids": list(handle.prompt)}, sampling)
-        if self.proposer is not None:
-            suffix = self.proposer.suffix_config
-            self.proposer.assign(request_id, drafter, k, adaptive=adaptive,
+        if self.link is not None:
+            suffix = self.link.suffix_config
+            self.link.assign(request_id, drafter.drafter_id if drafter is not None else None, k, adaptive=adaptive,
                                  scope=suffix.scope_of(handle.tenant) if suffix is not None else None,
                                  isolated=suffix is not None and suffix.isolates(handle.tenant))
         self._count_traffic(group, drafter)
@@ -169,15 +177,15 @@ class VllmLoop(LoopBase):
             self.engine.abort_request([ext])
         except Exception:  # noqa: BLE001 - already gone
             pass
-        if handle.generation is not None and self.proposer is not None:
-            self.proposer.finish(handle.generation.request_id)
+        if handle.generation is not None and self.link is not None:
+            self.link.forget(handle.generation.request_id)
 
     def _emit(self, ext: str, handle: RequestHandle, out) -> None:
         gen: VllmGeneration = handle.generation
         completion = out.outputs[0]
         tokens = list(completion.token_ids)
         drafted = accepted = copied = copied_accepted = 0
-        for d, a, is_copy in (self.proposer.take(gen.request_id) if self.proposer is not None else ()):
+        for d, a, is_copy in (self.link.take(gen.request_id) if self.link is not None else ()):
             gen.stats.add(d, a, 0.0, 0.0)
             drafted, accepted = drafted + d, accepted + a
             if is_copy:
@@ -203,11 +211,11 @@ class VllmLoop(LoopBase):
         self._deliver(handle, step)
         if out.finished:
             del self.active[ext]
-            draft_log = self.proposer.finish(gen.request_id) if self.proposer is not None else None
-            suffix = self.proposer.suffix if self.proposer is not None else None
-            if suffix is not None and not suffix.config.isolates(handle.tenant):
+            draft_log = self.link.finish(gen.request_id) if self.link is not None else None
+            suffix = self.link.suffix_config if self.link is not None else None
+            if suffix is not None and not suffix.isolates(handle.tenant):
                 # what it wrote can be copied by the next requests of its scope (an isolated one leaves nothing)
-                suffix.add_output(list(handle.prompt), gen.tokens, suffix.config.scope_of(handle.tenant))
+                self.link.add_output(list(handle.prompt), gen.tokens, suffix.scope_of(handle.tenant))
             if self.writer is not None and gen.tokens and len(gen.logprobs) == len(gen.tokens):
                 try:
                     record, gaps = feedback_record(handle, gen, draft_log, self.target_id, self.feedback_topk)
@@ -263,13 +271,19 @@ def feedback_record(handle: RequestHandle, gen: VllmGeneration, draft_log, targe
                             draft_log.drafter_version if draft_log is not None else 0,
                             handle.params.as_record(), tenant=handle.tenant, domain=handle.domain)
     total, at = len(gen.tokens), 0
+    # positions before the proposer's first block (a request whose assignment reached a proposer in
+    # another process after vLLM's first step) are plain target steps
+    first = draft_log.start - len(handle.prompt) if draft_log is not None and draft_log.start is not None else 0
+    while at < min(first, total):
+        builder.add_block(ids[at:at + 1], lps[at:at + 1], [], 0, 1)
+        at += 1
     for drafts, emitted, accepted in (draft_log.blocks if draft_log is not None else []):
         if at >= total:
             break
         n = min(emitted, total - at)  # vLLM cut the last block at a stop or max_tokens
         builder.add_block(ids[at:at + n], lps[at:at + n], drafts, accepted, n)
         at += n
-    gaps = total - at
+    gaps = total - at + min(max(first, 0), total)
     while at < total:
         builder.add_block(ids[at:at + 1], lps[at:at + 1], [], 0, 1)
         at += 1

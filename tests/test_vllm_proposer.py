@@ -105,6 +105,7 @@ def test_the_proposer_drafts_what_its_drafter_alone_drafts_and_logs_every_block(
         assert sum(steps[rid]) == len(texts[rid]) - len(prompts[rid])
         assert log.blocks[0][0] == [] and all(acc == n - 1 for d, n, acc in log.blocks if d)
         assert log.mismatches == 0
+        assert log.start == len(prompts[rid])  # its first block is its first generated token
     assert logs["r0"].accepted > 0  # the close drafter is accepted: the bookkeeping is exercised
     assert logs["r0"].drafted > logs["r0"].accepted
 
@@ -153,39 +154,37 @@ def expected(accept: float, k: int) -> float:
 
 
 def simulate(controller, batch, copied, a_copy, a_model, draft_cost, verify_cost, steps=600):
-    """Steps of ``batch`` rows, a share ``copied`` of them with copies (accepted ``a_copy`` per
-    position), the rest drafted by the model when it is on (``a_model``). A step costs 0.1 s, plus
-    ``verify_cost`` per draft token verified, plus ``draft_cost`` per position the model drafts.
-    Returns the choice made most often over the last half."""
+    """Steps of ``batch`` rows, a share ``copied`` of them with copies (always ``k_copy`` = 3 of
+    them, accepted ``a_copy`` per position), the rest drafted by the model with the length the
+    controller chose (``a_model``). A step costs 0.1 s, plus ``verify_cost`` per draft token
+    verified, plus ``draft_cost`` per position the model drafts. Returns the length chosen most
+    often over the last half."""
     counts = {}
     for step in range(steps):
-        k, model = controller.choose(batch, True)
+        k = controller.choose(batch)
         rows_copy = round(batch * copied)
-        rows_model = batch - rows_copy if model else 0
-        tokens = rows_copy * expected(a_copy, k) + rows_model * expected(a_model, k) + (batch - rows_copy - rows_model)
-        seconds = 0.1 + verify_cost * k * (rows_copy + rows_model) + (draft_cost * k if rows_model else 0)
-        controller.observe(batch, k, rows_model > 0, seconds, round(tokens))
+        rows_model = batch - rows_copy
+        tokens = rows_copy * expected(a_copy, 3) + rows_model * expected(a_model, k)
+        seconds = 0.1 + verify_cost * (3 * rows_copy + k * rows_model) + draft_cost * k
+        controller.observe(batch, k, seconds, round(tokens))
         if step >= steps // 2:
-            counts[(k, model and k > 0)] = counts.get((k, model and k > 0), 0) + 1
+            counts[k] = counts.get(k, 0) + 1
     return max(counts, key=counts.get)
 
 
-def test_step_k_decodes_plainly_where_drafting_measured_slower_and_drafts_where_it_pays():
+def test_step_k_mutes_the_drafter_where_drafting_measured_slower_and_drafts_where_it_pays():
     from onlinespec.vllm_backend.steps import StepK
 
-    # a weak drafter, nothing to copy: plain decoding (k = 0) or the model muted
-    k, model = simulate(StepK(3), 8, 0.0, 0.0, 0.06, draft_cost=0.01, verify_cost=0.002)
-    assert k == 0 or not model
-    # a good drafter, cheap drafts: the model drafts, the longest length
-    assert simulate(StepK(3), 8, 0.0, 0.0, 0.8, draft_cost=0.003, verify_cost=0.001) == (3, True)
-    # copies that are accepted, a drafter that is not: copies go on, the model is muted
-    k, model = simulate(StepK(3), 8, 0.5, 0.9, 0.06, draft_cost=0.01, verify_cost=0.001)
-    assert k >= 2 and not model
+    # a weak drafter: muted (its rows decode plainly)
+    assert simulate(StepK(3), 8, 0.0, 0.0, 0.06, draft_cost=0.01, verify_cost=0.002) == 0
+    # a good drafter, cheap drafts: the longest length
+    assert simulate(StepK(3), 8, 0.0, 0.0, 0.8, draft_cost=0.003, verify_cost=0.001) == 3
+    # copies accepted on half the rows do not make a weak drafter look good
+    assert simulate(StepK(3), 8, 0.5, 0.9, 0.06, draft_cost=0.01, verify_cost=0.001) == 0
     # each batch size is judged on its own: the model pays at 1 row but not at 16
     both = StepK(3)
-    assert simulate(both, 1, 0.0, 0.0, 0.6, draft_cost=0.003, verify_cost=0.001)[1]
-    k, model = simulate(both, 16, 0.0, 0.0, 0.6, draft_cost=0.01, verify_cost=0.006)
-    assert k == 0 or not model
+    assert simulate(both, 1, 0.0, 0.0, 0.6, draft_cost=0.003, verify_cost=0.001) > 0
+    assert simulate(both, 16, 0.0, 0.0, 0.6, draft_cost=0.01, verify_cost=0.006) == 0
 
 
 def test_step_k_ignores_idle_gaps():
@@ -193,12 +192,34 @@ def test_step_k_ignores_idle_gaps():
 
     c = StepK(1, explore=0.0)
     for _ in range(5):
-        c.observe(4, 0, False, 0.1, 4)
-        c.observe(4, 1, False, 0.1, 4)
-        c.observe(4, 1, True, 0.12, 6)
-    c.observe(4, 1, True, 30.0, 6)  # the batch emptied and a request came a while later
-    assert c.choose(4) == (1, True)
-    assert c.choose(4, modelled=False) in ((0, False), (1, False))  # no row would use the model
+        c.observe(4, 0, 0.1, 4)
+        c.observe(4, 1, 0.12, 6)
+    c.observe(4, 1, 30.0, 6)  # the batch emptied and a request came a while later
+    assert c.choose(4) == 1
+    assert c.modelled == 1 and c.chosen == {1: 1}
+
+
+def test_copies_go_at_full_length_and_the_step_length_applies_to_the_drafter_only():
+    """A row that copies gets every token that matches (up to its k), whatever StepK chose for the
+    drafter model; a step where no row would draft with the model is not a StepK choice."""
+    from onlinespec.decode.suffix import SuffixConfig
+
+    target = tiny_llama(layers=2, hidden=64, seed=0)
+    vllm = FakeVllm(target, k=3)
+    vllm.proposer.suffix_config = SuffixConfig()
+    proposer = vllm.proposer
+    proposer.step_k.choose = lambda batch: 0  # the drafter muted every step
+    drafter = HFDrafter(perturbed(target, 0.05, seed=1), "a")
+    proposer.assign("copy", drafter, 3, adaptive=True)
+    proposer.assign("model", drafter, 3, adaptive=True)
+    proposer.runner.input_batch.req_ids = ["copy", "model"]
+    texts = [[7, 8, 9, 10, 11, 12] * 3 + [7, 8], [30, 31, 32, 33, 34, 35, 36, 37]]
+    tokens = np.zeros((2, MAX_LEN), dtype=np.int64)
+    for i, t in enumerate(texts):
+        tokens[i, :len(t)] = t
+    drafts = proposer.propose([[8], [37]], np.array([len(t) for t in texts]), tokens)
+    # the repeating text copies three tokens though the step's length is 0; the other row is muted
+    assert drafts == [[9, 10, 11], []]
 
 
 def test_a_drafter_that_fails_costs_its_rows_their_drafts_not_the_step():
@@ -259,3 +280,80 @@ def test_the_record_is_cut_where_vllm_cut_the_output():
     short = DraftLog("d", 4, blocks=[([], 1, 0), ([11, 12, 50], 3, 2)])  # a log that ends early
     record, gaps = feedback_record(handle, gen, short, "target", 2)
     assert gaps == 2 and record.generated == 6 and not record.drafted[4:].any()
+    # a log that starts late (the assignment reached a proposer in another process after vLLM's
+    # first steps): the positions before it are plain, the blocks stay where they were emitted
+    late = DraftLog("d", 4, blocks=[([12, 13], 3, 2), ([71, 70], 1, 0)], start=3 + 2)
+    record, gaps = feedback_record(handle, gen, late, "target", 2)
+    record.validate()
+    assert gaps == 2 and record.drafted.tolist() == [False, False, True, True, False, True]
+    assert record.accepted.tolist() == [False, False, True, True, False, False]
+    assert record.draft_tokens.tolist() == [-1, -1, 12, 13, -1, 71]
+
+
+class WireWorker:
+    """vLLM's worker with OnlineSpec's extension, reached as the engine-core process reaches it:
+    every call's arguments and answer go through msgpack (plain data only, no objects)."""
+
+    def __init__(self, proposer):
+        from onlinespec.vllm_backend.worker import OnlineSpecWorker
+
+        class Worker(OnlineSpecWorker):
+            pass
+
+        self.worker = Worker()
+        self.worker.model_runner = SimpleNamespace(drafter=proposer, input_batch=proposer.runner.input_batch)
+        self.worker.device = "cpu"
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        import msgpack
+
+        kwargs = msgpack.unpackb(msgpack.packb(kwargs or {}), strict_map_key=False)
+        answer = getattr(self.worker, method)(*args, **kwargs)
+        return [msgpack.unpackb(msgpack.packb(answer), strict_map_key=False)]
+
+
+def test_through_the_worker_extension_over_plain_data_the_proposer_drafts_and_logs_the_same(tmp_path):
+    """The server's side (ProposerLink) and the worker's (OnlineSpecWorker), with every message
+    through msgpack, as in vLLM's multi-process engine: the worker builds its own drafter from the
+    registry's files, and the drafts, per-step counts and logs equal the proposer's driven
+    directly with the server's drafter object."""
+    from onlinespec.learn.registry import Registry
+    from onlinespec.redis_server import EmbeddedRedis, connect
+    from onlinespec.vllm_backend.link import ProposerLink
+
+    target = tiny_llama(layers=2, hidden=64, seed=0)
+    drafter = perturbed(target, 0.05, seed=1)
+    redis_server = EmbeddedRedis().start()
+    try:
+        registry = Registry(tmp_path / "registry", connect(redis_server.url))
+        registry.bootstrap("a", drafter)
+        registry.publish("a", drafter, parent=1)
+    finally:
+        redis_server.stop()
+    direct, wired = FakeVllm(target, k=3), FakeVllm(target, k=3)
+    link = ProposerLink(WireWorker(wired.proposer), k_max=3)
+    assert link.setup([{"id": "a", "version": 2, "dir": str(registry.path("a", 2)), "model": None}], None)
+    served = wired.proposer.model.handles["a"]
+    assert served.version == 2 and served.model is not drafter  # built in the worker, from the files
+    prompts = {"r0": [5, 9, 2, 7, 1], "r1": [3, 3, 8, 1, 4, 4, 6]}
+    for rid, prompt in prompts.items():
+        direct.add(rid, prompt, HFDrafter(drafter, "a", version=2), 3)
+        wired.texts[rid], wired.drafts[rid] = list(prompt), []
+        link.assign(rid, "a", 3)
+    link.flush()
+    counts = {rid: [] for rid in prompts}
+    for _ in range(6):
+        assert direct.step() == wired.step()
+        assert direct.drafts == wired.drafts
+        link.sync([])
+        for rid in prompts:
+            mine = link.take(rid)
+            assert mine == direct.proposer.take(rid)
+            counts[rid] += mine
+    assert sum(a for c in counts.values() for _, a, _ in c) > 0  # drafts were accepted: the counts mean something
+    link.sync(["r0"])
+    assert link.finish("r0") == direct.finish("r0")
+    assert link.stats["versions"] == {"a": 2}
+    link.forget("r1")
+    link.flush()
+    assert "r1" not in wired.proposer._rows and link.finish("r1") is None

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 
-__all__ = ["SuffixConfig", "SuffixCache", "RequestIndex", "Match", "best_match"]
+__all__ = ["SuffixConfig", "SuffixCache", "RequestIndex", "Match", "best_match", "copyable_outputs"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,17 @@ class Match:
     source: str  # "request" | "cache"
 
 
+def copyable_outputs(records, config: SuffixConfig):
+    """(prompt, generated, scope) of logged feedback records whose outputs suffix speculation may
+    copy from: each record's tenant is its scope under ``scope: tenant``; a record served to no
+    identity there was isolated and stays so."""
+    for r in records:
+        if config.isolates(r.tenant):
+            continue
+        tokens = r.tokens.tolist()
+        yield tokens[:r.prompt_len], tokens[r.prompt_len:], config.scope_of(r.tenant)
+
+
 class SuffixCache:
     """n-gram -> next-token counts over finished outputs. One engine loop drives it (not thread-safe)."""
 
@@ -85,11 +96,8 @@ class SuffixCache:
         """Learn logged feedback records' outputs, oldest first (a restarted server's start);
         each record's tenant is its scope under ``scope: tenant``. Returns the outputs learned."""
         before = self.added
-        for r in records:
-            tokens = r.tokens.tolist()
-            if self.config.isolates(r.tenant):
-                continue  # served to no identity: isolated then, and not copyable now either
-            self.add_output(tokens[:r.prompt_len], tokens[r.prompt_len:], self.config.scope_of(r.tenant))
+        for prompt, generated, scope in copyable_outputs(records, self.config):
+            self.add_output(prompt, generated, scope)
         return self.added - before
 
     def add_output(self, prompt: list[int], generated: list[int], scope: object = None) -> None:

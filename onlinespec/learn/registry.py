@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from onlinespec.errors import CheckpointError, OnlineSpecError
 from onlinespec.feedback import keys
 from onlinespec.weights import check_fit as _check_fit
-from onlinespec.weights import expected_shapes
+from onlinespec.weights import build_model, expected_shapes
 from onlinespec.weights import read_weights
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class Registry:
                    device: str = "cpu", dtype: torch.dtype = torch.float32):
         """(model, manifest): a verified version as a Hugging Face causal LM in eval mode, on
         ``device`` in ``dtype``."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         import onlinespec.drafters.cut  # noqa: F401 - registers the cut drafter's model type with the Auto classes
 
@@ -208,16 +208,7 @@ class Registry:
         except Exception as exc:
             raise CheckpointError(f"{drafter} v{version}: unreadable config: {exc}") from None
         self.check_arch(drafter, version, config.to_dict())
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-        except Exception as exc:
-            raise CheckpointError(f"{drafter} v{version}: cannot rebuild the model: {exc}") from None
-        tied = getattr(config, "tie_word_embeddings", False)
-        if unexpected or [m for m in missing if not (tied and m == "lm_head.weight")]:
-            raise CheckpointError(f"{drafter} v{version}: weights do not fit the config ({missing[:3]}, {unexpected[:3]})")
-        if tied:
-            model.tie_weights()
+        model = build_model(self.path(drafter, version), weights, f"{drafter} v{version}")
         return model.to(device=device, dtype=dtype).eval(), manifest
 
     def load_learner_state(self, drafter: str, version: int) -> tuple[dict, dict] | None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 
 from onlinespec.errors import ModelLoadError
 from onlinespec.vllm_backend.transfer import BACKEND, UpdateInfo, register
+from onlinespec.vllm_backend.worker import EXTENSION
 
 __all__ = ["PROPOSER", "engine_args", "start_engine", "update_drafter"]
 
@@ -31,24 +33,33 @@ def engine_args(cfg, model_path: str, speculate: bool = True, **overrides) -> di
     )
     if v.kv_cache_memory_bytes:
         args["kv_cache_memory_bytes"] = v.kv_cache_memory_bytes
+    if v.tensor_parallel_size > 1:
+        args["tensor_parallel_size"] = v.tensor_parallel_size
     args.update(overrides)
     if speculate:
         args["speculative_config"] = {"method": "custom_class", "model": PROPOSER,
                                       "num_speculative_tokens": v.num_speculative_tokens}
         # new drafter versions arrive through vLLM's weight-update API (onlinespec.vllm_backend.transfer)
         args["weight_transfer_config"] = {"backend": BACKEND}
+        # the server's calls to the proposer, by name, wherever vLLM runs it (onlinespec.vllm_backend.worker)
+        args["worker_extension_cls"] = EXTENSION
     return args
 
 
 def start_engine(cfg, model_path: str, speculate: bool = True, drafters: dict | None = None,
-                 registry_root: str | None = None, **overrides):
-    """(vLLM's ``LLMEngine``, the :class:`OnlineSpecProposer` inside it, or None without speculation).
+                 drafter_specs: list[dict] | None = None, registry_root: str | None = None, **overrides):
+    """(vLLM's ``LLMEngine``, a :class:`ProposerLink` to OnlineSpec's proposer inside it, or None
+    without speculation).
 
-    The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the proposer shares
-    memory with the server's drafters, watcher and feedback writer. ``drafters`` (id -> HFDrafter)
-    become vLLM's draft model, updated through its weight-update API with the ``onlinespec``
-    transfer backend, from files under ``registry_root`` only (:func:`update_drafter`)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    With ``serving.vllm.in_process`` (the default) the engine core and its model runner run in this
+    process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and the proposer drafts with the server's own
+    ``drafters`` (id -> HFDrafter: no second copy). Otherwise (``multiprocessing``, or
+    ``tensor_parallel_size`` > 1) each worker builds its own from ``drafter_specs``
+    (:func:`~onlinespec.vllm_backend.worker.load_drafter`). Either way the drafters become vLLM's
+    draft model, updated through its weight-update API with the ``onlinespec`` transfer backend,
+    from files under ``registry_root`` only (:func:`update_drafter`)."""
+    v = cfg.serving.vllm
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if not v.multiprocessing else "1"
     try:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
@@ -56,21 +67,22 @@ def start_engine(cfg, model_path: str, speculate: bool = True, drafters: dict | 
         raise ModelLoadError(
             "serving.engine is vllm but vLLM is not installed in this environment: run ./run vllm-setup "
             f"and serve with .venv-vllm/bin/onlinespec serve ({exc})") from exc
-    from onlinespec.vllm_backend.proposer import attach
+    from onlinespec.vllm_backend.link import ProposerLink
 
     register()  # the entry point does this where OnlineSpec is installed; a source checkout may not be
     args = engine_args(cfg, model_path, speculate, **overrides)
     log.info("starting vLLM: %s", {k: v for k, v in args.items() if k != "speculative_config"})
     engine = LLMEngine.from_engine_args(EngineArgs(**args))
-    proposer = None
-    if speculate:
-        found = [p for p in engine.collective_rpc(attach) if p is not None]
-        if not found:
-            raise RuntimeError("vLLM started without OnlineSpec's proposer (speculative_config not applied?)")
-        proposer = found[0]
-        proposer.serve(drafters or {})
-        engine.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"root": registry_root}})
-    return engine, proposer
+    if not speculate:
+        return engine, None
+    s = cfg.serving
+    suffix = s.suffix if s.suffix.enabled else None
+    link = ProposerLink(engine, v.num_speculative_tokens, suffix)
+    entries = list((drafters or {}).values()) if v.in_process else list(drafter_specs or [])
+    if not link.setup(entries, asdict(suffix) if suffix is not None else None, dtype=s.dtype):
+        raise RuntimeError("vLLM started without OnlineSpec's proposer (speculative_config not applied?)")
+    engine.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"root": registry_root}})
+    return engine, link
 
 
 def update_drafter(engine, update: UpdateInfo) -> None:

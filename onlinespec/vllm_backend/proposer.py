@@ -16,14 +16,16 @@ For every request the proposer
   cut back to the verified text, never rebuilt, on rejection.
 
 Which drafter drafts for a request, and its most drafts a step, the server decides when the
-request starts (:meth:`assign`, the pool's routing as in the embedded engine); each step's length
-and whether the drafter models draft come from :class:`~onlinespec.vllm_backend.steps.StepK` for
-requests whose length is not fixed. A request with no assignment is decoded without drafts. vLLM verifies every draft
+request starts (:meth:`assign`, the pool's routing as in the embedded engine). Copies go at that
+full length wherever they match; for requests whose length is not fixed, how many tokens the
+drafter models draft in a step (0: muted) comes from
+:class:`~onlinespec.vllm_backend.steps.StepK`. A request with no assignment is decoded without
+drafts. vLLM verifies every draft
 against the target over the full vocabulary (its rejection sampler; drafts without draft
 probabilities are treated as the n-gram proposer's are), so output is exactly the target's.
 
-The proposer needs the rows' request ids, which vLLM's custom-class call does not pass: the server
-hands it the model runner after start-up (:func:`attach`, through vLLM's ``collective_rpc``).
+The proposer needs the rows' request ids, which vLLM's custom-class call does not pass: the
+worker extension hands it the model runner after start-up (:mod:`.worker`), with its drafters.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 
 from onlinespec.vllm_backend.steps import StepK
 
-__all__ = ["DraftLog", "OnlineSpecProposer", "attach"]
+__all__ = ["DraftLog", "OnlineSpecProposer"]
 
 ENCODE_CHUNK = 256  # text positions a joining request encodes per forward
 
@@ -54,6 +56,7 @@ class DraftLog:
     blocks: list[tuple[list[int], int, int]] = field(default_factory=list)  # (drafts, emitted, accepted) per step
     copied_blocks: int = 0  # of the blocks with drafts, those copied by suffix speculation
     mismatches: int = 0  # steps whose emitted tokens disagreed with the drafts they claim to accept
+    start: int | None = None  # the request's text length (prompt included) before the first block
 
     @property
     def drafted(self) -> int:
@@ -170,7 +173,7 @@ class OnlineSpecProposer:
         self.steps = 0
         self.failures = 0  # drafting calls that raised (their rows went without drafts)
         self.step_k = StepK(self.k_max)
-        self._mark: tuple | None = None  # (rows, k, drafter model used, start) of the step under way
+        self._mark: tuple | None = None  # (rows, drafter length, start) of the step under way
 
     def load_model(self, target_model) -> None:  # noqa: ARG002 - the drafters are the server's
         """The drafters are not vLLM's to load: the server gives them (:meth:`serve`) and assigns
@@ -220,11 +223,11 @@ class OnlineSpecProposer:
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):  # noqa: ARG002
         self.steps += 1
         now = time.perf_counter()
-        if self.runner is None:  # before attach(): plain decoding
+        if self.runner is None:  # before the worker's setup: plain decoding
             return [[] for _ in sampled_token_ids]
         if self._mark is not None:  # the step just done: its cost and what it yielded
-            rows, k, modelled, start = self._mark
-            self.step_k.observe(rows, k, modelled, now - start, sum(len(e) for e in sampled_token_ids))
+            rows, k, start = self._mark
+            self.step_k.observe(rows, k, now - start, sum(len(e) for e in sampled_token_ids))
             self._mark = None
         req_ids = self.runner.input_batch.req_ids
         wanted: dict[int, tuple[str, _Row]] = {}  # batch index -> (request, row) that drafts now
@@ -243,6 +246,8 @@ class OnlineSpecProposer:
             if accepted > len(drafts) or emitted[:accepted] != drafts[:accepted]:
                 row.log.mismatches += 1  # not what this proposer drafted (vLLM trimmed the drafts?)
                 accepted = _common_prefix(emitted, drafts)
+            if row.log.start is None:  # the first step this proposer saw (the request's first, unless it
+                row.log.start = int(num_tokens_no_spec[i]) - len(emitted)  # was assigned late)
             row.log.blocks.append((drafts, len(emitted), accepted))
             if drafts:
                 row.new.append((len(drafts), accepted, copied))
@@ -262,25 +267,23 @@ class OnlineSpecProposer:
                 context = token_ids_cpu[i, :int(num_tokens_no_spec[i])].tolist()
                 row.index.extend(context)
                 copies[i] = self._copies(row, context, room[i])
-        # the step's length, and whether rows nothing copies for draft with their drafter model
-        step_k, use_drafter = None, True
-        if any(row.adaptive for _, row in wanted.values()):
-            modelled = any(not copies.get(i) and row.drafter is not None and room[i] for i, (_, row) in wanted.items())
-            step_k, use_drafter = self.step_k.choose(len(sampled_token_ids), modelled)
+        # copies go at full length (no forward to pay for); the drafter model's length, for the
+        # rows nothing copies for, from what each length measured at this batch size
+        step_k = None
+        if any(row.adaptive and not copies.get(i) and row.drafter is not None and room[i]
+               for i, (_, row) in wanted.items()):
+            step_k = self.step_k.choose(len(sampled_token_ids))
+            self._mark = (len(sampled_token_ids), step_k, now)
         by_drafter: dict[int, list[int]] = {}
         ks: dict[int, int] = {}  # batch index -> drafts this step
-        drafted_with_model = False
         for i, (_, row) in wanted.items():
-            ks[i] = min(room[i], step_k) if row.adaptive else room[i]
-            if not ks[i]:
-                continue
             if copies.get(i):
-                row.pending, row.copied = copies[i][:ks[i]], True
-            elif row.drafter is not None and (use_drafter or not row.adaptive):
+                ks[i] = room[i]
+                row.pending, row.copied = copies[i], True
+                continue
+            ks[i] = min(room[i], step_k or 0) if row.adaptive else room[i]
+            if ks[i] and row.drafter is not None:
                 by_drafter.setdefault(id(row.drafter), []).append(i)
-                drafted_with_model = True
-        if step_k is not None:  # measured under what the step really did
-            self._mark = (len(sampled_token_ids), step_k, drafted_with_model, now)
         for indices in by_drafter.values():
             drafter = wanted[indices[0]][1].drafter
             rows = self._drafting.get(id(drafter))
@@ -339,12 +342,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(diff[0]) if diff.size else n
 
-
-def attach(worker) -> OnlineSpecProposer | None:
-    """Run in vLLM's worker (``collective_rpc``): give the proposer its model runner, return it."""
-    runner = worker.model_runner
-    proposer = getattr(runner, "drafter", None)
-    if isinstance(proposer, OnlineSpecProposer):
-        proposer.runner = runner
-        return proposer
-    return None

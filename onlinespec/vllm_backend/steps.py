@@ -1,18 +1,19 @@
-"""The draft length of a vLLM step, and whether the drafter model drafts in it, chosen from the
-throughput each choice measured at this batch size.
+"""How many tokens the drafter model drafts in a vLLM step (0: muted), chosen from the throughput
+each length measured at this batch size.
 
 vLLM gives a custom proposer no cost model and no view of the target's step time, but the proposer
 is called once per engine step: the time from one call to the next is what a step cost, drafting
 included, and the tokens the rows emitted at the next call are what it yielded. :class:`StepK`
-keeps, per batch-size bucket, draft length ``k`` (0 = plain decoding) and source, a running mean of
-both, and drafts each step with the choice whose tokens per second are highest where the batch is
-now. The source: suffix copies always (they cost no forward), the drafter model on the rows nothing
-copies for, or not: a weak drafter is muted while the copies go on (a step where no row needed the
-drafter counts as one without it).
+keeps, per batch-size bucket and drafter length ``k``, a running mean of both, and drafts each
+step with the length whose tokens per second are highest where the batch is now.
+
+Only the drafter model's length is chosen: suffix copies go at full length wherever they match
+(as vLLM's own n-gram and suffix proposers do; they cost no forward, and a step whose rows only
+copy, or draft nothing, is not a choice and is not measured). A weak drafter is muted (``k = 0``)
+while the copies go on; where nothing copies either, the engine is then plain vLLM decoding.
 A length not yet tried at a bucket is tried first; afterwards a small share of steps
 (``explore``) tries another one, so a drafter that improves (a new version) or a batch that
-grows is noticed. ``k = 0`` when speculation measured slower: the engine is then plain vLLM
-decoding, at the cost of the exploring steps.
+grows is noticed.
 """
 
 from __future__ import annotations
@@ -51,43 +52,39 @@ class _Arm:
 class StepK:
     def __init__(self, k_max: int, explore: float = 0.05, min_steps: int = 3, decay: float = 0.95,
                  seed: int = 0):
-        # (k, drafter model on); k = 0 drafts nothing either way
-        self.choices = [(0, False)] + [(k, m) for k in range(1, k_max + 1) for m in (False, True)]
+        self.choices = list(range(k_max + 1))  # the drafter model's length; 0: muted
         self.explore = explore
         self.min_steps = min_steps  # steps each length is measured before the others are compared with it
         self.decay = decay
         self.arms: dict[tuple[int, int], _Arm] = {}
         self.rng = random.Random(seed)
-        self.chosen: dict[int, int] = {}  # k -> steps that drafted with it
-        self.modelled = 0  # steps where the drafter model was on
+        self.chosen: dict[int, int] = {}  # k -> steps that chose it
+        self.modelled = 0  # steps where the drafter model drafted (k > 0)
 
-    def observe(self, batch: int, k: int, modelled: bool, seconds: float, tokens: int) -> None:
-        """A step of ``batch`` rows with draft length ``k`` (``modelled``: the drafter model drafted
-        in it) took ``seconds`` and emitted ``tokens``."""
+    def observe(self, batch: int, k: int, seconds: float, tokens: int) -> None:
+        """A step of ``batch`` rows whose drafter model drafted ``k`` tokens (0: muted) took
+        ``seconds`` and emitted ``tokens``."""
         if seconds <= 0 or batch <= 0:
             return
-        arm = self.arms.setdefault((bucket(batch), k, modelled and k > 0), _Arm())
+        arm = self.arms.setdefault((bucket(batch), k), _Arm())
         if arm.n >= self.min_steps and seconds > 4 * arm.seconds:
             return  # an idle gap between requests (or a stall), not what this length costs
         arm.observe(seconds, tokens, self.decay)
 
-    def choose(self, batch: int, modelled: bool = True) -> tuple[int, bool]:
-        """(k, drafter model on) for a step of ``batch`` rows; ``modelled``: some row would draft
-        with its drafter model (else only the choices without it are weighed)."""
+    def choose(self, batch: int) -> int:
+        """The drafter model's length for a step of ``batch`` rows (some of which would draft with it)."""
         b = bucket(batch)
-        choices = [c for c in self.choices if modelled or not c[1]]
-        untried = [c for c in choices if self.arms.get((b, *c), _Arm()).n < self.min_steps]
+        untried = [k for k in self.choices if self.arms.get((b, k), _Arm()).n < self.min_steps]
         if untried:
-            choice = untried[0]
+            k = untried[0]
         elif self.rng.random() < self.explore:
-            choice = self.rng.choice(choices)
+            k = self.rng.choice(self.choices)
         else:
-            choice = max(choices, key=lambda c: self.arms[(b, *c)].rate)
-        self.chosen[choice[0]] = self.chosen.get(choice[0], 0) + 1
-        if choice[1]:
-            self.modelled += 1
-        return choice
+            k = max(self.choices, key=lambda c: self.arms[(b, c)].rate)
+        self.chosen[k] = self.chosen.get(k, 0) + 1
+        self.modelled += k > 0
+        return k
 
     def rates(self) -> dict[str, float]:
-        """Measured tokens/s per ``"batch bucket/k/model"``: what the choice rests on."""
-        return {f"{b}/{k}/{'model' if m else 'copies'}": arm.rate for (b, k, m), arm in sorted(self.arms.items())}
+        """Measured tokens/s per ``"batch bucket/k"``: what the choice rests on."""
+        return {f"{b}/{k}": arm.rate for (b, k), arm in sorted(self.arms.items())}

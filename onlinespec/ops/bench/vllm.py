@@ -73,16 +73,16 @@ def _child(spec: dict) -> None:
     cfg = load_config(spec["config"])
     model_path = resolve_model_path(cfg.target_model)
     mode, k = spec["engine"], spec["k"]
-    proposer = drafter = None
+    link = None
     if mode == "onlinespec":
         from onlinespec.drafters.hf import HFDrafter
         from onlinespec.models import load_model
 
         d = next(d for d in cfg.drafters if d.id == spec["drafter"])
-        drafter = HFDrafter(load_model(d.model), d.id)
-        engine, proposer = start_engine(cfg, model_path, max_num_seqs=max(spec["batches"]))
-        if cfg.serving.suffix.enabled:  # copies from the request's own text, as the service does
-            proposer.suffix_config = cfg.serving.suffix
+        # suffix copies from the request's own text where the config enables them, as the service does
+        engine, link = start_engine(cfg, model_path, drafters={d.id: HFDrafter(load_model(d.model), d.id)},
+                                    drafter_specs=[{"id": d.id, "version": 0, "model": d.model}],
+                                    max_num_seqs=max(spec["batches"]))
     else:
         args = engine_args(cfg, model_path, speculate=False, max_num_seqs=max(spec["batches"]))
         if mode in VLLM_PROPOSERS:
@@ -90,26 +90,30 @@ def _child(spec: dict) -> None:
         engine = LLMEngine.from_engine_args(EngineArgs(**args))
 
     def wave(prompts, max_tokens):
-        ids = {}
+        internal = {}  # the id a request was added with -> the id vLLM (and the proposer) knows it by
         for i, p in enumerate(prompts):
-            rid = engine.add_request(f"{time.monotonic_ns()}-{i}", {"prompt_token_ids": p},
-                                     SamplingParams(max_tokens=max_tokens, temperature=0.0))
-            if proposer is not None:
+            ext = f"{time.monotonic_ns()}-{i}"
+            internal[ext] = engine.add_request(ext, {"prompt_token_ids": p},
+                                               SamplingParams(max_tokens=max_tokens, temperature=0.0))
+            if link is not None:
                 # isolated: a request copies from its own text only (the levels and passes repeat the
                 # same prompts: past outputs would be the answers themselves)
-                proposer.assign(rid, drafter, k, adaptive=spec["adaptive"], isolated=True)
-            ids[rid] = i
+                link.assign(internal[ext], spec["drafter"], k, adaptive=spec["adaptive"], isolated=True)
         outs = [None] * len(prompts)
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    outs[int(o.request_id.rsplit("-", 1)[1])] = list(o.outputs[0].token_ids)
         drafted = accepted = 0
-        if proposer is not None:
-            for rid in ids:
-                log = proposer.finish(rid)
-                if log is not None:
-                    drafted, accepted = drafted + log.drafted, accepted + log.accepted
+        while engine.has_unfinished_requests():
+            if link is not None:
+                link.flush()
+            finished = [o for o in engine.step() if o.finished]
+            for o in finished:
+                outs[int(o.request_id.rsplit("-", 1)[1])] = list(o.outputs[0].token_ids)
+            if link is not None:
+                link.sync([internal[o.request_id] for o in finished])
+                for o in finished:
+                    link.take(internal[o.request_id])
+                    log = link.finish(internal[o.request_id])
+                    if log is not None:
+                        drafted, accepted = drafted + log.drafted, accepted + log.accepted
         return outs, drafted, accepted
 
     prompts, max_tokens = spec["prompts"], spec["max_tokens"]
@@ -128,11 +132,11 @@ def _child(spec: dict) -> None:
         seconds = time.perf_counter() - t0
         if mode in VLLM_PROPOSERS:
             drafted, accepted = _vllm_counters(engine)
-        chosen = proposer.step_k.chosen if proposer is not None and spec["adaptive"] else {}
+        chosen = link.stats["chosen"] if link is not None and spec["adaptive"] else {}
         print("BENCH " + json.dumps({"tok_s": tokens / seconds, "outputs": outputs, "drafted": drafted,
                                      "accepted": accepted,
-                                     "chosen_k": {str(k): n for k, n in sorted(chosen.items())},
-                                     "model_steps": proposer.step_k.modelled if proposer is not None else 0}),
+                                     "chosen_k": dict(sorted(chosen.items(), key=lambda kv: int(kv[0]))),
+                                     "model_steps": link.stats["modelled"] if link is not None else 0}),
               flush=True)
 
 
