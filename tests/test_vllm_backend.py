@@ -1,8 +1,9 @@
 """``serving.engine: vllm``: the server run by vLLM (on the CPU), OnlineSpec's drafters inside it.
 
 One server process (vLLM's own virtualenv, ``./run vllm-setup``) on the bundled demo pair, with
-this session's Redis and a registry of its own; every test runs twice, with vLLM's engine in the
-server's process and in a process of its own (the proposer then reached by messages only). The tests run in the main virtualenv and judge
+this session's Redis and a registry of its own; every test runs three times: vLLM's engine in the
+server's process, in a process of its own, and with two tensor-parallel workers (the proposers then
+reached by messages only). The tests run in the main virtualenv and judge
 it from outside: greedy output equals the target alone and the embedded engine; the feedback
 records it logs are the records the learners read (and learn from); a version published to the
 registry, and a rollback, reach the drafts vLLM verifies through vLLM's weight-update API.
@@ -52,11 +53,21 @@ def _vllm_missing() -> str | None:
     return None if probe.returncode == 0 else f"vLLM does not import: {probe.stderr[-400:]}"
 
 
-@pytest.fixture(scope="module", params=["in_process", "multiprocessing"])
+MODES = {  # serving.vllm settings, and the environment vLLM needs for them here
+    "in_process": ("multiprocessing: false", {}),
+    "multiprocessing": ("multiprocessing: true", {}),
+    # two worker processes; vLLM's CPU backend binds each rank to a NUMA node of its own unless
+    # told which cores to use (this machine has one node)
+    "tensor_parallel": ("tensor_parallel_size: 2", {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
 def served(request, tmp_path_factory, redis_url):
     """The server on vLLM: its engine in the server's process (the proposer shares the server's
-    drafters), or in vLLM's own engine-core process (the proposer there builds its drafters from
-    the registry, and every call to it is a message)."""
+    drafters), in vLLM's own engine-core process, or with two tensor-parallel worker processes
+    (each proposer there builds its drafters from the registry, and every call to it is a
+    message)."""
     missing = _vllm_missing()
     if missing:
         if os.environ.get("CI"):
@@ -77,8 +88,7 @@ serving:
   max_tokens: 64
   max_prompt_tokens: 256
   engine: vllm
-  vllm: {{num_speculative_tokens: {K}, kv_cache_memory_bytes: 268435456,
-         multiprocessing: {"true" if request.param == "multiprocessing" else "false"}}}
+  vllm: {{num_speculative_tokens: {K}, kv_cache_memory_bytes: 268435456, {MODES[request.param][0]}}}
 registry: {tmp / 'registry'}
 """)
     client = connect(redis_url)
@@ -86,7 +96,7 @@ registry: {tmp / 'registry'}
     for pattern in (f"onlinespec:drafter:{DRAFTER}:*", f"onlinespec:learner:{DRAFTER}*", f"learners:{DRAFTER}"):
         for key in client.scan_iter(pattern):  # the other mode's run left its versions' pointers
             client.delete(key)
-    env = {**os.environ, "REDIS_URL": redis_url, "ONLINESPEC_CONFIG": str(config)}
+    env = {**os.environ, "REDIS_URL": redis_url, "ONLINESPEC_CONFIG": str(config), **MODES[request.param][1]}
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([VLLM_PYTHON, "-m", "serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
