@@ -153,20 +153,32 @@ def expected(accept: float, k: int) -> float:
     return sum(accept ** i for i in range(k + 1))
 
 
-def simulate(controller, batch, copied, a_copy, a_model, draft_cost, verify_cost, steps=600):
-    """Steps of ``batch`` rows, a share ``copied`` of them with copies (always ``k_copy`` = 3 of
-    them, accepted ``a_copy`` per position), the rest drafted by the model with the length the
-    controller chose (``a_model``). A step costs 0.1 s, plus ``verify_cost`` per draft token
-    verified, plus ``draft_cost`` per position the model drafts. Returns the length chosen most
-    often over the last half."""
+def simulate(controller, batch, copied, a_copy, a_model, draft_cost, verify_cost, steps=600, seed=0):
+    """Steps of ``batch`` rows, a share ``copied`` of them with copies (always 3 of them, each
+    position accepted with probability ``a_copy``), the rest drafted by the model with the length
+    the controller chose (each position accepted with probability ``a_model``). A step costs 0.1 s,
+    plus ``verify_cost`` per draft token verified, plus ``draft_cost`` per position the model
+    drafts, times a noise factor. Returns the length chosen most often over the last half."""
+    rng = np.random.default_rng(seed)
+
+    def block(a, k):  # accepted drafts of k, each position accepted with probability a
+        n = 0
+        while n < k and rng.random() < a:
+            n += 1
+        return n
+
     counts = {}
+    rows_copy = round(batch * copied)
+    rows_model = batch - rows_copy
     for step in range(steps):
-        k = controller.choose(batch)
-        rows_copy = round(batch * copied)
-        rows_model = batch - rows_copy
-        tokens = rows_copy * expected(a_copy, 3) + rows_model * expected(a_model, k)
-        seconds = 0.1 + verify_cost * (3 * rows_copy + k * rows_model) + draft_cost * k
-        controller.observe(batch, k, seconds, round(tokens))
+        copies = [int(rng.integers(1, 4)) if rng.random() < 0.8 else 0 for _ in range(rows_copy)]  # what matched
+        k = controller.choose(batch, rows_model, copied=sum(copies))
+        others = sum(1 + block(a_copy, c) for c in copies)
+        blocks = [(k, block(a_model, k)) for _ in range(rows_model)] if k else []
+        drafter_seconds = draft_cost * k * rng.uniform(0.9, 1.1)
+        verify = (0.1 + verify_cost * (sum(copies) + k * rows_model)) * rng.uniform(0.8, 1.25)
+        controller.observe(batch, k, verify + drafter_seconds, others, blocks, drafts=sum(copies) + k * rows_model,
+                           drafter_seconds=drafter_seconds)
         if step >= steps // 2:
             counts[k] = counts.get(k, 0) + 1
     return max(counts, key=counts.get)
@@ -179,24 +191,30 @@ def test_step_k_mutes_the_drafter_where_drafting_measured_slower_and_drafts_wher
     assert simulate(StepK(3), 8, 0.0, 0.0, 0.06, draft_cost=0.01, verify_cost=0.002) == 0
     # a good drafter, cheap drafts: the longest length
     assert simulate(StepK(3), 8, 0.0, 0.0, 0.8, draft_cost=0.003, verify_cost=0.001) == 3
-    # copies accepted on half the rows do not make a weak drafter look good
+    # copies accepted on half the rows (their tokens vary a lot from step to step) do not make a
+    # weak drafter look good, nor hide a good one
     assert simulate(StepK(3), 8, 0.5, 0.9, 0.06, draft_cost=0.01, verify_cost=0.001) == 0
+    assert simulate(StepK(3), 8, 0.5, 0.6, 0.8, draft_cost=0.003, verify_cost=0.001) == 3
     # each batch size is judged on its own: the model pays at 1 row but not at 16
     both = StepK(3)
     assert simulate(both, 1, 0.0, 0.0, 0.6, draft_cost=0.003, verify_cost=0.001) > 0
     assert simulate(both, 16, 0.0, 0.0, 0.6, draft_cost=0.01, verify_cost=0.006) == 0
 
 
-def test_step_k_ignores_idle_gaps():
+def test_step_k_measures_the_drafters_acceptance_the_cost_of_drafts_and_ignores_idle_gaps():
     from onlinespec.vllm_backend.steps import StepK
 
     c = StepK(1, explore=0.0)
-    for _ in range(5):
-        c.observe(4, 0, 0.1, 4)
-        c.observe(4, 1, 0.12, 6)
-    c.observe(4, 1, 30.0, 6)  # the batch emptied and a request came a while later
-    assert c.choose(4) == 1
-    assert c.modelled == 1 and c.chosen == {1: 1}
+    for i in range(6):
+        c.observe(4, 0, 0.1 + 0.01 * i, 0, drafts=i)  # copies of 0-5 tokens: 10 ms each to verify
+        c.observe(4, 1, 0.15 + 0.01 * i, 0, [(1, 1), (1, 1), (1, 0), (1, 1)], drafts=i + 4, drafter_seconds=0.01)
+    assert 0.7 < c.acceptance < 0.8  # pulled from the prior (0.3) to the drafts' 0.75
+    assert abs(c.cost[4].at(0) - 0.1) < 1e-6 and abs(c.cost[4].at(10) - 0.2) < 1e-6  # 10 ms per draft
+    c.observe(4, 1, 30.0, 0, [], drafts=4, drafter_seconds=0.01)  # the batch emptied; a request came later
+    assert abs(c.cost[4].at(10) - 0.2) < 1e-6
+    # 4 drafting rows: 4 x 1.75 tokens in 0.1 + 0.04 (verifying) + 0.01 (drafting) s beat 4 in 0.1 s
+    assert c.choose(4, rows=4) == 1 and c.modelled == 1 and c.chosen == {1: 1}
+    assert c.predicted(4, rows=4)[1] > c.predicted(4, rows=4)[0]
 
 
 def test_copies_go_at_full_length_and_the_step_length_applies_to_the_drafter_only():
@@ -208,7 +226,7 @@ def test_copies_go_at_full_length_and_the_step_length_applies_to_the_drafter_onl
     vllm = FakeVllm(target, k=3)
     vllm.proposer.suffix_config = SuffixConfig()
     proposer = vllm.proposer
-    proposer.step_k.choose = lambda batch: 0  # the drafter muted every step
+    proposer.step_k.choose = lambda batch, rows=1, copied=0: 0  # the drafter muted every step
     drafter = HFDrafter(perturbed(target, 0.05, seed=1), "a")
     proposer.assign("copy", drafter, 3, adaptive=True)
     proposer.assign("model", drafter, 3, adaptive=True)

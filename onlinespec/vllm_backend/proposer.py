@@ -173,7 +173,9 @@ class OnlineSpecProposer:
         self.steps = 0
         self.failures = 0  # drafting calls that raised (their rows went without drafts)
         self.step_k = StepK(self.k_max)
-        self._mark: tuple | None = None  # (rows, drafter length, start) of the step under way
+        # the step under way: (rows, drafter length, start, rows drafting with the model or None when the
+        # length was not a choice, draft tokens handed to vLLM, drafter seconds)
+        self._mark: tuple | None = None
 
     def load_model(self, target_model) -> None:  # noqa: ARG002 - the drafters are the server's
         """The drafters are not vLLM's to load: the server gives them (:meth:`serve`) and assigns
@@ -225,10 +227,8 @@ class OnlineSpecProposer:
         now = time.perf_counter()
         if self.runner is None:  # before the worker's setup: plain decoding
             return [[] for _ in sampled_token_ids]
-        if self._mark is not None:  # the step just done: its cost and what it yielded
-            rows, k, start = self._mark
-            self.step_k.observe(rows, k, now - start, sum(len(e) for e in sampled_token_ids))
-            self._mark = None
+        mark, self._mark = self._mark, None  # the step just done, if its drafter length was a choice
+        other_tokens, blocks = 0, []  # what it yielded: the other rows' tokens, the drafter's blocks
         req_ids = self.runner.input_batch.req_ids
         wanted: dict[int, tuple[str, _Row]] = {}  # batch index -> (request, row) that drafts now
         for i, emitted in enumerate(sampled_token_ids):
@@ -249,11 +249,22 @@ class OnlineSpecProposer:
             if row.log.start is None:  # the first step this proposer saw (the request's first, unless it
                 row.log.start = int(num_tokens_no_spec[i]) - len(emitted)  # was assigned late)
             row.log.blocks.append((drafts, len(emitted), accepted))
+            if mark is not None and mark[3] is not None:
+                if rid not in mark[3]:
+                    other_tokens += len(emitted)
+                elif drafts and not copied:
+                    blocks.append((len(drafts), accepted))
             if drafts:
                 row.new.append((len(drafts), accepted, copied))
                 row.log.copied_blocks += copied
             if (row.drafter is not None or row.index is not None) and row.k > 0:
                 wanted[i] = (rid, row)
+        if mark is not None:  # every step teaches the cost of verifying drafts; a choice, what it yielded
+            batch, k, start, choice, drafts_out, drafter_seconds = mark
+            if choice is not None:
+                other_tokens += sum(len(e) for i, e in enumerate(sampled_token_ids) if req_ids[i] not in self._rows)
+            self.step_k.observe(batch, k, now - start, other_tokens if choice is not None else None, blocks,
+                                drafts=drafts_out, drafter_seconds=drafter_seconds)
         present = set(req_ids)
         for rows in self._drafting.values():  # rows of requests vLLM no longer runs (preempted, aborted)
             for rid in [r for r in rows.owners if r not in present]:
@@ -270,12 +281,14 @@ class OnlineSpecProposer:
         # copies go at full length (no forward to pay for); the drafter model's length, for the
         # rows nothing copies for, from what each length measured at this batch size
         step_k = None
-        if any(row.adaptive and not copies.get(i) and row.drafter is not None and room[i]
-               for i, (_, row) in wanted.items()):
-            step_k = self.step_k.choose(len(sampled_token_ids))
-            self._mark = (len(sampled_token_ids), step_k, now)
+        modelled = {rid for i, (rid, row) in wanted.items()
+                    if row.adaptive and not copies.get(i) and row.drafter is not None and room[i]}
+        if modelled:
+            step_k = self.step_k.choose(len(sampled_token_ids), len(modelled),
+                                        copied=sum(len(c) for c in copies.values()))
         by_drafter: dict[int, list[int]] = {}
         ks: dict[int, int] = {}  # batch index -> drafts this step
+        drafter_seconds = 0.0
         for i, (_, row) in wanted.items():
             if copies.get(i):
                 ks[i] = room[i]
@@ -290,6 +303,7 @@ class OnlineSpecProposer:
             if rows is None:
                 rows = self._drafting[id(drafter)] = _Rows(drafter, self.slots, self.max_len)
             contexts = {wanted[i][0]: token_ids_cpu[i, :int(num_tokens_no_spec[i])].tolist() for i in indices}
+            t0 = time.perf_counter()
             try:
                 drafts = rows.draft(contexts, {wanted[i][0]: ks[i] for i in indices})
             except Exception:  # noqa: BLE001 - a drafter that fails must not stop vLLM's step
@@ -302,7 +316,11 @@ class OnlineSpecProposer:
             for i in indices:
                 rid, row = wanted[i]
                 row.pending = drafts.get(rid, [])
-        return [wanted[i][1].pending if i in wanted else [] for i in range(len(sampled_token_ids))]
+            drafter_seconds += time.perf_counter() - t0
+        out = [wanted[i][1].pending if i in wanted else [] for i in range(len(sampled_token_ids))]
+        self._mark = (len(sampled_token_ids), step_k or 0, now, modelled if step_k is not None else None,
+                      sum(len(d) for d in out), drafter_seconds)
+        return out
 
     def _copies(self, row: _Row, context: list[int], k: int) -> list[int]:
         """Up to ``k`` tokens copied where the request's own text, or past outputs of its scope,
