@@ -166,8 +166,8 @@ class VllmLoop(LoopBase):
         if self.link is not None:
             suffix = self.link.suffix_config
             self.link.assign(request_id, drafter.drafter_id if drafter is not None else None, k, adaptive=adaptive,
-                                 scope=suffix.scope_of(handle.tenant) if suffix is not None else None,
-                                 isolated=suffix is not None and suffix.isolates(handle.tenant))
+                             scope=suffix.scope_of(handle.tenant) if suffix is not None else None,
+                             isolated=suffix is not None and suffix.isolates(handle.tenant))
         self._count_traffic(group, drafter)
         return VllmGeneration(request_id, drafter, k)
 
