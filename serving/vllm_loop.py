@@ -74,6 +74,15 @@ class VllmLoop(LoopBase):
         self.record_failures = 0  # finished requests whose record did not validate (not written)
         self.record_gaps = 0  # generated positions the proposer's log did not cover (logged as undrafted)
 
+    def stop(self) -> None:
+        """Stop the loop, then vLLM's engine: with its engine core or workers in processes of their
+        own, those processes end with the server, not after it."""
+        super().stop()
+        try:
+            self.engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - already down, or an engine without processes to stop
+            log.debug("vLLM engine shutdown", exc_info=True)
+
     @property
     def default_drafter(self):
         """The drafter a request gets without a router (the dashboard's routing without a pool)."""

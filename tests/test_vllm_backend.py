@@ -12,6 +12,7 @@ Without the vLLM virtualenv the module is skipped, except in CI (``CI=true``), w
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -98,7 +99,9 @@ registry: {tmp / 'registry'}
             client.delete(key)
     env = {**os.environ, "REDIS_URL": redis_url, "ONLINESPEC_CONFIG": str(config), **MODES[request.param][1]}
     log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([VLLM_PYTHON, "-m", "serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # a session of its own: vLLM's engine-core and worker processes are stopped with it, whatever happens
+    proc = subprocess.Popen([VLLM_PYTHON, "-m", "serving"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -118,9 +121,21 @@ registry: {tmp / 'registry'}
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        pass
+    leftover = _group_alive(proc.pid)
+    if leftover:  # the server left vLLM's processes behind (or hung): end them, then say so
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
     log.close()
     client.close()
+    assert not leftover, f"the server's stop left processes behind: {leftover}"
+
+
+def _group_alive(pgid: int) -> list[str]:
+    """Live (not zombie) processes of a process group."""
+    out = subprocess.run(["ps", "-eo", "pgid=,stat=,comm="], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines()
+            if line.split() and line.split()[0] == str(pgid) and not line.split()[1].startswith("Z")]
 
 
 @pytest.fixture(scope="module")
