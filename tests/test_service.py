@@ -92,9 +92,10 @@ def test_dashboard_data_shows_traffic_per_domain_routing_and_why_a_version_does_
 
     registry = Registry(cfg.registry, redis_client)
     model = registry.load_model("d1", 1)[0]
+    watcher = srv.state.loop.watcher
+    watcher.stop()  # its thread would validate the new version (woken by the publish) before the file breaks
     v2 = registry.publish("d1", model, parent=1).version
     (registry.path("d1", v2) / "model.safetensors").write_bytes(b"broken")
-    watcher = srv.state.loop.watcher
     watcher.check("d1")
     data = httpx.get(srv.url + "/dashboard/data", timeout=30).json()
     d1 = next(d for d in data["drafters"] if d["id"] == "d1")
