@@ -82,6 +82,10 @@ class ServingConfig:
     max_queue: int = 64  # waiting requests beyond this get 429
     prefill_tokens: int = 256  # prompt tokens prefilled per step
     drafter_context: int | None = None  # tokens of a request's text a drafter encodes when it joins (None: all)
+    # share of requests whose target features go beside their record for feature drafters' learners
+    # (None: 0.25 when a configured drafter is a feature drafter, else 0); each kept features_ttl seconds
+    capture_features: float | None = None
+    features_ttl: int = 900
     kv_cache_tokens: int | None = None  # key/value positions requests may reserve together
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
@@ -103,6 +107,10 @@ class ServingConfig:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.drafter_context is not None and self.drafter_context < 1:
             raise ValueError(f"drafter_context must be >= 1 or null (all), got {self.drafter_context}")
+        if self.capture_features is not None and not 0.0 <= self.capture_features <= 1.0:
+            raise ValueError(f"capture_features is a share in [0, 1] or null (auto), got {self.capture_features}")
+        if self.features_ttl < 1:
+            raise ValueError(f"features_ttl must be >= 1 second, got {self.features_ttl}")
 
 
 @dataclass(frozen=True)

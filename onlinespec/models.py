@@ -49,12 +49,18 @@ def resolve_model_path(name: str) -> str:
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTrainedModel:
     """A causal LM in eval mode. fp16 checkpoints are upcast: fp16 matmuls are slow on CPU."""
     from onlinespec.drafters.cut import is_cut, load_cut
+    from onlinespec.drafters.feature import is_feature, load_feature
 
     path = resolve_model_path(name)
     try:
-        # a cut drafter is rebuilt around its target's shared tensors (from_pretrained would
-        # create them on the meta device)
-        model = load_cut(path).to(dtype) if is_cut(path) else AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # cut and feature drafters are rebuilt around their target's shared tensors (from_pretrained
+        # would create them on the meta device)
+        if is_cut(path):
+            model = load_cut(path).to(dtype)
+        elif is_feature(path):
+            model = load_feature(path).to(dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors, json and torch raise their own types on a damaged file

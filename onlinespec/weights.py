@@ -72,6 +72,7 @@ def build_model(directory: Path, weights: dict[str, torch.Tensor], what: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import onlinespec.drafters.cut  # noqa: F401 - registers the cut drafter's model type with the Auto classes
+    import onlinespec.drafters.feature  # noqa: F401 - and the feature drafter's
 
     try:
         config = AutoConfig.from_pretrained(directory)

@@ -76,7 +76,7 @@ def build(config_path: str | None = None, no_redis: bool = False):
             model, manifest = registry.load_model(did, latest, device=device, dtype=dtype)
             drafters[did] = HFDrafter(model, did, version=latest)
             estimates[did] = manifest.metrics.get("acceptance_estimate") or {}
-        writer = FeedbackWriter(redis, cfg.target_id, maxlen=cfg.stream_maxlen)
+        writer = FeedbackWriter(redis, cfg.target_id, maxlen=cfg.stream_maxlen, features_ttl=s.features_ttl)
         if len(drafters) > 1:
             router = DrafterRouter(list(drafters), explore=s.explore)
         watcher = SwapWatcher(redis, registry, drafters, rollback=s.rollback, margin=s.rollback_margin,
@@ -129,9 +129,14 @@ def _embedded_state(cfg, target, tokenizer, drafters, estimates, writer, watcher
         records, bad = recent_records(redis, cfg.target_id, s.suffix.max_tokens)
         log.info("suffix speculation: warmed from %d logged outputs (%d tokens)%s", cache.warm(records),
                  cache.tokens, f"; {bad} malformed records skipped" if bad else "")
+    from onlinespec.drafters.feature import is_feature
+
+    capture = s.capture_features
+    if capture is None:  # feature drafters learn from captured features: capture a share when one serves
+        capture = 0.25 if any(is_feature(d.model) for d in drafters.values()) else 0.0
     engine = SpeculativeEngine(target, first, tokenizer=tokenizer, config=EngineConfig(
         k=s.k, k_max=s.k_max, feedback_topk=s.feedback_topk, drafter_context=s.drafter_context,
-        capture_feedback=writer is not None, target_id=cfg.target_id), suffix=cache)
+        capture_feedback=writer is not None, target_id=cfg.target_id, capture_features=capture), suffix=cache)
     for did, estimate in estimates.items():  # each version starts from what its learners measured
         engine.k_controller.start_version(did, estimate.get("all", {}).get("acceptance"))
     return build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,

@@ -305,4 +305,4 @@ class EngineLoop(LoopBase):
             if self.writer is not None:
                 record = gen.record()
                 if record is not None:
-                    self.writer.submit(record)
+                    self.writer.submit(record, gen.captured_features())

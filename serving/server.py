@@ -38,6 +38,12 @@ def build_state(engine: SpeculativeEngine | None, tokenizer, model_name: str, wr
                                 (("reason", "unencodable"),): writer.stats.dropped_unencodable})
         metrics.sample(Counter("feedback_written_total", "Feedback records written to Redis."),
                        lambda: {(): writer.stats.written})
+        metrics.sample(Counter("feedback_features_written_total",
+                               "Captured requests whose target features were written beside their record."),
+                       lambda: {(): writer.stats.features_written})
+        metrics.sample(Counter("feedback_features_bytes_total",
+                               "Bytes of captured target features written (each kept serving.features_ttl seconds)."),
+                       lambda: {(): writer.stats.features_bytes})
     if watcher is not None:
         metrics.sample(Counter("drafter_refusals_total", "Versions refused by validation."),
                        lambda: {(): watcher.stats.refusals})

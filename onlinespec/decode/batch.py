@@ -38,7 +38,9 @@ from onlinespec.drafters.base import Proposal
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.decode.engine import Generation, SpeculativeEngine, StepOutput
 from onlinespec.errors import InvalidRequestError
-from onlinespec.decode.proposers import Blocks, Copies, DraftRows
+from onlinespec.decode.features import FeatureLog
+from onlinespec.decode.proposers import Blocks, Copies, DraftRows, FeatureRows
+from onlinespec.drafters.feature import is_feature
 from onlinespec.decode.slots import SlotCache, forward_rows, leave_row
 
 __all__ = ["Batch", "StepTiming", "run_batched"]
@@ -127,6 +129,8 @@ class Batch:
         """A started request joins (its prompt is prefilled over the next steps)."""
         assert self.room > 0, f"the batch is full ({self.slots} slots)"
         assert not gen.finished and not gen.generated, "a fresh generation joins"
+        if gen.capture or (isinstance(gen.drafter, HFDrafter) and is_feature(gen.drafter.model)):
+            gen.features = FeatureLog()  # its drafter reads the target's features, or its learners will
         self.staging.join()
         self.staged.append(gen)
 
@@ -152,7 +156,8 @@ class Batch:
             self.cache.load(row, self.staging, len(gen.tokens) - 1, source_row=staged_row)
         if isinstance(gen.drafter, HFDrafter) and id(gen.drafter) not in self.drafters:
             # the drafter's rows; each request joins them when first asked to draft
-            self.drafters[id(gen.drafter)] = DraftRows(gen.drafter, self.slots, self.max_len,
+            rows = FeatureRows if is_feature(gen.drafter.model) else DraftRows
+            self.drafters[id(gen.drafter)] = rows(gen.drafter, self.slots, self.max_len,
                                                        catch_up=self.engine.config.k_max + 1,
                                                        context=self.engine.config.drafter_context)
 
@@ -167,7 +172,13 @@ class Batch:
         feeds = [gen.tokens[d:d + min(n, share)] for gen, d, n in zip(self.staged, done, left)]
         fed = sum(map(len, feeds))
         if fed:
-            forward_rows(self.engine.target, self.staging, feeds)
+            if any(g.features is not None for g in self.staged):
+                _, states = forward_rows(self.engine.target, self.staging, feeds, hidden=True)
+                for gen, h in zip(self.staged, states):
+                    if gen.features is not None:
+                        gen.features.append(h)
+            else:
+                forward_rows(self.engine.target, self.staging, feeds)
         ready = [g for row, g in enumerate(self.staged) if int(self.staging.lengths[row]) == len(g.tokens) - 1]
         for gen in ready:
             row = self.staged.index(gen)
@@ -258,7 +269,12 @@ class Batch:
                 self.k.observe_join(group.drafter.drafter_id, seconds, tokens)
                 joined += seconds
             group.joins.clear()
-        logits = forward_rows(self.engine.target, self.cache, [[g.tokens[-1], *d] for g, d in zip(rows, drafts)])
+        feeds = [[g.tokens[-1], *d] for g, d in zip(rows, drafts)]
+        states = None
+        if any(g.features is not None for g in rows):  # feature drafters read the target's features
+            logits, states = forward_rows(self.engine.target, self.cache, feeds, hidden=True)
+        else:
+            logits = forward_rows(self.engine.target, self.cache, feeds)
         t3 = time.perf_counter()
         results: list[tuple[Generation, StepOutput | Exception]] = []
         leaving = []
@@ -270,6 +286,8 @@ class Batch:
                 leaving.append(gen)
                 continue
             results.append((gen, out))
+            if gen.features is not None and (gen.capture or not gen.finished):  # the features of what settled
+                gen.features.append(states[b][: len(gen.tokens) - 1 - len(gen.features)])
             if gen.adaptive:  # a muted row's block was a suffix block: credited as one, as without a drafter
                 key = gen.drafter.drafter_id if gen.drafter is not None and b not in muted else None
                 self.k.observe_row(key, copied[b], out.accepted, asked=k_rows[b])

@@ -19,6 +19,7 @@ reports what it emitted so a server can stream.
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,7 @@ from onlinespec.decode.adaptive import BatchK
 from onlinespec.drafters.base import Drafter, Proposal
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.errors import InvalidRequestError
+from onlinespec.feedback.codec import CapturedFeatures
 from onlinespec.feedback.record import FeedbackRecord, RecordBuilder
 from onlinespec.models import check_same_vocab, vocab_size
 from onlinespec.decode.sampling import PositionNoise, SamplingParams
@@ -54,6 +56,11 @@ class EngineConfig:
     # (None: all, the default). Encoding is paid once per request and drafter; under load it was 3-5% of the
     # bundled pair's time, and a small drafter's drafts barely use distant context.
     drafter_context: int | None = None
+    # Share of requests (with feedback on) whose target features are kept and handed out with
+    # their record (:meth:`Generation.captured_features`): what a feature drafter's learners
+    # learn from. Features of the generated tokens and of the last ``feature_window`` prompt tokens.
+    capture_features: float = 0.0
+    feature_window: int = 64
 
     def __post_init__(self):
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
@@ -61,6 +68,8 @@ class EngineConfig:
         assert self.k_max >= 1, "k_max must be >= 1"
         assert self.feedback_topk >= 1, "feedback_topk must be >= 1"
         assert self.drafter_context is None or self.drafter_context >= 1, "drafter_context must be >= 1 or None"
+        assert 0.0 <= self.capture_features <= 1.0, "capture_features is a share in [0, 1]"
+        assert self.feature_window >= 0, "feature_window must be >= 0"
 
 
 @dataclass(frozen=True)
@@ -315,6 +324,11 @@ class Generation:
         # per-request state of a drafter driven through the Drafter contract (HFDrafter rows live
         # in the batch)
         self.dstate = self.drafter.begin(prompt) if isinstance(self.drafter, Drafter) else None
+        # the target's features of the settled tokens, kept (by the batch) when the drafter reads
+        # them or the request is captured for learning
+        self.features = None
+        share = engine.config.capture_features
+        self.capture = engine.config.capture_feedback and share > 0 and (share >= 1 or random.random() < share)
         suffix = engine.suffix
         self.index = RequestIndex(suffix.config) if suffix is not None else None
         # Past outputs are copied within the request's tenant, or across all requests with scope
@@ -453,3 +467,15 @@ class Generation:
 
     def record(self) -> FeedbackRecord | None:
         return self.builder.build(self.generated) if self.builder is not None else None
+
+    def captured_features(self) -> CapturedFeatures | None:
+        """A captured request's target features, float16, from ``feature_window`` tokens before
+        its output to the third-last token: pair ``i`` of a feature drafter (``h_i`` with token
+        ``i + 1``) predicts token ``i + 2``, so these are all the pairs that predict its output."""
+        if not self.capture or self.features is None:
+            return None
+        start = max(0, len(self.prompt) - self.engine.config.feature_window)
+        end = min(len(self.features), len(self.tokens) - 2)
+        if end <= start:
+            return None
+        return CapturedFeatures(start, self.features[start:end].detach().to("cpu", torch.float16).numpy())

@@ -26,7 +26,7 @@ from onlinespec.decode.suffix import best_match
 if TYPE_CHECKING:
     from onlinespec.decode.engine import Generation
 
-__all__ = ["Draft", "Proposer", "Copies", "DraftRows", "Blocks"]
+__all__ = ["Draft", "Proposer", "Copies", "DraftRows", "FeatureRows", "Blocks"]
 
 ENCODE_CHUNK = 256  # positions per row in one forward when a drafter encodes joining rows' text
 
@@ -150,6 +150,104 @@ class DraftRows:
                 token, q = draw(logits[self.gens.index(gen)][-1], gen.params, gen.generator,
                                 position=len(gen.tokens) + position)
                 out[b] = [Draft(token, q)]
+        return out
+
+
+class FeatureRows(DraftRows):
+    """A :class:`~onlinespec.drafters.feature.FeatureDrafter`'s rows: pair ``i`` of a row is the
+    target's feature ``h_i`` (kept in the request's :class:`~onlinespec.decode.features.FeatureLog`)
+    with token ``x_{i+1}``. Up to the last settled token the pairs hold the target's features;
+    past it each draft is paired with the drafter's own output feature of the pair before, one
+    pair per forward. After verification a row keeps only its pairs with true features
+    (:meth:`rewind`) and catches up on the accepted tokens' at its next forward."""
+
+    def __init__(self, drafter: HFDrafter, slots: int, max_len: int, catch_up: int, context: int | None = None):
+        super().__init__(drafter, slots, max_len, catch_up, context)
+        self.true: dict[Generation, int] = {}  # pairs 0 .. true-1 hold the target's features
+        self.last: dict[Generation, tuple[int, torch.Tensor]] = {}  # (pair, its output feature), the last fed
+
+    def join(self, gens: list[Generation]) -> None:
+        """Encode each joining row's pairs but the last (whose output the first draft needs)."""
+        if not gens:
+            return
+        t0 = time.perf_counter()
+        pairs = []
+        for gen in gens:
+            n = len(gen.tokens) - 1
+            skip = max(0, n - self.context) if self.context else 0
+            self.skipped[gen] = skip
+            pairs.append((skip, max(skip, n - 1)))
+        longest = max(end - start for start, end in pairs)
+        staging = None
+        if longest:
+            staging = SlotCache.for_model(self.drafter.model, len(gens), self.cache.max_len)
+            for _ in gens:
+                staging.join()
+            for at in range(0, longest, ENCODE_CHUNK):
+                spans = [(min(s + at, e), min(s + at + ENCODE_CHUNK, e)) for s, e in pairs]
+                forward_rows(self.drafter.model, staging, [g.tokens[a + 1:b + 1] for g, (a, b) in zip(gens, spans)],
+                             logits=False, features=[g.features[a:b] for g, (a, b) in zip(gens, spans)])
+        for i, (gen, (start, end)) in enumerate(zip(gens, pairs)):
+            row = self.cache.join()
+            self.gens.append(gen)
+            self.true[gen] = end
+            if end > start:
+                self.cache.load(row, staging, end - start, source_row=i)
+        self.joins.append((time.perf_counter() - t0, sum(e - s for s, e in pairs)))
+
+    def leave(self, gen: Generation) -> None:
+        super().leave(gen)
+        self.true.pop(gen, None)
+        self.last.pop(gen, None)
+
+    def rewind(self, gen: Generation, keep: int) -> None:
+        if gen in self.gens:
+            self.true[gen] = min(self.true[gen], keep)
+            super().rewind(gen, self.true[gen])
+
+    def propose(self, rows, need, drafts, position, room):
+        mine = [b for b in need if rows[b].drafter is self.drafter]
+        if not mine:
+            return {}
+        self.join([rows[b] for b in mine if rows[b] not in self.gens])
+        where = {id(g): b for b, g in enumerate(rows)}
+        out = {}
+        # a row whose previous draft came from a copy lacks that draft's pair too: a second forward
+        for _ in range(2):
+            feeds, feats, ends = [], [], []
+            for i, gen in enumerate(self.gens):
+                at = self.skipped[gen] + int(self.cache.lengths[i])  # the next pair
+                n = len(gen.tokens) - 1
+                text = gen.tokens + drafts[where[id(gen)]][:position]
+                if at < n:  # settled pairs: the target's features
+                    end = min(n, at + self.catch_up)
+                    feeds.append(text[at + 1:end + 1])
+                    feats.append(gen.features[at:end])
+                elif at + 1 < len(text) and self.last.get(gen, (None,))[0] == at - 1:  # a draft: its own feature
+                    end = at + 1
+                    feeds.append([text[at + 1]])
+                    feats.append(self.last[gen][1][None])
+                else:
+                    end = at
+                    feeds.append([])
+                    feats.append(torch.empty(0))
+                ends.append(end)
+            if not any(feeds):
+                break
+            logits, states = forward_rows(self.drafter.model, self.cache, feeds, hidden=True, features=feats)
+            for i, gen in enumerate(self.gens):
+                if feeds[i]:
+                    self.last[gen] = (ends[i] - 1, states[i][-1])
+                    if ends[i] <= len(gen.tokens) - 1:
+                        self.true[gen] = ends[i]
+            for b in mine:
+                gen = rows[b]
+                i = self.gens.index(gen)
+                if b not in out and feeds[i] and ends[i] == len(gen.tokens) - 1 + position:
+                    token, q = draw(logits[i][-1], gen.params, gen.generator, position=len(gen.tokens) + position)
+                    out[b] = [Draft(token, q)]
+            if len(out) == len(mine):
+                break
         return out
 
 

@@ -202,11 +202,15 @@ def leave_row(cache: SlotCache, owners: list, owner) -> None:
 
 
 @torch.inference_mode()
-def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = False, logits: bool = True):
+def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = False, logits: bool = True,
+                 features: list[torch.Tensor] | None = None):
     """Feed ``rows[b]`` (possibly nothing) to active row ``b``, every row in one forward.
     Returns each row's logits ``[len(rows[b]), V]`` (and with ``hidden``, the last hidden states
     at the same positions); the tokens are committed to the cache. ``logits=False``: only the
-    keys and values are wanted (encoding text), the head is not run; returns None."""
+    keys and values are wanted (encoding text), the head is not run; returns None.
+    ``features[b]`` (``[len(rows[b]), H]``): the target's feature paired with each token, for a
+    :class:`~onlinespec.drafters.feature.FeatureDrafter` (its hidden states out are its own
+    output features)."""
     b = len(rows)
     assert b == cache.active, "one row of tokens per active row, in row order"
     lens = [len(r) for r in rows]
@@ -226,6 +230,20 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
         mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill(
             ~mask, torch.finfo(model.dtype).min)
     inputs = dict(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+    if features is not None:  # a feature drafter: its layer reads fc([embedding, feature]); head on its output
+        width = model.config.hidden_size
+        feats = torch.zeros(b, t, width, dtype=model.dtype, device=device)
+        for i, f in enumerate(features):
+            if len(f):
+                feats[i, : len(f)] = f.to(device=device, dtype=model.dtype)
+        inputs["inputs_embeds"] = model.fuse(inputs.pop("input_ids"), feats)
+        states = model.get_decoder()(**inputs).last_hidden_state  # [B, T, H]
+        cache.lengths[:b] += torch.tensor(lens)
+        if not logits:
+            return None
+        h = [states[i, :n] for i, n in enumerate(lens)]
+        out_logits = list(model.lm_head(torch.cat(h)).split(lens))
+        return (out_logits, h) if hidden else out_logits
     if not logits:
         model(**inputs, logits_to_keep=1)
         cache.lengths[:b] += torch.tensor(lens)

@@ -4,9 +4,14 @@ Python installation has.
     python -m onlinespec.drafters.distill --minutes 30            # SmolLM2-135M-Instruct's drafters
     python -m onlinespec.drafters.distill --minutes 30 --resume   # continue where it stopped
     python -m onlinespec.drafters.distill --device cuda --batch 64 --minutes 10   # on a GPU machine
+    python -m onlinespec.drafters.distill --layers "" --feature --minutes 30      # the feature drafter alone
 
 Each drafter is a :class:`~onlinespec.drafters.cut.CutDrafter` (the target's first N layers,
-its frozen embedding, a head over the V tokens most frequent in the text). All of them learn
+its frozen embedding, a head over the V tokens most frequent in the text), and with
+``--feature`` also a :class:`~onlinespec.drafters.feature.FeatureDrafter` (``feature``: one layer
+reading the target's hidden states, the same head), trained on its own features too
+(``--unroll`` levels, EAGLE-3's training-time test) plus a smooth-L1 pull of its output feature
+towards the target's next one. All of them learn
 together from one teacher forward per batch: KL(p || q) over the whole vocabulary, ``p`` the
 target's distribution at every position of 128-token windows of the Python standard library's
 source and its reference documentation (``onlinespec.demo.corpus``: ``python`` and ``docs``,
@@ -33,6 +38,7 @@ import numpy as np
 import torch
 
 from onlinespec.drafters.cut import cut_from, load_cut
+from onlinespec.drafters.feature import FeatureDrafter, feature_from, load_feature, unrolled_logits
 
 __all__ = ["main", "head_tokens", "heldout"]
 
@@ -78,27 +84,63 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (p.exp() * (p - q)).sum(-1).mean()
 
 
+def _teacher(target, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's logits and last hidden states (its features) at every position of ``ids``."""
+    out = target(ids, output_hidden_states=True)
+    return out.logits, out.hidden_states[-1]
+
+
+def feature_losses(d: FeatureDrafter, ids: torch.Tensor, p: torch.Tensor, h: torch.Tensor, levels: int,
+                   pull: float = 0.1) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A feature drafter's loss on windows ``ids`` [B, T] with the target's logits ``p`` and
+    features ``h``: pair ``i`` is ``(h_i, x_{i+1})`` and predicts ``x_{i+2}`` (``p[i + 1]``); the
+    mean over ``levels`` of KL(p || q) with the last ``L`` pairs fed on its own features, plus
+    ``pull`` times the smooth-L1 distance of its level-0 output feature to ``h_{i+1}``.
+    Returns the loss and, per level, its argmax agreement with the target at each pair."""
+    outs = unrolled_logits(d, ids[:, 1:], h[:, :-1], levels=levels)
+    want = p[:, 1:]
+    loss, agree = 0.0, []
+    for level, (q, _) in enumerate(outs):
+        loss = loss + _kl(want[:, level:], q[:, level:]) / levels
+        agree.append((q[:, level:].argmax(-1) == want[:, level:].argmax(-1)).float())
+    loss = loss + pull * torch.nn.functional.smooth_l1_loss(outs[0][1], h[:, 1:].to(outs[0][1].dtype))
+    return loss, agree
+
+
 @torch.no_grad()
 def heldout(target, drafters: dict, tokens: np.ndarray, windows: int = 16, seq: int = 128) -> dict[str, dict]:
     """Each drafter on held-out windows: ``agreement``, the share of positions where its argmax
-    is the target's (the greedy acceptance of a first draft), and ``kl``, its mean KL(p || q)."""
-    hits = {name: 0 for name in drafters}
+    is the target's (the greedy acceptance of a first draft), and ``kl``, its mean KL(p || q);
+    a feature drafter also ``agreement_2``, its second draft's (fed on its own feature)."""
+    hits = {name: 0.0 for name in drafters}
     kls = {name: 0.0 for name in drafters}
+    second = {name: 0.0 for name in drafters}
     total = 0
     device = next(target.parameters()).device
     for i in range(windows):
         ids = _batch(tokens, i, 12345, 1, seq).to(device)
-        p = target(ids).logits
+        p, h = _teacher(target, ids)
         want = p.argmax(-1)
         total += want.numel()
         for name, d in drafters.items():
+            if isinstance(d, FeatureDrafter):
+                _, agree = feature_losses(d, ids, p, h, levels=2)
+                hits[name] += float(agree[0].mean()) * want.numel()
+                second[name] += float(agree[1].mean()) * want.numel()
+                q = unrolled_logits(d, ids[:, 1:], h[:, :-1], levels=1)[0][0]
+                kls[name] += float(_kl(p[:, 1:], q)) * want.numel()
+                continue
             q = d(ids).logits
             hits[name] += int((q.argmax(-1) == want).sum())
             kls[name] += float(_kl(p, q)) * want.numel()
-    return {name: {"agreement": round(hits[name] / total, 4), "kl": round(kls[name] / total, 4)} for name in drafters}
+    out = {name: {"agreement": round(hits[name] / total, 4), "kl": round(kls[name] / total, 4)} for name in drafters}
+    for name, d in drafters.items():
+        if isinstance(d, FeatureDrafter):
+            out[name]["agreement_2"] = round(second[name] / total, 4)
+    return out
 
 
-def _publish(drafters: dict, out: Path, meta: dict) -> None:
+def _publish(drafters: dict, out: Path, meta: dict, meta_name: str = "build.json") -> None:
     from safetensors.torch import save_file
 
     for name, d in drafters.items():
@@ -106,7 +148,7 @@ def _publish(drafters: dict, out: Path, meta: dict) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         d.config.save_pretrained(str(dest))
         save_file({k: v.detach().half().contiguous() for k, v in d.state_dict().items()}, str(dest / "model.safetensors"))
-    (out / "build.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (out / meta_name).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def main(argv=None) -> None:
@@ -115,7 +157,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--work", type=Path, default=Path(".onlinespec/distill"))
     ap.add_argument("--domains", default="docs,python", help="text of onlinespec.demo.corpus to distil on")
-    ap.add_argument("--layers", default="1,2", help="one drafter per count of the target's first layers")
+    ap.add_argument("--layers", default="1,2", help="one cut drafter per count of the target's first layers "
+                    '("": none)')
+    ap.add_argument("--feature", action="store_true", help="also a feature drafter (EAGLE-style), named feature")
+    ap.add_argument("--meta", default="build.json", help="the build record's file name in --out")
+    ap.add_argument("--unroll", type=int, default=2, help="a feature drafter trains this many drafts deep")
     ap.add_argument("--head", type=int, default=8192, help="tokens the drafters' head scores (V)")
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--steps", type=int, default=None, help="stop after this step (default: the time budget)")
@@ -139,8 +185,12 @@ def main(argv=None) -> None:
     special = sorted({int(t) for t in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
                       if t is not None})
     head = head_tokens(train, vocab, args.head, special)
-    names = {f"drafter-{n}l": int(n) for n in args.layers.split(",")}
+    names = {f"drafter-{n}l": int(n) for n in args.layers.split(",") if n}
     drafters = {name: cut_from(target, args.target, n, head) for name, n in names.items()}
+    if args.feature:
+        drafters["feature"] = feature_from(target, args.target, head)
+    if not drafters:
+        ap.error("nothing to train: give --layers or --feature")
     ckpt = args.work / "checkpoint.pt"
     step, seen, seconds, before = 0, 0, 0.0, None
     opts = {name: torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -163,10 +213,13 @@ def main(argv=None) -> None:
     while (args.steps is None or step < args.steps) and time.perf_counter() - start < budget:
         ids = _batch(train, step, args.seed, args.batch, args.seq).to(args.device)
         with torch.no_grad():
-            p = target(ids).logits
+            p, h = _teacher(target, ids)
         losses = {}
         for name, d in drafters.items():
-            loss = _kl(p, d(ids).logits)
+            if isinstance(d, FeatureDrafter):
+                loss = feature_losses(d, ids, p, h, args.unroll)[0]
+            else:
+                loss = _kl(p, d(ids).logits)
             opts[name].zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(d.parameters(), 1.0)
@@ -188,12 +241,13 @@ def main(argv=None) -> None:
     torch.save({"models": {n: d.state_dict() for n, d in drafters.items()},
                 "opts": {n: o.state_dict() for n, o in opts.items()},
                 "step": step, "seen": seen, "seconds": seconds, "before": before}, ckpt)
-    meta = {"target": args.target, "layers": names, "head_tokens": len(head), "steps": step, "tokens_seen": seen,
+    meta = {"target": args.target, "layers": names, "feature": args.feature, "unroll": args.unroll,
+            "head_tokens": len(head), "steps": step, "tokens_seen": seen,
             "seconds": round(seconds), "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,
             "data": f"{args.domains}: train split (onlinespec.demo.corpus)", "heldout": after, "heldout_before": before, "device": args.device}
-    _publish({n: d.cpu() for n, d in drafters.items()}, args.out, meta)
-    for name in drafters:  # what was published loads back as published
-        load_cut(str(args.out / name))
+    _publish({n: d.cpu() for n, d in drafters.items()}, args.out, meta, args.meta)
+    for name, d in drafters.items():  # what was published loads back as published
+        (load_feature if isinstance(d, FeatureDrafter) else load_cut)(str(args.out / name))
     print(f"published {sorted(drafters)} to {args.out}", flush=True)
 
 

@@ -7,12 +7,14 @@ with the reason, so a reader can put a bad entry aside instead of learning from 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import msgpack
 import numpy as np
 
 from onlinespec.feedback.record import SCHEMA_VERSION, FeedbackRecord
 
-__all__ = ["CodecError", "encode", "decode"]
+__all__ = ["CodecError", "encode", "decode", "CapturedFeatures", "encode_features", "decode_features"]
 
 # field -> (dtype, number of dimensions)
 _ARRAYS = {
@@ -54,8 +56,44 @@ def encode(record: FeedbackRecord) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
-def _array(body: dict, name: str) -> np.ndarray:
-    dtype, ndim = _ARRAYS[name]
+@dataclass(frozen=True)
+class CapturedFeatures:
+    """The target's features (last hidden states) of one served request, from sequence position
+    ``start``: row ``i`` is the feature after token ``start + i``. float16 ``[n, H]``."""
+
+    start: int
+    values: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes)
+
+
+def encode_features(features: CapturedFeatures) -> bytes:
+    arr = np.ascontiguousarray(features.values, dtype=np.dtype("<f2"))
+    return msgpack.packb({"start": int(features.start), "values": {"shape": list(arr.shape), "data": arr.tobytes()}},
+                         use_bin_type=True)
+
+
+def decode_features(payload: bytes, hidden: int | None = None) -> CapturedFeatures:
+    """Strict, as :func:`decode`: a start, a float16 ``[n, H]`` array (``H == hidden`` when given),
+    finite values; else :class:`CodecError`."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=256 << 20)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise CodecError(f"not msgpack: {type(exc).__name__}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("start"), int) or body["start"] < 0:
+        raise CodecError("captured features need a start >= 0")
+    values = _array({"values": body.get("values")}, "values", ("<f2", 2))
+    if hidden is not None and values.shape[1] != hidden:
+        raise CodecError(f"captured features are {values.shape[1]} wide, the drafter reads {hidden}")
+    if not np.isfinite(values).all():
+        raise CodecError("captured features hold non-finite values")
+    return CapturedFeatures(body["start"], values)
+
+
+def _array(body: dict, name: str, spec: tuple[str, int] | None = None) -> np.ndarray:
+    dtype, ndim = spec or _ARRAYS[name]
     item = body.get(name)
     if not isinstance(item, dict) or not isinstance(item.get("data"), bytes) or not isinstance(item.get("shape"), list):
         raise CodecError(f"field {name!r} must be an array {{shape, data}}")

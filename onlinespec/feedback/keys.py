@@ -7,6 +7,7 @@ __all__ = [
     "version_counter", "learner_metrics_stream", "learner_latest", "learner_config", "paused_key",
     "inflight_key", "UPDATE_QUEUE", "TUNE_QUEUE", "pool_key", "drafters_set", "backoff_key", "health_key", "learned_key", "relearned_key",
     "spec_key", "serving_key", "pinned_key", "acceptance_key", "dead_letter_seen", "dead_letter_count", "written_key",
+    "features_key",
 ]
 
 UPDATE_QUEUE = "onlinespec-updates"
@@ -128,6 +129,12 @@ def dead_letter_count(target: str) -> str:
 def written_key(target: str, request_id: str) -> str:
     """Set (with expiry) with each record's XADD, in one script: a retried batch adds nothing twice."""
     return f"onlinespec:feedback:{target}:written:{request_id}"
+
+
+def features_key(target: str, request_id: str) -> str:
+    """The target's features of a captured request (:func:`onlinespec.feedback.codec.encode_features`),
+    beside its record, with an expiry: what a feature drafter's learners read."""
+    return f"onlinespec:feedback:{target}:features:{request_id}"
 
 
 def acceptance_key(drafter: str, version: int) -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import redis
 
 from onlinespec.feedback import keys
-from onlinespec.feedback.codec import CodecError, decode, encode
+from onlinespec.feedback.codec import CapturedFeatures, CodecError, decode, encode, encode_features
 from onlinespec.feedback.record import FeedbackRecord
 
 __all__ = ["WriterStats", "FeedbackWriter", "Delivery", "FeedbackReader", "recent_records"]
@@ -47,6 +47,8 @@ class WriterStats:
     duplicates: int = 0  # records of a retried batch that an attempt whose reply was lost had written
     failed_writes: int = 0  # write attempts that failed and were retried
     encode_seconds: float = 0.0
+    features_written: int = 0  # captured requests whose target features were written beside their record
+    features_bytes: int = 0  # their size (each kept ``features_ttl`` seconds)
 
     @property
     def dropped(self) -> int:
@@ -86,6 +88,11 @@ class FeedbackWriter:
     Only when Redis stays away long enough for the buffer to fill are the oldest records dropped,
     each one counted. Every record is added at most once (a marker per request id, set in the
     same script as the XADD), so retrying a write whose reply was lost adds no duplicate.
+
+    A record may come with the target's features of its request (:meth:`submit`'s ``features``:
+    a captured share of requests, for feature drafters' learners): they go to a key of their own
+    beside it, kept ``features_ttl`` seconds, so the stream stays as lean as without them and
+    what they take in Redis is bounded by the capture rate times the expiry.
     """
 
     def __init__(
@@ -99,14 +106,16 @@ class FeedbackWriter:
         max_buffer: int = 10_000,
         max_buffer_bytes: int = 256 << 20,
         socket_timeout: float = 10.0,
+        features_ttl: int = 900,
     ):
         self.redis = _own_client(redis_client, socket_timeout)
+        self.features_ttl = features_ttl
         self.target = target
         self.stream = keys.feedback_stream(target)
         self.maxlen, self.batch, self.flush_seconds = maxlen, batch, flush_seconds
         self.max_buffer, self.max_buffer_bytes = max_buffer, max_buffer_bytes
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.buffer: deque[tuple[str, bytes]] = deque()  # (request id, payload), oldest first
+        self.buffer: deque[tuple[str, bytes, bytes | None]] = deque()  # (request id, payload, features), oldest first
         self.buffer_bytes = 0
         self.stats = WriterStats()
         self._add_once = self.redis.register_script(_ADD_ONCE)
@@ -119,11 +128,12 @@ class FeedbackWriter:
         """Records not yet written: queued for encoding and buffered for writing."""
         return self.queue.qsize() + len(self.buffer)
 
-    def submit(self, record: FeedbackRecord) -> bool:
-        """Queue a record for writing; False (and counted) if the queue is full. Never blocks."""
+    def submit(self, record: FeedbackRecord, features: CapturedFeatures | None = None) -> bool:
+        """Queue a record (and its request's captured features) for writing; False (and counted)
+        if the queue is full. Never blocks."""
         self.stats.submitted += 1
         try:
-            self.queue.put_nowait(record)
+            self.queue.put_nowait((record, features))
             return True
         except queue.Full:
             self.stats.dropped_full += 1
@@ -141,29 +151,38 @@ class FeedbackWriter:
             except queue.Empty:
                 break
         t0 = time.perf_counter()
-        for r in items:
+        for r, features in items:
             try:
                 payload = encode(r)
+                blob = encode_features(features) if features is not None else None
             except Exception:  # noqa: BLE001 - one bad record must not stop the others
                 self.stats.dropped_unencodable += 1
                 log.exception("feedback writer: could not encode record %s; dropped", getattr(r, "request_id", "?"))
                 continue
-            self.buffer.append((r.request_id, payload))
-            self.buffer_bytes += len(payload)
+            self.buffer.append((r.request_id, payload, blob))
+            self.buffer_bytes += len(payload) + len(blob or b"")
         self.stats.encode_seconds += time.perf_counter() - t0
         while self.buffer and (len(self.buffer) > self.max_buffer or self.buffer_bytes > self.max_buffer_bytes):
-            _, old = self.buffer.popleft()
-            self.buffer_bytes -= len(old)
+            _, old, blob = self.buffer.popleft()
+            self.buffer_bytes -= len(old) + len(blob or b"")
             self.stats.dropped_unreachable += 1
 
     def _write(self) -> None:
         chunk = list(itertools.islice(self.buffer, self.batch))
-        markers = [keys.written_key(self.target, rid) for rid, _ in chunk]
+        captured = [(rid, blob) for rid, _, blob in chunk if blob is not None]
+        if captured:  # before the records: a learner that reads a record finds its features
+            pipe = self.redis.pipeline(transaction=False)
+            for rid, blob in captured:
+                pipe.set(keys.features_key(self.target, rid), blob, ex=self.features_ttl)
+            pipe.execute()
+        markers = [keys.written_key(self.target, rid) for rid, _, _ in chunk]
         added = int(self._add_once(keys=[self.stream, *markers],
-                                   args=[self.maxlen, 3600, *(p for _, p in chunk)]))
+                                   args=[self.maxlen, 3600, *(p for _, p, _ in chunk)]))
         for _ in chunk:
-            _, payload = self.buffer.popleft()
-            self.buffer_bytes -= len(payload)
+            _, payload, blob = self.buffer.popleft()
+            self.buffer_bytes -= len(payload) + len(blob or b"")
+        self.stats.features_written += len(captured)
+        self.stats.features_bytes += sum(len(blob) for _, blob in captured)
         # a marker already set: an earlier attempt wrote the record and only its reply was lost
         self.stats.written += len(chunk)
         self.stats.duplicates += len(chunk) - added

@@ -3,6 +3,12 @@
 For a record with ``prompt_len = P`` and ``G`` generated tokens, the drafter's distribution at
 generated position ``i`` comes from its logits at sequence position ``P - 1 + i`` (teacher
 forcing on the actual output). The target's side is the logged top-K, plus a rest bucket.
+
+For a feature drafter (:mod:`onlinespec.drafters.feature`) each record comes with its captured
+target features (:class:`~onlinespec.feedback.codec.CapturedFeatures`): its sequence starts
+where they start, ``features[b, t]`` is the target's feature after token ``t`` of that sequence,
+and the pair ``(features[b, t], input_ids[b, t + 1])`` predicts token ``t + 2``: generated
+positions keep their column (``P - 1 + i``, the one before them) and need a pair before it.
 """
 
 from __future__ import annotations
@@ -31,25 +37,32 @@ class FeedbackBatch:
     block: torch.Tensor  # [N] int64, a block id unique within the batch
     records: int
     temperature: torch.Tensor  # [N] float32: the sampling temperature of the request (0: greedy)
+    features: torch.Tensor | None = None  # [B, T, H] float32: the target's features (feature drafters)
 
     @property
     def positions(self) -> int:
         return int(self.row.numel())
 
 
-def collate(records: list[FeedbackRecord], max_len: int = 1024, pad_id: int = 0) -> FeedbackBatch:
+def collate(records: list[FeedbackRecord], max_len: int = 1024, pad_id: int = 0,
+            features: list | None = None) -> FeedbackBatch:
     """Long records keep their last ``max_len`` tokens (generated positions whose context was cut
-    away entirely are dropped)."""
+    away entirely are dropped). ``features``: each record's captured target features (a feature
+    drafter's batch; positions without a pair of them are dropped)."""
     assert records, "collate() needs at least one record"
-    seqs, rows, cols, ids, logs, dr, ac, bi, blocks, temps = [], [], [], [], [], [], [], [], [], []
+    assert features is None or len(features) == len(records), "one capture per record"
+    seqs, rows, cols, ids, logs, dr, ac, bi, blocks, temps, feats = [], [], [], [], [], [], [], [], [], [], []
     block_base = 0
     for b, r in enumerate(records):
         tokens = r.tokens.astype(np.int64)
         cut = max(0, tokens.size - max_len)
+        if features is not None:
+            cut = max(cut, features[b].start)
+            feats.append(features[b].values[cut - features[b].start:])
         seqs.append(tokens[cut:])
         g = r.generated
         col = r.prompt_len - 1 + np.arange(g) - cut
-        keep = col >= 0
+        keep = col >= 0 if features is None else (col >= 1) & (col - 1 < len(feats[-1]))
         block_id = np.cumsum(r.block_index == 0) - 1 + block_base
         block_base = int(block_id.max()) + 1 if g else block_base
         rows.append(np.full(int(keep.sum()), b))
@@ -68,6 +81,12 @@ def collate(records: list[FeedbackRecord], max_len: int = 1024, pad_id: int = 0)
         input_ids[b, : s.size] = s
         mask[b, : s.size] = 1
     cat = lambda xs: torch.from_numpy(np.concatenate(xs))  # noqa: E731
+    table = None
+    if features is not None:
+        table = torch.zeros(len(seqs), T, max(f.shape[1] for f in feats), dtype=torch.float32)
+        for b, f in enumerate(feats):
+            n = min(len(f), T)
+            table[b, :n] = torch.from_numpy(f[:n].astype(np.float32))
     return FeedbackBatch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(mask),
@@ -81,4 +100,5 @@ def collate(records: list[FeedbackRecord], max_len: int = 1024, pad_id: int = 0)
         block=cat(blocks).long(),
         records=len(records),
         temperature=cat(temps).float(),
+        features=table,
     )

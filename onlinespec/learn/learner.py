@@ -183,15 +183,16 @@ class DrafterLearner:
             grads = {n: (g if g is not None else torch.zeros_like(named[n])) for n, g in zip(self.names, gs)}
         return out, grads
 
-    def evaluate(self, records: list[FeedbackRecord]) -> dict:
-        """Loss of the served drafter on records, without learning from them."""
-        batch = collate(records, self.config.max_len)
+    def evaluate(self, records: list[FeedbackRecord], features: list | None = None) -> dict:
+        """Loss of the served drafter on records, without learning from them (``features``: each
+        record's captured target features, for a feature drafter)."""
+        batch = collate(records, self.config.max_len, features=features)
         with torch.no_grad():
             out, _ = self._loss(self.served_params(), batch, grad=False)
         return {"prequential_loss": out.prequential, "kl": out.kl, "mean_alpha": float(out.alpha.mean()), "positions": batch.positions}
 
-    def round(self, records: list[FeedbackRecord]) -> RoundMetrics:
-        batch = collate(records, self.config.max_len)
+    def round(self, records: list[FeedbackRecord], features: list | None = None) -> RoundMetrics:
+        batch = collate(records, self.config.max_len, features=features)
         parent = self.served_params()
         # 1.-2. every base learner's loss (and gradient) at its played point, before any update, and
         # the prequential loss of what was served: with one learner that is its played point

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 
 from onlinespec.feedback import keys
+from onlinespec.feedback.codec import CapturedFeatures, CodecError, decode_features
+from onlinespec.feedback.record import FeedbackRecord
 from onlinespec.learn.control import POOL, Control
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
 from onlinespec.learn.registry import CheckpointError, PublishConflict, Registry
@@ -44,6 +46,37 @@ class RoundResult:
     dead: int = 0
     seconds: float = 0.0
     metrics: dict | None = None
+
+
+def needs_features(spec: dict | None) -> bool:
+    """Whether a drafter of this registry spec learns only from records with captured target
+    features (a feature drafter, :mod:`onlinespec.drafters.feature`)."""
+    from onlinespec.drafters.feature import MODEL_TYPE
+
+    return (spec or {}).get("arch", {}).get("model_type") == MODEL_TYPE
+
+
+def captured_features(redis_client, target: str, records: list[FeedbackRecord], hidden: int | None
+                      ) -> tuple[list[FeedbackRecord], list[CapturedFeatures], int]:
+    """The records whose captured features are still in Redis and valid for them, with those
+    features; and how many had features that were malformed (skipped, logged)."""
+    blobs = redis_client.mget([keys.features_key(target, r.request_id) for r in records]) if records else []
+    kept, features, bad = [], [], 0
+    for record, blob in zip(records, blobs):
+        if blob is None:
+            continue
+        try:
+            f = decode_features(blob, hidden)
+            if f.start > record.prompt_len or f.start + len(f.values) > len(record.tokens):
+                raise CodecError(f"features at {f.start}..{f.start + len(f.values)} do not fit a record of "
+                                 f"{len(record.tokens)} tokens")
+        except CodecError as exc:
+            bad += 1
+            log.warning("captured features of %s skipped: %s", record.request_id, exc)
+            continue
+        kept.append(record)
+        features.append(f)
+    return kept, features, bad
 
 
 def learner_health(redis_client, drafter: str) -> dict:
@@ -114,6 +147,7 @@ class Updater:
         delivery = reader.read(self.round_records)
         if not delivery.records:
             return RoundResult(drafter, "idle", latest, latest, 0, delivery.dead, time.perf_counter() - t0)
+
         done = already_learned(self.redis, drafter, delivery.ids)
         if done:  # a round that published and died before acknowledging: acknowledge, do not relearn
             reader.ack(sorted(done))
@@ -124,7 +158,16 @@ class Updater:
                 return RoundResult(drafter, "skipped", latest, latest, 0, delivery.dead, time.perf_counter() - t0)
         config = learner_config(self.redis, drafter, self.default_config)
         own = records_to_learn(delivery.records, drafter, config)
-        if not own:  # learn_from=served and another drafter served all of them: nothing to learn
+        features = None
+        if own and needs_features(spec):  # a feature drafter learns from the captured share only
+            hidden = (spec or {}).get("arch", {}).get("hidden_size")
+            n = len(own)
+            own, features, bad = captured_features(self.redis, self.target, own, hidden)
+            health = keys.health_key(drafter)
+            self.redis.hincrby(health, "without_features", n - len(own) - bad)
+            if bad:
+                self.redis.hincrby(health, "bad_features", bad)
+        if not own:  # learn_from=served and another drafter served all of them, or none was captured
             reader.ack(delivery.ids)
             return RoundResult(drafter, "skipped", latest, latest, len(delivery), delivery.dead,
                                time.perf_counter() - t0)
@@ -133,7 +176,7 @@ class Updater:
         except CheckpointError:  # its files were lost or damaged: continue from what still loads
             latest = self.registry.recover(drafter)
             learner = self._learner(drafter, latest, config)
-        metrics = learner.round(own).to_dict()
+        metrics = learner.round(own, features).to_dict()
         failpoint("before_publish", drafter)
         try:
             manifest = self.registry.publish(
@@ -188,7 +231,10 @@ class PoolUpdater:
         from onlinespec.learn.pool import DrafterPool
 
         t0 = time.perf_counter()
-        drafters = sorted(d.decode() for d in self.redis.smembers(keys.drafters_set(self.target)))
+        # a feature drafter can be scored only on the captured share of records: it is left out of
+        # the weights (it serves by the router's exploration share, or alone)
+        drafters = sorted(d for d in (d.decode() for d in self.redis.smembers(keys.drafters_set(self.target)))
+                          if not needs_features(self.registry.spec(d)))
         if len(drafters) < 2:
             return RoundResult(POOL, "idle")
         reader = FeedbackReader(self.redis, self.target, POOL, self.consumer, self.min_idle_ms)

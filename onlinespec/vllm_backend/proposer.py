@@ -187,8 +187,15 @@ class OnlineSpecProposer:
         ``start_draft_weight_update`` targets, and the ``onlinespec`` transfer backend updates in
         place. Set after vLLM started (vLLM wraps a draft model it finds at start-up for CUDA
         graphs, which these Hugging Face modules are not built for)."""
+        from onlinespec.drafters.feature import is_feature
+        from onlinespec.errors import ModelLoadError
         from onlinespec.vllm_backend.transfer import DrafterModules
 
+        features = sorted(i for i, d in drafters.items() if is_feature(d.model))
+        if features:  # it would need vLLM's hidden states at every step: not wired
+            raise ModelLoadError(f"feature drafters ({', '.join(features)}) draft from the target's hidden states, "
+                                 "which the vLLM engine does not hand OnlineSpec's proposer: serve them with "
+                                 "serving.engine: embedded")
         self.model = DrafterModules(drafters)
 
     # ------------------------------------------------------------------ server side

@@ -71,7 +71,13 @@ def tie_margin(target, prompt: list[int], reference: list[int], other: list[int]
 
 
 def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: int) -> dict:
+    """A feature drafter has no Hugging Face assisted run (its drafts need the target's hidden
+    states, which ``generate(assistant_model=...)`` does not pass): its ``hf_assisted_*`` figures
+    and ``ratio_vs_hf`` are None."""
+    from onlinespec.drafters.feature import is_feature
+
     eos = tokenizer.eos_token_id
+    assisted = not is_feature(drafter_model)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     plain = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(capture_feedback=False))
     engine = SpeculativeEngine(target, HFDrafter(drafter_model, "drafter"), tokenizer=tokenizer, config=EngineConfig(k=k))
@@ -79,6 +85,8 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
                                  config=EngineConfig(k=k), suffix=SuffixCache())
 
     def hf_assisted(prompt):
+        if not assisted:
+            return None
         out = target.generate(
             torch.tensor([prompt]), assistant_model=drafter_model, do_sample=False,
             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
@@ -94,12 +102,12 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
     base, t_base = _timed(lambda p: plain.generate(p, params), prompts)
     spec, t_spec = _timed(lambda p: engine.generate(p, params), prompts)
     hf, t_hf = _timed(hf_assisted, prompts)
+    n_hf = sum(len(t) for t in hf) if assisted else 0
     suf, t_suf = _timed(lambda p: suffixed.generate(p, params), prompts)
     suf_total = GenerationStats.combine(r.stats for r in suf)
 
     n_base = sum(len(r.tokens) for r in base)
     n_spec = sum(len(r.tokens) for r in spec)
-    n_hf = sum(len(t) for t in hf)
     n_suf = sum(len(r.tokens) for r in suf)
     total = GenerationStats.combine(r.stats for r in spec)
     a = total.accepted / (total.accepted + total.rejections) if total.accepted + total.rejections else 0.0
@@ -113,7 +121,7 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
     return {
         "target_tokens_per_s": n_base / t_base,
         "engine_tokens_per_s": n_spec / t_spec,
-        "hf_assisted_tokens_per_s": n_hf / t_hf,
+        "hf_assisted_tokens_per_s": n_hf / t_hf if assisted else None,
         "mean_accepted_length": total.mean_accepted_length,
         "acceptance_rate": a,
         "cost_ratio": c,
@@ -123,11 +131,11 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
         "theoretical_speedup": theory,
         "theoretical_speedup_v1": theoretical_speedup(a, k, c),
         "efficiency": speedup / theory,
-        "ratio_vs_hf": (n_spec / t_spec) / (n_hf / t_hf),
+        "ratio_vs_hf": (n_spec / t_spec) / (n_hf / t_hf) if assisted else None,
         "lossless": all(s.tokens == b.tokens for s, b in zip(spec, base)),
         "first_difference": next((tie_margin(target, p, b.tokens, s.tokens)
                                   for p, s, b in zip(prompts, spec, base) if s.tokens != b.tokens), None),
-        "hf_assisted_lossless": all(h == b.tokens for h, b in zip(hf, base)),
+        "hf_assisted_lossless": all(h == b.tokens for h, b in zip(hf, base)) if assisted else None,
         "suffix_tokens_per_s": n_suf / t_suf,
         "suffix_speedup": (n_suf / t_suf) / (n_base / t_base),
         "suffix_mean_accepted_length": suf_total.mean_accepted_length,
@@ -221,7 +229,8 @@ def _run_config(args) -> int:
         # measure() has its own target-alone run (this engine decoding plainly): ratios are taken
         # against the Hugging Face target-alone run above, like every other figure here
         for name in ("engine", "hf_assisted", "suffix"):
-            one[f"{name}_speedup"] = one[f"{name}_tokens_per_s"] / base_tps
+            tps = one[f"{name}_tokens_per_s"]
+            one[f"{name}_speedup"] = tps / base_tps if tps is not None else None
         for key in ("k", "engine_speedup", "acceptance_rate", "mean_accepted_length", "cost_ratio", "verify_cost_ratio",
                     "theoretical_speedup", "theoretical_speedup_v1", "efficiency", "ratio_vs_hf",
                     "hf_assisted_speedup", "suffix_speedup", "lossless", "hf_assisted_lossless", "suffix_lossless"):
