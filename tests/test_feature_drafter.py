@@ -183,13 +183,14 @@ def test_saved_and_loaded_through_the_users_path_and_the_registry(saved_target, 
         assert torch.equal(rebuilt(ids, features=feats).logits, drafter(ids, features=feats).logits)
 
 
-def test_its_learners_learn_only_from_captured_records_and_the_pool_weighs_the_others(
+def test_records_without_captured_features_teach_it_nothing_and_the_pool_weighs_it_on_those_with(
         saved_target, drafter, tmp_path, redis_client):
     """A record without captured features teaches a feature drafter nothing (counted, acknowledged,
-    no version); the pool's Hedge weighs the other drafters without it; the same records teach the
-    others as usual."""
+    no version) and cannot score it, so the pool's Hedge skips such records; the same records teach
+    the other drafters as usual. Records with captured features put it in the pool's weights."""
     from onlinespec.feedback import keys
     from onlinespec.feedback.codec import encode
+    from onlinespec.feedback.stream import FeedbackWriter
     from onlinespec.learn.registry import Registry
     from onlinespec.learn.round import PoolUpdater, Updater
     from tests.tiny import perturbed
@@ -202,19 +203,33 @@ def test_its_learners_learn_only_from_captured_records_and_the_pool_weighs_the_o
         registry.bootstrap(f"{name}-{other}", perturbed(target, 0.3, seed=len(other)))
     for d in ("f", "a", "b"):
         redis_client.sadd(keys.drafters_set(name), f"{name}-{d}")
-    engine = SpeculativeEngine(target, HFDrafter(drafter, f"{name}-f", version=1),
-                               config=EngineConfig(k=3, feedback_topk=8, target_id=name))
+
+    def engine(capture):
+        return SpeculativeEngine(target, HFDrafter(drafter, f"{name}-f", version=1),
+                                 config=EngineConfig(k=3, feedback_topk=8, target_id=name, capture_features=capture))
+
+    plain = engine(0.0)
     for p in prompts(4, seed=9):
-        record = engine.generate(p, SamplingParams(max_new_tokens=10)).record
+        record = plain.generate(p, SamplingParams(max_new_tokens=10)).record
         redis_client.xadd(keys.feedback_stream(name), {"r": encode(record)})
     result = Updater(redis_client, registry, name, consumer="w1", round_records=10).run_round(f"{name}-f")
     assert (result.status, result.records, registry.latest(f"{name}-f")) == ("skipped", 4, 1)
     assert int(redis_client.hget(keys.health_key(f"{name}-f"), "without_features")) == 4
     learned = Updater(redis_client, registry, name, consumer="w1", round_records=10).run_round(f"{name}-a")
     assert learned.status == "published" and registry.latest(f"{name}-a") == 2
+    assert PoolUpdater(redis_client, registry, name, "p1", round_records=10).run_round().status == "skipped"
+    assert redis_client.hget(keys.pool_key(name), "weights") is None
+    captured, writer = engine(1.0), FeedbackWriter(redis_client, name)
+    for p in prompts(3, seed=10):
+        gen = captured.start(p, SamplingParams(max_new_tokens=10))
+        while not gen.finished:
+            gen.step()
+        writer.submit(gen.record(), gen.captured_features())
+    writer.close()
     pool = PoolUpdater(redis_client, registry, name, "p1", round_records=10).run_round()
-    assert pool.status == "published"
-    assert set(json.loads(redis_client.hget(keys.pool_key(name), "weights"))) == {f"{name}-a", f"{name}-b"}
+    assert pool.status == "published" and pool.records == 3
+    weights = json.loads(redis_client.hget(keys.pool_key(name), "weights"))
+    assert set(weights) == {f"{name}-{d}" for d in ("f", "a", "b")}
 
 
 def test_it_learns_online_from_the_features_serving_captured(saved_target, drafter, tmp_path, redis_client):

@@ -27,7 +27,7 @@ import torch
 from onlinespec.feedback.record import FeedbackRecord
 from onlinespec.learn.batch import FeedbackBatch, collate
 from onlinespec.learn.estimate import AcceptanceEstimate, group_of
-from onlinespec.learn.forward import drafter_logits
+from onlinespec.learn.forward import deeper_logits, drafter_logits
 from onlinespec.learn.hedge import Hedge
 from onlinespec.learn.losses import LossConfig, compute_loss
 from onlinespec.learn.optim import OnlineOptimizer, OptimConfig
@@ -121,6 +121,9 @@ def records_to_learn(records: list[FeedbackRecord], drafter: str, config: Learne
     return list(records)
 
 
+_POSITIONAL = ("row", "col", "p_ids", "p_log", "drafted", "accepted", "block_index", "block", "temperature")
+
+
 def _trainable_names(model, pattern: str) -> list[str]:
     rx = re.compile(pattern)
     return [n for n, _ in model.named_parameters() if rx.search(n)]
@@ -176,6 +179,13 @@ class DrafterLearner:
         self._load(self.work, params)
         with torch.set_grad_enabled(grad):
             out = compute_loss(drafter_logits(self.work, batch), batch, self.config.loss)
+            if grad and batch.features is not None:
+                # a feature drafter drafts past the first position on its own features: it learns
+                # there too (the training-time test), the loss averaged over both depths
+                q, valid = deeper_logits(self.work, batch)
+                if bool(valid.any()):
+                    sub = replace(batch, **{f: getattr(batch, f)[valid] for f in _POSITIONAL})
+                    out = replace(out, total=(out.total + compute_loss(q, sub, self.config.loss).total) / 2)
         grads = None
         if grad:
             named = dict(self.work.named_parameters())

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from onlinespec.drafters.feature import FeatureDrafter
 from onlinespec.feedback.record import FeedbackRecord
 from onlinespec.learn.batch import collate
 from onlinespec.learn.estimate import group_of
@@ -59,16 +60,41 @@ class DrafterPool:
                 self.groups[g] = (h, float(st["positions"]))
 
     @torch.no_grad()
-    def position_losses(self, models: dict[str, torch.nn.Module], batch) -> list[torch.Tensor]:
-        """[N] per drafter: 1 - acceptance at each position of the batch."""
-        return [1 - acceptance(drafter_logits(models[name], batch), batch) for name in self.drafters]
+    def position_losses(self, models: dict[str, torch.nn.Module], batch, features_batch=None) -> list[torch.Tensor]:
+        """[N] per drafter: 1 - acceptance at each position of the batch (a feature drafter's on
+        ``features_batch``: the same positions, each record cut where its captured features start)."""
+        return [1 - acceptance(drafter_logits(models[name], b), b)
+                for name in self.drafters
+                for b in [features_batch if isinstance(models[name], FeatureDrafter) else batch]]
 
-    def score(self, models: dict[str, torch.nn.Module], records: list[FeedbackRecord], max_len: int = 1024) -> list[float]:
-        return [float(x.mean()) for x in self.position_losses(models, collate(records, max_len))]
+    def batches(self, models, records, max_len: int = 1024, features: list | None = None):
+        """(records, batch, features batch or None): with a feature drafter in the pool, every
+        drafter is scored on the records with captured ``features``, at the positions both batches
+        hold (a record whose output a capture does not cover whole is left out)."""
+        if features is None or not any(isinstance(m, FeatureDrafter) for m in models.values()):
+            return records, collate(records, max_len), None
+        batch, fbatch = collate(records, max_len), collate(records, max_len, features=features)
+        a, b = (torch.bincount(x.row, minlength=len(records)) for x in (batch, fbatch))
+        if not torch.equal(a, b):
+            keep = [i for i in range(len(records)) if a[i] == b[i] and a[i] > 0]
+            records, features = [records[i] for i in keep], [features[i] for i in keep]
+            if not records:
+                return [], None, None
+            batch, fbatch = collate(records, max_len), collate(records, max_len, features=features)
+        return records, batch, fbatch
 
-    def round(self, models, records, max_len: int = 1024) -> PoolRound:
-        batch = collate(records, max_len)
-        per = self.position_losses(models, batch)
+    def score(self, models: dict[str, torch.nn.Module], records: list[FeedbackRecord], max_len: int = 1024,
+              features: list | None = None) -> list[float]:
+        records, batch, fbatch = self.batches(models, records, max_len, features)
+        return [float(x.mean()) for x in self.position_losses(models, batch, fbatch)]
+
+    def round(self, models, records, max_len: int = 1024, features: list | None = None) -> PoolRound | None:
+        """One Hedge round on ``records`` (with a feature drafter in the pool: those with captured
+        ``features``; None when none of them can be scored)."""
+        records, batch, fbatch = self.batches(models, records, max_len, features)
+        if batch is None:
+            return None
+        per = self.position_losses(models, batch, fbatch)
         losses = [float(x.mean()) for x in per]
         self.hedge.update(losses)
         groups = [group_of(r.tenant, r.domain) for r in records]

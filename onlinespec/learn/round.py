@@ -231,10 +231,7 @@ class PoolUpdater:
         from onlinespec.learn.pool import DrafterPool
 
         t0 = time.perf_counter()
-        # a feature drafter can be scored only on the captured share of records: it is left out of
-        # the weights (it serves by the router's exploration share, or alone)
-        drafters = sorted(d for d in (d.decode() for d in self.redis.smembers(keys.drafters_set(self.target)))
-                          if not needs_features(self.registry.spec(d)))
+        drafters = sorted(d.decode() for d in self.redis.smembers(keys.drafters_set(self.target)))
         if len(drafters) < 2:
             return RoundResult(POOL, "idle")
         reader = FeedbackReader(self.redis, self.target, POOL, self.consumer, self.min_idle_ms)
@@ -256,7 +253,15 @@ class PoolUpdater:
             hedge.eta, hedge.discount = self.eta, self.discount
         pool = DrafterPool(drafters, eta=self.eta, hedge=hedge, discount=self.discount,
                            groups=state.get("groups") if same else None)
-        result = pool.round({d: self._model(d) for d in drafters}, delivery.records)
+        records, features = delivery.records, None
+        specs = [self.registry.spec(d) for d in drafters]
+        if any(map(needs_features, specs)):  # a feature drafter is scored on the captured share only
+            hidden = next(s for s in specs if needs_features(s)).get("arch", {}).get("hidden_size")
+            records, features, _ = captured_features(self.redis, self.target, records, hidden)
+        result = pool.round({d: self._model(d) for d in drafters}, records, features=features) if records else None
+        if result is None:  # none of them could score every drafter: nothing to weigh
+            reader.ack(delivery.ids)
+            return RoundResult(POOL, "skipped", records=len(delivery), dead=delivery.dead)
         self.redis.hset(keys.pool_key(self.target), mapping={
             "state": json.dumps({"drafters": drafters, "hedge": pool.hedge.state(), "groups": pool.group_state()}),
             "weights": json.dumps(dict(zip(drafters, result.weights))),
