@@ -92,13 +92,16 @@ def _learner_metrics(metrics: Metrics, redis, drafters: list[str], target: str) 
         try:
             pipe = redis.pipeline(transaction=False)
             for d in drafters:
-                pipe.hmget(keys.health_key(d), ["failed_rounds", "redelivered_skipped"])
+                pipe.hmget(keys.health_key(d), ["failed_rounds", "redelivered_skipped", "without_features",
+                                                "bad_features"])
                 pipe.get(keys.relearned_key(d))
             pipe.get(keys.dead_letter_count(target))
             *rows, dead = pipe.execute()
             health, relearned = rows[0::2], rows[1::2]
             last.update(failed={(("drafter", d),): int(h[0] or 0) for d, h in zip(drafters, health)},
                         skipped={(("drafter", d),): int(h[1] or 0) for d, h in zip(drafters, health)},
+                        without_features={(("drafter", d),): int(h[2] or 0) for d, h in zip(drafters, health)},
+                        bad_features={(("drafter", d),): int(h[3] or 0) for d, h in zip(drafters, health)},
                         relearned={(("drafter", d),): int(r or 0) for d, r in zip(drafters, relearned)},
                         dead={(): int(dead or 0)})
         except Exception:  # noqa: BLE001 - a scrape must not fail because Redis is away
@@ -110,6 +113,12 @@ def _learner_metrics(metrics: Metrics, redis, drafters: list[str], target: str) 
     metrics.sample(Counter("learner_redelivered_skipped_total",
                            "Redelivered feedback entries acknowledged as already learned (not learned twice)."),
                    lambda: read().get("skipped", {}))
+    metrics.sample(Counter("learner_records_without_features_total",
+                           "Records a feature drafter could not learn from: no captured features (expired or not captured)."),
+                   lambda: read().get("without_features", {}))
+    metrics.sample(Counter("learner_bad_features_total",
+                           "Captured features skipped as malformed (wrong width, not fitting their record, non-finite)."),
+                   lambda: read().get("bad_features", {}))
     metrics.sample(Counter("learner_relearned_entries_total",
                            "Feedback entries learned by a second version (double learning: should stay 0)."),
                    lambda: read().get("relearned", {}))

@@ -368,3 +368,4 @@ learner: {tmp_path / 'learner.yaml'}
     assert version >= 3, log[-2000:]
     written = [line for line in metrics.splitlines() if line.startswith("onlinespec_feedback_features_written_total")]
     assert written and float(written[0].split()[-1]) >= i, written
+    assert 'onlinespec_learner_records_without_features_total{drafter="f1"} 0' in metrics
