@@ -375,3 +375,18 @@ def test_through_the_worker_extension_over_plain_data_the_proposer_drafts_and_lo
     link.forget("r1")
     link.flush()
     assert "r1" not in wired.proposer._rows and link.finish("r1") is None
+
+
+def test_a_feature_drafter_is_refused_with_the_reason(tmp_path):
+    """vLLM does not hand the proposer its hidden states: a feature drafter is refused at start,
+    naming the engine that serves it, rather than drafting from nothing."""
+    import pytest
+
+    from onlinespec.drafters.feature import feature_from
+    from onlinespec.errors import ModelLoadError
+
+    target = tiny_llama(layers=2, hidden=32, heads=4, seed=4)
+    target.save_pretrained(tmp_path / "t")
+    fake = FakeVllm(target, 3)
+    with pytest.raises(ModelLoadError, match="engine: embedded"):
+        fake.proposer.serve({"f": HFDrafter(feature_from(target, str(tmp_path / "t"), list(range(64))), "f")})
