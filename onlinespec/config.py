@@ -85,7 +85,7 @@ class ServingConfig:
     # share of requests whose target features go beside their record for feature drafters' learners
     # (None: 0.25 when a configured drafter is a feature drafter, else 0); each kept features_ttl seconds
     capture_features: float | None = None
-    features_ttl: int = 900
+    features_ttl: int = 300
     kv_cache_tokens: int | None = None  # key/value positions requests may reserve together
     max_prompt_tokens: int = 1536
     max_tokens: int = 512

@@ -106,7 +106,7 @@ class FeedbackWriter:
         max_buffer: int = 10_000,
         max_buffer_bytes: int = 256 << 20,
         socket_timeout: float = 10.0,
-        features_ttl: int = 900,
+        features_ttl: int = 300,
     ):
         self.redis = _own_client(redis_client, socket_timeout)
         self.features_ttl = features_ttl
