@@ -76,3 +76,24 @@ def test_real_model_answers_correctly_and_speculation_changes_nothing(served):
     spec = resp.model_extra["speculative"]
     assert resp.choices[0].message.content == target_alone(state, edit, 64)
     assert spec["copied_accepted_tokens"] > 0
+
+
+def test_the_bundled_feature_drafter_drafts_and_changes_nothing(served):
+    """The bundled feature drafter (configs/feature.yaml's), on the served target: its own drafts,
+    read off the target's hidden states, leave the greedy answer exactly the target's."""
+    from onlinespec.decode.chat import render
+    from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+    from onlinespec.decode.sampling import SamplingParams
+    from onlinespec.drafters.feature import FeatureDrafter
+    from onlinespec.drafters.hf import HFDrafter
+    from onlinespec.models import load_model
+
+    _, state, _ = served
+    drafter = load_model("smollm2:feature")
+    assert isinstance(drafter, FeatureDrafter)
+    engine = SpeculativeEngine(state.loop.engine.target, HFDrafter(drafter, "feature"), tokenizer=state.tokenizer,
+                               config=EngineConfig(k=3, capture_feedback=False))
+    messages = [{"role": "user", "content": "Explain in two sentences what a Python dictionary is."}]
+    result = engine.generate(render(state.tokenizer, messages), SamplingParams(max_new_tokens=40))
+    assert result.stats.own_drafted > 0
+    assert result.text == target_alone(state, messages, 40)
