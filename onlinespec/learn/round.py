@@ -147,7 +147,6 @@ class Updater:
         delivery = reader.read(self.round_records)
         if not delivery.records:
             return RoundResult(drafter, "idle", latest, latest, 0, delivery.dead, time.perf_counter() - t0)
-
         done = already_learned(self.redis, drafter, delivery.ids)
         if done:  # a round that published and died before acknowledging: acknowledge, do not relearn
             reader.ack(sorted(done))
