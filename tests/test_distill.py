@@ -39,3 +39,31 @@ def test_build_trains_resumes_and_publishes(tmp_path, capsys):
     assert isinstance(drafter, CutDrafter) and len(drafter.config.head_tokens) == 64
     with torch.no_grad():
         assert drafter(torch.tensor([[3, 4, 5]])).logits.shape == (1, 3, target.config.vocab_size)
+
+
+def test_a_feature_drafter_builds_and_goes_on_learning_on_the_targets_own_chat_answers(tmp_path, capsys):
+    """``--feature`` trains a feature drafter (first and second draft, the second on its own
+    feature) that loads through the users' path; ``--data chat --resume`` continues it on the
+    target's own answers to chat prompts, generated once and cached, measured on held-out answers."""
+    from onlinespec.drafters.feature import FeatureDrafter
+
+    target = tiny_llama(layers=2, hidden=32, heads=4, seed=3, max_positions=1024)
+    target.save_pretrained(str(tmp_path / "target"))
+    tiny_tokenizer().save_pretrained(str(tmp_path / "target"))
+    common = ["--target", str(tmp_path / "target"), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+              "--domains", "docs", "--layers", "", "--feature", "--head", "64", "--batch", "2", "--seq", "32",
+              "--lr", "3e-3", "--meta", "build-feature.json"]
+    main(common + ["--steps", "30"])
+    first = json.loads((tmp_path / "out" / "build-feature.json").read_text())
+    assert first["heldout"]["feature"]["kl"] < first["heldout_before"]["feature"]["kl"] - 0.1, first
+    assert "agreement_2" in first["heldout"]["feature"]
+    drafter = load_model(str(tmp_path / "out" / "feature"))
+    assert isinstance(drafter, FeatureDrafter)
+    main(common + ["--steps", "40", "--resume", "--data", "chat", "--chat-prompts", "5", "--chat-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "resumed at step 30" in out and "chat answers:" in out
+    assert list((tmp_path / "work").glob("chat-5-4.npz"))
+    chat = json.loads((tmp_path / "out" / "build-feature.json").read_text())
+    assert chat["steps"] == 40 and "greedy answers to 5 chat prompts" in chat["data"]
+    # measured on the chat answers held out, before and after the resumed training
+    assert chat["heldout_before"] != first["heldout_before"]

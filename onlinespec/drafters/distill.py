@@ -65,6 +65,51 @@ def _corpus(tokenizer, work: Path, domains: tuple[str, ...] = ("docs", "python")
     return np.array(train, dtype=np.int32), np.array(held, dtype=np.int32)
 
 
+CHAT_DOMAINS = ("edit", "json", "explain", "summarize", "question")  # story and data stay unseen
+
+
+def _chat_corpus(tokenizer, target, work: Path, prompts: int, max_new: int, batch: int = 8,
+                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(train, heldout) token streams of the target's own greedy answers to chat prompts (the
+    text it serves: EAGLE distils on regenerated answers too), each conversation rendered with
+    its template and followed by the answer. Per domain of :data:`CHAT_DOMAINS`, prompts from the
+    65th on train and the 33rd-64th are held out (``bench engine`` measures on the first ones).
+    Generated in batches and cached in ``work`` as it goes: a stopped run resumes."""
+    from onlinespec.decode.chat import chat_prompts, render
+
+    cached = work / f"chat-{prompts}-{max_new}.npz"
+    done: dict[str, list[int]] = {}
+    if cached.is_file():
+        data = np.load(cached)
+        done = {k: data[k].tolist() for k in data.files}
+    per = max(1, prompts // len(CHAT_DOMAINS))
+    todo = []
+    for domain in CHAT_DOMAINS:
+        convs = chat_prompts(domain, 64 + per)
+        todo += [(f"held-{domain}-{i}", c) for i, c in enumerate(convs[32:64])]
+        todo += [(f"train-{domain}-{i}", c) for i, c in enumerate(convs[64:])]
+    todo = [(k, c) for k, c in todo if k not in done]
+    eos = tokenizer.eos_token_id
+    for at in range(0, len(todo), batch):
+        chunk = todo[at:at + batch]
+        ids = [render(tokenizer, c)[-768:] for _, c in chunk]
+        width = max(map(len, ids))
+        inp = torch.tensor([[eos] * (width - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        with torch.no_grad():
+            out = target.generate(inp, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=eos)
+        for (key, _), prompt, row in zip(chunk, ids, out[:, width:].tolist()):
+            answer = row[: row.index(eos) + 1] if eos in row else row
+            done[key] = prompt + answer
+        work.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, **{k: np.array(v, dtype=np.int32) for k, v in done.items()})
+        print(f"chat answers: {len(done)} of {len(done) + len(todo) - at - len(chunk)}", flush=True)
+    train = [t for k, v in sorted(done.items()) if k.startswith("train-") for t in v]
+    held = [t for k, v in sorted(done.items()) if k.startswith("held-") for t in v]
+    return np.array(train, dtype=np.int32), np.array(held, dtype=np.int32)
+
+
 def head_tokens(tokens: np.ndarray, vocab: int, size: int, always: list[int]) -> list[int]:
     """The ``size`` most frequent ids (ties by id), the special ones in ``always`` first."""
     counts = np.bincount(tokens, minlength=vocab)
@@ -157,6 +202,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--work", type=Path, default=Path(".onlinespec/distill"))
     ap.add_argument("--domains", default="docs,python", help="text of onlinespec.demo.corpus to distil on")
+    ap.add_argument("--data", choices=["corpus", "chat"], default="corpus",
+                    help="chat: the target's own greedy answers to chat prompts (generated first, cached in --work); "
+                         "the head's tokens still come from --domains")
+    ap.add_argument("--chat-prompts", type=int, default=320, help="chat: prompts answered for training")
+    ap.add_argument("--chat-tokens", type=int, default=128, help="chat: longest answer generated")
     ap.add_argument("--layers", default="1,2", help="one cut drafter per count of the target's first layers "
                     '("": none)')
     ap.add_argument("--feature", action="store_true", help="also a feature drafter (EAGLE-style), named feature")
@@ -185,6 +235,11 @@ def main(argv=None) -> None:
     special = sorted({int(t) for t in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id)
                       if t is not None})
     head = head_tokens(train, vocab, args.head, special)
+    if args.data == "chat":
+        target.to(args.device)
+        train, held = _chat_corpus(tokenizer, target, args.work, args.chat_prompts, args.chat_tokens,
+                                   device=args.device)
+        print(f"chat text: {len(train)} tokens to train on, {len(held)} held out", flush=True)
     names = {f"drafter-{n}l": int(n) for n in args.layers.split(",") if n}
     drafters = {name: cut_from(target, args.target, n, head) for name, n in names.items()}
     if args.feature:
@@ -202,10 +257,12 @@ def main(argv=None) -> None:
             opts[name].load_state_dict(state["opts"][name])
         step, seen, seconds, before = state["step"], state["seen"], state["seconds"], state.get("before")
         print(f"resumed at step {step} ({seen} tokens)", flush=True)
+        if state.get("data", "corpus") != args.data:  # other text from here on: "before" is on its held-out part
+            before = None
     target.to(args.device)
     for d in drafters.values():
         d.to(args.device).train()
-    if step == 0:
+    if step == 0 or before is None:
         before = heldout(target, drafters, held)
         print(f"held out before: {before}", flush=True)
     start = time.perf_counter()
@@ -232,7 +289,7 @@ def main(argv=None) -> None:
             print(f"step {step} tokens {seen} ({seen / elapsed:.0f}/s) kl {losses}", flush=True)
             torch.save({"models": {n: d.state_dict() for n, d in drafters.items()},
                         "opts": {n: o.state_dict() for n, o in opts.items()},
-                        "step": step, "seen": seen, "seconds": elapsed, "before": before}, ckpt)
+                        "step": step, "seen": seen, "seconds": elapsed, "before": before, "data": args.data}, ckpt)
     seconds += time.perf_counter() - start
     for d in drafters.values():
         d.eval()
@@ -240,11 +297,12 @@ def main(argv=None) -> None:
     print(f"held out after {step} steps, {seen} tokens: {after}", flush=True)
     torch.save({"models": {n: d.state_dict() for n, d in drafters.items()},
                 "opts": {n: o.state_dict() for n, o in opts.items()},
-                "step": step, "seen": seen, "seconds": seconds, "before": before}, ckpt)
+                "step": step, "seen": seen, "seconds": seconds, "before": before, "data": args.data}, ckpt)
     meta = {"target": args.target, "layers": names, "feature": args.feature, "unroll": args.unroll,
             "head_tokens": len(head), "steps": step, "tokens_seen": seen,
             "seconds": round(seconds), "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,
-            "data": f"{args.domains}: train split (onlinespec.demo.corpus)", "heldout": after, "heldout_before": before, "device": args.device}
+            "data": (f"{args.domains}: train split (onlinespec.demo.corpus)" if args.data == "corpus" else
+                     f"the target's greedy answers to {args.chat_prompts} chat prompts of {', '.join(CHAT_DOMAINS)}"), "heldout": after, "heldout_before": before, "device": args.device}
     _publish({n: d.cpu() for n, d in drafters.items()}, args.out, meta, args.meta)
     for name, d in drafters.items():  # what was published loads back as published
         (load_feature if isinstance(d, FeatureDrafter) else load_cut)(str(args.out / name))
