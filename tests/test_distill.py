@@ -67,3 +67,4 @@ def test_a_feature_drafter_builds_and_goes_on_learning_on_the_targets_own_chat_a
     assert chat["steps"] == 40 and "greedy answers to 5 chat prompts" in chat["data"]
     # measured on the chat answers held out, before and after the resumed training
     assert chat["heldout_before"] != first["heldout_before"]
+    assert chat["earlier"]["steps"] == 30 and chat["earlier"]["data"] == first["data"]  # the first phase stays on record

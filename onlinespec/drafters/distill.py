@@ -250,6 +250,7 @@ def main(argv=None) -> None:
     step, seen, seconds, before = 0, 0, 0.0, None
     opts = {name: torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
             for name, d in drafters.items()}
+    resumed_from = None
     if args.resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         for name, d in drafters.items():
@@ -257,7 +258,8 @@ def main(argv=None) -> None:
             opts[name].load_state_dict(state["opts"][name])
         step, seen, seconds, before = state["step"], state["seen"], state["seconds"], state.get("before")
         print(f"resumed at step {step} ({seen} tokens)", flush=True)
-        if state.get("data", "corpus") != args.data:  # other text from here on: "before" is on its held-out part
+        resumed_from = state.get("data", "corpus")
+        if resumed_from != args.data:  # other text from here on: "before" is on its held-out part
             before = None
     target.to(args.device)
     for d in drafters.values():
@@ -303,6 +305,9 @@ def main(argv=None) -> None:
             "seconds": round(seconds), "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,
             "data": (f"{args.domains}: train split (onlinespec.demo.corpus)" if args.data == "corpus" else
                      f"the target's greedy answers to {args.chat_prompts} chat prompts of {', '.join(CHAT_DOMAINS)}"), "heldout": after, "heldout_before": before, "device": args.device}
+    previous = args.out / args.meta
+    if resumed_from is not None and resumed_from != args.data and previous.is_file():
+        meta["earlier"] = json.loads(previous.read_text())  # what it was trained on before this text
     _publish({n: d.cpu() for n, d in drafters.items()}, args.out, meta, args.meta)
     for name, d in drafters.items():  # what was published loads back as published
         (load_feature if isinstance(d, FeatureDrafter) else load_cut)(str(args.out / name))
