@@ -5,6 +5,8 @@ Python installation has.
     python -m onlinespec.drafters.distill --minutes 30 --resume   # continue where it stopped
     python -m onlinespec.drafters.distill --device cuda --batch 64 --minutes 10   # on a GPU machine
     python -m onlinespec.drafters.distill --layers "" --feature --minutes 30      # the feature drafter alone
+    python -m onlinespec.drafters.distill --layers "" --feature --data chat --resume --minutes 20
+                                          # ... continued on the target's own answers to chat prompts
 
 Each drafter is a :class:`~onlinespec.drafters.cut.CutDrafter` (the target's first N layers,
 its frozen embedding, a head over the V tokens most frequent in the text), and with
