@@ -261,6 +261,16 @@ def test_the_learners_improve_on_what_vllm_logged(served, demo):
     assert after > before + 0.02, (before, after)
 
 
+def served_with(url: str, prompt: list[int], version: int, seconds: float = 60) -> dict:
+    """Ask until a response says drafter ``version`` served it (or ``seconds`` pass): the last response."""
+    deadline = time.time() + seconds
+    while True:
+        out = complete(url, prompt, max_tokens=24, ignore_eos=True)
+        if out["speculative"]["drafter_version"] == version or time.time() > deadline:
+            return out
+        time.sleep(0.5)
+
+
 def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
     """A version that drafts nothing the target says (every weight zero: it always proposes id 0)
     serves from the next requests: its drafts are all rejected, the output stays the target's."""
@@ -278,12 +288,7 @@ def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
     prompt = prompts(tok, "python", 1, offset=5)[0]
     alone = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
                             min_new_tokens=24)[0, len(prompt):].tolist()
-    deadline = time.time() + 60
-    while True:
-        out = complete(url, prompt, max_tokens=24, ignore_eos=True)
-        if out["speculative"]["drafter_version"] == version or time.time() > deadline:
-            break
-        time.sleep(0.5)
+    out = served_with(url, prompt, version)
     spec = out["speculative"]
     assert spec["drafter_version"] == version, spec
     assert spec["own"]["drafted_tokens"] > 0 and spec["own"]["accepted_tokens"] == 0, spec
@@ -301,12 +306,7 @@ def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
 
     # rolled back (what the guard or an operator does): the parent's weights reach vLLM the same way
     registry.rollback(DRAFTER, parent, reason="test", expect=version)
-    deadline = time.time() + 60
-    while True:
-        out = complete(url, prompt, max_tokens=24, ignore_eos=True)
-        if out["speculative"]["drafter_version"] == parent or time.time() > deadline:
-            break
-        time.sleep(0.5)
+    out = served_with(url, prompt, parent)
     spec = out["speculative"]
     assert spec["drafter_version"] == parent and spec["own"]["accepted_tokens"] > 0, spec
     assert out["choices"][0]["text"] == tok.decode(alone)
