@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from onlinespec.errors import ModelLoadError
 
 __all__ = ["CutConfig", "CutDrafter", "ReducedHead", "SharedEmbedding", "target_embedding", "share_embedding",
-           "cut_from", "load_cut", "is_cut"]
+           "cut_from", "load_cut", "is_cut", "on_target"]
 
 MODEL_TYPE = "onlinespec-cut"
 _SHARED: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # resolved target path -> (embedding, head)
@@ -110,27 +110,35 @@ class ReducedHead(nn.Module):
         return full.scatter(-1, self.ids.expand(*small.shape[:-1], len(self.ids)), small)
 
 
+def on_target(model: LlamaForCausalLM, config, kind: str) -> None:
+    """Build ``model`` (a Llama causal LM subclass) around its target's shared tensors: the
+    target's embedding (frozen, shared in memory) and a reduced head over ``config.head_tokens``;
+    Llama's own full-width embedding and head are never allocated. ``kind`` names the drafter
+    in errors."""
+    vocab = config.vocab_size
+    pad = config.pad_token_id
+    config.vocab_size, config.pad_token_id = 1, None  # Llama's full-width embedding and head go unused
+    try:
+        LlamaForCausalLM.__init__(model, config)
+    finally:
+        config.vocab_size, config.pad_token_id = vocab, pad
+    if not config.target or not config.head_tokens:
+        raise ModelLoadError(f"a {kind} drafter's config names its target and its head tokens")
+    embedding, head = target_embedding(config.target)
+    if tuple(embedding.shape) != (vocab, config.hidden_size) or head.shape != embedding.shape:
+        raise ModelLoadError(f"target {config.target!r} has an embedding of shape {tuple(embedding.shape)}; "
+                             f"this drafter expects ({vocab}, {config.hidden_size})")
+    ids = torch.tensor(config.head_tokens, dtype=torch.long)
+    model.model.embed_tokens = SharedEmbedding(embedding)
+    model.lm_head = ReducedHead(head.index_select(0, ids), ids, vocab)
+
+
 class CutDrafter(LlamaForCausalLM):
     config_class = CutConfig
     _tied_weights_keys = {}
 
     def __init__(self, config: CutConfig):
-        vocab = config.vocab_size
-        pad = config.pad_token_id
-        config.vocab_size, config.pad_token_id = 1, None  # Llama's full-width embedding and head go unused
-        try:
-            super().__init__(config)
-        finally:
-            config.vocab_size, config.pad_token_id = vocab, pad
-        if not config.target or not config.head_tokens:
-            raise ModelLoadError("a cut drafter's config names its target and its head tokens")
-        embedding, head = target_embedding(config.target)
-        if tuple(embedding.shape) != (vocab, config.hidden_size) or head.shape != embedding.shape:
-            raise ModelLoadError(f"target {config.target!r} has an embedding of shape {tuple(embedding.shape)}; "
-                                 f"this drafter expects ({vocab}, {config.hidden_size})")
-        ids = torch.tensor(config.head_tokens, dtype=torch.long)
-        self.model.embed_tokens = SharedEmbedding(embedding)
-        self.lm_head = ReducedHead(head.index_select(0, ids), ids, vocab)
+        on_target(self, config, "cut")
 
     def get_output_embeddings(self):
         return None  # not a Linear: nothing to tie or resize

@@ -34,8 +34,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from onlinespec.drafters.cut import ReducedHead, SharedEmbedding, share_embedding, target_embedding
-from onlinespec.errors import ModelLoadError
+from onlinespec.drafters.cut import ReducedHead, SharedEmbedding, on_target, share_embedding
 
 __all__ = ["FeatureConfig", "FeatureDrafter", "is_feature", "load_feature", "feature_from", "unrolled_logits"]
 
@@ -63,21 +62,7 @@ class FeatureDrafter(LlamaForCausalLM):
     _tied_weights_keys = {}
 
     def __init__(self, config: FeatureConfig):
-        vocab, pad = config.vocab_size, config.pad_token_id
-        config.vocab_size, config.pad_token_id = 1, None  # Llama's full-width embedding and head go unused
-        try:
-            super().__init__(config)
-        finally:
-            config.vocab_size, config.pad_token_id = vocab, pad
-        if not config.target or not config.head_tokens:
-            raise ModelLoadError("a feature drafter's config names its target and its head tokens")
-        embedding, head = target_embedding(config.target)
-        if tuple(embedding.shape) != (vocab, config.hidden_size) or head.shape != embedding.shape:
-            raise ModelLoadError(f"target {config.target!r} has an embedding of shape {tuple(embedding.shape)}; "
-                                 f"this drafter expects ({vocab}, {config.hidden_size})")
-        ids = torch.tensor(config.head_tokens, dtype=torch.long)
-        self.model.embed_tokens = SharedEmbedding(embedding)
-        self.lm_head = ReducedHead(head.index_select(0, ids), ids, vocab)
+        on_target(self, config, "feature")
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         with torch.no_grad():  # start as "the token's embedding, plus the feature": a sane first step
             eye = torch.eye(config.hidden_size)
