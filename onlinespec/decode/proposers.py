@@ -94,26 +94,38 @@ class DraftRows:
         if not gens:
             return
         t0 = time.perf_counter()
-        texts = []
+        spans = []
         for gen in gens:
             n = len(gen.tokens) - 1  # all but the last, like the target's cache
-            skip = max(0, n - self.context) if self.context else 0
-            self.skipped[gen] = skip
-            texts.append(gen.tokens[skip:n])
-        longest = max(map(len, texts))
+            self.skipped[gen] = skip = max(0, n - self.context) if self.context else 0
+            spans.append(self._span(gen, skip, n))
+        longest = max(end - start for start, end in spans)
         staging = None
         if longest:
             staging = SlotCache.for_model(self.drafter.model, len(gens), self.cache.max_len)
             for _ in gens:
                 staging.join()
-            for start in range(0, longest, ENCODE_CHUNK):
-                forward_rows(self.drafter.model, staging, [t[start:start + ENCODE_CHUNK] for t in texts], logits=False)
-        for i, gen in enumerate(gens):
+            for at in range(0, longest, ENCODE_CHUNK):
+                chunks = [(min(s + at, e), min(s + at + ENCODE_CHUNK, e)) for s, e in spans]
+                forward_rows(self.drafter.model, staging, logits=False, **self._inputs(gens, chunks))
+        for i, (gen, (start, end)) in enumerate(zip(gens, spans)):
             row = self.cache.join()
             self.gens.append(gen)
-            if texts[i]:
-                self.cache.load(row, staging, len(texts[i]), source_row=i)
-        self.joins.append((time.perf_counter() - t0, sum(map(len, texts))))
+            self._joined(gen, end)
+            if end > start:
+                self.cache.load(row, staging, end - start, source_row=i)
+        self.joins.append((time.perf_counter() - t0, sum(e - s for s, e in spans)))
+
+    def _span(self, gen: Generation, skip: int, n: int) -> tuple[int, int]:
+        """The positions of ``gen``'s text a join encodes: its window of the first ``n`` tokens."""
+        return skip, n
+
+    def _inputs(self, gens: list[Generation], chunks: list[tuple[int, int]]) -> dict:
+        """``forward_rows``' inputs for positions ``chunks[i]`` of each joining row."""
+        return {"rows": [g.tokens[a:b] for g, (a, b) in zip(gens, chunks)]}
+
+    def _joined(self, gen: Generation, end: int) -> None:
+        """``gen`` joined with positions up to ``end`` encoded."""
 
     def leave(self, gen: Generation) -> None:
         if gen in self.gens:
@@ -166,34 +178,16 @@ class FeatureRows(DraftRows):
         self.true: dict[Generation, int] = {}  # pairs 0 .. true-1 hold the target's features
         self.last: dict[Generation, tuple[int, torch.Tensor]] = {}  # (pair, its output feature), the last fed
 
-    def join(self, gens: list[Generation]) -> None:
-        """Encode each joining row's pairs but the last (whose output the first draft needs)."""
-        if not gens:
-            return
-        t0 = time.perf_counter()
-        pairs = []
-        for gen in gens:
-            n = len(gen.tokens) - 1
-            skip = max(0, n - self.context) if self.context else 0
-            self.skipped[gen] = skip
-            pairs.append((skip, max(skip, n - 1)))
-        longest = max(end - start for start, end in pairs)
-        staging = None
-        if longest:
-            staging = SlotCache.for_model(self.drafter.model, len(gens), self.cache.max_len)
-            for _ in gens:
-                staging.join()
-            for at in range(0, longest, ENCODE_CHUNK):
-                spans = [(min(s + at, e), min(s + at + ENCODE_CHUNK, e)) for s, e in pairs]
-                forward_rows(self.drafter.model, staging, [g.tokens[a + 1:b + 1] for g, (a, b) in zip(gens, spans)],
-                             logits=False, features=[g.features[a:b] for g, (a, b) in zip(gens, spans)])
-        for i, (gen, (start, end)) in enumerate(zip(gens, pairs)):
-            row = self.cache.join()
-            self.gens.append(gen)
-            self.true[gen] = end
-            if end > start:
-                self.cache.load(row, staging, end - start, source_row=i)
-        self.joins.append((time.perf_counter() - t0, sum(e - s for s, e in pairs)))
+    def _span(self, gen, skip, n):
+        """A join encodes each row's pairs but the last (whose output the first draft needs)."""
+        return skip, max(skip, n - 1)
+
+    def _inputs(self, gens, chunks):
+        return {"rows": [g.tokens[a + 1:b + 1] for g, (a, b) in zip(gens, chunks)],
+                "features": [g.features[a:b] for g, (a, b) in zip(gens, chunks)]}
+
+    def _joined(self, gen, end):
+        self.true[gen] = end
 
     def leave(self, gen: Generation) -> None:
         super().leave(gen)
