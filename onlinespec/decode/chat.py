@@ -26,6 +26,7 @@ import inspect
 import itertools
 import json
 import random
+import textwrap
 
 __all__ = ["DOMAINS", "DEFAULT_CHAT_TEMPLATE", "chat_prompts", "render", "render_text"]
 
@@ -50,21 +51,57 @@ _MODULES = ("textwrap", "shlex", "string", "fnmatch", "posixpath", "genericpath"
             "tempfile", "uu", "webbrowser", "zipfile", "filecmp", "fractions", "ipaddress", "mimetypes", "json")
 
 
-def _functions(min_lines: int = 4, max_lines: int = 22):
-    for name in _MODULES:
+# More modules, read after every function of _MODULES (so the first prompts stay what they were):
+# more text for distilling on the target's answers. Modules deprecated in 3.11-3.13 stay out.
+_MORE_MODULES = ("logging", "urllib.parse", "inspect", "tokenize", "ast", "dis", "dataclasses", "enum", "gzip",
+                 "linecache", "locale", "optparse", "platform", "plistlib", "pydoc", "re", "shelve", "smtplib",
+                 "socket", "subprocess", "sysconfig", "tabnanny", "tarfile", "threading", "timeit", "traceback",
+                 "types", "typing", "urllib.request", "uuid", "warnings", "doctest", "email.utils",
+                 "email.quoprimime", "email.base64mime", "pkgutil", "unittest.util", "wsgiref.util",
+                 "http.cookiejar", "imaplib", "asyncio.tasks", "importlib.metadata", "xml.dom.minidom",
+                 "xml.etree.ElementTree", "xml.sax.saxutils", "json.encoder", "getopt", "getpass",
+                 "pickletools", "profile", "pstats", "pyclbr", "tracemalloc", "argparse", "configparser",
+                 "collections", "pathlib", "queue", "selectors", "socketserver", "mailbox", "zipimport",
+                 "concurrent.futures._base", "logging.handlers", "http.client", "email.message", "email.feedparser")
+
+
+def _modules(names):
+    for name in names:
         try:
             module = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - absent on this Python: fewer prompts, same order
             continue
+        yield name, module
+
+
+def _fits(obj, min_lines: int, max_lines: int) -> str | None:
+    try:
+        source = inspect.getsource(obj)
+    except (OSError, TypeError):
+        return None
+    return source if min_lines <= source.count("\n") <= max_lines else None
+
+
+def _functions(min_lines: int = 4, max_lines: int = 22):
+    """(module name, function's name in it, source, docstring, the function): the public
+    functions of _MODULES, then of _MORE_MODULES, then the public methods of both's classes."""
+    for name, module in _modules(_MODULES + _MORE_MODULES):
         for fname, obj in sorted(inspect.getmembers(module, inspect.isfunction)):
             if obj.__module__ != module.__name__ or fname.startswith("_"):
                 continue
-            try:
-                source = inspect.getsource(obj)
-            except (OSError, TypeError):
+            source = _fits(obj, min_lines, max_lines)
+            if source is not None:
+                yield name, fname, source.rstrip(), inspect.getdoc(obj) or "", obj
+    for name, module in _modules(_MODULES + _MORE_MODULES):
+        for cname, cls in sorted(inspect.getmembers(module, inspect.isclass)):
+            if cls.__module__ != module.__name__ or cname.startswith("_"):
                 continue
-            if min_lines <= source.count("\n") <= max_lines:
-                yield name, fname, source.rstrip(), inspect.getdoc(obj) or ""
+            for mname, obj in sorted(vars(cls).items()):
+                if not inspect.isfunction(obj) or mname.startswith("_"):
+                    continue
+                source = _fits(obj, min_lines, max_lines)
+                if source is not None:
+                    yield name, f"{cname}.{mname}", textwrap.dedent(source).rstrip(), inspect.getdoc(obj) or "", obj
 
 
 def _stories(n: int) -> list[list[dict]]:
@@ -78,11 +115,11 @@ def _stories(n: int) -> list[list[dict]]:
 
 
 def _tables(n: int) -> list[list[dict]]:
-    rows_by_module: dict[str, list[tuple[str, int, bool]]] = {}
-    for module, fname, source, doc in _functions():
-        rows_by_module.setdefault(module, []).append((fname, source.count("\n") + 1, bool(doc)))
+    rows_by_module: dict[tuple[str, bool], list[tuple[str, int, bool]]] = {}
+    for module, fname, source, doc, _ in _functions():  # methods after functions, as _functions reads them
+        rows_by_module.setdefault((module, "." in fname), []).append((fname, source.count("\n") + 1, bool(doc)))
     out = []
-    chunks = [(module, rows[i:i + 6]) for module, rows in rows_by_module.items() for i in range(0, len(rows), 6)]
+    chunks = [(module, rows[i:i + 6]) for (module, _), rows in rows_by_module.items() for i in range(0, len(rows), 6)]
     for module, rows in chunks[:n]:
         table = "\n".join(["function,lines,documented"] + [f"{f},{lines},{'yes' if d else 'no'}" for f, lines, d in rows])
         out.append([{"role": "user", "content": f"Convert this CSV table about the Python module `{module}` into a JSON "
@@ -99,7 +136,7 @@ def chat_prompts(domain: str, n: int) -> list[list[dict]]:
     if domain == "data":
         return _tables(n)
     out: list[list[dict]] = []
-    for module, fname, source, doc in _functions():
+    for module, fname, source, doc, obj in _functions():
         if len(out) >= n:
             break
         if domain == "edit":
@@ -114,7 +151,7 @@ def chat_prompts(domain: str, n: int) -> list[list[dict]]:
         elif domain == "question":
             text = f"How do I use `{module}.{fname}` in Python? Show a short example and explain it briefly."
         else:
-            sig = str(inspect.signature(getattr(importlib.import_module(module), fname)))
+            sig = str(inspect.signature(obj))
             obj = {"module": module, "function": fname, "signature": sig, "lines": source.count("\n") + 1,
                    "documented": bool(doc)}
             text = "Reformat this JSON with one key per line and 2-space indentation:\n\n" + json.dumps(obj)
