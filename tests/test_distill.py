@@ -68,3 +68,11 @@ def test_a_feature_drafter_builds_and_goes_on_learning_on_the_targets_own_chat_a
     # measured on the chat answers held out, before and after the resumed training
     assert chat["heldout_before"] != first["heldout_before"]
     assert chat["earlier"]["steps"] == 30 and chat["earlier"]["data"] == first["data"]  # the first phase stays on record
+    # --from-published: a machine without the checkpoint continues the published drafter
+    main(common + ["--steps", "45", "--from-published", "--data", "chat", "--chat-prompts", "5", "--chat-tokens", "4"])
+    assert "step 40 (" in capsys.readouterr().out
+    more = json.loads((tmp_path / "out" / "build-feature.json").read_text())
+    assert more["steps"] == 45 and more["earlier"]["steps"] == 40 and more["earlier"]["earlier"]["steps"] == 30
+    # it starts where the published one stands (a fresh drafter would be far off: see the first phase)
+    before, published = more["heldout_before"]["feature"], chat["heldout"]["feature"]
+    assert abs(before["kl"] - published["kl"]) < 0.02, (before, published)

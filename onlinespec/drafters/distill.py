@@ -223,6 +223,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue from --work's checkpoint")
+    ap.add_argument("--from-published", action="store_true",
+                    help="start from the drafters published in --out (and their build record) instead of cut "
+                         "from the target: continue a shipped drafter on a machine without the checkpoint")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.threads:
@@ -253,6 +256,20 @@ def main(argv=None) -> None:
     opts = {name: torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
             for name, d in drafters.items()}
     resumed_from = None
+    if args.from_published:
+        if args.resume:
+            ap.error("--from-published starts from --out; --resume from --work: give one")
+        previous = json.loads((args.out / args.meta).read_text())
+        for name, d in list(drafters.items()):
+            loaded = (load_feature if isinstance(d, FeatureDrafter) else load_cut)(str(args.out / name))
+            if list(loaded.config.head_tokens) != list(d.config.head_tokens):
+                raise SystemExit(f"{args.out / name}: its head tokens are not the ones --domains gives")
+            drafters[name] = loaded
+        opts = {name: torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=args.lr,
+                                        weight_decay=0.0) for name, d in drafters.items()}
+        step, seen, seconds = previous["steps"], previous["tokens_seen"], float(previous["seconds"])
+        resumed_from = "published"  # a new phase: "before" is measured on this text, the record kept as earlier
+        print(f"from {args.out}: step {step} ({seen} tokens)", flush=True)
     if args.resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         for name, d in drafters.items():
