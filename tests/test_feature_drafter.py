@@ -302,6 +302,35 @@ def test_bench_engine_measures_a_feature_drafter(saved_target, drafter):
     assert out["engine_tokens_per_s"] > 0 and 0 <= out["acceptance_rate"] <= 1 and out["mean_accepted_length"] >= 1
 
 
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_replay_of_a_feature_drafter_is_what_the_engine_serves(saved_target, drafter, k):
+    """``bench adapt`` and tuning replay serving from teacher forcing: for a feature drafter each
+    block position is a level deeper on its own features, and the replay must equal the engine,
+    block by block (a replay that used its first-draft argmax everywhere overstates it)."""
+    from onlinespec.decode.engine import GenerationStats
+    from onlinespec.learn.replay import predictions, replay_greedy, trace_target
+
+    target, _ = saved_target
+    engine = SpeculativeEngine(target, HFDrafter(drafter, "f"), config=EngineConfig(k=k, feedback_topk=8))
+    ps = prompts(6, seed=40 + k)
+    traces = [trace_target(target, p, 30, topk=8, ignore_eos=True, features=True) for p in ps]
+    records, stats = replay_greedy(drafter, traces, k)
+    real = [engine.generate(p, SamplingParams(max_new_tokens=30, ignore_eos=True)) for p in ps]
+    served = GenerationStats.combine(r.stats for r in real)
+    assert 0 < served.accepted < served.drafted
+    for name in ("steps", "drafted", "accepted", "accepted_hist", "accepted_per_pos"):
+        assert getattr(stats, name) == getattr(served, name), name
+    for rec, r in zip(records, real):
+        assert rec.tokens.tolist() == r.record.tokens.tolist()
+        for name in ("drafted", "accepted", "block_index", "draft_tokens"):
+            assert np.array_equal(getattr(rec, name), getattr(r.record, name)), name
+    if k > 1:  # its deeper drafts are not its first ones
+        levels = predictions(drafter, traces, levels=k)
+        assert any((g[0] != g[1]).any() for g, _ in levels)
+    with pytest.raises(ValueError, match="features=True"):
+        replay_greedy(drafter, [trace_target(target, ps[0], 5, topk=8)], k)
+
+
 def test_a_service_serves_it_captures_features_and_swaps_in_what_its_worker_learned(tmp_path, redis_url):
     """The server as `onlinespec serve` builds it, with a feature drafter as its drafter: greedy
     answers over HTTP are the target's own; every request's features go beside its record
