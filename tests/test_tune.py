@@ -254,3 +254,19 @@ def test_tune_on_a_live_service_then_apply_with_the_token_checked_first(service,
     winner = yaml.safe_load((study / "best.yaml").read_text())
     assert json.loads(redis_client.get(keys.learner_config("d1")))["optim"]["lr"] == winner["optim"]["lr"]
     assert "round_records=16: unchanged" in out  # a worker setting: said, not silently dropped
+
+
+def test_a_feature_drafter_is_refused_with_what_to_use_instead(logged, tmp_path, capsys, monkeypatch):
+    """Exported feedback carries no target features, which a feature drafter learns from: tuning
+    one on it would learn nothing and rank noise; the refusal says what compares its settings."""
+    from onlinespec.drafters.feature import feature_from
+
+    root, _ = logged
+    target = tiny_llama(layers=2, hidden=48, heads=4, seed=7)
+    target.save_pretrained(tmp_path / "target")
+    feature_from(target, str(tmp_path / "target"), list(range(64))).save_pretrained(tmp_path / "f")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(["tune", "run", "--file", str(root / "feedback.msgpack"), "--drafter", str(tmp_path / "f"),
+                           "--offline", "--study", "feat"], capsys)
+    assert code == 2 and "feature drafter" in err and "bench adapt --config" in err, err
+    assert not (tmp_path / ".onlinespec" / "studies" / "feat").exists()

@@ -30,8 +30,9 @@ class CacheSession:
         self.length = 0
 
     @torch.inference_mode()
-    def feed(self, ids: list[int] | torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Encode ``ids`` after what is cached. Returns logits [len(ids), V] (or [1, V] if last_only)."""
+    def feed(self, ids: list[int] | torch.Tensor, last_only: bool = False, **inputs) -> torch.Tensor:
+        """Encode ``ids`` after what is cached. Returns logits [len(ids), V] (or [1, V] if last_only).
+        ``inputs``: more of the model's inputs (a feature drafter's ``features``)."""
         if not torch.is_tensor(ids):
             ids = torch.tensor(ids, dtype=torch.long)
         n = ids.numel()
@@ -43,6 +44,7 @@ class CacheSession:
             use_cache=True,
             cache_position=torch.arange(self.length, self.length + n, device=self.model.device),
             logits_to_keep=1 if last_only else 0,
+            **inputs,
         )
         self.length += n
         return out.logits[0]

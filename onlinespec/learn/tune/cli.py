@@ -145,6 +145,13 @@ def _live(args, cfg, space):
         if spec is None:
             raise ValueError(f"no drafter {drafter_id!r} in {cfg.source}: pass --drafter-id or --drafter")
         model, drafter_from = load_model(spec.model), f"configured {drafter_id} ({spec.model})"
+    from onlinespec.drafters.feature import is_feature
+
+    if is_feature(model):  # exports carry records; the target features beside them expire in Redis
+        raise ValueError(f"{drafter_from} is a feature drafter: it learns from the target's features captured "
+                         "beside each record, which exported feedback does not carry; compare learner settings "
+                         "on it with `onlinespec bench adapt --config CONFIG --lr ...` (it replays the target "
+                         "with its features) or pass --drafter-id of another drafter")
     if args.base:
         base, base_from = LearnerConfig.from_yaml(args.base), f"file {args.base}"
     elif redis is not None and drafter_id and redis.exists(keys.learner_config(drafter_id)):

@@ -11,7 +11,9 @@ With a service config (``--config``; the default unless ``--target`` or ``--draf
 models: ``configs/demo.yaml``, SmolLM2-135M-Instruct and its two drafters) the prompts are chat
 conversations through the model's chat template, edit -> explain -> summarize -> edit by
 default; with ``--target``/``--drafters`` (the demo pair) held-out demo text, python ->
-shakespeare -> docs -> python by default.
+shakespeare -> docs -> python by default. A feature drafter (``configs/feature.yaml``) is
+replayed on its own features, a level deeper at each draft of a block, and learns from the
+target's features traced beside each prompt, as its workers learn from the captured ones.
 
 Methods: ``static`` (no updates); ``osd`` (forward KL on rejected positions only, as in Online
 Speculative Decoding); ``ogd`` (all positions); ``optimistic`` (hint = last gradient);
@@ -37,6 +39,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from onlinespec.drafters.feature import is_feature
 from onlinespec.ops.bench.common import emit, machine, set_threads
 from onlinespec.learn.learner import DrafterLearner, LearnerConfig, records_to_learn
 from onlinespec.learn.losses import LossConfig
@@ -118,6 +121,8 @@ def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, 
     round is served (a round's requests are in flight together).
     """
     names = list(drafters)
+    featured = any(is_feature(d) for d in drafters.values())
+    levels = k if featured else 1  # a feature drafter drafts deeper on its own features
     learners = {}
     is_pool = method.split("+")[0] == "pool"
     if config is not None:
@@ -135,32 +140,39 @@ def simulate(method: str, config: LearnerConfig | None, drafters: dict, traces, 
         if pool is not None:
             serving = pool.drafters[int(np.argmax(pool.hedge.weights))]
         model = learners[serving].served_model() if learners else static_model
-        served = predictions(model, batch, cache)
+        served = predictions(model, batch, cache, levels=levels)
         records, stats = replay_served(batch, served, k, drafter_id=serving)
+        features = {r.request_id: t.features for r, t in zip(records, batch)}
+
+        def feats(rs, name=None):
+            """The target's features beside records ``rs``, for a feature drafter ``name`` (None:
+            any in the pool) to learn and be scored on; None for the others."""
+            wanted = featured if name is None else is_feature(drafters[name])
+            return [features[r.request_id] for r in rs] if wanted else None
         out["mal"].append(stats.mean_accepted_length)
         # copied drafts cost no drafter forward
         seconds = stats.steps * costs["verify"] + (stats.drafted - stats.copied) * costs["draft"]
         out["tokens_per_s"].append(sum(len(t.generated) for t in batch) / seconds)
         loss = None  # the prequential loss of what was served, before learning from the round
         if cache is not None:  # what was served is the drafter and the copies together
-            loss = 1.0 - float(np.mean(np.concatenate([g == np.asarray(t.generated)
+            loss = 1.0 - float(np.mean(np.concatenate([g[0] == np.asarray(t.generated)
                                                        for (g, _), t in zip(served, batch)])))
             for t in batch:
                 cache.add_output(t.prompt, t.generated)
         if not learners:
             if loss is None:
-                loss = static_eval.evaluate(records)["prequential_loss"]
+                loss = static_eval.evaluate(records, feats(records, names[0]))["prequential_loss"]
         elif pool is not None:
             served_models = {n: learners[n].served_model() for n in names}
-            losses = pool.round(served_models, records).losses
+            losses = pool.round(served_models, records, features=feats(records)).losses
             if loss is None:
                 loss = losses[names.index(serving)]
             for n in names:
                 own = records_to_learn(records, n, config)
                 if own:
-                    learners[n].round(own)
+                    learners[n].round(own, feats(own, n))
         else:
-            drafter_loss = learners[serving].round(records).served_loss
+            drafter_loss = learners[serving].round(records, feats(records, serving)).served_loss
             if loss is None:
                 loss = drafter_loss
         out["loss"].append(loss)
@@ -173,11 +185,14 @@ def _measure_costs(target, drafter, prompt: list[int], k: int) -> dict:
 
     def timed(model, n_new, reps=20):
         s = CacheSession(model)
-        s.feed(prompt, last_only=True)
+        # a feature drafter reads a feature beside each token (its cost does not depend on which)
+        extra = (lambda n: {"features": torch.zeros(1, n, model.config.hidden_size)}) if is_feature(model) else (
+            lambda n: {})
+        s.feed(prompt, last_only=True, **extra(len(prompt)))
         base = s.length
         t0 = time.perf_counter()
         for _ in range(reps):
-            s.feed(prompt[:n_new])
+            s.feed(prompt[:n_new], **extra(n_new))
             s.rewind(base)
         return (time.perf_counter() - t0) / reps
 
@@ -250,6 +265,7 @@ def run(args) -> int:
     tok = load_tokenizer(target_name)
     target = load_model(target_name)
     drafters = {n: load_model(n) for n in drafter_names}
+    features = any(is_feature(d) for d in drafters.values())  # traces keep the target's features for them
     schedule = (args.schedule or ("edit,explain,summarize,edit" if chat else "python,shakespeare,docs,python")).split(",")
     quick = args.quick
     per_round = args.per_round or 4
@@ -265,7 +281,7 @@ def run(args) -> int:
         by_domain[domain] = []
         for p in _prompts(tok, domain, per_domain):
             by_domain[domain].append(len(traces))
-            traces.append(trace_target(target, p[-args.prompt_tokens:], max_new, 32, domain))
+            traces.append(trace_target(target, p[-args.prompt_tokens:], max_new, 32, domain, features=features))
     trace_seconds = time.perf_counter() - t0
     costs = _measure_costs(target, next(iter(drafters.values())), traces[0].prompt, args.k)
 
