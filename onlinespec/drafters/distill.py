@@ -7,6 +7,8 @@ Python installation has.
     python -m onlinespec.drafters.distill --layers "" --feature --minutes 30      # the feature drafter alone
     python -m onlinespec.drafters.distill --layers "" --feature --data chat --resume --minutes 20
                                           # ... continued on the target's own answers to chat prompts
+    python -m onlinespec.drafters.distill --layers "" --feature --data chat --from-published --meta build-feature.json
+                                          # ... continue the shipped one (no checkpoint needed)
 
 Each drafter is a :class:`~onlinespec.drafters.cut.CutDrafter` (the target's first N layers,
 its frozen embedding, a head over the V tokens most frequent in the text), and with
