@@ -278,6 +278,9 @@ def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
     tok, target, _ = demo
     registry = Registry(str(registry_dir), client)
     parent = registry.latest(DRAFTER)
+    prompt = prompts(tok, "python", 1, offset=5)[0]
+    # the parent serves first: run alone, this test used to count the server's first transfer of it
+    assert served_with(url, prompt, parent)["speculative"]["drafter_version"] == parent
     before = vllm_counters(url)
     updates = metric(url, "onlinespec_vllm_drafter_weight_updates_total")
     broken = load_model("demo:drafter-1l")
@@ -285,7 +288,6 @@ def test_a_published_version_reaches_the_drafts_vllm_verifies(served, demo):
         for p in broken.parameters():
             p.zero_()
     version = registry.publish(DRAFTER, broken, parent=parent).version
-    prompt = prompts(tok, "python", 1, offset=5)[0]
     alone = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
                             min_new_tokens=24)[0, len(prompt):].tolist()
     out = served_with(url, prompt, version)
