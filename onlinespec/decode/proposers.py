@@ -154,7 +154,7 @@ class DraftRows:
             feeds.append(lacking[: self.catch_up])
             if 0 < len(lacking) <= self.catch_up:
                 complete.add(id(gen))
-        logits = forward_rows(self.drafter.model, self.cache, feeds)
+        logits = forward_rows(self.drafter.model, self.cache, feeds, last=True)
         out = {}
         for b in mine:
             gen = rows[b]
@@ -228,7 +228,8 @@ class FeatureRows(DraftRows):
                 ends.append(end)
             if not any(feeds):
                 break
-            logits, states = forward_rows(self.drafter.model, self.cache, feeds, hidden=True, features=feats)
+            logits, states = forward_rows(self.drafter.model, self.cache, feeds, hidden=True, features=feats,
+                                          last=True)
             for i, gen in enumerate(self.gens):
                 if feeds[i]:
                     self.last[gen] = (ends[i] - 1, states[i][-1])

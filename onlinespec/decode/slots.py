@@ -34,7 +34,7 @@ __all__ = ["SlotCache", "forward_rows", "leave_row", "PLAIN_HEAD"]
 
 # Model types whose causal-LM logits are ``lm_head(last_hidden_state)`` and nothing more (no
 # soft-capping, no logit scale): for them only the fed positions go through the head.
-PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "onlinespec-cut"})
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -203,14 +203,16 @@ def leave_row(cache: SlotCache, owners: list, owner) -> None:
 
 @torch.inference_mode()
 def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = False, logits: bool = True,
-                 features: list[torch.Tensor] | None = None):
+                 features: list[torch.Tensor] | None = None, last: bool = False):
     """Feed ``rows[b]`` (possibly nothing) to active row ``b``, every row in one forward.
     Returns each row's logits ``[len(rows[b]), V]`` (and with ``hidden``, the last hidden states
     at the same positions); the tokens are committed to the cache. ``logits=False``: only the
     keys and values are wanted (encoding text), the head is not run; returns None.
     ``features[b]`` (``[len(rows[b]), H]``): the target's feature paired with each token, for a
     :class:`~onlinespec.drafters.feature.FeatureDrafter` (its hidden states out are its own
-    output features)."""
+    output features). ``last``: logits (and hidden states) at each row's last fed position only
+    (``[1, V]``, ``[0, V]`` for a row fed nothing): a drafter drafts from its last position, and a
+    row catching up on accepted tokens would otherwise run the head at each of them."""
     b = len(rows)
     assert b == cache.active, "one row of tokens per active row, in row order"
     lens = [len(r) for r in rows]
@@ -241,8 +243,9 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
         cache.lengths[:b] += torch.tensor(lens)
         if not logits:
             return None
-        h = [states[i, :n] for i, n in enumerate(lens)]
-        out_logits = list(model.lm_head(torch.cat(h)).split(lens))
+        kept = [min(n, 1) for n in lens] if last else lens
+        h = [states[i, n - k:n] for i, (n, k) in enumerate(zip(lens, kept))]
+        out_logits = list(model.lm_head(torch.cat(h)).split(kept))
         return (out_logits, h) if hidden else out_logits
     if not logits:
         model(**inputs, logits_to_keep=1)
@@ -250,17 +253,20 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
         return None
     if getattr(model.config, "model_type", None) in PLAIN_HEAD:
         states = model.get_decoder()(**inputs).last_hidden_state  # [B, T, H]
-        if all(n == t for n in lens):
+        kept = [min(n, 1) for n in lens] if last else lens
+        if all(k == t for k in kept):
             h = states.reshape(b * t, -1)
-        else:  # the head only where a token was fed
-            fed = torch.tensor([[i < n for i in range(t)] for n in lens], device=device)  # [B, T]
-            h = states[fed]  # [sum n, H]
-        logits = model.get_output_embeddings()(h)
-        out_logits = list(logits.split(lens))
-        out_hidden = list(h.split(lens))
+        else:  # the head only where it is wanted
+            fed = torch.tensor([[n - k <= i < n for i in range(t)] for n, k in zip(lens, kept)], device=device)
+            h = states[fed]  # [sum kept, H]
+        head = model.get_output_embeddings()
+        logits = (head if head is not None else model.lm_head)(h)  # a cut drafter's reduced head is no Linear
+        out_logits = list(logits.split(kept))
+        out_hidden = list(h.split(kept))
     else:
         full = model(**inputs, output_hidden_states=hidden)
-        out_logits = [full.logits[i, : lens[i]] for i in range(b)]
-        out_hidden = [full.hidden_states[-1][i, : lens[i]] for i in range(b)] if hidden else None
+        first = [n - min(n, 1) if last else 0 for n in lens]
+        out_logits = [full.logits[i, first[i]: lens[i]] for i in range(b)]
+        out_hidden = [full.hidden_states[-1][i, first[i]: lens[i]] for i in range(b)] if hidden else None
     cache.lengths[:b] += torch.tensor(lens)
     return (out_logits, out_hidden) if hidden else out_logits
