@@ -216,6 +216,7 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
     b = len(rows)
     assert b == cache.active, "one row of tokens per active row, in row order"
     lens = [len(r) for r in rows]
+    kept = [min(n, 1) for n in lens] if last else lens  # positions whose logits are returned, the last ones
     t = max(1, max(lens))
     starts = cache.lengths[:b].tolist()
     need = max(starts) + t
@@ -243,7 +244,6 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
         cache.lengths[:b] += torch.tensor(lens)
         if not logits:
             return None
-        kept = [min(n, 1) for n in lens] if last else lens
         h = [states[i, n - k:n] for i, (n, k) in enumerate(zip(lens, kept))]
         out_logits = list(model.lm_head(torch.cat(h)).split(kept))
         return (out_logits, h) if hidden else out_logits
@@ -253,20 +253,17 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
         return None
     if getattr(model.config, "model_type", None) in PLAIN_HEAD:
         states = model.get_decoder()(**inputs).last_hidden_state  # [B, T, H]
-        kept = [min(n, 1) for n in lens] if last else lens
         if all(k == t for k in kept):
             h = states.reshape(b * t, -1)
         else:  # the head only where it is wanted
             fed = torch.tensor([[n - k <= i < n for i in range(t)] for n, k in zip(lens, kept)], device=device)
             h = states[fed]  # [sum kept, H]
-        head = model.get_output_embeddings()
-        logits = (head if head is not None else model.lm_head)(h)  # a cut drafter's reduced head is no Linear
+        logits = model.lm_head(h)  # every PLAIN_HEAD type names its head so (a cut drafter's is no Linear)
         out_logits = list(logits.split(kept))
         out_hidden = list(h.split(kept))
     else:
         full = model(**inputs, output_hidden_states=hidden)
-        first = [n - min(n, 1) if last else 0 for n in lens]
-        out_logits = [full.logits[i, first[i]: lens[i]] for i in range(b)]
-        out_hidden = [full.hidden_states[-1][i, first[i]: lens[i]] for i in range(b)] if hidden else None
+        out_logits = [full.logits[i, lens[i] - kept[i]: lens[i]] for i in range(b)]
+        out_hidden = [full.hidden_states[-1][i, lens[i] - kept[i]: lens[i]] for i in range(b)] if hidden else None
     cache.lengths[:b] += torch.tensor(lens)
     return (out_logits, out_hidden) if hidden else out_logits
