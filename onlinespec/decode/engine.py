@@ -468,8 +468,9 @@ class Generation:
     def record(self) -> FeedbackRecord | None:
         return self.builder.build(self.generated) if self.builder is not None else None
 
-    def captured_features(self) -> CapturedFeatures | None:
-        """A captured request's target features, float16, from ``feature_window`` tokens before
+    def captured_features(self, dtype: torch.dtype = torch.float16) -> CapturedFeatures | None:
+        """A captured request's target features, float16 (what is stored; a replay keeps them
+        at ``dtype`` float32, as drafting read them), from ``feature_window`` tokens before
         its output to the third-last token: pair ``i`` of a feature drafter (``h_i`` with token
         ``i + 1``) predicts token ``i + 2``, so these are all the pairs that predict its output."""
         if not self.capture or self.features is None:
@@ -478,4 +479,4 @@ class Generation:
         end = min(len(self.features), len(self.tokens) - 2)
         if end <= start:
             return None
-        return CapturedFeatures(start, self.features[start:end].detach().to("cpu", torch.float16).numpy())
+        return CapturedFeatures(start, self.features[start:end].detach().to("cpu", dtype).numpy())

@@ -57,12 +57,8 @@ def trace_target(target, prompt: list[int], max_new_tokens: int, topk: int, doma
     while not gen.finished:
         gen.step()
     record = gen.result().record
-    captured = None
-    if features:
-        start = gen.captured_features().start
-        captured = CapturedFeatures(start, gen.features[start:len(gen.tokens) - 2].detach().float().cpu().numpy())
     return TargetTrace(domain, list(prompt), record.tokens[record.prompt_len:].tolist(),
-                       record.topk_ids, record.topk_logprobs, captured)
+                       record.topk_ids, record.topk_logprobs, gen.captured_features(torch.float32))
 
 
 @torch.no_grad()
