@@ -255,8 +255,6 @@ def main(argv=None) -> None:
         ap.error("nothing to train: give --layers or --feature")
     ckpt = args.work / "checkpoint.pt"
     step, seen, seconds, before = 0, 0, 0.0, None
-    opts = {name: torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-            for name, d in drafters.items()}
     resumed_from = None
     if args.from_published:
         if args.resume:
@@ -267,11 +265,11 @@ def main(argv=None) -> None:
             if list(loaded.config.head_tokens) != list(d.config.head_tokens):
                 raise SystemExit(f"{args.out / name}: its head tokens are not the ones --domains gives")
             drafters[name] = loaded
-        opts = {name: torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=args.lr,
-                                        weight_decay=0.0) for name, d in drafters.items()}
         step, seen, seconds = previous["steps"], previous["tokens_seen"], float(previous["seconds"])
         resumed_from = "published"  # a new phase: "before" is measured on this text, the record kept as earlier
         print(f"from {args.out}: step {step} ({seen} tokens)", flush=True)
+    opts = {name: torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+            for name, d in drafters.items()}
     if args.resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         for name, d in drafters.items():
