@@ -115,12 +115,16 @@ def _stories(n: int) -> list[list[dict]]:
 
 
 def _tables(n: int) -> list[list[dict]]:
-    rows_by_module: dict[tuple[str, bool], list[tuple[str, int, bool]]] = {}
-    for module, fname, source, doc, _ in _functions():  # methods after functions, as _functions reads them
-        rows_by_module.setdefault((module, "." in fname), []).append((fname, source.count("\n") + 1, bool(doc)))
+    def chunks():
+        """(module, up to six rows), made as _functions reads the library: a module's functions
+        (later its methods) come one after the other, so a few tables do not read all of it."""
+        for (module, _), group in itertools.groupby(_functions(), key=lambda f: (f[0], "." in f[1])):
+            rows = [(fname, source.count("\n") + 1, bool(doc)) for _, fname, source, doc, _ in group]
+            for i in range(0, len(rows), 6):
+                yield module, rows[i:i + 6]
+
     out = []
-    chunks = [(module, rows[i:i + 6]) for (module, _), rows in rows_by_module.items() for i in range(0, len(rows), 6)]
-    for module, rows in chunks[:n]:
+    for module, rows in itertools.islice(chunks(), n):
         table = "\n".join(["function,lines,documented"] + [f"{f},{lines},{'yes' if d else 'no'}" for f, lines, d in rows])
         out.append([{"role": "user", "content": f"Convert this CSV table about the Python module `{module}` into a JSON "
                                                 f"list of objects with the keys function, lines and documented:\n\n{table}"}])
