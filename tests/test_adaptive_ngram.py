@@ -146,3 +146,98 @@ def test_a_cold_start_with_unlucky_first_blocks_still_finds_speculation_that_pay
     assert sum(k > 0 for k in chosen[128:]) > 0.9 * len(chosen[128:])  # both recover in the end
     assert ctl.proposer(ctl.rows_key("d")).acceptance > 0.5
     assert early > 0.6 if thompson else early < 0.4
+
+
+def test_a_fixed_verify_cost_is_fitted_so_long_blocks_are_tried():
+    """A verify forward whose first drafted position costs most (on a CPU at 8 rows of SmolLM2:
+    87 / 140 / 155 / 184 ms for k = 0 / 1 / 2 / 4) is fitted as a fixed part plus a part per
+    position. Priced per position alone from the first one-draft steps, k = 4 looked 4x as dear
+    as k = 1 and the controller never drafted longer; fitted, it settles near the best length."""
+    t_plain, a, v, acceptance = 0.087, 0.045, 0.012, 0.8
+    ctl = AdaptiveK(k_max=8, decay=0.95)
+    ctl.observe_plain(t_plain)
+
+    def true_speedup(k):
+        return expected_tokens(acceptance, k) * t_plain / (0.001 * k + t_plain + a + v * k) if k else 1.0
+
+    chosen = []
+    for _ in range(200):
+        k = ctl.choose(acceptance)
+        chosen.append(k)
+        if k:
+            ctl.observe_costs(k, 0.001 * k, t_plain + a + v * k)
+        else:
+            ctl.observe_plain(t_plain)
+    assert chosen[0] == 1  # the costs unmeasured: the shortest block first
+    assert ctl.v0 == pytest.approx(a, rel=0.1) and ctl.v == pytest.approx(v, rel=0.1)
+    best = max(true_speedup(k) for k in range(9))
+    assert min(true_speedup(k) for k in chosen[-100:]) > 0.97 * best  # 1.64x; k = 1 forever gave 1.08x
+
+
+def test_a_first_step_that_pays_once_does_not_price_every_step():
+    """The first speculative step at a batch size paid 229 ms for what later steps reuse (a
+    drafter's first forward at a new shape); the drafting cost starts from the median of its
+    first timings, so speculation goes on. A cost first measured as nothing (copies alone
+    drafted) still rises to what drafting costs."""
+    ctl = AdaptiveK(k_max=8, decay=0.95)
+    ctl.observe_plain(0.09)
+    ctl.observe_costs(1, 0.25, 0.14)
+    for _ in range(2):
+        ctl.observe_costs(4, 0.02, 0.18)
+    assert ctl.t_draft == pytest.approx(0.005)
+    assert ctl.choose(0.8) >= 3
+
+    ctl = AdaptiveK(k_max=8, decay=0.95)
+    ctl.observe_plain(0.09)
+    for seconds in [0.0] * 3 + [0.02] * 40:
+        ctl.observe_costs(4, seconds, 0.18)
+    assert ctl.t_draft > 0.003
+
+
+def test_all_or_nothing_blocks_are_priced_by_how_far_they_get():
+    """Suffix copies are all or nothing: where the text repeats a span is accepted, where it
+    does not the row gets one token. Half of each at k = 4 yields 3.0 tokens a step; one
+    acceptance for every position (0.8 here) promised 3.36."""
+    from onlinespec.decode.adaptive import BlockLengths
+
+    lengths = BlockLengths(k_max=8, decay=0.98)
+    for _ in range(200):
+        lengths.observe([(4, False), (0, True)])
+    assert lengths.tokens(4, 0.8) == pytest.approx(3.0, abs=0.02)
+    assert lengths.tokens(1, 0.8) == pytest.approx(1.5, abs=0.02)
+    assert expected_tokens(0.8, 4) > 3.3
+
+
+def test_a_batch_of_copy_blocks_that_does_not_pay_decodes_plainly():
+    """8 rows of copies: half of the blocks find no match (one token), half copy a span accepted
+    at 0.9 a position. With these costs no draft length gains more than 2% (k = 4), most lose
+    (k = 1: 0.91x, k = 8: 0.96x). The acceptance per position alone (about 0.6) promised more
+    than that and speculated in 97% of the steps, at lengths that lost (0.976x overall). Priced
+    by how far blocks get, the batch decodes plainly but for its probes."""
+    import random
+
+    from onlinespec.decode.adaptive import BatchK
+
+    rng = random.Random(0)
+    t_plain = 0.1
+    ctl = BatchK(k_max=8)
+    chosen, tokens, seconds = [], 0, 0.0
+    for _ in range(600):
+        k = ctl.choose([None] * 8)
+        chosen.append(k)
+        step = t_plain * (1.3 + 0.3 * k) if k else t_plain
+        tokens += 0 if k else 8
+        for _ in range(8) if k else ():
+            if rng.random() < 0.5:
+                ctl.observe_row(None, [], 0, asked=k)  # no match: nothing drafted
+                tokens += 1
+                continue
+            accepted = 0
+            while accepted < k and rng.random() < 0.9:
+                accepted += 1
+            ctl.observe_row(None, [True] * k, accepted)
+            tokens += accepted + 1
+        ctl.observe_step(8, k, 0.0, step)
+        seconds += step
+    assert sum(k > 0 for k in chosen[300:]) < 0.1 * 300, chosen[300:]
+    assert tokens / seconds >= 0.99 * 8 / t_plain
