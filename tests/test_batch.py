@@ -185,11 +185,11 @@ def test_memory_and_rows_are_released(target, close_drafter_model):
     assert torch.is_tensor(batch.cache.lengths)
 
 
-def _batch_with_costs(target, acceptance: float, encode_rate: float):
+def _batch_with_costs(target, acceptance: float, encode_rate: float, suffix: bool = False):
     """A batch whose controller has measured costs (a plain step 10 ms, a drafted position 1 ms
     to draft and 1 ms to verify), drafter ``d``'s acceptance and its cost of encoding a text."""
     drafter = HFDrafter(perturbed(target, 0.1, seed=3), "d")
-    engine = SpeculativeEngine(target, drafter, config=EngineConfig())
+    engine = SpeculativeEngine(target, drafter, config=EngineConfig(), suffix=SuffixCache() if suffix else None)
     costs = engine.k_controller.at(2)
     costs.t_plain, costs.t_draft, costs.v = 0.010, 0.001, 0.001
     engine.k_controller.start_version("d", acceptance)
@@ -264,3 +264,22 @@ def test_a_drafters_rows_draft_what_the_drafter_alone_drafts(target, monkeypatch
         assert len({len(t) for t, _ in seen[:3]}) > 1  # ragged texts encoded together
     for text, drafts in seen:
         assert drafts == alone(text, len(drafts)), text
+
+
+def test_copies_alone_speculate_where_a_weak_drafter_would_make_the_batch_plain(target):
+    """A drafter whose rows' blocks are accepted at 0.2 prices the batch plain; copy-only blocks
+    accepted at 0.8 pay. The step mutes the drafter and speculates with the copies (at 8 rows of
+    SmolLM2 edit traffic the batch went plain in 93% of steps and the copies went unused)."""
+    engine, drafter, batch = _batch_with_costs(target, acceptance=0.2, encode_rate=1e-6, suffix=True)
+    ctl = engine.k_controller
+    ctl.at(2).v = 0.003  # a drafted position costs 1 + 3 ms: k = 1 at 0.2 does not pay, k = 2 at 0.8 does
+    for key, a in ((ctl.rows_key("d"), 0.2), ("d", 0.2), (ctl.rows_key(None), 0.8)):
+        ctl.proposer(key).accepted, ctl.proposer(key).rejected = 200 * a, 200 * (1 - a)
+    text = [list(range(3, 13)) * 3, list(range(20, 28)) * 4]  # repetitive: copies match
+    gens = [engine.start(p, SamplingParams(max_new_tokens=50)) for p in text]
+    for gen in gens:
+        batch.add(gen)
+    batch.step()
+    assert batch.last.k == 2
+    assert all(g.stats.own_steps == 0 for g in gens)  # the drafter drafted for nobody
+    assert all(g.stats.copied == g.stats.drafted == 2 for g in gens)  # each row drafted two copies

@@ -12,7 +12,8 @@ Requests join and leave between steps. Each :meth:`Batch.step`:
    row has enough tokens left to earn that back (never in a probe);
 2. **propose**: ``k`` from :class:`~onlinespec.decode.adaptive.BatchK` (costs measured at this batch
    size, acceptance per source of drafts; ``k = 0`` where speculation would not pay; a drafter
-   whose own drafts would not earn their cost is muted for the step). Per draft position,
+   whose own drafts would not earn their cost is muted for the step, and every drafter is where
+   copies alone would yield more). Per draft position,
    the proposers (:mod:`onlinespec.decode.proposers`) draft in turn for the rows still without a draft
    there: suffix copies where a row's text matches, then each drafter for its rows in one
    forward, then other drafters' blocks;
@@ -241,6 +242,13 @@ class Batch:
                 for key in {g.drafter.drafter_id for g in adaptive if g.drafter is not None}}
         muted = {b for b, g in enumerate(rows) if g.adaptive and g.drafter is not None
                  and not pays[g.drafter.drafter_id]}
+        # and every drafter is, for the rows suffix speculation drafts for, where copies alone
+        # would yield more
+        copying = [g for g in adaptive if g.index is not None]
+        if copying and self.k.copies_pay_more(
+                [g.drafter.drafter_id if g.drafter is not None else None for g in copying], len(rows)):
+            muted.update(b for b, g in enumerate(rows)
+                         if g.adaptive and g.index is not None and g.drafter is not None)
         if k:
             # rows a drafter does not hold yet join it only where that pays: never in a probe (it
             # would cost several steps), and only if the row has enough tokens left to earn back
