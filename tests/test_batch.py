@@ -200,7 +200,10 @@ def _batch_with_costs(target, acceptance: float, encode_rate: float, suffix: boo
 def test_a_drafter_encodes_only_rows_that_earn_the_encoding_back(target):
     """Encoding a joining row's text is paid once: a row with 3 tokens left would spend more on
     it than its drafts save (it takes copies only); one with 100 left joins. A probe (a step
-    speculating where the estimates say it does not pay) encodes nobody."""
+    speculating where the estimates say it does not pay) encodes one row, the shortest, and only
+    where the drafter holds none: it must draft to measure anything (at one row every request is
+    new to the drafter, and probes that encoded nobody never drafted again), but encoding every
+    row would make it cost several steps."""
     engine, drafter, batch = _batch_with_costs(target, acceptance=0.8, encode_rate=1e-3)
     text = [[(7 * i + 3) % VOCAB for i in range(30)], [(5 * i + 1) % VOCAB for i in range(30)]]  # 29 tokens to encode
     long, short = (engine.start(p, SamplingParams(max_new_tokens=n)) for p, n in zip(text, (100, 3)))
@@ -216,12 +219,18 @@ def test_a_drafter_encodes_only_rows_that_earn_the_encoding_back(target):
     costs = engine.k_controller.at(2)
     copies = engine.k_controller.proposer(engine.k_controller.rows_key(None))
     copies.accepted, copies.rejected = 1.0, 19.0  # copies do not pay either
-    costs.plain_streak = costs.probe_every  # plain for a while: the next step probes
-    for gen in (engine.start(p, SamplingParams(max_new_tokens=100)) for p in text):
-        batch.add(gen)
+    costs.plain_streak = 4 * costs.probe_every  # plain for long: the next step probes, every drafter drafting
+    longer, shorter = (engine.start(p, SamplingParams(max_new_tokens=100)) for p in (text[0], text[1][:20]))
+    batch.add(longer)
+    batch.add(shorter)
     batch.step()
-    assert engine.k_controller.probing(2)
-    assert id(drafter) not in batch.drafters or not batch.drafters[id(drafter)].gens
+    assert engine.k_controller.probing(2) and batch.last.k > 0
+    group = batch.drafters[id(drafter)]
+    assert group.gens == [shorter] and shorter.stats.own_steps == 1 and longer.stats.own_steps == 0
+    engine.k_controller.start_version("d", 0.05)  # the next probe: the drafter holds a row, nobody joins
+    costs.plain_streak = 4 * costs.probe_every * costs.backoff
+    batch.step()
+    assert engine.k_controller.probing(2) and group.gens == [shorter] and longer.stats.own_steps == 0
 
 
 @pytest.mark.parametrize("context", [None, 10], ids=["whole-text", "window"])

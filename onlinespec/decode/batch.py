@@ -250,10 +250,14 @@ class Batch:
             muted.update(b for b, g in enumerate(rows)
                          if g.adaptive and g.index is not None and g.drafter is not None)
         if k:
-            # rows a drafter does not hold yet join it only where that pays: never in a probe (it
-            # would cost several steps), and only if the row has enough tokens left to earn back
-            # the encoding of its text; the others take copies
+            # rows a drafter does not hold yet join it only where that pays: in a probe only the
+            # shortest, and only where it holds none of the batch's rows (a probe must draft to
+            # measure anything, but encoding every row would make it cost several steps; at one
+            # row every request is new to it, and a probe that joined nobody never drafted again),
+            # otherwise only if the row has enough tokens left to earn back the encoding of its
+            # text; the others take copies
             probing = self.k.probing(len(rows))
+            joining = {}
             for b, g in enumerate(rows):
                 group = self._draft_rows(g)
                 if b in muted or not g.adaptive or group is None or group.joined(g):
@@ -261,6 +265,12 @@ class Batch:
                 left = g.params.max_new_tokens - len(g.generated)
                 if probing or not self.k.join_pays(g.drafter.drafter_id, k, len(rows), len(g.tokens) - 1, left):
                     muted.add(b)
+                    joining.setdefault(id(group), []).append(b)
+            if probing:
+                for group_rows in joining.values():
+                    group = self._draft_rows(rows[group_rows[0]])
+                    if not any(group.joined(g) for b, g in enumerate(rows) if b not in muted):
+                        muted.discard(min(group_rows, key=lambda b: len(rows[b].tokens)))
         # a muted drafter's rows make copy-only blocks: the draft length follows what those yield
         # (a weak drafter must not shorten the copies of the rows it does not draft for)
         block_keys = [None if (g.drafter is None or b in muted) else g.drafter.drafter_id
