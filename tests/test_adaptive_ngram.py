@@ -241,3 +241,15 @@ def test_a_batch_of_copy_blocks_that_does_not_pay_decodes_plainly():
         seconds += step
     assert sum(k > 0 for k in chosen[300:]) < 0.1 * 300, chosen[300:]
     assert tokens / seconds >= 0.99 * 8 / t_plain
+
+
+def test_a_full_batch_is_not_priced_from_the_ramp_up():
+    """Costs are shared by half octaves of batch size: the steps of 9 to 12 rows a level ramps up
+    and drains through (cheaper) do not price a full batch of 16, whose speculative steps an
+    octave bucket priced 8-9% below what they took."""
+    from onlinespec.decode.adaptive import BatchK
+
+    ctl = BatchK()
+    assert [ctl.bucket(b) for b in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 17, 24, 25)] == \
+        [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 16, 16, 24, 24, 32]
+    assert ctl.at(16) is ctl.at(13) and ctl.at(16) is not ctl.at(12) and ctl.at(12) is ctl.at(9)
