@@ -292,27 +292,3 @@ def test_copies_alone_speculate_where_a_weak_drafter_would_make_the_batch_plain(
     assert batch.last.k == 2
     assert all(g.stats.own_steps == 0 for g in gens)  # the drafter drafted for nobody
     assert all(g.stats.copied == g.stats.drafted == 2 for g in gens)  # each row drafted two copies
-
-
-def test_prompts_are_read_at_the_same_rate_per_second_whatever_the_draft_length(target):
-    """A speculative step that took twice as long as a plain step reads twice the prompt tokens
-    of one (up to ``MAX_PREFILL_SCALE`` times): at a fixed budget per step, speculation halved
-    the intake of prompts and slots waited for them (16 rows of the bundled pair: 10.9 rows a
-    step against 14.1 without speculation)."""
-    from onlinespec.decode.batch import StepTiming
-
-    engine = SpeculativeEngine(target, None, config=EngineConfig())
-    batch = Batch(engine, slots=2, prefill_tokens=8)
-    engine.k_controller.at(1).t_plain = 0.010
-    long = engine.start([(3 * i + 1) % VOCAB for i in range(100)], SamplingParams(max_new_tokens=4))
-    batch.add(long)
-    assert batch.step() == [] and batch.last.prefill_tokens == 8  # nothing stepped before: one plain step's worth
-    batch.last = StepTiming(rows=1, k=3, draft_seconds=0.005, verify_seconds=0.015)  # 2 plain steps long
-    batch.step()
-    assert batch.last.prefill_tokens == 16
-    batch.last = StepTiming(rows=1, k=0, draft_seconds=0.0, verify_seconds=0.030)  # plain (if slow): one chunk
-    batch.step()
-    assert batch.last.prefill_tokens == 8
-    batch.last = StepTiming(rows=1, k=8, draft_seconds=0.05, verify_seconds=0.2)  # bounded: others must not stall
-    batch.step()
-    assert batch.last.prefill_tokens == 8 * Batch.MAX_PREFILL_SCALE

@@ -6,9 +6,8 @@ slot caches (:mod:`onlinespec.decode.slots`): one for the target, one per Huggin
 Requests join and leave between steps. Each :meth:`Batch.step`:
 
 1. **prefill**: requests that joined feed their prompts in chunks, at most ``prefill_tokens``
-   over all of them per plain step's worth of time (:meth:`Batch.prefill_budget`: speculation
-   does not slow the intake of prompts), in one forward of their own (a long prompt never
-   stalls the others for more than one chunk); a request whose prompt is in takes a row (its keys and values are
+   a step over all of them, in one forward of their own (a long prompt never stalls the others
+   for more than one chunk); a request whose prompt is in takes a row (its keys and values are
    copied in); its drafter encodes its text the first time it drafts for it, and only if the
    row has enough tokens left to earn that back (never in a probe);
 2. **propose**: ``k`` from :class:`~onlinespec.decode.adaptive.BatchK` (costs measured at this batch
@@ -163,30 +162,14 @@ class Batch:
                                                        catch_up=self.engine.config.k_max + 1,
                                                        context=self.engine.config.drafter_context)
 
-    MAX_PREFILL_SCALE = 4  # the most plain steps' worth of prompt a speculative step reads
-
-    def prefill_budget(self) -> int:
-        """Prompt tokens this step reads: ``prefill_tokens`` per plain step's worth of time that
-        the last step took (up to :attr:`MAX_PREFILL_SCALE`). Prompts are read at the same rate
-        per second whatever the draft length: at a fixed budget per step, a speculative step
-        twice as long as a plain one halved the intake of prompts, and under load (16 rows of
-        the bundled pair) slots waited for their prompts while speculation ran: 10.9 rows a
-        step against 14.1 without speculation, which lost what each full step gained (8%)."""
-        last = self.last
-        t_plain = self.k.at(last.rows).t_plain if last.rows and last.k else None
-        if not t_plain:
-            return self.prefill_tokens
-        scale = (last.draft_seconds + last.verify_seconds) / t_plain
-        return int(self.prefill_tokens * min(max(1.0, scale), self.MAX_PREFILL_SCALE))
-
     def _prefill(self) -> int:
-        """Advance the staged prompts by up to :meth:`prefill_budget` tokens in one forward; the
-        prompts that are in move to the batch. Returns the tokens fed."""
+        """Advance the staged prompts by up to ``prefill_tokens`` in one forward; the prompts that
+        are in move to the batch. Returns the tokens fed."""
         done = self.staging.lengths[: len(self.staged)].tolist()
         left = [len(gen.tokens) - 1 - d for gen, d in zip(self.staged, done)]
         # the budget shared evenly by the prompts still being read: rows of one forward are padded
         # to the longest, so one long chunk beside empty rows would waste the whole batch
-        share = max(1, self.prefill_budget() // max(1, sum(n > 0 for n in left)))
+        share = max(1, self.prefill_tokens // max(1, sum(n > 0 for n in left)))
         feeds = [gen.tokens[d:d + min(n, share)] for gen, d, n in zip(self.staged, done, left)]
         fed = sum(map(len, feeds))
         if fed:
