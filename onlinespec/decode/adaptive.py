@@ -257,7 +257,7 @@ class AdaptiveK:
 
     def _fit_verify(self, k: int, extra: float) -> None:
         """Refit ``v0 + v k`` to the extra verify seconds of recent steps (decayed least squares).
-        Steps that all drafted about the same ``k0`` cannot separate ``a`` from ``v``: until
+        Steps that all drafted about the same ``k0`` cannot separate ``v0`` from ``v``: until
         they can, a shorter block is priced in proportion (``v k``) and a longer one as ``k0``
         (the optimistic side of both), so the controller tries other lengths, which are what
         the fit lacks; pricing every position alike after steps of one draft each priced k = 4
@@ -375,13 +375,6 @@ class BatchK:
         """The acceptance of every draft in the blocks of a drafter's rows (copies and its own),
         which the batch's draft length is chosen on: what a row's block actually yields."""
         return f"rows:{key or ''}"
-
-    def acceptance(self, rows: list[str | None]) -> float:
-        """The mean acceptance per position of the blocks of ``rows`` (each its drafter id, or
-        None without a drafter), at the posterior means."""
-        if not rows:
-            return 0.0
-        return sum(self.proposer(self.rows_key(key)).acceptance for key in rows) / len(rows)
 
     def blocks(self, rows: list[str | None], drawn: Callable[[str], bool] = lambda key: False) -> Yield:
         """What the blocks of ``rows`` yield, as a function of ``k``: the mean over rows of their

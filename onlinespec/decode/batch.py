@@ -9,7 +9,8 @@ Requests join and leave between steps. Each :meth:`Batch.step`:
    a step over all of them, in one forward of their own (a long prompt never stalls the others
    for more than one chunk); a request whose prompt is in takes a row (its keys and values are
    copied in); its drafter encodes its text the first time it drafts for it, and only if the
-   row has enough tokens left to earn that back (never in a probe);
+   row has enough tokens left to earn that back (in a probe, only the shortest row, and only
+   where the drafter holds none);
 2. **propose**: ``k`` from :class:`~onlinespec.decode.adaptive.BatchK` (costs measured at this batch
    size, acceptance per source of drafts; ``k = 0`` where speculation would not pay; a drafter
    whose own drafts would not earn their cost is muted for the step, and every drafter is where
@@ -257,7 +258,7 @@ class Batch:
             # otherwise only if the row has enough tokens left to earn back the encoding of its
             # text; the others take copies
             probing = self.k.probing(len(rows))
-            joining = {}
+            waiting = {}  # per drafter: its rows left out this step
             for b, g in enumerate(rows):
                 group = self._draft_rows(g)
                 if b in muted or not g.adaptive or group is None or group.joined(g):
@@ -265,9 +266,9 @@ class Batch:
                 left = g.params.max_new_tokens - len(g.generated)
                 if probing or not self.k.join_pays(g.drafter.drafter_id, k, len(rows), len(g.tokens) - 1, left):
                     muted.add(b)
-                    joining.setdefault(id(group), []).append(b)
+                    waiting.setdefault(id(group), []).append(b)
             if probing:
-                for group_rows in joining.values():
+                for group_rows in waiting.values():
                     group = self._draft_rows(rows[group_rows[0]])
                     if not any(group.joined(g) for b, g in enumerate(rows) if b not in muted):
                         muted.discard(min(group_rows, key=lambda b: len(rows[b].tokens)))
