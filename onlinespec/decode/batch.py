@@ -235,8 +235,7 @@ class Batch:
             self.last = StepTiming(prefill_tokens=fed, prefill_seconds=t1 - t0)
             return []
         adaptive = [g for g in rows if g.adaptive]
-        k = self.k.choose([g.drafter.drafter_id if g.drafter is not None else None for g in adaptive],
-                          batch=len(rows)) if adaptive else None
+        k = self.k.choose([_drafter_key(g) for g in adaptive], batch=len(rows)) if adaptive else None
         # a drafter whose own drafts would not earn their cost drafts for nobody this step (its
         # rows still take copies); requests with a fixed k keep theirs
         pays = {key: self.k.drafts_pay(key, k, len(rows))
@@ -245,11 +244,9 @@ class Batch:
                  and not pays[g.drafter.drafter_id]}
         # and every drafter is, for the rows suffix speculation drafts for, where copies alone
         # would yield more
-        copying = [g for g in adaptive if g.index is not None]
-        if copying and self.k.copies_pay_more(
-                [g.drafter.drafter_id if g.drafter is not None else None for g in copying], len(rows)):
-            muted.update(b for b, g in enumerate(rows)
-                         if g.adaptive and g.index is not None and g.drafter is not None)
+        copying = [b for b, g in enumerate(rows) if g.adaptive and g.index is not None]
+        if copying and self.k.copies_pay_more([_drafter_key(rows[b]) for b in copying], len(rows)):
+            muted.update(b for b in copying if rows[b].drafter is not None)
         if k:
             # rows a drafter does not hold yet join it only where that pays: in a probe only the
             # shortest, and only where it holds none of the batch's rows (a probe must draft to
@@ -258,7 +255,7 @@ class Batch:
             # otherwise only if the row has enough tokens left to earn back the encoding of its
             # text; the others take copies
             probing = self.k.probing(len(rows))
-            waiting = {}  # per drafter: its rows left out this step
+            waiting: dict[DraftRows, list[int]] = {}  # per drafter: its rows left out this step
             for b, g in enumerate(rows):
                 group = self._draft_rows(g)
                 if b in muted or not g.adaptive or group is None or group.joined(g):
@@ -266,10 +263,9 @@ class Batch:
                 left = g.params.max_new_tokens - len(g.generated)
                 if probing or not self.k.join_pays(g.drafter.drafter_id, k, len(rows), len(g.tokens) - 1, left):
                     muted.add(b)
-                    waiting.setdefault(id(group), []).append(b)
+                    waiting.setdefault(group, []).append(b)
             if probing:
-                for group_rows in waiting.values():
-                    group = self._draft_rows(rows[group_rows[0]])
+                for group, group_rows in waiting.items():
                     if not any(group.joined(g) for b, g in enumerate(rows) if b not in muted):
                         muted.discard(min(group_rows, key=lambda b: len(rows[b].tokens)))
         # a muted drafter's rows make copy-only blocks: the draft length follows what those yield
@@ -329,6 +325,11 @@ class Batch:
             self.remove(gen)
         self.last = StepTiming(len(rows), drafted, fed, t1 - t0 + joined, t2 - t1 - joined, t3 - t2)
         return results
+
+
+def _drafter_key(gen: Generation) -> str | None:
+    """The id of the drafter a request drafts with (None: copies only)."""
+    return gen.drafter.drafter_id if gen.drafter is not None else None
 
 
 def run_batched(engine: SpeculativeEngine, gens: list[Generation], slots: int = 8,
