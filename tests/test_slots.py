@@ -94,3 +94,33 @@ def test_rows_fed_nothing_growth_and_loading_a_staged_prefill(plain_head, monkey
                 assert torch.allclose(logits[row], ref, atol=5e-5), (i, row, (logits[row] - ref).abs().max())
     assert cache.capacity >= max(map(len, seqs)) > 4
     assert [int(x) for x in cache.lengths[:2]] == [len(s) for s in seqs]
+
+
+@pytest.mark.parametrize("plain_head", [True, False], ids=["head-on-fed-positions", "full-forward"])
+def test_reading_a_prompt_without_the_head_returns_the_same_states_and_keys(plain_head, monkeypatch):
+    """Prefill runs no head (its logits are never read): the hidden states it returns and the keys
+    it leaves are those of a forward with the head."""
+    import onlinespec.decode.slots as slots
+
+    if not plain_head:
+        monkeypatch.setattr(slots, "PLAIN_HEAD", frozenset())
+    model = tiny_llama(layers=2, hidden=64, heads=4, seed=7)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(1, 128) for _ in range(n)] for n in (6, 3, 9)]
+    with_head, without = (SlotCache.for_model(model, slots=3, max_len=64) for _ in range(2))
+    for cache in (with_head, without):
+        for _ in prompts:
+            cache.join()
+    _, ref = forward_rows(model, with_head, prompts, hidden=True)
+    states = forward_rows(model, without, prompts, hidden=True, logits=False)
+    assert forward_rows(model, without, [[1], [2], [3]], logits=False) is None
+    forward_rows(model, with_head, [[1], [2], [3]], logits=False)
+    for row, prompt in enumerate(prompts):
+        assert states[row].shape == ref[row].shape == (len(prompt), 64)
+        assert torch.allclose(states[row], ref[row], atol=1e-5)
+    # what comes next sees the same keys: the next token's logits agree with a single-sequence forward
+    nxt = [[5], [6], [7]]
+    for cache in (with_head, without):
+        for row, logits in enumerate(forward_rows(model, cache, nxt)):
+            ref_logits = reference(model, prompts[row] + [row + 1] + nxt[row], 1)
+            assert torch.allclose(logits, ref_logits, atol=5e-5), (row, (logits - ref_logits).abs().max())

@@ -175,12 +175,12 @@ class Batch:
         fed = sum(map(len, feeds))
         if fed:
             if any(g.features is not None for g in self.staged):
-                _, states = forward_rows(self.engine.target, self.staging, feeds, hidden=True)
+                states = forward_rows(self.engine.target, self.staging, feeds, hidden=True, logits=False)
                 for gen, h in zip(self.staged, states):
                     if gen.features is not None:
                         gen.features.append(h)
-            else:
-                forward_rows(self.engine.target, self.staging, feeds)
+            else:  # a prompt's logits are never read (its last token is fed with the first drafts)
+                forward_rows(self.engine.target, self.staging, feeds, logits=False)
         ready = [g for row, g in enumerate(self.staged) if int(self.staging.lengths[row]) == len(g.tokens) - 1]
         for gen in ready:
             row = self.staged.index(gen)

@@ -207,7 +207,8 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
     """Feed ``rows[b]`` (possibly nothing) to active row ``b``, every row in one forward.
     Returns each row's logits ``[len(rows[b]), V]`` (and with ``hidden``, the last hidden states
     at the same positions); the tokens are committed to the cache. ``logits=False``: only the
-    keys and values are wanted (encoding text), the head is not run; returns None.
+    keys and values are wanted (reading a prompt, encoding text), the head is not run; returns
+    None, or with ``hidden`` the hidden states alone.
     ``features[b]`` (``[len(rows[b]), H]``): the target's feature paired with each token, for a
     :class:`~onlinespec.drafters.feature.FeatureDrafter` (its hidden states out are its own
     output features). ``last``: logits (and hidden states) at each row's last fed position only
@@ -247,20 +248,24 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
         h = [states[i, n - k:n] for i, (n, k) in enumerate(zip(lens, kept))]
         out_logits = list(model.lm_head(torch.cat(h)).split(kept))
         return (out_logits, h) if hidden else out_logits
-    if not logits:
-        model(**inputs, logits_to_keep=1)
+    plain_head = getattr(model.config, "model_type", None) in PLAIN_HEAD
+    if not logits and not (hidden and plain_head):
+        full = model(**inputs, logits_to_keep=1, output_hidden_states=hidden)
         cache.lengths[:b] += torch.tensor(lens)
-        return None
-    if getattr(model.config, "model_type", None) in PLAIN_HEAD:
+        return [full.hidden_states[-1][i, lens[i] - kept[i]: lens[i]] for i in range(b)] if hidden else None
+    if plain_head:
         states = model.get_decoder()(**inputs).last_hidden_state  # [B, T, H]
         if all(k == t for k in kept):
             h = states.reshape(b * t, -1)
         else:  # the head only where it is wanted
             fed = torch.tensor([[n - k <= i < n for i in range(t)] for n, k in zip(lens, kept)], device=device)
             h = states[fed]  # [sum kept, H]
+        out_hidden = list(h.split(kept))
+        if not logits:  # reading a prompt: its keys and values (and features), no head
+            cache.lengths[:b] += torch.tensor(lens)
+            return out_hidden
         logits = model.lm_head(h)  # every PLAIN_HEAD type names its head so (a cut drafter's is no Linear)
         out_logits = list(logits.split(kept))
-        out_hidden = list(h.split(kept))
     else:
         full = model(**inputs, output_hidden_states=hidden)
         out_logits = [full.logits[i, lens[i] - kept[i]: lens[i]] for i in range(b)]
