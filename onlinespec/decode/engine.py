@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from onlinespec.cpu_linear import use_small_batch_linears
 from onlinespec.decode.adaptive import BatchK
 from onlinespec.drafters.base import Drafter, Proposal
 from onlinespec.drafters.hf import HFDrafter
@@ -219,7 +220,7 @@ class SpeculativeEngine:
     ):
         """``suffix``: copy drafts from the request's own text and from past outputs (this cache,
         which learns every finished request's output) wherever the suffix matches."""
-        self.target = target.eval()
+        self.target = use_small_batch_linears(target.eval())  # decode and verify steps: a few rows each
         self.suffix = suffix
         self.tokenizer = tokenizer
         self.config = config

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from onlinespec.errors import ModelLoadError
+from onlinespec.cpu_linear import project
 
 __all__ = ["CutConfig", "CutDrafter", "ReducedHead", "SharedEmbedding", "target_embedding", "share_embedding",
            "cut_from", "load_cut", "is_cut", "on_target"]
@@ -105,7 +106,7 @@ class ReducedHead(nn.Module):
         self.rest = nn.Parameter(torch.tensor(float(rest)))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        small = hidden @ self.rows.t() + self.bias  # [..., V]
+        small = project(hidden, self.rows, self.bias)  # [..., V]
         full = self.rest.to(small.dtype).expand(*small.shape[:-1], self.vocab)
         return full.scatter(-1, self.ids.expand(*small.shape[:-1], len(self.ids)), small)
 

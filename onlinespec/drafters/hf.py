@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
+from onlinespec.cpu_linear import use_small_batch_linears
 from onlinespec.models import vocab_size
 
 __all__ = ["HFDrafter"]
@@ -26,10 +27,10 @@ class HFDrafter:
     """
 
     def __init__(self, model: PreTrainedModel, drafter_id: str, version: int = 0):
-        self.model = model.eval()
+        self.model = use_small_batch_linears(model.eval())
         self.drafter_id = drafter_id
         self.version = version
         self.vocab_size = vocab_size(model)
 
     def swap(self, model: PreTrainedModel, version: int) -> None:
-        self.model, self.version = model.eval(), version
+        self.model, self.version = use_small_batch_linears(model.eval()), version

@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from onlinespec.cpu_linear import plain_linears
 from onlinespec.decode.adaptive import BatchK
 from onlinespec.decode.batch import Batch
 from onlinespec.ops.bench.common import emit, heldout_prompts, machine, set_threads
@@ -94,7 +95,7 @@ def hf_batched(target, prompts: list[list[int]], batch: int, max_new_tokens: int
         width = max(map(len, group))
         ids = torch.tensor([[eos] * (width - len(p)) + p for p in group], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
-        with torch.no_grad():
+        with torch.no_grad(), plain_linears():  # as its users run it
             out = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                                   eos_token_id=eos, pad_token_id=eos)
         for row in out[:, width:].tolist():
