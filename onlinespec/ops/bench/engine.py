@@ -39,6 +39,7 @@ import time
 
 import torch
 
+from onlinespec.cpu_linear import plain_linears
 from onlinespec.decode.adaptive import theoretical_speedup
 from onlinespec.ops.bench.common import emit, machine, setup
 from onlinespec.drafters.hf import HFDrafter
@@ -87,11 +88,12 @@ def measure(target, drafter_model, tokenizer, prompts, max_new_tokens: int, k: i
     def hf_assisted(prompt):
         if not assisted:
             return None
-        out = target.generate(
-            torch.tensor([prompt]), assistant_model=drafter_model, do_sample=False,
-            max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
-            num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
-        )
+        with plain_linears():  # Hugging Face as its users run it
+            out = target.generate(
+                torch.tensor([prompt]), assistant_model=drafter_model, do_sample=False,
+                max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
+                num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
+            )
         return out[0, len(prompt):].tolist()
 
     # warm-up: first calls allocate and compile kernels
@@ -153,8 +155,9 @@ def measure_suffix_only(target, tokenizer, prompts, max_new_tokens: int, k: int)
     params = SamplingParams(max_new_tokens=max_new_tokens)
 
     def hf(prompt, **kw):
-        out = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
-                              eos_token_id=eos, pad_token_id=eos, **kw)
+        with plain_linears():  # Hugging Face as its users run it
+            out = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                                  eos_token_id=eos, pad_token_id=eos, **kw)
         return out[0, len(prompt):].tolist()
 
     plain = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(capture_feedback=False))
