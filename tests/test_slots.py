@@ -124,3 +124,39 @@ def test_reading_a_prompt_without_the_head_returns_the_same_states_and_keys(plai
         for row, logits in enumerate(forward_rows(model, cache, nxt)):
             ref_logits = reference(model, prompts[row] + [row + 1] + nxt[row], 1)
             assert torch.allclose(logits, ref_logits, atol=5e-5), (row, (logits - ref_logits).abs().max())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_ragged_rows_are_packed_only_fed_tokens_reach_the_layers(attention):
+    """Rows fed different numbers of tokens cost the layers their fed tokens, not rows x the
+    longest (padding positions never reach a projection); the logits still equal single-sequence
+    forwards, and rows of one length take the padded path, unchanged."""
+    model = tiny_llama(layers=2, hidden=64, heads=4, seed=11)
+    model.set_attn_implementation(attention)
+    seen: list[int] = []
+    model.model.layers[0].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].numel() // 64))
+    rng = random.Random(4)
+    cache = SlotCache.for_model(model, slots=4, max_len=64)
+    seqs = [[rng.randrange(1, 128) for _ in range(n)] for n in (3, 8, 1, 5)]
+    for _ in seqs:
+        cache.join()
+    for feeds in (seqs, [[7], [], [9, 10, 11, 12, 13, 14, 15, 16, 17], [4, 4]], [[1], [2], [3], [4]]):
+        seen.clear()
+        logits, states = forward_rows(model, cache, [list(f) for f in feeds], hidden=True)
+        assert seen == [sum(map(len, feeds)) if len(set(map(len, feeds))) > 1 else len(feeds)]
+        for row, feed in enumerate(feeds):
+            if feeds is not seqs:
+                seqs[row] = seqs[row] + feed
+            assert logits[row].shape == (len(feed), 128) and states[row].shape == (len(feed), 64)
+            if feed:
+                ref = reference(model, seqs[row], len(feed))
+                assert torch.allclose(logits[row], ref, atol=5e-5), (row, (logits[row] - ref).abs().max())
+    assert model.config._attn_implementation == attention  # restored after each packed forward
+    # `last`: the last fed position of each row only (a drafter's catch-up), packed as well
+    seen.clear()
+    out = forward_rows(model, cache, [[5, 6, 7], [8], [], [9, 9]], last=True)
+    assert seen == [6] and [tuple(x.shape) for x in out] == [(1, 128), (1, 128), (0, 128), (1, 128)]
+    for row, feed in enumerate([[5, 6, 7], [8], [], [9, 9]]):
+        seqs[row] = seqs[row] + feed
+        if feed:
+            assert torch.allclose(out[row], reference(model, seqs[row], 1), atol=5e-5)
