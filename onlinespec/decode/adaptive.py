@@ -4,13 +4,19 @@ With a per-token acceptance rate ``a`` (drafts accepted independently, the usual
 block of ``k`` drafts yields ``(1 - a^(k+1)) / (1 - a)`` tokens in expectation. A step costs
 ``k * t_draft + t_verify(k)``, while plain target decoding costs ``t_plain`` a token, so
 
-    speedup(k) = tokens(k) * t_plain / (k * t_draft + t_verify(k)),   t_verify(k) = t_plain + v0 + v * k  (k >= 1)
+    speedup(k) = tokens(k) * t_plain / (k * t_draft + t_verify(k)),   t_verify(k) = t_plain + extra(k)  (k >= 1)
 
-(``v``: the measured extra cost of each verified position; ``v0``: what verifying any draft at
-all costs beyond that. On a CPU the first extra position of a batch costs most: at 8 rows of
-SmolLM2-135M a verify forward took 87 / 140 / 155 / 184 ms for k = 0 / 1 / 2 / 4, and a cost
-per position alone, fitted on short blocks, priced k = 4 at 290 ms and locked the batch into
-plain decoding; ``v0`` and ``v`` are a least-squares fit over recent steps' draft lengths).
+(``extra(k)``: what verifying ``k`` drafts costs beyond a plain step, as measured at each draft
+length the controller has drafted, :meth:`AdaptiveK.verify_extra`). On a CPU that cost is
+neither proportional to ``k`` nor linear in it: at 8 rows of SmolLM2-135M a verify forward took
+87 / 140 / 155 / 184 ms for k = 0 / 1 / 2 / 4 (the first position dearest: memory-bound), at 16
+rows 120 / 200 / 220 / 400 ms for k = 0 / 3 / 4 / 8 (dearer per position past 80 positions:
+compute-bound). A cost per position fitted on short blocks priced k = 4 at 290 ms and locked the
+batch into plain decoding; a straight line ``v0 + v k`` fitted on k = 8 steps and one slow
+first k = 1 step (a cache growing) priced k = 4 at 338 ms against 220 and kept a 16-row batch at
+k = 8 (156 tokens/s where k = 4 gave 187). Lengths not measured are priced on the optimistic
+side of the measured ones, and the lengths next to the best one are each tried once (climbing
+to the best length a step at a time, as a cost curve that bends can only be read by drafting).
 Under batching the tokens a block yields are measured position by position
 (:class:`BlockLengths`), not assumed alike at every position. The controller picks the ``k`` in
 ``[k_min, k_max]`` that maximizes it; when no ``k`` beats plain decoding it decodes plainly and
@@ -18,7 +24,7 @@ probes again every ``probe_every`` steps so it notices when the drafter has impr
 All estimates are exponentially weighted, so they follow a drifting drafter.
 
 Under batching (:class:`BatchK`) the same rule runs per batch size: a step of ``B`` rows costs
-``t_plain(B)`` plain and ``k * t_draft(B) + t_plain(B) + v0(B) + v(B) * k + t_join(B)`` with drafts, every
+``t_plain(B)`` plain and ``k * t_draft(B) + t_plain(B) + extra(B, k) + t_join(B)`` with drafts, every
 row expecting the ``tokens(k)`` its source's blocks yield, so ``k = 0`` (plain batched decoding)
 wins wherever verifying ``B x (k+1)`` positions costs more than the drafts bring. The costs are
 what the batch measures, not what the forwards alone take: verification includes accepting and
@@ -129,11 +135,10 @@ class AdaptiveK:
         self.t_plain: float | None = None  # seconds per plain target step
         self.t_draft: float | None = None  # seconds per drafted token
         self._recent: dict[str, deque[float]] = {}  # the last timings of each cost
-        self.v: float = 0.0  # extra verify seconds per drafted position
-        self.v0: float = 0.0  # extra verify seconds of a step that drafts at all
-        self.cap: float = float("inf")  # draft lengths beyond it priced as it (one length measured)
-        # decayed sums of the verify costs seen: weight, k, k^2, extra seconds y, k * y
-        self._fit = [0.0, 0.0, 0.0, 0.0, 0.0]
+        # extra verify seconds beyond a plain step, per draft length measured (see verify_extra)
+        self.extra: dict[int, float] = {}
+        self.v: float = 0.0  # extra verify seconds per drafted position while no length is measured
+        self._explored: set[int] = set()  # lengths tried once because their cost was not measured
         self.plain_streak = 0
         self.spec_streak = 0
         self.steps = 0
@@ -159,8 +164,29 @@ class AdaptiveK:
         return k * self.t_draft + self.t_plain + self.verify_extra(k) + self.t_join
 
     def verify_extra(self, k: int) -> float:
-        """What verifying ``k`` drafts costs beyond a plain step, as fitted."""
-        return self.v0 + self.v * min(k, self.cap) if k else 0.0
+        """What verifying ``k`` drafts costs beyond a plain step: as measured at ``k``; for a length
+        not measured, the optimistic side of the measured ones: the lower of the line between
+        the nearest measured lengths around it and the next longer one's cost in proportion
+        (``k / k_hi`` of it); beyond the longest measured, that one's cost. A length priced too
+        low gets tried and measured; one priced too high would never be (the fitted line of
+        earlier versions priced k = 4 from k = 8 steps and one slow k = 1 step at 1.5x what it
+        took). Nothing measured yet: ``v`` per position."""
+        if not k:
+            return 0.0
+        if k in self.extra:
+            return self.extra[k]
+        if not self.extra:
+            return self.v * k
+        longer = [j for j in self.extra if j > k]
+        shorter = [j for j in self.extra if j < k]
+        if not longer:
+            return self.extra[max(shorter)]
+        hi = min(longer)
+        guess = self.extra[hi] * k / hi
+        if shorter:
+            lo = max(shorter)
+            guess = min(guess, self.extra[lo] + (self.extra[hi] - self.extra[lo]) * (k - lo) / (hi - lo))
+        return guess
 
     def speedup(self, k: int, acceptance: Yield | None = None) -> float:
         if self.t_plain is None or self.t_draft is None:
@@ -183,9 +209,9 @@ class AdaptiveK:
         self.probing = False
         k = self.best_k(acceptance)
         if self.speedup(k, acceptance) >= self.min_speedup:
-            if self.plain_every and self.spec_streak >= self.plain_every:
+            if self.plain_every and self.spec_streak >= self._plain_due():
                 return 0
-            return k
+            return self._neighbour(k)
         if explore is not None:
             drawn = self.best_k(explore)
             if self.speedup(drawn, explore) >= self.min_speedup:
@@ -194,6 +220,30 @@ class AdaptiveK:
             self.probing = True  # one speculative step refreshes the estimates
             return k
         return 0
+
+    def _neighbour(self, k: int) -> int:
+        """``k``, or once each, a length next to it whose cost is not measured (``k + 1`` first):
+        what a length costs is known only once it is drafted, so the best length is found by
+        climbing from the one measured best (guesses between measured lengths are off where the
+        cost bends: at 16 rows of SmolLM2, 0.06 s at k = 2 and 0.28 at k = 8 priced k = 3 above
+        what it took, and the batch stayed at k = 2)."""
+        if self.t_draft is None or not self.extra:
+            return k
+        for n in (k + 1, k - 1):
+            if self.k_min <= n <= self.k_max and n not in self.extra and n not in self._explored:
+                self._explored.add(n)
+                return n
+        return k
+
+    def _plain_due(self) -> int:
+        """Speculative steps after which a plain one refreshes ``t_plain``: ``plain_every``, but an
+        eighth of it while fewer than ``FIRST`` plain steps were measured (at 16 users of
+        SmolLM2 a batch size's plain cost came from one step of the ramp-up, 15% above what
+        plain steps took, and stayed so for the whole run: 28 steps at that size, under
+        ``plain_every``)."""
+        if len(self._recent.get("plain", ())) >= self.FIRST:
+            return self.plain_every
+        return max(1, self.plain_every // 8)
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new
@@ -250,36 +300,9 @@ class AdaptiveK:
             return
         self.t_join = self._ema(self.t_join, join_seconds)
         self.t_draft = self._cost("draft", self.t_draft, draft_seconds / drafted)
-        if self.t_plain is not None:
-            if self._fit[0]:  # one slow step moves the fit by at most a step twice the prediction
-                verify_seconds = min(verify_seconds, 2.0 * (self.t_plain + self.verify_extra(drafted)))
-            self._fit_verify(drafted, max(0.0, verify_seconds - self.t_plain))
-
-    def _fit_verify(self, k: int, extra: float) -> None:
-        """Refit ``v0 + v k`` to the extra verify seconds of recent steps (decayed least squares).
-        Steps that all drafted about the same ``k0`` cannot separate ``v0`` from ``v``: until
-        they can, a shorter block is priced in proportion (``v k``) and a longer one as ``k0``
-        (the optimistic side of both), so the controller tries other lengths, which are what
-        the fit lacks; pricing every position alike after steps of one draft each priced k = 4
-        at 4x the first position, and the batch never drafted longer to learn otherwise."""
-        d = self.decay
-        for i, x in enumerate((1.0, k, k * k, extra, k * extra)):
-            self._fit[i] = d * self._fit[i] + x
-        w, sk, skk, sy, sky = self._fit
-        mean_k, mean_y = sk / w, sy / w
-        var = skk / w - mean_k * mean_k
-        self.v0, self.cap = 0.0, float("inf")
-        if var <= 0.25:  # one length measured
-            self.v, self.cap = mean_y / mean_k, mean_k
-            return
-        v = (sky / w - mean_k * mean_y) / var
-        v0 = mean_y - v * mean_k
-        if v < 0.0:  # longer blocks measured cheaper: noise; a flat cost
-            self.v0, self.v = max(0.0, mean_y), 0.0
-        elif v0 < 0.0:  # each position dearer than the last: per position, through the origin
-            self.v = sky / skk
-        else:
-            self.v0, self.v = v0, v
+        if self.t_plain is not None:  # the first timings give their median, an outlier moves it by a bounded step
+            extra = max(0.0, verify_seconds - self.t_plain)
+            self.extra[drafted] = self._cost(f"extra:{drafted}", self.extra.get(drafted), extra)
 
 
 class BatchK:
