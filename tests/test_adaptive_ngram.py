@@ -300,3 +300,24 @@ def test_a_full_batch_is_not_priced_from_the_ramp_up():
     assert [ctl.bucket(b) for b in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 17, 24, 25)] == \
         [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 16, 16, 24, 24, 32]
     assert ctl.at(16) is ctl.at(13) and ctl.at(16) is not ctl.at(12) and ctl.at(12) is ctl.at(9)
+
+
+def test_a_row_whose_own_drafts_fare_worse_drafts_fewer():
+    """In a step of 16 rows at k = 5 (a position costs 0.13 / 5 s of verification against a
+    0.12 s plain step) a row whose drafts were mostly rejected drafts one position, one whose
+    drafts were mostly accepted drafts all five, and a row with no history drafts as its source
+    says; the batch size cancels; nothing measured, nothing is cut."""
+    from onlinespec.decode.adaptive import BatchK
+
+    ctl = BatchK(k_max=8)
+    assert ctl.row_length("d", 5, 16, accepted=0, rejections=10) == 5  # costs not measured
+    costs = ctl.at(16)
+    costs.t_plain, costs.t_draft, costs.extra = 0.12, 0.001, {5: 0.13}
+    src = ctl.proposer(ctl.rows_key("d"))
+    src.accepted, src.rejected = 15.0, 5.0  # blocks accepted at 0.75
+    assert ctl.row_length("d", 5, 16, accepted=2, rejections=8) == 1
+    assert ctl.row_length("d", 5, 16, accepted=30, rejections=5) == 5
+    assert ctl.row_length("d", 5, 16, accepted=0, rejections=0) == 5  # 0.75^5 = 0.24 >= 0.22
+    assert ctl.row_length("d", 5, 16, accepted=0, rejections=40) == 0  # a row that never gets a draft
+    ctl.at(4).t_plain, ctl.at(4).t_draft, ctl.at(4).extra = 0.03, 0.001, {5: 0.0325}
+    assert ctl.row_length("d", 5, 4, accepted=2, rejections=8) == 1  # the same share of a step

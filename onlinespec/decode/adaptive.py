@@ -327,9 +327,12 @@ class BatchK:
     loss at one user in half the runs).
     """
 
+    ROW_PRIOR = 4.0  # blocks of its source's acceptance a row's own is shrunk toward
+    ROW_MIN_STEPS = 3  # speculative steps of a row before its own acceptance shortens its drafts
+
     def __init__(self, k_max: int = 8, cost_decay: float = 0.95, plain_every: int = 32, probe_every: int = 8,
                  thompson: bool = True, prior_weight: float = 20.0, seed: int = 0, min_speedup: float = 1.0,
-                 **kw):
+                 per_row: bool = True, **kw):
         """Costs follow the last ~20 steps at each batch size (``cost_decay``; a shared machine's
         timings drift); a plain step every ``plain_every`` speculative ones keeps the plain
         cost, which every other cost is measured against, fresh. ``prior_weight``: the drafts a
@@ -337,6 +340,7 @@ class BatchK:
         predicted gain a speculative step must show (the model of a step is approximate: at
         break-even, plain decoding is the safe side)."""
         self.k_max, self.kw = k_max, kw
+        self.per_row = per_row  # rows draft fewer where their own acceptance says so (row_length)
         self.cost_kw = {**kw, "decay": cost_decay, "plain_every": plain_every, "probe_every": probe_every,
                         "min_speedup": min_speedup}
         self.costs: dict[int, AdaptiveK] = {}
@@ -482,6 +486,25 @@ class BatchK:
             return float("inf") if k else 0.0
         tokens = block_tokens(self.blocks([key]), k)
         return (tokens * costs.t_plain - costs.step_seconds(k)) / (batch * tokens)
+
+    def row_length(self, key: str | None, k: int, batch: int, accepted: int, rejections: int) -> int:
+        """Drafts worth asking of one row of drafter ``key`` (None: copies) in a step of ``batch``
+        rows drafting ``k``: position ``i`` while the chance that it is reached and accepted,
+        ``a^i``, pays for the verification it adds (``extra(k) / k`` a position, against
+        ``t_plain`` a token: a step's token is worth ``t_plain / B`` and a position costs
+        ``extra / (k B)``, so the batch size cancels). ``a``: the row's own acceptance in its
+        request (``accepted`` drafts, ``rejections`` blocks cut short: a truncated geometric),
+        shrunk toward its source's blocks with ``ROW_PRIOR`` blocks' weight. Never more than ``k``."""
+        costs = self.at(batch)
+        if not k or costs.t_plain is None or costs.t_draft is None or not costs.t_plain:
+            return k
+        a_src = self.proposer(self.rows_key(key)).acceptance
+        a = (accepted + self.ROW_PRIOR * a_src) / (accepted + rejections + self.ROW_PRIOR)
+        per_position = costs.verify_extra(k) / k / costs.t_plain
+        n = 0
+        while n < k and a ** (n + 1) >= per_position:
+            n += 1
+        return n
 
     def observe_join(self, key: str, seconds: float, tokens: int) -> None:
         """Drafter ``key`` encoded ``tokens`` of a joining row's text in ``seconds``."""

@@ -275,6 +275,15 @@ class Batch:
         if muted:
             k = self.k.rechoose(block_keys, batch=len(rows))
         k_rows = [g.draft_length(k) for g in rows]
+        if k and self.k.per_row:
+            # a row whose own drafts fared worse than its source's drafts fewer (rows are packed:
+            # its positions not drafted cost nothing); the last rows of a closed loop are the
+            # ones with the lowest acceptance, verified at the batch's k at 2 tokens a step
+            for b, g in enumerate(rows):
+                if g.adaptive and k_rows[b] and g.stats.spec_steps >= self.k.ROW_MIN_STEPS:
+                    key = None if (g.drafter is None or b in muted) else g.drafter.drafter_id
+                    k_rows[b] = min(k_rows[b], self.k.row_length(key, k, len(rows), g.stats.accepted,
+                                                                 g.stats.rejections))
         drafts, qs, copied = self._propose(k_rows, muted)
         t2 = time.perf_counter()
         # rows joining a drafter encode their text: reported as prefill, costed apart from drafting
