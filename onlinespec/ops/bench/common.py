@@ -19,8 +19,22 @@ def set_threads(n: int | None) -> int:
     return n
 
 
+def cpu_model() -> str:
+    """The processor's name (``/proc/cpuinfo``, else ``platform.processor()``): which small-batch
+    product is faster, and so most figures, depend on it (:mod:`onlinespec.cpu_linear`)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     return {
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
