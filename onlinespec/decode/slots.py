@@ -245,7 +245,7 @@ def _attention(model, implementation: str):
         config._attn_implementation = old
 
 
-def _packed_layout(starts: list[int], lens: list[int], t: int, device) -> dict[str, torch.Tensor]:
+def _packed_layout(starts: list[int], lens: list[int], t: int, device) -> dict:
     """Where the ``N`` fed tokens of a packed forward go: each token's row and position, and the
     two index maps of :func:`rows_attention`."""
     offsets = [0]
