@@ -41,12 +41,15 @@ plain path.
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 __all__ = ["project", "SmallBatchLinear", "use_small_batch_linears", "plain_linears", "calibrate", "decisions",
            "ROW_BUCKETS", "MIN_WEIGHTS"]
@@ -108,7 +111,7 @@ def calibrate(weights: list[torch.Tensor], force: bool = False) -> dict[tuple[in
                 break
             stream.append(w)
             size += w.numel() * w.element_size()
-        faster = set()
+        faster, timings = set(), []
         for rows in ROW_BUCKETS:
             x = torch.randn(rows, key[1], dtype=key[2])
             plain = lambda: [nn.functional.linear(x, w) for w in stream]  # noqa: E731
@@ -122,7 +125,12 @@ def calibrate(weights: list[torch.Tensor], force: bool = False) -> dict[tuple[in
                     best[i] = min(best[i], time.perf_counter() - t)
             if best[1] <= MARGIN * best[0]:
                 faster.add(rows)
+            timings.append(f"{rows}: {1000 * best[0]:.2f}/{1000 * best[1]:.2f}")
         _faster[key] = frozenset(faster)
+        # the decision rests on timings of a shared machine: logged, so a slow server can be checked
+        log.info("small-batch linears, weight %s x %s: transposed product at rows %s (ms F.linear/transposed "
+                 "per pass of %d weights: %s)", key[0], key[1], sorted(faster) or "none", len(stream),
+                 ", ".join(timings))
     return {key: tuple(sorted(_faster[key])) for key in groups}
 
 
