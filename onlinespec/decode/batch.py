@@ -270,10 +270,9 @@ class Batch:
                         muted.discard(min(group_rows, key=lambda b: len(rows[b].tokens)))
         # a muted drafter's rows make copy-only blocks: the draft length follows what those yield
         # (a weak drafter must not shorten the copies of the rows it does not draft for)
-        block_keys = [None if (g.drafter is None or b in muted) else g.drafter.drafter_id
-                      for b, g in enumerate(rows) if g.adaptive]
+        row_keys = [None if (g.drafter is None or b in muted) else g.drafter.drafter_id for b, g in enumerate(rows)]
         if muted:
-            k = self.k.rechoose(block_keys, batch=len(rows))
+            k = self.k.rechoose([key for key, g in zip(row_keys, rows) if g.adaptive], batch=len(rows))
         k_rows = [g.draft_length(k) for g in rows]
         if k and self.k.per_row:
             # a row whose own drafts fared worse than its source's drafts fewer (rows are packed:
@@ -281,8 +280,7 @@ class Batch:
             # ones with the lowest acceptance, verified at the batch's k at 2 tokens a step
             for b, g in enumerate(rows):
                 if g.adaptive and k_rows[b] and g.stats.spec_steps >= self.k.ROW_MIN_STEPS:
-                    key = None if (g.drafter is None or b in muted) else g.drafter.drafter_id
-                    k_rows[b] = min(k_rows[b], self.k.row_length(key, k, len(rows), g.stats.accepted,
+                    k_rows[b] = min(k_rows[b], self.k.row_length(row_keys[b], k, len(rows), g.stats.accepted,
                                                                  g.stats.rejections))
         drafts, qs, copied = self._propose(k_rows, muted)
         t2 = time.perf_counter()
@@ -313,8 +311,7 @@ class Batch:
             if gen.features is not None and (gen.capture or not gen.finished):  # the features of what settled
                 gen.features.append(states[b][: len(gen.tokens) - 1 - len(gen.features)])
             if gen.adaptive:  # a muted row's block was a suffix block: credited as one, as without a drafter
-                key = gen.drafter.drafter_id if gen.drafter is not None and b not in muted else None
-                self.k.observe_row(key, copied[b], out.accepted, asked=k_rows[b])
+                self.k.observe_row(row_keys[b], copied[b], out.accepted, asked=k_rows[b])
             if gen.finished:
                 leaving.append(gen)
             else:  # keep every settled token but the newest (it is fed with the next drafts)
