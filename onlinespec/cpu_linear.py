@@ -76,6 +76,11 @@ def _bucket(rows: int) -> int | None:
     return ROW_BUCKETS[i] if i < len(ROW_BUCKETS) else None
 
 
+def _transposed_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for ``x [M, K]`` computed as ``(weight @ x.T).T`` (contiguous)."""
+    return torch.mm(weight, x.t()).t().contiguous()
+
+
 def _transposed(rows: int, weight: torch.Tensor) -> bool:
     if rows < 2 or rows > ROW_BUCKETS[-1] or weight.numel() < MIN_WEIGHTS:
         return False
@@ -115,7 +120,7 @@ def calibrate(weights: list[torch.Tensor], force: bool = False) -> dict[tuple[in
         for rows in ROW_BUCKETS:
             x = torch.randn(rows, key[1], dtype=key[2])
             plain = lambda: [nn.functional.linear(x, w) for w in stream]  # noqa: E731
-            transposed = lambda: [torch.mm(w, x.t()).t().contiguous() for w in stream]  # noqa: E731
+            transposed = lambda: [_transposed_product(x, w) for w in stream]  # noqa: E731
             plain(), transposed()  # warm: the first products allocate
             best = [float("inf"), float("inf")]
             for _ in range(_REPEATS):
@@ -140,7 +145,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if (not _plain and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and _transposed(rows, weight)):
-        out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+        out = _transposed_product(x.reshape(rows, x.shape[-1]), weight)
         out = out.reshape(*x.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
     return nn.functional.linear(x, weight, bias)
@@ -196,7 +201,7 @@ def _compare() -> None:  # pragma: no cover - a measurement, run by hand
             x = torch.randn(m, k)
             plain = ms(lambda: [nn.functional.linear(x, w) for w in weights]) / len(weights)
             ours = ms(lambda: [project(x, w) for w in weights]) / len(weights)
-            transposed = ms(lambda: [torch.mm(w, x.t()).t().contiguous() for w in weights]) / len(weights)
+            transposed = ms(lambda: [_transposed_product(x, w) for w in weights]) / len(weights)
             print(f"N={n:6} K={k:5} M={m:3}: F.linear {plain:7.3f} ms  (W @ x.T).T {transposed:7.3f} ms  "
                   f"({plain / transposed:.2f}x)  project {ours:7.3f} ms")
         print(f"  transposed at rows {calibrate(weights, force=True)[(n, k, torch.float32)]}")

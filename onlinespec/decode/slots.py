@@ -321,7 +321,7 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
         return (out_logits, h) if hidden else out_logits
     plain_head = getattr(model.config, "model_type", None) in PLAIN_HEAD
     if plain_head and len(set(lens)) > 1:  # ragged: only the fed tokens go through the decoder
-        return _forward_packed(model, cache, rows, lens, kept, starts, t, inputs, hidden, logits)
+        return _forward_packed(model, cache, rows, lens, kept, starts, t, mask, hidden, logits)
     if not logits and not (hidden and plain_head):
         full = model(**inputs, logits_to_keep=1, output_hidden_states=hidden)
         cache.lengths[:b] += torch.tensor(lens)
@@ -348,7 +348,7 @@ def forward_rows(model, cache: SlotCache, rows: list[list[int]], hidden: bool = 
 
 
 def _forward_packed(model, cache: SlotCache, rows: list[list[int]], lens: list[int], kept: list[int],
-                    starts: list[int], t: int, inputs: dict, hidden: bool, logits: bool):
+                    starts: list[int], t: int, mask: torch.Tensor, hidden: bool, logits: bool):
     """:func:`forward_rows` for a :data:`PLAIN_HEAD` model whose rows are fed different numbers of
     tokens: the decoder runs over the fed tokens alone, packed into one sequence; the mask
     ``[B, 1, T, L]`` built for the padded rows is what attention reads after unpacking."""
@@ -359,7 +359,7 @@ def _forward_packed(model, cache: SlotCache, rows: list[list[int]], lens: list[i
     try:
         with _attention(model, ROWS_ATTENTION):
             states = model.get_decoder()(
-                input_ids=ids, position_ids=layout["positions"][None], attention_mask=inputs["attention_mask"],
+                input_ids=ids, position_ids=layout["positions"][None], attention_mask=mask,
                 use_cache=True, rows_layout=(layout["unpack"], layout["pack"]),
                 **{CACHE_KWARG: cache}).last_hidden_state[0]  # [N, H]
     finally:
