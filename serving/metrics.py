@@ -124,6 +124,14 @@ class Metrics:
                                     (1, 2, 4, 8, 16, 32, 64))
         self.batch_k = Counter("engine_step_draft_length_total",
                                "Engine steps by the batch's draft length (0: plain batched decoding).", label="k")
+        self.step_seconds = Counter("engine_seconds_total",
+                                    "Seconds the engine spent per phase of its steps (prefill: prompts and drafters "
+                                    "encoding rows new to them; draft; verify: the target forward; settle: accepting "
+                                    "and rewinding).", label="phase")
+        self.step_seconds_k = Counter("engine_step_seconds_total",
+                                      "Seconds of engine steps (prefill apart) by the batch's draft length.", label="k")
+        self.step_tokens_k = Counter("engine_step_tokens_total",
+                                     "Tokens settled in engine steps by the batch's draft length.", label="k")
         self.prefill_tokens = Counter("prefill_tokens_total", "Prompt tokens prefilled (in chunks between steps).")
         self.kv_cache_bytes = Gauge("kv_cache_bytes", "Memory held by the batch's key/value caches.")
         self.kv_cache_reserved = Gauge("kv_cache_reserved_tokens",
@@ -164,6 +172,13 @@ class Metrics:
             self.engine_steps.inc()
             self.batch_rows.observe(step.rows)
             self.batch_k.inc(label=str(step.k))
+            decode = step.draft_seconds + step.verify_seconds + step.settle_seconds
+            self.step_seconds_k.inc(decode, label=str(step.k))
+            self.step_tokens_k.inc(step.tokens, label=str(step.k))
+        for phase in ("prefill", "draft", "verify", "settle"):
+            seconds = getattr(step, f"{phase}_seconds")
+            if seconds:
+                self.step_seconds.inc(seconds, label=phase)
         self.kv_cache_bytes.set(kv_bytes)
         self.kv_cache_reserved.set(reserved)
 
@@ -174,7 +189,8 @@ class Metrics:
                   self.queue_depth, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
                   self.accepted_per_pos, self.copied_tokens, self.copied_accepted_tokens, self.copy_blocks,
                   self.own_blocks, self.own_draft_tokens, self.own_accepted_tokens, self.routed, self.swaps,
-                  self.engine_steps, self.batch_rows, self.batch_k, self.prefill_tokens, self.kv_cache_bytes, self.kv_cache_reserved):
+                  self.engine_steps, self.batch_rows, self.batch_k, self.step_seconds, self.step_seconds_k,
+                  self.step_tokens_k, self.prefill_tokens, self.kv_cache_bytes, self.kv_cache_reserved):
             lines += m.render()
         for metric, read in self.sampled:
             metric.values = dict(read())

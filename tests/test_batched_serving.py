@@ -10,6 +10,7 @@ import pytest
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from onlinespec.decode.suffix import SuffixCache
+from onlinespec.ops.bench.live import engine_profile
 from serving.server import BackgroundServer, build_state
 from tests.test_serving_api import target_greedy_text
 
@@ -44,7 +45,8 @@ def test_concurrent_requests_share_steps_and_each_equals_the_target_alone(target
     try:
         bodies = [{"model": MODEL, "prompt": p, "max_tokens": 20 + 4 * i, "temperature": 0}
                   for i, p in enumerate(PROMPTS)]
-        for body, r in zip(bodies, concurrently(srv, bodies)):
+        responses = concurrently(srv, bodies)
+        for body, r in zip(bodies, responses):
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == target_greedy_text(target, tokenizer, body["prompt"],
                                                                         body["max_tokens"])
@@ -52,6 +54,15 @@ def test_concurrent_requests_share_steps_and_each_equals_the_target_alone(target
         rows = histogram(metrics, "onlinespec_engine_batch_rows")
         assert rows["+Inf"] > rows["1"], "no step ever served more than one request"
         assert "onlinespec_kv_cache_bytes" in metrics and "onlinespec_engine_steps_total" in metrics
+        # where the engine's time went: every generated token settled in a step of some draft length
+        settled = sum(map(float, re.findall(r'^onlinespec_engine_step_tokens_total{k="\d+"} (\S+)$', metrics, re.M)))
+        generated = float(re.search(r"^onlinespec_generated_tokens_total (\S+)$", metrics, re.M).group(1))
+        assert settled == generated == sum(r.json()["usage"]["completion_tokens"] for r in responses)
+        profile = engine_profile(srv.url)
+        assert profile["plain_steps"] + profile["spec_steps"] == float(
+            re.search(r"^onlinespec_engine_steps_total (\S+)$", metrics, re.M).group(1))
+        assert all(profile["seconds"].get(phase, 0) > 0 for phase in ("prefill", "verify", "settle"))
+        assert profile["spec_steps"] and profile["spec_ms_per_token"] > 0
     finally:
         srv.stop()
 

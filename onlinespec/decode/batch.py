@@ -56,7 +56,9 @@ class StepTiming:
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
+    verify_seconds: float = 0.0  # the target forward
+    settle_seconds: float = 0.0  # accepting and rewinding every row
+    tokens: int = 0  # tokens the rows settled
 
 
 class Batch:
@@ -329,7 +331,8 @@ class Batch:
             self.k.observe_step(len(rows), drafted, t2 - t1 - joined, t4 - t2, joined)
         for gen in leaving:
             self.remove(gen)
-        self.last = StepTiming(len(rows), drafted, fed, t1 - t0 + joined, t2 - t1 - joined, t3 - t2)
+        settled = sum(len(out.tokens) for _, out in results if isinstance(out, StepOutput))
+        self.last = StepTiming(len(rows), drafted, fed, t1 - t0 + joined, t2 - t1 - joined, t3 - t2, t4 - t3, settled)
         return results
 
 

@@ -17,7 +17,8 @@ same models with speculation off (no drafters, no suffix speculation; a server o
 
 JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_draft_share",
 "copied_share", "tokens_per_s", "versions", "requests"}], "nospec_tokens_per_s", "gain":
-{"own_accepted_length", "tokens_per_s"}, "config", "minutes", "machine"}``.
+{"own_accepted_length", "tokens_per_s"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
+``engine`` is where each server's engine spent its time (:func:`engine_profile`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import yaml
 from onlinespec.ops.bench.common import emit, machine
 from onlinespec.config import DEFAULT_CONFIG, load_config
 
-__all__ = ["changelog_prompts", "summarize", "run"]
+__all__ = ["changelog_prompts", "summarize", "engine_profile", "run"]
 
 DOMAIN = "changelog"
 
@@ -130,6 +131,25 @@ class _Clients:
         return t0, t1
 
 
+def engine_profile(url: str) -> dict:
+    """Where the server's engine spent its time (from its ``/metrics``): seconds per phase, and
+    decode milliseconds per settled token by the batch's draft length (``0``: plain steps)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+
+    def by(name: str, label: str) -> dict[str, float]:
+        return {m[0]: float(m[1]) for m in re.findall(rf'^onlinespec_{name}{{{label}="([^"]*)"}} (\S+)$', text, re.M)}
+
+    phases = by("engine_seconds_total", "phase")
+    seconds, tokens = by("engine_step_seconds_total", "k"), by("engine_step_tokens_total", "k")
+    steps = by("engine_step_draft_length_total", "k")
+    spec = [k for k in seconds if k != "0"]
+    spec_s, spec_t = sum(seconds[k] for k in spec), sum(tokens.get(k, 0) for k in spec)
+    return {"seconds": {p: round(v, 2) for p, v in sorted(phases.items())},
+            "plain_steps": int(steps.get("0", 0)), "spec_steps": int(sum(steps.get(k, 0) for k in spec)),
+            "plain_ms_per_token": round(1000 * seconds["0"] / tokens["0"], 2) if tokens.get("0") else None,
+            "spec_ms_per_token": round(1000 * spec_s / spec_t, 2) if spec_t else None}
+
+
 def _variant(config: str, workdir: Path, plain: bool) -> str:
     """The config as the benchmark serves it: with ``plain``, speculation off (no drafters, no
     suffix speculation), the same target and serving settings."""
@@ -189,6 +209,7 @@ def run(args) -> int:
             clients = _Clients(service.url, model, prompts, args.concurrency, args.max_tokens)
             t0, t1 = clients.run(seconds)
             results, errors = clients.results, clients.errors
+            profile = {"spec": {**engine_profile(service.url), "wall": round(t1 - t0, 2)}}
         finally:
             service.sup.stop()
         quarters = summarize(results, t0, t1)
@@ -201,6 +222,7 @@ def run(args) -> int:
             p0, p1 = off.run(seconds / 4)
             nospec = summarize(off.results, p0, p1, parts=1)[0]["tokens_per_s"]
             errors += off.errors
+            profile["off"] = {**engine_profile(plain.url), "wall": round(p1 - p0, 2)}
         finally:
             plain.sup.stop()
 
@@ -218,11 +240,14 @@ def run(args) -> int:
               f"{q['tokens_per_s']:>10.1f}  {' '.join(f'{d} {v}' for d, v in q['versions'].items())}")
     print(f"speculation off: {nospec:.1f} tokens/s; last quarter / off = "
           f"{last['tokens_per_s'] / nospec if nospec else float('nan'):.2f}")
+    for phase, prof in profile.items():
+        print(f"engine, {phase}: seconds {prof['seconds']} of {prof['wall']:.0f} s; ms per token: plain steps {prof['plain_ms_per_token']} "
+              f"({prof['plain_steps']} steps), speculative steps {prof['spec_ms_per_token']} ({prof['spec_steps']} steps)")
     if gain["own_accepted_length"]:
         print(f"last / first quarter: own accepted length {gain['own_accepted_length']:.2f}x, "
               f"tokens/s {gain['tokens_per_s']:.2f}x")
     summary = {"quarters": quarters, "nospec_tokens_per_s": nospec, "gain": gain, "errors": errors,
-               "requests": len(results), "config": str(config), "minutes": args.minutes, "domain": DOMAIN,
+               "requests": len(results), "engine": profile, "config": str(config), "minutes": args.minutes, "domain": DOMAIN,
                "concurrency": args.concurrency, "max_tokens": args.max_tokens, "machine": machine()}
     if getattr(args, "plot", None):
         plot(args.plot, quarters, nospec)
