@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-learning", action="store_true", help="live: start no worker (the serving cost alone)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="serve: where the models run (auto: cuda when there is one)")
+    p.add_argument("--levels", type=int, nargs="+", default=None,
+                   help="serve: the concurrency levels (default 1 2 4 8 16; --quick 1 4 8)")
     p.add_argument("--repeats", type=int, default=None,
                    help="serve, vllm: passes of each level, in turn (medians reported; default 3, --quick 1)")
     p.add_argument("--k-fixed", type=int, default=None,

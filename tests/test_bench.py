@@ -100,6 +100,12 @@ def test_bench_serve_json(model_dirs, capsys, tmp_path):
         for key in ("spec_tok_s", "nospec_tok_s", "hf_batched_tok_s", "p50_ms", "p99_ms"):
             assert isinstance(level[key], float) and level[key] > 0, key
         assert level["requests"] >= 2 * level["concurrency"]
+        # where each way's time went: phases within the wall time, plain decoding never speculates
+        for mode, profile in level["profile"].items():
+            assert 0 < sum(profile["share"].values()) <= 1.0 and profile["share"]["verify"] > 0, mode
+            assert profile["plain_ms_per_token"] or profile["spec_ms_per_token"], mode
+        assert level["profile"]["nospec"]["spec_ms_per_token"] is None
+        assert level["profile"]["nospec"]["share"]["draft"] < 0.05
 
 
 def test_bench_live_prompts_and_quarters():

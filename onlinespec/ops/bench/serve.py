@@ -62,6 +62,10 @@ def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency
     outputs: list[list[int] | None] = [None] * len(prompts)
     latencies: list[float] = []
     ks: list[int] = []
+    # where the level's time went: seconds per phase, and decode seconds and tokens of plain and
+    # speculative steps
+    phases = dict.fromkeys(("prefill", "draft", "verify", "settle"), 0.0)
+    decode = {"plain": [0.0, 0], "spec": [0.0, 0]}
     t0 = time.perf_counter()
     while waiting or len(batch):
         while waiting and batch.room:
@@ -76,13 +80,36 @@ def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency
                 i, t_sent = sent.pop(gen)
                 outputs[i] = gen.generated
                 latencies.append(time.perf_counter() - t_sent)
-        if batch.last.rows:
-            ks.append(batch.last.k)
+        step = batch.last
+        for phase in phases:
+            phases[phase] += getattr(step, f"{phase}_seconds")
+        if step.rows:
+            ks.append(step.k)
+            kind = decode["spec" if step.k else "plain"]
+            kind[0] += step.draft_seconds + step.verify_seconds + step.settle_seconds
+            kind[1] += step.tokens
     seconds = time.perf_counter() - t0
     lat = sorted(latencies)
     return {"tok_s": sum(map(len, outputs)) / seconds, "outputs": outputs,
             "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-            "mean_k": sum(ks) / max(1, len(ks)), "plain_step_share": ks.count(0) / max(1, len(ks))}
+            "mean_k": sum(ks) / max(1, len(ks)), "plain_step_share": ks.count(0) / max(1, len(ks)),
+            "seconds": seconds, "phases": phases,
+            **{f"{kind}_ms_per_token": 1000 * s / n if n else None for kind, (s, n) in decode.items()}}
+
+
+def _profile(runs: list[dict]) -> dict:
+    """A way's passes of a level together: each phase's share of the wall time, and decode
+    milliseconds per token in plain and in speculative steps (means over the passes)."""
+    wall = sum(r["seconds"] for r in runs)
+    out = {"share": {p: sum(r["phases"][p] for r in runs) / wall for p in runs[0]["phases"]}}
+    for kind in ("plain", "spec"):
+        values = [r[f"{kind}_ms_per_token"] for r in runs if r[f"{kind}_ms_per_token"] is not None]
+        out[f"{kind}_ms_per_token"] = statistics.mean(values) if values else None
+    return out
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def hf_batched(target, prompts: list[list[int]], batch: int, max_new_tokens: int, eos: int) -> dict:
@@ -125,7 +152,7 @@ def _models(args):
 
 
 def run(args) -> int:
-    args.levels = QUICK_LEVELS if args.quick else LEVELS
+    args.levels = args.levels or (QUICK_LEVELS if args.quick else LEVELS)
     threads = set_threads(args.threads)
     cfg, tokenizer, target, drafter_model, prompts, suffix_cfg = _models(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,11 +212,15 @@ def run(args) -> int:
                        "spec_vs_nospec_runs": [a["tok_s"] / b["tok_s"] for a, b in zip(runs["spec"], runs["nospec"])],
                        "p50_ms": spec["p50_ms"], "p99_ms": spec["p99_ms"], "nospec_p50_ms": nospec["p50_ms"],
                        "mean_k": statistics.mean(x["mean_k"] for x in runs["spec"]),
-                       "plain_step_share": statistics.mean(x["plain_step_share"] for x in runs["spec"])})
+                       "plain_step_share": statistics.mean(x["plain_step_share"] for x in runs["spec"]),
+                       "profile": {mode: _profile(runs[mode]) for mode in ("spec", "nospec")}})
         lv = levels[-1]
         print(f"c={c:<3} spec {med['spec']:7.1f} tok/s  nospec {med['nospec']:7.1f}  hf {med['hf']:7.1f}  "
               f"spec/hf {lv['spec_vs_hf']:.2f}  spec/nospec {lv['spec_vs_nospec']:.2f}  p50 {spec['p50_ms']:.0f} ms  "
               f"p99 {spec['p99_ms']:.0f} ms  mean k {lv['mean_k']:.2f}", flush=True)
+        for mode, prof in lv["profile"].items():
+            print(f"      {mode:<6} share of wall: " + "  ".join(f"{p} {v:.2f}" for p, v in prof["share"].items())
+                  + f"  ms/token: plain steps {_f(prof['plain_ms_per_token'])}, speculative {_f(prof['spec_ms_per_token'])}")
     result = {"levels": levels, "lossless": lossless, "differences": differences[:5],
               "target": cfg.target_model, "drafter": cfg.drafters[0].model if cfg.drafters else None,
               "suffix": suffix_cfg.enabled, "device": device, "max_new_tokens": max_new, "repeats": repeats,
