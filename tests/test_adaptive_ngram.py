@@ -302,6 +302,29 @@ def test_a_full_batch_is_not_priced_from_the_ramp_up():
     assert ctl.at(16) is ctl.at(13) and ctl.at(16) is not ctl.at(12) and ctl.at(12) is ctl.at(9)
 
 
+def test_rows_whose_own_drafts_fail_make_the_batch_decode_plainly():
+    """The batch's draft length is chosen on what its rows yield: rows that drafted long enough
+    yield as their own acceptance says (at 16 users of SmolLM2 the 2-row steps of the drain
+    speculated on their source's acceptance, 1.4 tokens a row, 28 ms a token against 21 plain).
+    Rows of the same source whose drafts were accepted keep the batch speculating; rows with no
+    history of their own are judged on the source."""
+    from onlinespec.decode.adaptive import BatchK
+
+    ctl = BatchK(k_max=8, thompson=False)
+    costs = ctl.at(2)
+    costs.t_plain, costs.t_draft = 0.043, 0.001
+    costs.extra = {k: 0.02 + 0.008 * k for k in range(1, 9)}
+    src = ctl.proposer(ctl.rows_key("d"))
+    src.accepted, src.rejected = 16.0, 4.0  # its blocks accepted at 0.8
+    assert ctl.choose(["d", "d"], batch=2) > 0
+    assert ctl.choose(["d", "d"], batch=2, own=[None, None]) > 0
+    assert ctl.choose(["d", "d"], batch=2, own=[(2, 12), (1, 10)]) == 0  # their drafts fail
+    assert ctl.choose(["d", "d"], batch=2, own=[(40, 4), (35, 3)]) > 0  # theirs are accepted
+    # what a failing row yields counts only the positions it would draft
+    low = ctl.blocks(["d"], own=[(2, 12)], batch=2)
+    assert 1.0 < low(8) < 1.35
+
+
 def test_a_row_whose_own_drafts_fare_worse_drafts_fewer():
     """In a step of 16 rows at k = 5 (a position costs 0.13 / 5 s of verification against a
     0.12 s plain step) a row whose drafts were mostly rejected drafts one position, one whose

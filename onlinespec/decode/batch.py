@@ -237,7 +237,11 @@ class Batch:
             self.last = StepTiming(prefill_tokens=fed, prefill_seconds=t1 - t0)
             return []
         adaptive = [g for g in rows if g.adaptive]
-        k = self.k.choose([_drafter_key(g) for g in adaptive], batch=len(rows)) if adaptive else None
+        # rows that drafted long enough to tell are judged on their own acceptance
+        own = {g: (g.stats.accepted, g.stats.rejections) for g in adaptive
+               if self.k.per_row and g.stats.spec_steps >= self.k.ROW_MIN_STEPS}
+        k = (self.k.choose([_drafter_key(g) for g in adaptive], batch=len(rows), own=[own.get(g) for g in adaptive])
+             if adaptive else None)
         # a drafter whose own drafts would not earn their cost drafts for nobody this step (its
         # rows still take copies); requests with a fixed k keep theirs
         pays = {key: self.k.drafts_pay(key, k, len(rows))
@@ -274,7 +278,8 @@ class Batch:
         # (a weak drafter must not shorten the copies of the rows it does not draft for)
         row_keys = [None if (g.drafter is None or b in muted) else g.drafter.drafter_id for b, g in enumerate(rows)]
         if muted:
-            k = self.k.rechoose([key for key, g in zip(row_keys, rows) if g.adaptive], batch=len(rows))
+            k = self.k.rechoose([key for key, g in zip(row_keys, rows) if g.adaptive], batch=len(rows),
+                                own=[own.get(g) for g in adaptive])
         k_rows = [g.draft_length(k) for g in rows]
         if k and self.k.per_row:
             # a row whose own drafts fared worse than its source's drafts fewer (rows are packed:
