@@ -311,7 +311,8 @@ class BatchK:
     drafter id) and suffix copies (:data:`SUFFIX`), each counted only on the positions it drafted.
 
     The batch's draft length is chosen on what each row's blocks yield (copies and drafts
-    together, per drafter: :meth:`rows_key`; measured position by position, :class:`BlockLengths`);
+    together, per drafter: :meth:`rows_key`; measured position by position, :class:`BlockLengths`;
+    a row that drafted long enough, on its own acceptance: :meth:`blocks`);
     each drafter's own acceptance decides whether it drafts at all in a step (:meth:`drafts_pay`),
     and every drafter is muted where copies alone would yield more (:meth:`copies_pay_more`).
 
@@ -429,11 +430,15 @@ class BatchK:
                 sources.append((partial(expected_tokens, a), n))
             else:
                 sources.append((partial(self._lengths(key).tokens, acceptance=a), n))
-        for key, mine in zip(rows, own):
-            if mine is not None:
-                a = self.row_acceptance(key, *mine)
-                cut = partial(self._row_cut, a, batch=batch)
-                sources.append((lambda k, a=a, cut=cut: expected_tokens(a, cut(k)), 1))
+        mine = [self.row_acceptance(key, *counts) for key, counts in zip(rows, own) if counts is not None]
+        if mine:  # their tokens at every length, summed once (the choice reads each length several times)
+            per_position = self._per_position(batch)
+            table = [0.0]
+            for k in range(1, self.k_max + 1):
+                cost = per_position(k) if per_position else None
+                table.append(sum(expected_tokens(a, self._row_cut(a, k, cost)) for a in mine))
+            table[0] = float(len(mine))
+            sources.append((lambda k: table[min(k, self.k_max)], 1))
         return lambda k: sum(tokens(k=k) * n for tokens, n in sources) / len(rows)
 
     def _lengths(self, key: str) -> BlockLengths:
@@ -511,7 +516,9 @@ class BatchK:
         ``extra / (k B)``, so the batch size cancels). ``a``: the row's own acceptance in its
         request (``accepted`` drafts, ``rejections`` blocks cut short: a truncated geometric),
         shrunk toward its source's blocks with ``ROW_PRIOR`` blocks' weight. Never more than ``k``."""
-        return self._row_cut(self.row_acceptance(key, accepted, rejections), k, batch)
+        per_position = self._per_position(batch)
+        return self._row_cut(self.row_acceptance(key, accepted, rejections), k,
+                             per_position(k) if per_position and k else None)
 
     def row_acceptance(self, key: str | None, accepted: int, rejections: int) -> float:
         """A row's own acceptance (``accepted`` drafts, ``rejections`` blocks cut short: a
@@ -519,14 +526,23 @@ class BatchK:
         a_src = self.proposer(self.rows_key(key)).acceptance
         return (accepted + self.ROW_PRIOR * a_src) / (accepted + rejections + self.ROW_PRIOR)
 
-    def _row_cut(self, a: float, k: int, batch: int | None) -> int:
-        """Positions (at most ``k``) a row of acceptance ``a`` drafts in steps of ``batch`` rows."""
+    def _per_position(self, batch: int | None) -> Callable[[int], float] | None:
+        """What one drafted position of a step drafting ``k`` costs in steps of ``batch`` rows, in
+        plain steps (``extra(k) / k / t_plain``); None while the costs are not measured."""
         costs = self.costs.get(self.bucket(batch)) if batch else None
-        if not k or costs is None or costs.t_plain is None or costs.t_draft is None or not costs.t_plain:
+        if costs is None or costs.t_plain is None or costs.t_draft is None or not costs.t_plain:
+            return None
+        return lambda k: costs.verify_extra(k) / k / costs.t_plain
+
+    @staticmethod
+    def _row_cut(a: float, k: int, cost: float | None) -> int:
+        """Positions (at most ``k``) a row of acceptance ``a`` drafts in a step drafting ``k``
+        whose positions cost ``cost`` plain steps each: position ``i`` while ``a^i`` pays for it
+        (all ``k`` while the costs are not measured: ``cost`` None)."""
+        if not k or cost is None:
             return k
-        per_position = costs.verify_extra(k) / k / costs.t_plain
         n = 0
-        while n < k and a ** (n + 1) >= per_position:
+        while n < k and a ** (n + 1) >= cost:
             n += 1
         return n
 
