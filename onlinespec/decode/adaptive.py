@@ -39,7 +39,6 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 __all__ = ["AdaptiveK", "BatchK", "BlockLengths", "SUFFIX", "block_tokens", "expected_tokens", "theoretical_speedup"]
 
@@ -92,13 +91,19 @@ class BlockLengths:
         """Mean tokens of a block of ``k``: each position's chance to stop is its counts' with
         ``weight`` blocks of ``1 - acceptance`` added (a position seldom reached is priced as
         the source's acceptance says)."""
+        return self.table(k, acceptance, weight)[k]
+
+    def table(self, k_max: int, acceptance: float, weight: float = 2.0) -> list[float]:
+        """:meth:`tokens` of every block length ``0 .. k_max``, in one pass."""
+        out = [1.0]
         total = alive = 1.0
-        for i in range(k):
+        for i in range(k_max):
             seen = self.passed[i] + self.stopped[i] if i < len(self.passed) else 0.0
             stop = ((self.stopped[i] if i < len(self.stopped) else 0.0) + weight * (1.0 - acceptance)) / (seen + weight)
             alive *= 1.0 - stop
             total += alive
-        return total
+            out.append(total)
+        return out
 
 
 def theoretical_speedup(a: float, k: int, c: float, v: float = 1.0) -> float:
@@ -421,25 +426,27 @@ class BatchK:
         drain yielded 1.4 tokens a row and cost 28 ms a token against 21 for plain ones)."""
         if not rows:
             return 0.0
-        sources = []
+        # tabulated at every length once: a choice reads each length several times a step, and
+        # at a few rows of a small model the controller's Python weighs as much as a forward
+        lengths = range(self.k_max + 1)
+        table = [0.0] * (self.k_max + 1)
         own = own or [None] * len(rows)
         for key, n in Counter(self.rows_key(key) for key, mine in zip(rows, own) if mine is None).items():
             p = self.proposer(key)
             a = self._draw(key) if drawn(key) else p.acceptance
             if p.accepted + p.rejected < self.prior_weight:
-                sources.append((partial(expected_tokens, a), n))
+                tokens = [expected_tokens(a, k) for k in lengths]
             else:
-                sources.append((partial(self._lengths(key).tokens, acceptance=a), n))
+                tokens = self._lengths(key).table(self.k_max, a)
+            table = [t + n * x for t, x in zip(table, tokens)]
         mine = [self.row_acceptance(key, *counts) for key, counts in zip(rows, own) if counts is not None]
-        if mine:  # their tokens at every length, summed once (the choice reads each length several times)
+        if mine:
             per_position = self._per_position(batch)
-            table = [0.0]
-            for k in range(1, self.k_max + 1):
-                cost = per_position(k) if per_position else None
-                table.append(sum(expected_tokens(a, self._row_cut(a, k, cost)) for a in mine))
-            table[0] = float(len(mine))
-            sources.append((lambda k: table[min(k, self.k_max)], 1))
-        return lambda k: sum(tokens(k=k) * n for tokens, n in sources) / len(rows)
+            for k in lengths:
+                cost = per_position(k) if per_position and k else None
+                table[k] += sum(expected_tokens(a, self._row_cut(a, k, cost)) for a in mine)
+        table = [t / len(rows) for t in table]
+        return lambda k: table[min(k, self.k_max)]
 
     def _lengths(self, key: str) -> BlockLengths:
         if key not in self.lengths:
@@ -493,7 +500,8 @@ class BatchK:
         if costs.t_plain is None or costs.t_draft is None:
             return False
         ks = range(1, self.k_max + 1)
-        alone = max(costs.speedup(k, self.blocks([None] * len(rows))) for k in ks)
+        copies = self.blocks([None] * len(rows))
+        alone = max(costs.speedup(k, copies) for k in ks)
         if alone < costs.min_speedup:
             return False
         mine = self.blocks(rows, lambda key: key != self.rows_key(None))
