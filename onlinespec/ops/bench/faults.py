@@ -314,8 +314,15 @@ def run_scenario(name: str, config: str, workdir: Path, warmup: float = 20.0, af
             for payload in _poison_payloads(svc):
                 svc.redis.xadd(keys.feedback_stream(svc.cfg.target_id), {"r": payload})
             resumed_by = svc.drafters()[0]
+            # learning paused while the server meets the broken version: a round publishing from
+            # the last good one right after the injection would supersede it before the server's
+            # watcher looked (seen once under a loaded CI machine); a round in flight cannot (its
+            # publish expects its parent as the latest)
+            svc.redis.set(keys.paused_key(resumed_by), "1")
             bad = _wrong_shape_version(svc, resumed_by)
             result.notes = f"wrong-shape {resumed_by} v{bad} injected"
+            svc.supervise(after, until=lambda: svc.metric("drafter_refusals_total") >= 1)
+            svc.redis.delete(keys.paused_key(resumed_by))
             t_fault = time.time()  # a round that finished before the injection does not count
             settled = lambda: len(svc.dead_letters()) >= 2  # noqa: E731
         elif name == "hostile_seed":
