@@ -172,11 +172,9 @@ class Metrics:
             self.engine_steps.inc()
             self.batch_rows.observe(step.rows)
             self.batch_k.inc(label=str(step.k))
-            decode = step.draft_seconds + step.verify_seconds + step.settle_seconds
-            self.step_seconds_k.inc(decode, label=str(step.k))
+            self.step_seconds_k.inc(step.decode_seconds, label=str(step.k))
             self.step_tokens_k.inc(step.tokens, label=str(step.k))
-        for phase in ("prefill", "draft", "verify", "settle"):
-            seconds = getattr(step, f"{phase}_seconds")
+        for phase, seconds in step.phases.items():
             if seconds:
                 self.step_seconds.inc(seconds, label=phase)
         self.kv_cache_bytes.set(kv_bytes)

@@ -478,6 +478,9 @@ class BatchK:
         def doubtful(key: str) -> bool:
             p = self.proposer(key)
             return p.accepted + p.rejected < self.prior_weight
+        drawn = own or [None] * len(rows)  # rows judged on their own counts draw nothing
+        if not any(doubtful(self.rows_key(key)) for key, counts in zip(rows, drawn) if counts is None):
+            return None  # nothing to draw: the same yield as the means, which said plain already
         return self.blocks(rows, doubtful, own, batch)
 
     def rechoose(self, rows: list[str | None], batch: int, own: list[tuple[int, int] | None] | None = None) -> int:

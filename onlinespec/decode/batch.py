@@ -60,6 +60,18 @@ class StepTiming:
     settle_seconds: float = 0.0  # accepting and rewinding every row
     tokens: int = 0  # tokens the rows settled
 
+    PHASES = ("prefill", "draft", "verify", "settle")
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """Seconds of each phase of the step (:data:`PHASES`)."""
+        return {phase: getattr(self, f"{phase}_seconds") for phase in self.PHASES}
+
+    @property
+    def decode_seconds(self) -> float:
+        """The step without its prefill: drafting, verifying, settling."""
+        return self.draft_seconds + self.verify_seconds + self.settle_seconds
+
 
 class Batch:
     """The requests one engine serves together (at most ``slots``), stepped as one."""

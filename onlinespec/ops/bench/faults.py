@@ -34,6 +34,7 @@ import httpx
 import yaml
 
 from onlinespec.feedback import keys
+from onlinespec.learn.control import Control
 from onlinespec.config import DEFAULT_CONFIG, load_config
 from onlinespec.redis_server import EmbeddedRedis, _free_port, connect
 from onlinespec.ops.up import Supervisor, _RedisProc, server_command, spawn, wait_ready, worker_command
@@ -318,11 +319,12 @@ def run_scenario(name: str, config: str, workdir: Path, warmup: float = 20.0, af
             # the last good one right after the injection would supersede it before the server's
             # watcher looked (seen once under a loaded CI machine); a round in flight cannot (its
             # publish expects its parent as the latest)
-            svc.redis.set(keys.paused_key(resumed_by), "1")
+            control = Control(svc.redis)
+            control.pause(resumed_by)
             bad = _wrong_shape_version(svc, resumed_by)
             result.notes = f"wrong-shape {resumed_by} v{bad} injected"
             svc.supervise(after, until=lambda: svc.metric("drafter_refusals_total") >= 1)
-            svc.redis.delete(keys.paused_key(resumed_by))
+            control.resume(resumed_by)
             t_fault = time.time()  # a round that finished before the injection does not count
             settled = lambda: len(svc.dead_letters()) >= 2  # noqa: E731
         elif name == "hostile_seed":

@@ -34,7 +34,7 @@ import torch
 
 from onlinespec.cpu_linear import plain_linears
 from onlinespec.decode.adaptive import BatchK
-from onlinespec.decode.batch import Batch
+from onlinespec.decode.batch import Batch, StepTiming
 from onlinespec.ops.bench.common import emit, heldout_prompts, machine, set_threads
 from onlinespec.ops.bench.engine import tie_margin
 from onlinespec.drafters.hf import HFDrafter
@@ -64,7 +64,7 @@ def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency
     ks: list[int] = []
     # where the level's time went: seconds per phase, and decode seconds and tokens of plain and
     # speculative steps
-    phases = dict.fromkeys(("prefill", "draft", "verify", "settle"), 0.0)
+    phases = dict.fromkeys(StepTiming.PHASES, 0.0)
     decode = {"plain": [0.0, 0], "spec": [0.0, 0]}
     t0 = time.perf_counter()
     while waiting or len(batch):
@@ -81,12 +81,12 @@ def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency
                 outputs[i] = gen.generated
                 latencies.append(time.perf_counter() - t_sent)
         step = batch.last
-        for phase in phases:
-            phases[phase] += getattr(step, f"{phase}_seconds")
+        for phase, spent in step.phases.items():
+            phases[phase] += spent
         if step.rows:
             ks.append(step.k)
             kind = decode["spec" if step.k else "plain"]
-            kind[0] += step.draft_seconds + step.verify_seconds + step.settle_seconds
+            kind[0] += step.decode_seconds
             kind[1] += step.tokens
     seconds = time.perf_counter() - t0
     lat = sorted(latencies)
