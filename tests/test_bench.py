@@ -1,6 +1,7 @@
 """The benchmark commands run end to end and end with one JSON object holding the named keys."""
 
 import json
+import statistics
 
 import pytest
 
@@ -100,6 +101,9 @@ def test_bench_serve_json(model_dirs, capsys, tmp_path):
         for key in ("spec_tok_s", "nospec_tok_s", "hf_batched_tok_s", "p50_ms", "p99_ms"):
             assert isinstance(level[key], float) and level[key] > 0, key
         assert level["requests"] >= 2 * level["concurrency"]
+        # each repeat's spec and no-spec passes paired: one ratio per repeat, their median reported
+        assert len(level["spec_vs_nospec_runs"]) == level["repeats"]
+        assert level["spec_vs_nospec_paired"] == statistics.median(level["spec_vs_nospec_runs"]) > 0
         # where each way's time went: phases within the wall time, plain decoding never speculates
         for mode, profile in level["profile"].items():
             assert 0 < sum(profile["share"].values()) <= 1.0 and profile["share"]["verify"] > 0, mode
