@@ -119,15 +119,19 @@ def test_bench_live_prompts_and_quarters():
 
     prompts = changelog_prompts()
     assert len(prompts) > 50 and all(p.endswith("\n\n") and len(p) > 100 for p in prompts)
-    spec = lambda own, steps, copied, v: {"drafter_id": "d", "drafter_version": v,  # noqa: E731
-                                          "own": {"accepted_tokens": own, "draft_steps": steps},
-                                          "copied": {"accepted_tokens": copied}}
-    results = [{"done": 1.0, "tokens": 10, "spec": spec(2, 4, 1, 1)},
-               {"done": 3.5, "tokens": 10, "spec": spec(0, 0, 0, 2)},
-               {"done": 7.9, "tokens": 20, "spec": spec(9, 3, 2, 3)},
-               {"done": 8.0, "tokens": 20, "spec": spec(3, 3, 0, 4)}]
+    spec = lambda own, steps, copied, v, drafted: {"drafter_id": "d", "drafter_version": v,  # noqa: E731
+                                                   "own": {"accepted_tokens": own, "draft_steps": steps,
+                                                           "drafted_tokens": drafted},
+                                                   "copied": {"accepted_tokens": copied}}
+    results = [{"done": 1.0, "tokens": 10, "spec": spec(2, 4, 1, 1, 8)},
+               {"done": 3.5, "tokens": 10, "spec": spec(0, 0, 0, 2, 0)},
+               {"done": 7.9, "tokens": 20, "spec": spec(9, 3, 2, 3, 10)},
+               {"done": 8.0, "tokens": 20, "spec": spec(3, 3, 0, 4, 14)}]
     q = summarize(results, 0.0, 8.0)
     assert [x["requests"] for x in q] == [1, 1, 0, 2]
     assert q[0]["own_accepted_length"] == 1.5 and q[0]["own_draft_share"] == 0.2 and q[0]["copied_share"] == 0.1
-    assert q[1]["own_accepted_length"] is None and q[2]["tokens_per_s"] == 0.0
+    # what the accepted length is made of: acceptance per drafted position, drafts per own step
+    assert q[0]["own_acceptance"] == 0.25 and q[0]["own_draft_length"] == 2.0
+    assert q[3]["own_acceptance"] == 0.5 and q[3]["own_draft_length"] == 4.0
+    assert q[1]["own_accepted_length"] is None and q[1]["own_acceptance"] is None and q[2]["tokens_per_s"] == 0.0
     assert q[3]["own_accepted_length"] == 3.0 and q[3]["tokens_per_s"] == 20.0 and q[3]["versions"] == {"d": "v3-v4"}

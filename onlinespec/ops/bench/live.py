@@ -11,13 +11,17 @@ request to the next: what improves must be the drafters. Requests declare
 Reported per quarter of the run (by completion time): the drafters' own accepted length (their
 accepted drafts per step they drafted in, plus one; copies apart), the share of generated tokens
 that were the drafters' accepted drafts and the share that were accepted copies, aggregate
-tokens/s, and the drafter versions serving. Then the same prompts are served for a while by the
+tokens/s, and the drafter versions serving; and, since a block of ``k`` drafts yields at most
+``k + 1`` tokens whatever the drafter could do, what the accepted length is made of: the drafters'
+acceptance per drafted position (``own_acceptance``: their accepted drafts / their drafts) and
+how many they drafted per step they drafted in (``own_draft_length``, the draft lengths the
+controller gave them). Then the same prompts are served for a while by the
 same models with speculation off (no drafters, no suffix speculation; a server of its own), for
 ``nospec_tokens_per_s``.
 
-JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_draft_share",
-"copied_share", "tokens_per_s", "versions", "requests"}], "nospec_tokens_per_s", "gain":
-{"own_accepted_length", "tokens_per_s"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
+JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_acceptance",
+"own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "versions", "requests"}],
+"nospec_tokens_per_s", "gain": {"own_accepted_length", "own_acceptance", "tokens_per_s"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
 ``engine`` is where each server's engine spent its time (:func:`engine_profile`).
 """
 
@@ -70,6 +74,7 @@ def summarize(results: list[dict], t0: float, t1: float, parts: int = 4) -> list
         tokens = sum(r["tokens"] for r in rows)
         own_acc = sum(r["spec"]["own"]["accepted_tokens"] for r in rows)
         own_steps = sum(r["spec"]["own"]["draft_steps"] for r in rows)
+        own_drafted = sum(r["spec"]["own"]["drafted_tokens"] for r in rows)
         copied = sum(r["spec"]["copied"]["accepted_tokens"] for r in rows)
         versions: dict[str, list[int]] = {}
         for r in rows:
@@ -79,6 +84,8 @@ def summarize(results: list[dict], t0: float, t1: float, parts: int = 4) -> list
                 seen[0], seen[1] = min(seen[0], v), max(seen[1], v)
         out.append({"requests": len(rows), "tokens": tokens,
                     "own_accepted_length": 1 + own_acc / own_steps if own_steps else None,
+                    "own_acceptance": own_acc / own_drafted if own_drafted else None,
+                    "own_draft_length": own_drafted / own_steps if own_steps else None,
                     "own_draft_share": own_acc / tokens if tokens else 0.0,
                     "copied_share": copied / tokens if tokens else 0.0,
                     "tokens_per_s": tokens / width if width > 0 else 0.0,
@@ -227,16 +234,17 @@ def run(args) -> int:
             plain.sup.stop()
 
     first, last = quarters[0], quarters[-1]
-    gain = {"own_accepted_length": (last["own_accepted_length"] / first["own_accepted_length"]
-                                    if first["own_accepted_length"] and last["own_accepted_length"] else None),
-            "tokens_per_s": last["tokens_per_s"] / first["tokens_per_s"] if first["tokens_per_s"] else None}
+    gain = {key: last[key] / first[key] if first[key] and last[key] else None
+            for key in ("own_accepted_length", "own_acceptance")}
+    gain.update(tokens_per_s=last["tokens_per_s"] / first["tokens_per_s"] if first["tokens_per_s"] else None)
     print(f"bench live: {config}, {args.minutes:g} min, {len(results)} requests ({errors} errors), "
           f"concurrency {args.concurrency}, {args.max_tokens} tokens each, domain {DOMAIN!r}")
-    print(f"{'quarter':>8}{'requests':>10}{'own acc. len':>14}{'own share':>11}{'copied share':>14}"
-          f"{'tokens/s':>10}  versions")
+    print(f"{'quarter':>8}{'requests':>10}{'own acc. len':>14}{'own accept.':>13}{'own k':>7}{'own share':>11}"
+          f"{'copied share':>14}{'tokens/s':>10}  versions")
     for i, q in enumerate(quarters):
-        mal = f"{q['own_accepted_length']:.3f}" if q["own_accepted_length"] else "-"
-        print(f"{i + 1:>8}{q['requests']:>10}{mal:>14}{q['own_draft_share']:>11.3f}{q['copied_share']:>14.3f}"
+        mal, acc, k = (f"{q[key]:.3f}" if q[key] else "-"
+                       for key in ("own_accepted_length", "own_acceptance", "own_draft_length"))
+        print(f"{i + 1:>8}{q['requests']:>10}{mal:>14}{acc:>13}{k:>7}{q['own_draft_share']:>11.3f}{q['copied_share']:>14.3f}"
               f"{q['tokens_per_s']:>10.1f}  {' '.join(f'{d} {v}' for d, v in q['versions'].items())}")
     print(f"speculation off: {nospec:.1f} tokens/s; last quarter / off = "
           f"{last['tokens_per_s'] / nospec if nospec else float('nan'):.2f}")
@@ -245,7 +253,7 @@ def run(args) -> int:
               f"({prof['plain_steps']} steps), speculative steps {prof['spec_ms_per_token']} ({prof['spec_steps']} steps)")
     if gain["own_accepted_length"]:
         print(f"last / first quarter: own accepted length {gain['own_accepted_length']:.2f}x, "
-              f"tokens/s {gain['tokens_per_s']:.2f}x")
+              f"own acceptance {gain['own_acceptance'] or float('nan'):.2f}x, tokens/s {gain['tokens_per_s']:.2f}x")
     summary = {"quarters": quarters, "nospec_tokens_per_s": nospec, "gain": gain, "errors": errors,
                "requests": len(results), "engine": profile, "config": str(config), "minutes": args.minutes, "domain": DOMAIN,
                "concurrency": args.concurrency, "max_tokens": args.max_tokens, "machine": machine()}
