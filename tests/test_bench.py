@@ -135,3 +135,20 @@ def test_bench_live_prompts_and_quarters():
     assert q[3]["own_acceptance"] == 0.5 and q[3]["own_draft_length"] == 4.0
     assert q[1]["own_accepted_length"] is None and q[1]["own_acceptance"] is None and q[2]["tokens_per_s"] == 0.0
     assert q[3]["own_accepted_length"] == 3.0 and q[3]["tokens_per_s"] == 20.0 and q[3]["versions"] == {"d": "v3-v4"}
+
+
+def test_bench_live_learned_acceptance_by_quarter():
+    """What the learners measured of each drafter without drafting, per quarter: the rounds that
+    ran in it, weighted by their positions; rounds outside the run and rounds without a score
+    are not counted, and a drafter without a round in a quarter is left out of it."""
+    from onlinespec.ops.bench.live import learned_acceptance
+
+    rounds = {"a": [{"time": 0.5, "mean_alpha": 0.2, "positions": 100},
+                    {"time": 1.5, "mean_alpha": 0.5, "positions": 300},  # quarter 1 of [0, 8]: (20 + 150) / 400
+                    {"time": -1.0, "mean_alpha": 0.9, "positions": 1000},  # before the run
+                    {"time": 5.0, "mean_alpha": None, "positions": 50},  # no score
+                    {"time": 8.0, "mean_alpha": 0.6, "positions": 10}],  # the run's end: the last quarter
+              "b": [{"time": 7.0, "mean_alpha": 0.3, "positions": 20}, {"time": 9.0, "mean_alpha": 0.9, "positions": 20}]}
+    q = learned_acceptance(rounds, 0.0, 8.0)
+    assert q[0] == {"a": 0.425} and q[1] == {} and q[2] == {}
+    assert q[3] == {"a": 0.6, "b": 0.3}

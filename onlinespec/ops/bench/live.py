@@ -15,19 +15,25 @@ tokens/s, and the drafter versions serving; and, since a block of ``k`` drafts y
 ``k + 1`` tokens whatever the drafter could do, what the accepted length is made of: the drafters'
 acceptance per drafted position (``own_acceptance``: their accepted drafts / their drafts) and
 how many they drafted per step they drafted in (``own_draft_length``, the draft lengths the
-controller gave them). Then the same prompts are served for a while by the
+controller gave them); and what the learners measured of the drafters without drafting
+(``learned_acceptance``, per drafter: each learning round scores the version serving then on
+every position of its records, drafted or not, before learning from them; the rounds that ran
+in the quarter, weighted by positions): a figure the draft lengths the server chose do not
+shape. Then the same prompts are served for a while by the
 same models with speculation off (no drafters, no suffix speculation; a server of its own), for
 ``nospec_tokens_per_s``.
 
 JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_acceptance",
-"own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "versions", "requests"}],
-"nospec_tokens_per_s", "gain": {"own_accepted_length", "own_acceptance", "tokens_per_s"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
+"own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "versions", "requests",
+"learned_acceptance"}], "nospec_tokens_per_s", "gain": {"own_accepted_length", "own_acceptance", "tokens_per_s",
+"learned_acceptance"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
 ``engine`` is where each server's engine spent its time (:func:`engine_profile`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import tempfile
 import threading
@@ -39,8 +45,9 @@ import yaml
 
 from onlinespec.ops.bench.common import emit, machine
 from onlinespec.config import DEFAULT_CONFIG, load_config
+from onlinespec.feedback import keys
 
-__all__ = ["changelog_prompts", "summarize", "engine_profile", "run"]
+__all__ = ["changelog_prompts", "summarize", "learned_acceptance", "engine_profile", "run"]
 
 DOMAIN = "changelog"
 
@@ -91,6 +98,38 @@ def summarize(results: list[dict], t0: float, t1: float, parts: int = 4) -> list
                     "tokens_per_s": tokens / width if width > 0 else 0.0,
                     "own_draft_steps": own_steps,
                     "versions": {d: (f"v{a}" if a == b else f"v{a}-v{b}") for d, (a, b) in sorted(versions.items())}})
+    return out
+
+
+def learned_acceptance(rounds: dict[str, list[dict]], t0: float, t1: float, parts: int = 4) -> list[dict[str, float]]:
+    """Per part of [t0, t1], per drafter: the acceptance its learners measured of the version
+    serving, on the records of the rounds that ran in that part (each round's ``mean_alpha``,
+    scored on every position before learning from it: :mod:`onlinespec.learn.estimate`),
+    weighted by the rounds' positions. ``rounds``: each drafter's round metrics, as its learner
+    stream holds them (``time``, ``mean_alpha``, ``positions``). A drafter without a round in a
+    part is left out of it."""
+    width = (t1 - t0) / parts
+    out: list[dict[str, float]] = [{} for _ in range(parts)]
+    for drafter, metrics in rounds.items():
+        sums = [[0.0, 0] for _ in range(parts)]
+        for m in metrics:
+            if m.get("mean_alpha") is None or not m.get("positions") or not t0 <= m.get("time", -1.0) <= t1:
+                continue
+            q = min(parts - 1, int((m["time"] - t0) / width)) if width > 0 else 0
+            sums[q][0] += m["mean_alpha"] * m["positions"]
+            sums[q][1] += m["positions"]
+        for q, (total, n) in enumerate(sums):
+            if n:
+                out[q][drafter] = total / n
+    return out
+
+
+def _rounds(service) -> dict[str, list[dict]]:
+    """Every drafter's learning rounds so far (the learner metrics stream, oldest first)."""
+    out = {}
+    for drafter in service.cfg.drafters:
+        entries = service.redis.xrange(keys.learner_metrics_stream(drafter.id))
+        out[drafter.id] = [json.loads(fields[b"m"]) for _, fields in entries]
     return out
 
 
@@ -217,9 +256,12 @@ def run(args) -> int:
             t0, t1 = clients.run(seconds)
             results, errors = clients.results, clients.errors
             profile = {"spec": {**engine_profile(service.url), "wall": round(t1 - t0, 2)}}
+            rounds = _rounds(service)
         finally:
             service.sup.stop()
         quarters = summarize(results, t0, t1)
+        for quarter, learned in zip(quarters, learned_acceptance(rounds, t0, t1)):
+            quarter["learned_acceptance"] = learned
         # speculation off: the last quarter's prompts, as long as a quarter, on a server of its own
         plain = Service(_variant(config, workdir, plain=True), plain_dir)
         try:
@@ -236,16 +278,19 @@ def run(args) -> int:
     first, last = quarters[0], quarters[-1]
     gain = {key: last[key] / first[key] if first[key] and last[key] else None
             for key in ("own_accepted_length", "own_acceptance")}
-    gain.update(tokens_per_s=last["tokens_per_s"] / first["tokens_per_s"] if first["tokens_per_s"] else None)
+    gain.update(tokens_per_s=last["tokens_per_s"] / first["tokens_per_s"] if first["tokens_per_s"] else None,
+                learned_acceptance={d: a / first["learned_acceptance"][d] for d, a in last["learned_acceptance"].items()
+                                    if first["learned_acceptance"].get(d)})
     print(f"bench live: {config}, {args.minutes:g} min, {len(results)} requests ({errors} errors), "
           f"concurrency {args.concurrency}, {args.max_tokens} tokens each, domain {DOMAIN!r}")
     print(f"{'quarter':>8}{'requests':>10}{'own acc. len':>14}{'own accept.':>13}{'own k':>7}{'own share':>11}"
-          f"{'copied share':>14}{'tokens/s':>10}  versions")
+          f"{'copied share':>14}{'tokens/s':>10}{'learned a':>11}  versions")
     for i, q in enumerate(quarters):
         mal, acc, k = (f"{q[key]:.3f}" if q[key] else "-"
                        for key in ("own_accepted_length", "own_acceptance", "own_draft_length"))
         print(f"{i + 1:>8}{q['requests']:>10}{mal:>14}{acc:>13}{k:>7}{q['own_draft_share']:>11.3f}{q['copied_share']:>14.3f}"
-              f"{q['tokens_per_s']:>10.1f}  {' '.join(f'{d} {v}' for d, v in q['versions'].items())}")
+              f"{q['tokens_per_s']:>10.1f}{'/'.join(f'{a:.3f}' for a in q['learned_acceptance'].values()) or '-':>11}  "
+              f"{' '.join(f'{d} {v}' for d, v in q['versions'].items())}")
     print(f"speculation off: {nospec:.1f} tokens/s; last quarter / off = "
           f"{last['tokens_per_s'] / nospec if nospec else float('nan'):.2f}")
     for phase, prof in profile.items():
@@ -253,7 +298,8 @@ def run(args) -> int:
               f"({prof['plain_steps']} steps), speculative steps {prof['spec_ms_per_token']} ({prof['spec_steps']} steps)")
     if gain["own_accepted_length"]:
         print(f"last / first quarter: own accepted length {gain['own_accepted_length']:.2f}x, "
-              f"own acceptance {gain['own_acceptance'] or float('nan'):.2f}x, tokens/s {gain['tokens_per_s']:.2f}x")
+              f"own acceptance {gain['own_acceptance'] or float('nan'):.2f}x, tokens/s {gain['tokens_per_s']:.2f}x, "
+              f"learned acceptance {' '.join(f'{d} {g:.2f}x' for d, g in gain['learned_acceptance'].items()) or '-'}")
     summary = {"quarters": quarters, "nospec_tokens_per_s": nospec, "gain": gain, "errors": errors,
                "requests": len(results), "engine": profile, "config": str(config), "minutes": args.minutes, "domain": DOMAIN,
                "concurrency": args.concurrency, "max_tokens": args.max_tokens, "machine": machine()}
