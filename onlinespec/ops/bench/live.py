@@ -71,13 +71,20 @@ def changelog_prompts(entries_per_prompt: int = 3) -> list[str]:
     return ["\n\n".join(entries[i:i + n]) + "\n\n" for i in range(0, len(entries) - n, n)]
 
 
+def _part(t: float, t0: float, t1: float, parts: int) -> int | None:
+    """Which of ``parts`` equal parts of [t0, t1] the moment ``t`` falls in (``t1`` in the last;
+    None outside): requests and learning rounds are put in quarters alike."""
+    if not t0 <= t <= t1 or t1 <= t0:
+        return None
+    return min(parts - 1, int((t - t0) / ((t1 - t0) / parts)))
+
+
 def summarize(results: list[dict], t0: float, t1: float, parts: int = 4) -> list[dict]:
     """Per part of [t0, t1] (by completion time) the figures of the requests that finished in it."""
     width = (t1 - t0) / parts
     out = []
     for q in range(parts):
-        lo, hi = t0 + q * width, t0 + (q + 1) * width
-        rows = [r for r in results if lo <= r["done"] < hi or (q == parts - 1 and r["done"] == t1)]
+        rows = [r for r in results if _part(r["done"], t0, t1, parts) == q]
         tokens = sum(r["tokens"] for r in rows)
         own_acc = sum(r["spec"]["own"]["accepted_tokens"] for r in rows)
         own_steps = sum(r["spec"]["own"]["draft_steps"] for r in rows)
@@ -108,14 +115,13 @@ def learned_acceptance(rounds: dict[str, list[dict]], t0: float, t1: float, part
     weighted by the rounds' positions. ``rounds``: each drafter's round metrics, as its learner
     stream holds them (``time``, ``mean_alpha``, ``positions``). A drafter without a round in a
     part is left out of it."""
-    width = (t1 - t0) / parts
     out: list[dict[str, float]] = [{} for _ in range(parts)]
     for drafter, metrics in rounds.items():
         sums = [[0.0, 0] for _ in range(parts)]
         for m in metrics:
-            if m.get("mean_alpha") is None or not m.get("positions") or not t0 <= m.get("time", -1.0) <= t1:
+            q = _part(m.get("time", t0 - 1.0), t0, t1, parts)
+            if q is None or m.get("mean_alpha") is None or not m.get("positions"):
                 continue
-            q = min(parts - 1, int((m["time"] - t0) / width)) if width > 0 else 0
             sums[q][0] += m["mean_alpha"] * m["positions"]
             sums[q][1] += m["positions"]
         for q, (total, n) in enumerate(sums):
