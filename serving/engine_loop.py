@@ -279,9 +279,11 @@ class EngineLoop(LoopBase):
             if self.watcher is not None:
                 for drafter, version in self.watcher.apply():
                     self.metrics.swaps.inc()
-                    # the new version starts from the acceptance its learners estimated without drafting
-                    estimate = self.watcher.estimates.get(drafter, {}).get("all", {}).get("acceptance")
-                    self.engine.k_controller.start_version(drafter, estimate)
+                    # the new version starts from what the served drafts of the one it replaces
+                    # showed, moved by what its learners measured without drafting (or from that
+                    # estimate alone: BatchK.start_version)
+                    estimate, previous = self.watcher.acceptance(drafter)
+                    self.engine.k_controller.start_version(drafter, estimate, previous)
                     log.info("swapped in %s v%s (estimated acceptance %s)", drafter, version,
                              "-" if estimate is None else f"{estimate:.3f}")
             for gen, out in self.batch.step():

@@ -7,8 +7,9 @@ loop calls :meth:`SwapWatcher.apply` between steps, where a swap is a pointer as
 A refused version is reported (counter + ``refused`` event) and the old one keeps serving.
 
 Each version comes with the acceptance its learners estimated on recent traffic
-(:attr:`SwapWatcher.estimates`), which the engine's draft-length controller starts it from; the
-pool's Hedge weights go to the :class:`~onlinespec.decode.routing.DrafterRouter`.
+(:attr:`SwapWatcher.estimates`), which the engine's draft-length controller starts it from, or,
+where it follows the version it replaces, moves what that version's served drafts showed by
+(:meth:`SwapWatcher.acceptance`); the pool's Hedge weights go to the :class:`~onlinespec.decode.routing.DrafterRouter`.
 
 :meth:`SwapWatcher.observe` takes per-version own-draft counts from the engine; the watcher
 thread adds them to every replica's sums in Redis and the control plane judges the serving
@@ -80,6 +81,9 @@ class SwapWatcher:
         self.router = router  # fed the pool's Hedge weights: who drafts for which request
         # drafter -> the acceptance estimate its serving version was published with (learn/estimate.py)
         self.estimates: dict[str, dict] = {}
+        # drafter -> the estimate of the version its serving one replaced, where it is a later
+        # version (a rollback or a first version: absent): what the controller moves its view by
+        self.replaced: dict[str, dict] = {}
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ready: dict[str, tuple[object, int, int | None]] = {}
         self._lock = threading.Lock()
@@ -171,6 +175,7 @@ class SwapWatcher:
         with self._lock:
             ready, self._ready = self._ready, {}
         swapped = []
+        served_before = {drafter: self.drafters[drafter].version for drafter in ready}
         for drafter, (model, version, parent, estimate, (path, digest)) in ready.items():
             if install is None:
                 self.drafters[drafter].swap(model, version)
@@ -186,11 +191,23 @@ class SwapWatcher:
                     log.error("the engine refused %s v%s: %s", drafter, version, exc)
                     continue
             self.parents[drafter] = parent
+            old = self.estimates.get(drafter)
+            if old is not None and estimate is not None and version > int(served_before[drafter] or 0):
+                self.replaced[drafter] = old
+            else:
+                self.replaced.pop(drafter, None)
             self.estimates[drafter] = estimate
             self.stats.swaps += 1
             swapped.append((drafter, version))
         self.stats.max_apply_ms = max(self.stats.max_apply_ms, (time.perf_counter() - t0) * 1000)
         return swapped
+
+    def acceptance(self, drafter: str) -> tuple[float | None, float | None]:
+        """(the serving version's estimated acceptance on all traffic, the replaced version's
+        where the serving one follows it: see :attr:`replaced`); None where not known."""
+        def overall(estimate: dict | None) -> float | None:
+            return (estimate or {}).get("all", {}).get("acceptance")
+        return overall(self.estimates.get(drafter)), overall(self.replaced.get(drafter))
 
     def observe(self, drafter: str, version: int, drafted: int, accepted: int) -> None:
         """The engine's own-draft counts of a step (engine loop thread: no Redis here)."""

@@ -125,6 +125,33 @@ def test_a_degrading_version_is_muted_by_the_controller_before_the_rollback_guar
         watcher.stop()
 
 
+def test_versions_their_learners_overstate_stay_muted_across_swaps(redis_client, tmp_path, tokenizer):
+    """The learners' estimate is not what served blocks meet (they score the first position of
+    the true text): a useless drafter whose every version comes with a high estimate, and no
+    change between versions, stays muted from one version to the next on what its served drafts
+    showed (started afresh from the estimate, each version drafted again until its rejections
+    outweighed it)."""
+    target, cut = deep_target_and_cut()
+    useless = random_cut(cut)
+    overstated = {"acceptance_estimate": {"all": {"acceptance": 0.9, "positions": 500}}}
+    srv, registry, watcher, handle = serve(redis_client, tmp_path, useless, tokenizer)
+    watcher.estimates["d"] = overstated["acceptance_estimate"]  # as the server starts: v1's estimate
+    try:
+        before = [ask(srv, i)["own"] for i in range(12)]
+        assert sum(o["drafted_tokens"] for o in before[-4:]) <= 8, f"a useless drafter kept drafting: {before}"
+        after = []
+        for n in range(6):
+            version = registry.publish("d", useless, parent=registry.latest("d"), metrics=overstated).version
+            wait_validated(watcher, version)
+            after += [ask(srv, 100 + 10 * n + i)["own"] for i in range(3)]
+            assert handle.version == version
+        drafted = sum(o["drafted_tokens"] for o in after)
+        assert drafted <= 20, f"versions estimated alike drafted {drafted} tokens after their swaps: {after}"
+    finally:
+        srv.stop()
+        watcher.stop()
+
+
 def counters(metrics: str, name: str) -> dict[str, float]:
     return {labels: float(v) for labels, v in re.findall(rf"^onlinespec_{name}(\{{[^}}]*\}}) (\S+)$", metrics, re.M)}
 

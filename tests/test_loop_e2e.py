@@ -251,14 +251,19 @@ def test_regressing_version_is_rolled_back(setup, redis_client):
     served = HFDrafter(registry.load_model("learned", 1)[0], "learned", version=1)
     watcher = SwapWatcher(redis_client, registry, {"learned": served}, min_drafted=100, margin=0.05)
     watcher.observe("learned", 1, 200, 150)  # v1 accepted 75%
-    registry.publish("learned", perturbed(target, 2.0, seed=3), parent=1)
+    watcher.estimates["learned"] = {"all": {"acceptance": 0.7}}  # as the server starts: v1's estimate
+    registry.publish("learned", perturbed(target, 2.0, seed=3), parent=1,
+                     metrics={"acceptance_estimate": {"all": {"acceptance": 0.72, "positions": 300}}})
     assert watcher.check("learned") and watcher.apply() == [("learned", 2)]
+    # a later version: the controller moves what v1's drafts showed by the learners' change
+    assert watcher.acceptance("learned") == (0.72, 0.7)
     watcher.observe("learned", 2, 200, 60)  # v2 accepts 30%: a regression
     assert registry.latest("learned") == 2  # the engine thread only counts
     assert watcher.judge() == [("learned", 2)]  # the watcher thread judges the sums in Redis
     assert watcher.stats.rollbacks == 1 and registry.latest("learned") == 1
     assert watcher.check("learned") and watcher.apply() == [("learned", 1)]
     assert served.version == 1
+    assert watcher.acceptance("learned")[1] is None  # a rollback: nothing carried from the version that hurt
 
 
 def test_pool_weights_move_to_the_drafter_that_fits_the_traffic(setup, redis_client):

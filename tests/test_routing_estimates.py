@@ -117,6 +117,55 @@ def test_the_controller_keeps_copies_and_a_drafters_own_drafts_apart():
     assert ctl.proposer("d").acceptance == pytest.approx(0.6)
 
 
+def _serve_blocks(ctl: BatchK, key: str, accepted: int, steps: int = 60, k: int = 3) -> None:
+    for _ in range(steps):
+        ctl.observe_row(key, [False] * k, accepted)
+        ctl.observe_step(1, k, 0.001, 0.01)
+
+
+def test_a_later_version_keeps_what_the_served_drafts_showed_moved_by_the_learners_change():
+    """The learners' level is not what served blocks meet (they score the first position of the
+    true text); their change between versions is carried: a later version starts where the
+    served drafts left its predecessor, moved by that change; a rollback starts afresh."""
+    ctl = BatchK(thompson=False)
+    ctl.start_version("d", 0.6)  # v1, published with 0.6
+    _serve_blocks(ctl, "d", accepted=1)  # its blocks: one draft kept, then a rejection
+    served = ctl.proposer("d").acceptance
+    assert served == pytest.approx(0.5, abs=0.02)
+    rows = ctl.rows_key("d")
+    assert rows in ctl.lengths
+    ctl.start_version("d", 0.65, previous=0.6)  # v2: the learners measured +0.05
+    p = ctl.proposer("d")
+    assert p.acceptance == pytest.approx(served + 0.05)
+    assert p.accepted + p.rejected == pytest.approx(ctl.prior_weight)  # no surer than a published estimate
+    assert rows in ctl.lengths  # its blocks' lengths carry over too
+    ctl.start_version("d", 0.3)  # a rollback (no predecessor given): from the estimate alone
+    assert ctl.proposer("d").acceptance == pytest.approx(0.3) and rows not in ctl.lengths
+    fresh = BatchK(thompson=False)  # a drafter this controller never served: from the estimate
+    fresh.start_version("e", 0.65, previous=0.6)
+    assert fresh.proposer("e").acceptance == pytest.approx(0.65)
+
+
+def test_a_muted_drafter_is_drafting_again_once_its_learners_measured_enough_gain():
+    """A drafter whose served drafts were rejected is muted and its later drafts never seen:
+    versions the learners found no better keep it muted (restarting each from the learners'
+    level, 0.5, drafted them again at every swap), a measured gain brings it back."""
+    ctl = BatchK(thompson=False)
+    costs = ctl.at(1)
+    costs.t_plain, costs.t_draft = 0.010, 0.001
+    ctl.start_version("d", 0.5)
+    _serve_blocks(ctl, "d", accepted=0)
+    assert not ctl.drafts_pay("d", 3, 1)
+    for version in range(5):  # five versions, estimated alike
+        ctl.start_version("d", 0.5, previous=0.5)
+        assert not ctl.drafts_pay("d", 3, 1), version
+    # the learners' estimate rises by 0.4 over five versions
+    for previous, estimate in zip((0.5, 0.55, 0.6, 0.7, 0.8), (0.55, 0.6, 0.7, 0.8, 0.9)):
+        ctl.start_version("d", estimate, previous)
+    assert ctl.proposer("d").acceptance > 0.4
+    assert ctl.drafts_pay("d", 3, 1)
+
+
 def test_a_drafter_whose_drafts_do_not_pay_is_muted_while_a_good_one_drafts():
     ctl = BatchK(thompson=False)
     costs = ctl.at(4)

@@ -358,6 +358,7 @@ class BatchK:
         self.lengths: dict[str, BlockLengths] = {}  # per rows key: how far its blocks get
         self._blocks: dict[str, list[tuple[int, bool]]] = {}  # this step's blocks per rows key
         self.encode_rate: dict[str, float] = {}  # per drafter: seconds per token of a joining row's text
+        self._served: set[str] = set()  # sources whose acceptance rests on served drafts (start_version)
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -380,13 +381,42 @@ class BatchK:
             self.proposers[key] = AdaptiveK(k_max=self.k_max, **self.kw)
         return self.proposers[key]
 
-    def start_version(self, key: str, acceptance: float | None) -> None:
+    def start_version(self, key: str, acceptance: float | None, previous: float | None = None) -> None:
         """A new version of drafter ``key`` serves from now: its acceptance starts from
         ``acceptance`` (its learners' estimate) at ``prior_weight``; a version published without
         one (registered by hand, distilled elsewhere) starts from the uninformed prior, so it is
-        tried rather than judged by the weights it replaced (its blocks' lengths too)."""
-        self.lengths.pop(self.rows_key(key), None)
-        for p in (self.proposer(key), self.proposer(self.rows_key(key))):
+        tried rather than judged by the weights it replaced (its blocks' lengths too).
+
+        ``previous``: the estimate the version it replaces was published with, given where the
+        new one follows it (a later version of the same learner, not a rollback). Where this
+        controller has served drafts of the version it replaces, it keeps what they showed,
+        moved by the change the learners measured (``acceptance - previous``; its rows' blocks,
+        copies included, by the share of their positions it drafted), at a weight of at most
+        ``prior_weight``, and keeps the blocks' lengths. The learners score a drafter
+        on the first drafted position of the true text, so their level is not what a served
+        block meets (a feature drafter drafts its later positions on its own features: in
+        stop 38's last quarter it was estimated at 0.63 and its served drafts were accepted at
+        0.31 a drafted token); their change between versions is taken to carry over. Restarting
+        every version from the estimate (a swap every 6 s, about 11 blocks drafted between
+        swaps) left the controller judging the drafter by the learners' level, not by its
+        drafts. A drafter muted for a while follows its learners' gains meanwhile, which its
+        served drafts cannot show."""
+        carry = acceptance is not None and previous is not None
+        if carry:
+            # the rows' blocks hold copies too: they move by the share of their judged positions
+            # that were the drafter's own
+            own, rows = (self.proposer(k).accepted + self.proposer(k).rejected for k in (key, self.rows_key(key)))
+            change = {key: float(acceptance) - float(previous)}
+            change[self.rows_key(key)] = change[key] * min(1.0, own / rows) if rows > 0 else 0.0
+        for k in (key, self.rows_key(key)):
+            p = self.proposer(k)
+            if carry and k in self._served:
+                weight = min(p.accepted + p.rejected, self.prior_weight)
+                a = min(max(p.acceptance + change[k], 0.01), 0.99)
+                p.accepted, p.rejected = weight * a, weight * (1.0 - a)
+                continue
+            self._served.discard(k)
+            self.lengths.pop(k, None)
             if acceptance is None:
                 p.accepted, p.rejected = 2.0 * p.prior_accept, 2.0 * (1.0 - p.prior_accept)
             else:
@@ -625,6 +655,7 @@ class BatchK:
         encoding rows new to them."""
         for key, (accepted, rejections) in self._step.items():
             self.proposer(key).observe_counts(accepted, rejections)
+            self._served.add(key)
         self._step.clear()
         for key, blocks in self._blocks.items():
             self._lengths(key).observe(blocks)
