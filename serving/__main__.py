@@ -130,6 +130,7 @@ def _embedded_state(cfg, target, tokenizer, drafters, estimates, writer, watcher
         log.info("suffix speculation: warmed from %d logged outputs (%d tokens)%s", cache.warm(records),
                  cache.tokens, f"; {bad} malformed records skipped" if bad else "")
     from onlinespec.drafters.feature import is_feature
+    from onlinespec.learn.estimate import overall
 
     capture = s.capture_features
     if capture is None:  # feature drafters learn from captured features: capture a share when one serves
@@ -138,7 +139,7 @@ def _embedded_state(cfg, target, tokenizer, drafters, estimates, writer, watcher
         k=s.k, k_max=s.k_max, feedback_topk=s.feedback_topk, drafter_context=s.drafter_context,
         capture_feedback=writer is not None, target_id=cfg.target_id, capture_features=capture), suffix=cache)
     for did, estimate in estimates.items():  # each version starts from what its learners measured
-        engine.k_controller.start_version(did, estimate.get("all", {}).get("acceptance"))
+        engine.k_controller.start_version(did, overall(estimate))
     return build_state(engine, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
                        max_active=s.max_active, max_queue=s.max_queue, prefill_tokens=s.prefill_tokens,
                        kv_cache_tokens=s.kv_cache_tokens or None, max_prompt_tokens=s.max_prompt_tokens,

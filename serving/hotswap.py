@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from onlinespec.feedback import keys
 from onlinespec.background import Background
 from onlinespec.learn.control import Control
+from onlinespec.learn.estimate import overall
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.learn.registry import CheckpointError, Registry, expected_shapes
 
@@ -81,9 +82,9 @@ class SwapWatcher:
         self.router = router  # fed the pool's Hedge weights: who drafts for which request
         # drafter -> the acceptance estimate its serving version was published with (learn/estimate.py)
         self.estimates: dict[str, dict] = {}
-        # drafter -> the estimate of the version its serving one replaced, where it is a later
-        # version (a rollback or a first version: absent): what the controller moves its view by
-        self.replaced: dict[str, dict] = {}
+        # drafter -> the estimated acceptance of the version its serving one replaced, where it is
+        # a later version (a rollback or a first version: absent): what the controller moves its view by
+        self.replaced: dict[str, float] = {}
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._ready: dict[str, tuple[object, int, int | None]] = {}
         self._lock = threading.Lock()
@@ -175,8 +176,8 @@ class SwapWatcher:
         with self._lock:
             ready, self._ready = self._ready, {}
         swapped = []
-        served_before = {drafter: self.drafters[drafter].version for drafter in ready}
         for drafter, (model, version, parent, estimate, (path, digest)) in ready.items():
+            before = self.drafters[drafter].version
             if install is None:
                 self.drafters[drafter].swap(model, version)
             else:
@@ -191,9 +192,9 @@ class SwapWatcher:
                     log.error("the engine refused %s v%s: %s", drafter, version, exc)
                     continue
             self.parents[drafter] = parent
-            old = self.estimates.get(drafter)
-            if old is not None and estimate is not None and version > int(served_before[drafter] or 0):
-                self.replaced[drafter] = old
+            previous = overall(self.estimates.get(drafter))
+            if previous is not None and version > int(before or 0):
+                self.replaced[drafter] = previous
             else:
                 self.replaced.pop(drafter, None)
             self.estimates[drafter] = estimate
@@ -205,9 +206,7 @@ class SwapWatcher:
     def acceptance(self, drafter: str) -> tuple[float | None, float | None]:
         """(the serving version's estimated acceptance on all traffic, the replaced version's
         where the serving one follows it: see :attr:`replaced`); None where not known."""
-        def overall(estimate: dict | None) -> float | None:
-            return (estimate or {}).get("all", {}).get("acceptance")
-        return overall(self.estimates.get(drafter)), overall(self.replaced.get(drafter))
+        return overall(self.estimates.get(drafter)), self.replaced.get(drafter)
 
     def observe(self, drafter: str, version: int, drafted: int, accepted: int) -> None:
         """The engine's own-draft counts of a step (engine loop thread: no Redis here)."""

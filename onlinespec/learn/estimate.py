@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["AcceptanceEstimate", "group_of", "ALL"]
+__all__ = ["AcceptanceEstimate", "group_of", "overall", "ALL"]
 
 ALL = "all"
 
@@ -35,6 +35,12 @@ def group_of(tenant: str | None, domain: str | None = None) -> str | None:
     if not tenant:
         return None
     return tenant.split("/user:", 1)[0]
+
+
+def overall(estimate: dict | None) -> float | None:
+    """The acceptance on all traffic of an estimate as a version carries it
+    (:meth:`AcceptanceEstimate.to_dict`); None where it has none."""
+    return (estimate or {}).get(ALL, {}).get("acceptance")
 
 
 @dataclass
