@@ -137,6 +137,23 @@ def test_bench_live_prompts_and_quarters():
     assert q[3]["own_accepted_length"] == 3.0 and q[3]["tokens_per_s"] == 20.0 and q[3]["versions"] == {"d": "v3-v4"}
 
 
+def test_bench_live_compares_speculation_off_on_the_last_quarters_prompts():
+    """The speculation-off server is given the prompts of the requests that finished in the last
+    quarter, in the order they were sent (not where the last quarter began, which a slower or
+    faster server would leave at other prompts), and each quarter reports its prompts' length."""
+    from onlinespec.ops.bench.live import last_quarter_prompts, summarize
+
+    spec = {"own": {"accepted_tokens": 0, "draft_steps": 0, "drafted_tokens": 0}, "copied": {"accepted_tokens": 0}}
+    results = [{"i": 0, "prompt": 5, "done": 1.0, "tokens": 8, "prompt_tokens": 100, "spec": spec},
+               {"i": 3, "prompt": 1, "done": 7.0, "tokens": 8, "prompt_tokens": 40, "spec": spec},
+               {"i": 2, "prompt": 0, "done": 7.5, "tokens": 8, "prompt_tokens": 60, "spec": spec},
+               {"i": 1, "prompt": 9, "done": 5.0, "tokens": 8, "prompt_tokens": 300, "spec": spec},
+               {"i": 4, "prompt": 2, "done": 9.0, "tokens": 8, "prompt_tokens": 10, "spec": spec}]  # after the run
+    assert last_quarter_prompts(results, 0.0, 8.0) == [0, 1]
+    q = summarize(results, 0.0, 8.0)
+    assert [x["prompt_tokens"] for x in q] == [100, None, 300, 50]
+
+
 def test_bench_live_learned_acceptance_by_quarter():
     """What the learners measured of each drafter without drafting, per quarter: the rounds that
     ran in it, weighted by their positions; rounds outside the run and rounds without a score

@@ -19,13 +19,15 @@ controller gave them); and what the learners measured of the drafters without dr
 (``learned_acceptance``, per drafter: each learning round scores the version serving then on
 every position of its records, drafted or not, before learning from them; the rounds that ran
 in the quarter, weighted by positions): a figure the draft lengths the server chose do not
-shape. Then the same prompts are served for a while by the
-same models with speculation off (no drafters, no suffix speculation; a server of its own), for
-``nospec_tokens_per_s``.
+shape; and the prompts' mean length (``prompt_tokens``: their prefill is part of the time, and
+the domain's prompts differ in length by a factor of 2 from one stretch to the next). Then the
+last quarter's prompts, in the order they were sent (cycled), are served for a quarter's length
+by the same models with speculation off (no drafters, no suffix speculation; a server of its
+own), for ``nospec_tokens_per_s``: the same prompts as the figure it is compared with.
 
 JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_acceptance",
-"own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "versions", "requests",
-"learned_acceptance"}], "nospec_tokens_per_s", "gain": {"own_accepted_length", "own_acceptance", "tokens_per_s",
+"own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "prompt_tokens", "versions", "requests",
+"learned_acceptance"}], "nospec_tokens_per_s", "nospec_prompt_tokens", "gain": {"own_accepted_length", "own_acceptance", "tokens_per_s",
 "learned_acceptance"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
 ``engine`` is where each server's engine spent its time (:func:`engine_profile`).
 """
@@ -103,9 +105,20 @@ def summarize(results: list[dict], t0: float, t1: float, parts: int = 4) -> list
                     "own_draft_share": own_acc / tokens if tokens else 0.0,
                     "copied_share": copied / tokens if tokens else 0.0,
                     "tokens_per_s": tokens / width if width > 0 else 0.0,
+                    # the prompts' mix differs by quarter (their prefill is part of tokens/s)
+                    "prompt_tokens": (sum(r.get("prompt_tokens", 0) for r in rows) / len(rows)) if rows else None,
                     "own_draft_steps": own_steps,
                     "versions": {d: (f"v{a}" if a == b else f"v{a}-v{b}") for d, (a, b) in sorted(versions.items())}})
     return out
+
+
+def last_quarter_prompts(results: list[dict], t0: float, t1: float, parts: int = 4) -> list[int]:
+    """The prompts of the requests that finished in the last part of [t0, t1], in the order
+    they were sent: what the speculation-off server is given to serve, cycled, so that the two
+    throughputs compare the same prompts (their lengths differ by a factor of 2 across the
+    domain, and prefill is part of the time)."""
+    rows = [r for r in results if _part(r["done"], t0, t1, parts) == parts - 1]
+    return [r["prompt"] for r in sorted(rows, key=lambda r: r["i"])]
 
 
 def learned_acceptance(rounds: dict[str, list[dict]], t0: float, t1: float, parts: int = 4) -> list[dict[str, float]]:
@@ -142,8 +155,10 @@ def _rounds(service) -> dict[str, list[dict]]:
 class _Clients:
     """``concurrency`` threads sending the prompts in turn until stopped; each answer recorded."""
 
-    def __init__(self, url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int):
+    def __init__(self, url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
+                 order: list[int] | None = None):
         self.url, self.model, self.prompts, self.max_tokens = url, model, prompts, max_tokens
+        self.order = order or list(range(len(prompts)))  # the prompts' indices, sent in turn, cycled
         self.results: list[dict] = []
         self.errors = 0
         self._next = 0
@@ -156,7 +171,8 @@ class _Clients:
             while not self._stop.is_set():
                 with self._lock:
                     i, self._next = self._next, self._next + 1
-                body = {"model": self.model, "prompt": self.prompts[i % len(self.prompts)],
+                prompt = self.order[i % len(self.order)]
+                body = {"model": self.model, "prompt": self.prompts[prompt],
                         "max_tokens": self.max_tokens, "temperature": 0, "user": f"live-{i}",
                         "metadata": {"domain": DOMAIN}}
                 try:
@@ -168,8 +184,9 @@ class _Clients:
                         self.errors += 1
                     continue
                 with self._lock:
-                    self.results.append({"done": time.time(), "tokens": data["usage"]["completion_tokens"],
-                                         "spec": data["speculative"]})
+                    self.results.append({"i": i, "prompt": prompt, "done": time.time(),
+                                         "tokens": data["usage"]["completion_tokens"],
+                                         "prompt_tokens": data["usage"]["prompt_tokens"], "spec": data["speculative"]})
 
     def run(self, seconds: float) -> tuple[float, float]:
         t0 = time.time()
@@ -268,14 +285,16 @@ def run(args) -> int:
         quarters = summarize(results, t0, t1)
         for quarter, learned in zip(quarters, learned_acceptance(rounds, t0, t1)):
             quarter["learned_acceptance"] = learned
-        # speculation off: the last quarter's prompts, as long as a quarter, on a server of its own
+        # speculation off: the last quarter's prompts, in their order (cycled), as long as a
+        # quarter, on a server of its own
         plain = Service(_variant(config, workdir, plain=True), plain_dir)
         try:
             plain.start()
-            off = _Clients(plain.url, model, prompts, args.concurrency, args.max_tokens)
-            off._next = len(results) * 3 // 4  # where the last quarter's prompts begin
+            off = _Clients(plain.url, model, prompts, args.concurrency, args.max_tokens,
+                           order=last_quarter_prompts(results, t0, t1))
             p0, p1 = off.run(seconds / 4)
-            nospec = summarize(off.results, p0, p1, parts=1)[0]["tokens_per_s"]
+            off_summary = summarize(off.results, p0, p1, parts=1)[0]
+            nospec = off_summary["tokens_per_s"]
             errors += off.errors
             profile["off"] = {**engine_profile(plain.url), "wall": round(p1 - p0, 2)}
         finally:
@@ -289,15 +308,16 @@ def run(args) -> int:
                                     if first["learned_acceptance"].get(d)})
     print(f"bench live: {config}, {args.minutes:g} min, {len(results)} requests ({errors} errors), "
           f"concurrency {args.concurrency}, {args.max_tokens} tokens each, domain {DOMAIN!r}")
-    print(f"{'quarter':>8}{'requests':>10}{'own acc. len':>14}{'own accept.':>13}{'own k':>7}{'own share':>11}"
+    print(f"{'quarter':>8}{'requests':>10}{'prompt':>8}{'own acc. len':>14}{'own accept.':>13}{'own k':>7}{'own share':>11}"
           f"{'copied share':>14}{'tokens/s':>10}{'learned a':>11}  versions")
     for i, q in enumerate(quarters):
         mal, acc, k = (f"{q[key]:.3f}" if q[key] else "-"
                        for key in ("own_accepted_length", "own_acceptance", "own_draft_length"))
-        print(f"{i + 1:>8}{q['requests']:>10}{mal:>14}{acc:>13}{k:>7}{q['own_draft_share']:>11.3f}{q['copied_share']:>14.3f}"
+        print(f"{i + 1:>8}{q['requests']:>10}{q['prompt_tokens'] or 0:>8.0f}{mal:>14}{acc:>13}{k:>7}{q['own_draft_share']:>11.3f}{q['copied_share']:>14.3f}"
               f"{q['tokens_per_s']:>10.1f}{'/'.join(f'{a:.3f}' for a in q['learned_acceptance'].values()) or '-':>11}  "
               f"{' '.join(f'{d} {v}' for d, v in q['versions'].items())}")
-    print(f"speculation off: {nospec:.1f} tokens/s; last quarter / off = "
+    print(f"speculation off (the last quarter's prompts, {off_summary['prompt_tokens'] or 0:.0f} tokens each): "
+          f"{nospec:.1f} tokens/s; last quarter / off = "
           f"{last['tokens_per_s'] / nospec if nospec else float('nan'):.2f}")
     for phase, prof in profile.items():
         print(f"engine, {phase}: seconds {prof['seconds']} of {prof['wall']:.0f} s; ms per token: plain steps {prof['plain_ms_per_token']} "
@@ -306,7 +326,8 @@ def run(args) -> int:
         print(f"last / first quarter: own accepted length {gain['own_accepted_length']:.2f}x, "
               f"own acceptance {gain['own_acceptance'] or float('nan'):.2f}x, tokens/s {gain['tokens_per_s']:.2f}x, "
               f"learned acceptance {' '.join(f'{d} {g:.2f}x' for d, g in gain['learned_acceptance'].items()) or '-'}")
-    summary = {"quarters": quarters, "nospec_tokens_per_s": nospec, "gain": gain, "errors": errors,
+    summary = {"quarters": quarters, "nospec_tokens_per_s": nospec, "nospec_prompt_tokens": off_summary["prompt_tokens"],
+               "gain": gain, "errors": errors,
                "requests": len(results), "engine": profile, "config": str(config), "minutes": args.minutes, "domain": DOMAIN,
                "concurrency": args.concurrency, "max_tokens": args.max_tokens, "machine": machine()}
     if getattr(args, "plot", None):
