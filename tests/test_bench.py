@@ -169,3 +169,8 @@ def test_bench_live_learned_acceptance_by_quarter():
     q = learned_acceptance(rounds, 0.0, 8.0)
     assert q[0] == {"a": 0.425} and q[1] == {} and q[2] == {}
     assert q[3] == {"a": 0.6, "b": 0.3}
+    # a feature drafter's second position, where its rounds score it (others' rounds carry None)
+    rounds["a"][0]["mean_alpha_deeper"], rounds["a"][1]["mean_alpha_deeper"] = 0.1, 0.3
+    rounds["b"][0]["mean_alpha_deeper"] = None
+    deeper = learned_acceptance(rounds, 0.0, 8.0, key="mean_alpha_deeper")
+    assert deeper[0] == {"a": pytest.approx(0.25)} and deeper[3] == {}

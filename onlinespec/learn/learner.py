@@ -105,6 +105,10 @@ class RoundMetrics:
     regret_vs_best_fixed: float  # cumulative served loss - best base learner's, over all rounds
     dynamic_regret: float  # the same over the last ``regret_window`` rounds
     mean_alpha: float  # mean acceptance of the served drafter on the batch (losses.acceptance)
+    # a feature drafter's acceptance at a block's second position, where it drafts on its own
+    # feature, given the first was accepted (teacher-forced; None for other drafters): the
+    # first-position figure above over-states its blocks by this much
+    mean_alpha_deeper: float | None = None
     # the served drafter's acceptance on recent rounds, before it learned from them, overall and per
     # traffic group (learn/estimate.py): what the server's controller starts the new version from
     acceptance_estimate: dict = field(default_factory=dict)
@@ -122,6 +126,11 @@ def records_to_learn(records: list[FeedbackRecord], drafter: str, config: Learne
 
 
 _POSITIONAL = ("row", "col", "p_ids", "p_log", "drafted", "accepted", "block_index", "block", "temperature")
+
+
+def _mean(out) -> float | None:
+    """The mean acceptance of a loss output (None: none was computed)."""
+    return float(out.alpha.detach().mean()) if out is not None else None
 
 
 def _trainable_names(model, pattern: str) -> list[str]:
@@ -176,30 +185,35 @@ class DrafterLearner:
     # ------------------------------------------------------------------ learning side
 
     def _loss(self, params, batch: FeedbackBatch, grad: bool):
+        """(the loss at the first drafted position, its gradients with ``grad``, and for a feature
+        drafter the loss at the second position: :class:`LossOutput` or None)."""
         self._load(self.work, params)
+        deeper = None
         with torch.set_grad_enabled(grad):
             out = compute_loss(drafter_logits(self.work, batch), batch, self.config.loss)
-            if grad and batch.features is not None:
+            if batch.features is not None:
                 # a feature drafter drafts past the first position on its own features: it learns
                 # there too (the training-time test), the loss averaged over both depths
                 q, valid = deeper_logits(self.work, batch)
                 if bool(valid.any()):
                     sub = replace(batch, **{f: getattr(batch, f)[valid] for f in _POSITIONAL})
-                    out = replace(out, total=(out.total + compute_loss(q, sub, self.config.loss).total) / 2)
+                    deeper = compute_loss(q, sub, self.config.loss)
+                    out = replace(out, total=(out.total + deeper.total) / 2)
         grads = None
         if grad:
             named = dict(self.work.named_parameters())
             gs = torch.autograd.grad(out.total, [named[n] for n in self.names], allow_unused=True)
             grads = {n: (g if g is not None else torch.zeros_like(named[n])) for n, g in zip(self.names, gs)}
-        return out, grads
+        return out, grads, deeper
 
     def evaluate(self, records: list[FeedbackRecord], features: list | None = None) -> dict:
         """Loss of the served drafter on records, without learning from them (``features``: each
         record's captured target features, for a feature drafter)."""
         batch = collate(records, self.config.max_len, features=features)
         with torch.no_grad():
-            out, _ = self._loss(self.served_params(), batch, grad=False)
-        return {"prequential_loss": out.prequential, "kl": out.kl, "mean_alpha": float(out.alpha.mean()), "positions": batch.positions}
+            out, _, deeper = self._loss(self.served_params(), batch, grad=False)
+        return {"prequential_loss": out.prequential, "kl": out.kl, "mean_alpha": float(out.alpha.mean()),
+                "mean_alpha_deeper": _mean(deeper), "positions": batch.positions}
 
     def round(self, records: list[FeedbackRecord], features: list | None = None) -> RoundMetrics:
         batch = collate(records, self.config.max_len, features=features)
@@ -207,12 +221,12 @@ class DrafterLearner:
         # 1.-2. every base learner's loss (and gradient) at its played point, before any update, and
         # the prequential loss of what was served: with one learner that is its played point
         # (weight 1), whose loss was just measured; an ensemble serves the weighted average
-        outs, grads = zip(*(self._loss(opt.play(), batch, grad=True) for opt in self.optimizers))
+        outs, grads, deepers = zip(*(self._loss(opt.play(), batch, grad=True) for opt in self.optimizers))
         if len(self.optimizers) == 1:
-            served = outs[0]
+            served, served_deeper = outs[0], deepers[0]
         else:
             with torch.no_grad():
-                served, _ = self._loss(parent, batch, grad=False)
+                served, _, served_deeper = self._loss(parent, batch, grad=False)
         base = np.array([o.prequential for o in outs])
         # each record's share of the served loss (sum of 1 - acceptance over its positions, and
         # how many): replay scoring pairs configurations record by record (onlinespec.learn.tune)
@@ -250,6 +264,7 @@ class DrafterLearner:
             regret_vs_best_fixed=self.cumulative - float(self.base_cumulative.min()),
             dynamic_regret=win_served - float(win_base.min()),
             mean_alpha=float(served.alpha.mean()),
+            mean_alpha_deeper=_mean(served_deeper),
             acceptance_estimate=self.estimate.to_dict(),
         )
 

@@ -27,7 +27,7 @@ own), for ``nospec_tokens_per_s``: the same prompts as the figure it is compared
 
 JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_acceptance",
 "own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "prompt_tokens", "versions", "requests",
-"learned_acceptance"}], "nospec_tokens_per_s", "nospec_prompt_tokens", "gain": {"own_accepted_length", "own_acceptance", "tokens_per_s",
+"learned_acceptance", "learned_acceptance_deeper"}], "nospec_tokens_per_s", "nospec_prompt_tokens", "gain": {"own_accepted_length", "own_acceptance", "tokens_per_s",
 "learned_acceptance"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
 ``engine`` is where each server's engine spent its time (:func:`engine_profile`).
 """
@@ -121,21 +121,23 @@ def last_quarter_prompts(results: list[dict], t0: float, t1: float, parts: int =
     return [r["prompt"] for r in sorted(rows, key=lambda r: r["i"])]
 
 
-def learned_acceptance(rounds: dict[str, list[dict]], t0: float, t1: float, parts: int = 4) -> list[dict[str, float]]:
+def learned_acceptance(rounds: dict[str, list[dict]], t0: float, t1: float, parts: int = 4,
+                       key: str = "mean_alpha") -> list[dict[str, float]]:
     """Per part of [t0, t1], per drafter: the acceptance its learners measured of the version
     serving, on the records of the rounds that ran in that part (each round's ``mean_alpha``,
     scored on every position before learning from it: :mod:`onlinespec.learn.estimate`),
     weighted by the rounds' positions. ``rounds``: each drafter's round metrics, as its learner
     stream holds them (``time``, ``mean_alpha``, ``positions``). A drafter without a round in a
-    part is left out of it."""
+    part is left out of it. ``key="mean_alpha_deeper"``: a feature drafter's acceptance at a
+    block's second position (drafted on its own feature, the first accepted), as its rounds score it."""
     out: list[dict[str, float]] = [{} for _ in range(parts)]
     for drafter, metrics in rounds.items():
         sums = [[0.0, 0] for _ in range(parts)]
         for m in metrics:
             q = _part(m.get("time", t0 - 1.0), t0, t1, parts)
-            if q is None or m.get("mean_alpha") is None or not m.get("positions"):
+            if q is None or m.get(key) is None or not m.get("positions"):
                 continue
-            sums[q][0] += m["mean_alpha"] * m["positions"]
+            sums[q][0] += m[key] * m["positions"]
             sums[q][1] += m["positions"]
         for q, (total, n) in enumerate(sums):
             if n:
@@ -283,8 +285,10 @@ def run(args) -> int:
         finally:
             service.sup.stop()
         quarters = summarize(results, t0, t1)
-        for quarter, learned in zip(quarters, learned_acceptance(rounds, t0, t1)):
+        for quarter, learned, deeper in zip(quarters, learned_acceptance(rounds, t0, t1),
+                                            learned_acceptance(rounds, t0, t1, key="mean_alpha_deeper")):
             quarter["learned_acceptance"] = learned
+            quarter["learned_acceptance_deeper"] = deeper
         # speculation off: the last quarter's prompts, in their order (cycled), as long as a
         # quarter, on a server of its own
         plain = Service(_variant(config, workdir, plain=True), plain_dir)
@@ -309,12 +313,13 @@ def run(args) -> int:
     print(f"bench live: {config}, {args.minutes:g} min, {len(results)} requests ({errors} errors), "
           f"concurrency {args.concurrency}, {args.max_tokens} tokens each, domain {DOMAIN!r}")
     print(f"{'quarter':>8}{'requests':>10}{'prompt':>8}{'own acc. len':>14}{'own accept.':>13}{'own k':>7}{'own share':>11}"
-          f"{'copied share':>14}{'tokens/s':>10}{'learned a':>11}  versions")
+          f"{'copied share':>14}{'tokens/s':>10}{'learned a':>11}{'2nd pos.':>10}  versions")
     for i, q in enumerate(quarters):
         mal, acc, k = (f"{q[key]:.3f}" if q[key] else "-"
                        for key in ("own_accepted_length", "own_acceptance", "own_draft_length"))
         print(f"{i + 1:>8}{q['requests']:>10}{q['prompt_tokens'] or 0:>8.0f}{mal:>14}{acc:>13}{k:>7}{q['own_draft_share']:>11.3f}{q['copied_share']:>14.3f}"
-              f"{q['tokens_per_s']:>10.1f}{'/'.join(f'{a:.3f}' for a in q['learned_acceptance'].values()) or '-':>11}  "
+              f"{q['tokens_per_s']:>10.1f}{'/'.join(f'{a:.3f}' for a in q['learned_acceptance'].values()) or '-':>11}"
+              f"{'/'.join(f'{a:.3f}' for a in q['learned_acceptance_deeper'].values()) or '-':>10}  "
               f"{' '.join(f'{d} {v}' for d, v in q['versions'].items())}")
     print(f"speculation off (the last quarter's prompts, {off_summary['prompt_tokens'] or 0:.0f} tokens each): "
           f"{nospec:.1f} tokens/s; last quarter / off = "
