@@ -120,6 +120,11 @@ class WorkersConfig:
     round_records: int = 16  # records per learning round
     period: float = 10.0  # seconds: a round runs at least this often when feedback waits
     nice: int = 10  # CPU priority below the server's
+    budget: float = 1.0  # share of one core a worker's jobs may take on average (< 1: it rests between them)
+
+    def __post_init__(self):
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"workers.budget is a share of one core in (0, 1], got {self.budget}")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--nice", type=int, default=None,
                     help="CPU priority below the server's (os.nice increment; 0: the same): learning takes "
                          "what serving leaves, so it never slows the requests on a shared machine")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="share of one core the jobs may take on average (the config's workers.budget; 1: no "
+                         "rest): after each job the worker rests until its CPU time is at most this share of "
+                         "the time since the job began")
     ap.add_argument("--log-level", default=os.environ.get("ONLINESPEC_WORKER_LOG_LEVEL", "INFO"),
                     help="INFO logs every job (RQ's lines too); WARNING only problems")
     args = ap.parse_args(argv)
@@ -49,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.period = args.period or cfg.workers.period
     args.learner_config = args.learner_config or cfg.learner
     args.nice = cfg.workers.nice if args.nice is None else args.nice
+    args.budget = cfg.workers.budget if args.budget is None else args.budget
+    if not 0.0 < args.budget <= 1.0:
+        ap.error(f"--budget is a share of one core in (0, 1], got {args.budget}")
     return args
 
 
@@ -62,12 +69,13 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    from rq import Queue, SimpleWorker
+    from rq import Queue
     from rq.serializers import JSONSerializer
 
     from onlinespec.feedback import keys
     from onlinespec.redis_server import connect
     from workers import jobs
+    from workers.budget import BudgetedWorker
     from workers.trigger import Trigger
 
     jobs.configure(redis_url=args.redis_url, registry_root=args.registry, round_records=args.round_records,
@@ -86,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         while True:
             try:
-                worker = SimpleWorker([queue, tuning], connection=client, serializer=JSONSerializer)
+                worker = BudgetedWorker([queue, tuning], connection=client, serializer=JSONSerializer)
+                worker.budget = args.budget
                 worker.work(burst=args.burst, logging_level=args.log_level)
                 return  # burst done, or a warm shutdown (SIGTERM / SIGINT)
             except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -1,0 +1,46 @@
+"""A learning budget: the share of one core a worker's jobs may take, on average.
+
+On a machine where the server and the learners share cores, every CPU second the worker takes
+slows the server's forwards, whatever its nice level (on 2 cores the speculating server's plain
+decoding steps ran about a fifth slower than a server without a learner beside it:
+docs/adaptation.md). ``workers.budget`` trades how fast the drafters learn against that: after
+each job the worker rests until the job's CPU time is at most ``budget`` of the wall time since
+it began. 1.0 (the default) never rests; the queue simply waits while it does (rounds take
+more records each, and the in-flight mark keeps one round per drafter queued).
+"""
+
+from __future__ import annotations
+
+import time
+
+from rq import SimpleWorker
+
+__all__ = ["rest_seconds", "BudgetedWorker"]
+
+
+def rest_seconds(cpu_seconds: float, wall_seconds: float, budget: float) -> float:
+    """How long to rest after a job that took ``cpu_seconds`` of CPU in ``wall_seconds``, so that
+    it took at most ``budget`` of one core over the job and the rest together."""
+    if budget >= 1.0 or cpu_seconds <= 0.0:
+        return 0.0
+    return max(0.0, cpu_seconds / budget - wall_seconds)
+
+
+class BudgetedWorker(SimpleWorker):
+    """An RQ worker (no fork per job) that rests after each job as :func:`rest_seconds` says. A
+    warm shutdown (SIGTERM / SIGINT) ends the rest at once."""
+
+    budget: float = 1.0
+    poll: float = 0.25  # how often a rest looks for a shutdown request
+
+    def execute_job(self, job, queue):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return super().execute_job(job, queue)
+        finally:
+            self.rest(rest_seconds(time.process_time() - cpu, time.perf_counter() - wall, self.budget))
+
+    def rest(self, seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while not self._stop_requested and (left := end - time.perf_counter()) > 0:
+            time.sleep(min(self.poll, left))
