@@ -106,8 +106,8 @@ class RoundMetrics:
     dynamic_regret: float  # the same over the last ``regret_window`` rounds
     mean_alpha: float  # mean acceptance of the served drafter on the batch (losses.acceptance)
     # a feature drafter's acceptance at a block's second position, where it drafts on its own
-    # feature, given the first was accepted (teacher-forced; None for other drafters): the
-    # first-position figure above over-states its blocks by this much
+    # feature, given the first was accepted (teacher-forced; None for other drafters): how far
+    # the first-position figure above holds deeper in its blocks
     mean_alpha_deeper: float | None = None
     # the served drafter's acceptance on recent rounds, before it learned from them, overall and per
     # traffic group (learn/estimate.py): what the server's controller starts the new version from
