@@ -9,6 +9,7 @@ Redis goes away the worker waits for it and reconnects (backoff up to 30 s) inst
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -54,8 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.learner_config = args.learner_config or cfg.learner
     args.nice = cfg.workers.nice if args.nice is None else args.nice
     args.budget = cfg.workers.budget if args.budget is None else args.budget
-    if not 0.0 < args.budget <= 1.0:
-        ap.error(f"--budget is a share of one core in (0, 1], got {args.budget}")
+    try:  # the flag is checked as the config's own setting is
+        dataclasses.replace(cfg.workers, budget=args.budget)
+    except ValueError as exc:
+        ap.error(f"--budget: {exc}")
     return args
 
 
