@@ -111,6 +111,40 @@ def test_the_unrolled_training_forward_is_what_drafting_computes(saved_target, d
             assert torch.allclose(levels[depth][0][0, i], res.logits[0, -1], atol=1e-4), (i, depth)
 
 
+def test_the_learners_logits_are_the_unrolled_ones_at_the_scored_positions(saved_target, drafter):
+    """A learning round scores a feature drafter through one unrolled pass with the head only at
+    its records' generated positions (``feature_logits``): level 0 is the teacher-forced forward
+    (``drafter_logits``), level 1 the unrolled second draft, row for row, over records of different
+    lengths whose captures start at different tokens."""
+    from onlinespec.feedback.codec import CapturedFeatures
+    from onlinespec.feedback.record import FeedbackRecord
+    from onlinespec.learn.batch import collate
+    from onlinespec.learn.forward import drafter_logits, feature_logits
+
+    target, _ = saved_target
+    records, captures = [], []
+    for i, (text, p, start) in enumerate(zip(prompts(3, 9, low=10, high=26), (6, 4, 9), (2, 0, 7))):
+        g = len(text) - p
+        records.append(FeedbackRecord(
+            request_id=f"r{i}", target_id="t", drafter_id="d", drafter_version=1, created=0.0, temperature=0.0,
+            top_p=1.0, top_k=0, tokens=np.asarray(text, np.int32), prompt_len=p,
+            topk_ids=np.tile(np.arange(4, dtype=np.int32), (g, 1)), topk_logprobs=np.full((g, 4), -2.0, np.float16),
+            drafted=np.zeros(g, bool), accepted=np.zeros(g, bool), block_index=np.zeros(g, np.int16),
+            draft_tokens=np.full(g, -1, np.int32)))
+        captures.append(CapturedFeatures(start, features_of(target, text)[start:len(text) - 2].numpy()))
+    batch = collate(records, features=captures)
+    with torch.no_grad():
+        (first, every), (second, valid) = feature_logits(drafter, batch, levels=2)
+        plain = drafter_logits(drafter, batch)
+        unrolled = unrolled_logits(drafter, batch.input_ids[:, 1:], batch.features[:, :-1], levels=2)
+    assert every.all() and first.shape == plain.shape == (batch.positions, V)
+    assert torch.allclose(first, plain, atol=1e-5)
+    assert 0 < int(valid.sum()) < batch.positions  # a capture starting at its prompt's end: no second draft at its first position
+    want = unrolled[1][0][batch.row[valid], batch.col[valid] - 1]
+    assert torch.allclose(second, want, atol=1e-5)
+    assert not torch.allclose(second, first[valid], atol=1e-3)  # its own features: a different draft
+
+
 @pytest.mark.parametrize("suffix", [False, True], ids=["drafter", "drafter+suffix"])
 def test_rows_draft_what_the_drafter_drafts_alone(saved_target, drafter, monkeypatch, suffix):
     """Rows of different lengths joining, drafting and settling together draft exactly what the

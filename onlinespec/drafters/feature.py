@@ -36,7 +36,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from onlinespec.drafters.cut import ReducedHead, SharedEmbedding, on_target, share_embedding
 
-__all__ = ["FeatureConfig", "FeatureDrafter", "is_feature", "load_feature", "feature_from", "unrolled_logits"]
+__all__ = ["FeatureConfig", "FeatureDrafter", "is_feature", "load_feature", "feature_from", "unrolled_logits",
+           "unrolled_features"]
 
 MODEL_TYPE = "onlinespec-feature"
 
@@ -165,18 +166,27 @@ def _level_mask(t: int, levels: int, device) -> torch.Tensor:
 def unrolled_logits(drafter: FeatureDrafter, ids: torch.Tensor, features: torch.Tensor, levels: int = 2
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Teacher forcing with the training-time test: per level ``L`` (0 .. levels-1), the drafter's
-    (logits, output features) at every pair ``i`` as if drafting ``L + 1`` tokens deep, the last
-    ``L`` pairs fed on its own features. ``ids [B, T]`` are the tokens ``x_1 .. x_T`` and
-    ``features [B, T, H]`` the target's ``h_0 .. h_{T-1}``: pair ``i`` is ``(h_i, x_{i+1})``. Level
-    ``L``'s logits at pair ``i`` predict ``x_{i+2}``, as level 0's do; rows ``i < L`` have no such
-    context and are the caller's to drop. All levels go through one forward per level."""
+    (logits, output features) at every pair ``i`` as if drafting ``L + 1`` tokens deep
+    (:func:`unrolled_features`, then the head at every pair)."""
+    return [(drafter.lm_head(g), g) for g in unrolled_features(drafter, ids, features, levels)]
+
+
+def unrolled_features(drafter: FeatureDrafter, ids: torch.Tensor, features: torch.Tensor, levels: int = 2
+                      ) -> list[torch.Tensor]:
+    """Per level ``L`` (0 .. levels-1), the drafter's output features ``[B, T, H]`` at every pair
+    ``i`` as if drafting ``L + 1`` tokens deep, the last ``L`` pairs fed on its own features.
+    ``ids [B, T]`` are the tokens ``x_1 .. x_T`` and ``features [B, T, H]`` the target's
+    ``h_0 .. h_{T-1}``: pair ``i`` is ``(h_i, x_{i+1})``. Level ``L``'s features at pair ``i``
+    score ``x_{i+2}`` (through the head), as level 0's do; rows ``i < L`` have no such context and
+    are the caller's to drop. All levels go through one forward per level; the head is the
+    caller's, at the pairs it needs (over the whole vocabulary, it costs more than the layer)."""
     b, t = ids.shape
     positions = torch.arange(t, device=ids.device)
-    outs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    outs: list[torch.Tensor] = []
     inputs = [drafter.fuse(ids, features)]  # level 0
     for level in range(levels):
         if level:
-            own = torch.cat([features[:, :1], outs[-1][1][:, :-1]], dim=1)  # pair i fed on g_{i-1}
+            own = torch.cat([features[:, :1], outs[-1][:, :-1]], dim=1)  # pair i fed on g_{i-1}
             inputs.append(drafter.fuse(ids, own))
         n = len(inputs)
         mask = _level_mask(t, n, ids.device)[None, None]
@@ -185,6 +195,5 @@ def unrolled_logits(drafter: FeatureDrafter, ids: torch.Tensor, features: torch.
                 ~mask, torch.finfo(inputs[0].dtype).min)
         out = drafter.model(inputs_embeds=torch.cat(inputs, dim=1), attention_mask=mask.expand(b, 1, -1, -1),
                             position_ids=positions.repeat(n)[None].expand(b, -1), use_cache=False)
-        g = out.last_hidden_state[:, -t:]
-        outs.append((drafter.lm_head(g), g))
+        outs.append(out.last_hidden_state[:, -t:])
     return outs

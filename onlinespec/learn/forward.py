@@ -6,7 +6,7 @@ import torch
 
 from onlinespec.learn.batch import FeedbackBatch
 
-__all__ = ["drafter_logits", "deeper_logits"]
+__all__ = ["drafter_logits", "feature_logits"]
 
 
 def drafter_logits(model, batch: FeedbackBatch) -> torch.Tensor:
@@ -28,12 +28,21 @@ def drafter_logits(model, batch: FeedbackBatch) -> torch.Tensor:
     return model.lm_head(picked)
 
 
-def deeper_logits(model, batch: FeedbackBatch, level: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """A feature drafter's logits at the batch's positions as if drafting ``level + 1`` deep (its
-    last ``level`` pairs fed on its own features: :func:`~onlinespec.drafters.feature.unrolled_logits`),
-    and the mask of the positions that have that much context ([M, V], [N] bool)."""
-    from onlinespec.drafters.feature import unrolled_logits
+def feature_logits(model, batch: FeedbackBatch, levels: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A feature drafter's logits at the batch's positions as if drafting ``L + 1`` deep, per
+    level ``L`` (0 .. levels-1; its last ``L`` pairs fed on its own features:
+    :func:`~onlinespec.drafters.feature.unrolled_features`), each with the mask of the positions
+    that have that much context: ``[([M_L, V], [N] bool)]``. Level 0 is :func:`drafter_logits`'
+    (every position has its context). One pass for all levels, and the head only at the scored
+    positions: what a learning round of a feature drafter spends most of its time on."""
+    from onlinespec.drafters.feature import unrolled_features
 
-    outs = unrolled_logits(model, batch.input_ids[:, 1:], batch.features[:, :-1], levels=level + 1)
-    valid = batch.col - 1 >= level
-    return outs[level][0][batch.row[valid], batch.col[valid] - 1], valid
+    if batch.features is None:
+        raise ValueError("a feature drafter learns from its records' captured target features "
+                         "(serving.capture_features); this batch has none")
+    states = unrolled_features(model, batch.input_ids[:, 1:], batch.features[:, :-1], levels=levels)
+    out = []
+    for level, g in enumerate(states):
+        valid = batch.col - 1 >= level
+        out.append((model.lm_head(g[batch.row[valid], batch.col[valid] - 1]), valid))
+    return out

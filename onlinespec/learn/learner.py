@@ -27,7 +27,7 @@ import torch
 from onlinespec.feedback.record import FeedbackRecord
 from onlinespec.learn.batch import FeedbackBatch, collate
 from onlinespec.learn.estimate import AcceptanceEstimate, group_of
-from onlinespec.learn.forward import deeper_logits, drafter_logits
+from onlinespec.learn.forward import drafter_logits, feature_logits
 from onlinespec.learn.hedge import Hedge
 from onlinespec.learn.losses import LossConfig, compute_loss
 from onlinespec.learn.optim import OnlineOptimizer, OptimConfig
@@ -190,11 +190,13 @@ class DrafterLearner:
         self._load(self.work, params)
         deeper = None
         with torch.set_grad_enabled(grad):
-            out = compute_loss(drafter_logits(self.work, batch), batch, self.config.loss)
-            if batch.features is not None:
+            if batch.features is None:
+                out = compute_loss(drafter_logits(self.work, batch), batch, self.config.loss)
+            else:
                 # a feature drafter drafts past the first position on its own features: it learns
                 # there too (the training-time test), the loss averaged over both depths
-                q, valid = deeper_logits(self.work, batch)
+                (first, _), (q, valid) = feature_logits(self.work, batch, levels=2)
+                out = compute_loss(first, batch, self.config.loss)
                 if bool(valid.any()):
                     sub = replace(batch, **{f: getattr(batch, f)[valid] for f in _POSITIONAL})
                     deeper = compute_loss(q, sub, self.config.loss)
