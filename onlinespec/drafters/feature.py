@@ -139,28 +139,21 @@ def feature_from(target, target_name: str, head_tokens: list[int], layer: int | 
     return drafter.eval()
 
 
-def _level_mask(t: int, levels: int, device) -> torch.Tensor:
-    """Attention of ``levels`` stacked copies of ``t`` positions (level 0: pairs with the target's
-    features; level ``l``: each pair fed on the drafter's own feature, ``l`` drafts deep). A query
-    of level ``L`` at position ``i`` sees what it would see when drafting: true pairs ``j <= i - L``
-    and, for each level ``l = 1 .. L``, the level-``l`` pair at ``i - L + l``. [levels*t, levels*t] bool."""
+def _level_mask(t: int, level: int, device) -> torch.Tensor:
+    """What level ``L = level``'s queries see of the keys of levels ``0 .. L`` (``t`` positions
+    each; level 0: pairs with the target's features; level ``l``: each pair fed on the drafter's
+    own feature, ``l`` drafts deep). A query of level ``L`` at position ``i`` sees what it would
+    see when drafting: true pairs ``j <= i - L`` and, for each level ``l = 1 .. L``, the level-``l``
+    pair at ``i - L + l``. [t, (L + 1) * t] bool."""
     i = torch.arange(t, device=device)
-    blocks = []
-    for big in range(levels):
-        row = []
-        for small in range(levels):
-            if small == 0:
-                row.append(i[None, :] <= (i[:, None] - big))
-            elif small <= big:
-                row.append(i[None, :] == (i[:, None] - big + small))
-            else:
-                row.append(torch.zeros(t, t, dtype=torch.bool, device=device))
-        blocks.append(torch.cat(row, dim=1))
-    mask = torch.cat(blocks, dim=0)
+    row = [i[None, :] <= (i[:, None] - level)]
+    row += [i[None, :] == (i[:, None] - level + small) for small in range(1, level + 1)]
+    mask = torch.cat(row, dim=1)
     # a query with nothing to see (level L at i < L has no true pairs) still sees itself: its loss
     # is dropped, but a fully masked row would put NaNs in the softmax
-    eye = torch.eye(levels * t, dtype=torch.bool, device=device)
-    return mask | (eye & ~mask.any(dim=1, keepdim=True))
+    own = torch.zeros_like(mask)
+    own[:, level * t:] = torch.eye(t, dtype=torch.bool, device=device)
+    return mask | (own & ~mask.any(dim=1, keepdim=True))
 
 
 def unrolled_logits(drafter: FeatureDrafter, ids: torch.Tensor, features: torch.Tensor, levels: int = 2
@@ -178,22 +171,24 @@ def unrolled_features(drafter: FeatureDrafter, ids: torch.Tensor, features: torc
     ``ids [B, T]`` are the tokens ``x_1 .. x_T`` and ``features [B, T, H]`` the target's
     ``h_0 .. h_{T-1}``: pair ``i`` is ``(h_i, x_{i+1})``. Level ``L``'s features at pair ``i``
     score ``x_{i+2}`` (through the head), as level 0's do; rows ``i < L`` have no such context and
-    are the caller's to drop. All levels go through one forward per level; the head is the
-    caller's, at the pairs it needs (over the whole vocabulary, it costs more than the layer)."""
+    are the caller's to drop. One forward of ``t`` pairs per level, its queries attending over the
+    keys of the levels before it (kept in a cache, gradients flowing through them); the head is
+    the caller's, at the pairs it needs (over the whole vocabulary, it costs more than the layer)."""
+    from transformers import DynamicCache
+
+    from onlinespec.decode.lm import CACHE_KWARG
+
     b, t = ids.shape
-    positions = torch.arange(t, device=ids.device)
+    positions = torch.arange(t, device=ids.device)[None].expand(b, -1)
+    cache = DynamicCache(config=drafter.config)  # the keys and values of the levels so far
     outs: list[torch.Tensor] = []
-    inputs = [drafter.fuse(ids, features)]  # level 0
     for level in range(levels):
-        if level:
-            own = torch.cat([features[:, :1], outs[-1][:, :-1]], dim=1)  # pair i fed on g_{i-1}
-            inputs.append(drafter.fuse(ids, own))
-        n = len(inputs)
-        mask = _level_mask(t, n, ids.device)[None, None]
+        own = features if level == 0 else torch.cat([features[:, :1], outs[-1][:, :-1]], dim=1)  # pair i fed on g_{i-1}
+        mask = _level_mask(t, level, ids.device)[None, None]
         if getattr(drafter.config, "_attn_implementation", "sdpa") == "eager":
-            mask = torch.zeros(mask.shape, dtype=inputs[0].dtype, device=ids.device).masked_fill(
-                ~mask, torch.finfo(inputs[0].dtype).min)
-        out = drafter.model(inputs_embeds=torch.cat(inputs, dim=1), attention_mask=mask.expand(b, 1, -1, -1),
-                            position_ids=positions.repeat(n)[None].expand(b, -1), use_cache=False)
-        outs.append(out.last_hidden_state[:, -t:])
+            mask = torch.zeros(mask.shape, dtype=own.dtype, device=ids.device).masked_fill(
+                ~mask, torch.finfo(own.dtype).min)
+        out = drafter.model(inputs_embeds=drafter.fuse(ids, own), attention_mask=mask.expand(b, 1, -1, -1),
+                            position_ids=positions, use_cache=True, **{CACHE_KWARG: cache})
+        outs.append(out.last_hidden_state)
     return outs
