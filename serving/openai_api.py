@@ -78,6 +78,8 @@ def openai_router(state) -> APIRouter:
             "own": {"drafted_tokens": stats.own_drafted if stats else 0,
                     "accepted_tokens": stats.own_accepted if stats else 0,
                     "draft_steps": stats.own_steps if stats else 0,
+                    # up to each block's first rejection: accepted / judged is its acceptance per position
+                    "judged_tokens": stats.own_judged if stats else 0,
                     "mean_accepted_length": stats.own_accepted_length if stats else None},
             "copied": {"drafted_tokens": stats.copied if stats else 0,
                        "accepted_tokens": stats.copied_accepted if stats else 0,

@@ -204,6 +204,7 @@ class VllmLoop(LoopBase):
                 copied, copied_accepted = copied + d, copied_accepted + a
             else:
                 gen.stats.own_steps += 1
+                gen.stats.own_judged += min(a + 1, d)
         gen.stats.steps += 0 if drafted else 1
         gen.tokens += tokens
         positions = list(completion.logprobs or [])

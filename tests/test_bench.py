@@ -121,7 +121,8 @@ def test_bench_live_prompts_and_quarters():
     assert len(prompts) > 50 and all(p.endswith("\n\n") and len(p) > 100 for p in prompts)
     spec = lambda own, steps, copied, v, drafted: {"drafter_id": "d", "drafter_version": v,  # noqa: E731
                                                    "own": {"accepted_tokens": own, "draft_steps": steps,
-                                                           "drafted_tokens": drafted},
+                                                           "drafted_tokens": drafted,
+                                                           "judged_tokens": min(drafted, own + steps)},
                                                    "copied": {"accepted_tokens": copied}}
     results = [{"done": 1.0, "tokens": 10, "spec": spec(2, 4, 1, 1, 8)},
                {"done": 3.5, "tokens": 10, "spec": spec(0, 0, 0, 2, 0)},
@@ -133,6 +134,9 @@ def test_bench_live_prompts_and_quarters():
     # what the accepted length is made of: acceptance per drafted position, drafts per own step
     assert q[0]["own_acceptance"] == 0.25 and q[0]["own_draft_length"] == 2.0
     assert q[3]["own_acceptance"] == 0.5 and q[3]["own_draft_length"] == 4.0
+    # per position judged: drafts past a rejection do not dilute it
+    assert q[0]["own_position_acceptance"] == 2 / 6 and q[3]["own_position_acceptance"] == 12 / 16
+    assert q[1]["own_position_acceptance"] is None
     assert q[1]["own_accepted_length"] is None and q[1]["own_acceptance"] is None and q[2]["tokens_per_s"] == 0.0
     assert q[3]["own_accepted_length"] == 3.0 and q[3]["tokens_per_s"] == 20.0 and q[3]["versions"] == {"d": "v3-v4"}
 

@@ -168,9 +168,14 @@ def test_replay_with_suffix_matches_the_engine(target, close_drafter_model, k):
         records += recs
     replayed, served = GenerationStats.combine(stats), GenerationStats.combine(r.stats for r in real)
     assert served.copied_accepted > 0
-    for name in ("steps", "spec_steps", "drafted", "accepted", "accepted_hist", "copied_accepted"):
+    for name in ("steps", "spec_steps", "drafted", "accepted", "accepted_hist", "copied_accepted", "own_judged"):
         assert getattr(replayed, name) == getattr(served, name), name
     assert replayed.copied <= served.copied  # the replay knows only the judged drafts' sources
+    # the drafter's own judged drafts and the copies judged are the record's drafted positions (a
+    # record keeps the emitted ones: up to each block's first rejection); drafts past a rejection
+    # count as drafted, not judged
+    assert served.own_judged + replayed.copied == sum(int(r.record.drafted.sum()) for r in real)
+    assert served.own_accepted <= served.own_judged < served.own_drafted
     for rec, r in zip(records, real):
         for name in ("drafted", "accepted", "block_index", "draft_tokens"):
             assert np.array_equal(getattr(rec, name), getattr(r.record, name)), name

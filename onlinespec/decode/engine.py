@@ -127,6 +127,11 @@ class GenerationStats(OwnDrafts):
     capture_seconds: float = 0.0  # copying the target's top-K into the feedback record
     own_steps: int = 0  # speculative steps with at least one draft of the drafter model's own
     copy_steps: int = 0  # speculative steps with at least one copy
+    # the drafter model's own drafts the target judged on its own text: those up to a block's first
+    # rejection, that one included (a draft after a rejected one follows a wrong token). Its own
+    # accepted drafts per judged one are its acceptance per position, the figure its learners
+    # measure teacher-forced (own accepted / own drafted is lower: drafts past a rejection count)
+    own_judged: int = 0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -141,6 +146,11 @@ class GenerationStats(OwnDrafts):
     def own_accepted_length(self) -> float | None:
         """The drafter model's own accepted drafts per step it drafted in, plus the target's token."""
         return 1.0 + self.own_accepted / self.own_steps if self.own_steps else None
+
+    @property
+    def own_position_acceptance(self) -> float | None:
+        """The drafter model's own accepted drafts per own draft judged (:attr:`own_judged`)."""
+        return self.own_accepted / self.own_judged if self.own_judged else None
 
     @property
     def copied_accepted_length(self) -> float | None:
@@ -430,6 +440,7 @@ class Generation:
         self.stats.copied_accepted += n_copied_accepted
         self.stats.copy_steps += n_copied > 0
         self.stats.own_steps += n_copied < m
+        self.stats.own_judged += sum(not c for c in copied[: verdict.accepted + 1])
         if self.finished and self.cache is not None:
             self.cache.add_output(self.prompt, self.generated, self.scope)
         logprobs = None

@@ -185,6 +185,7 @@ def replay_served(traces: list[TargetTrace], served: list[tuple[np.ndarray, np.n
             # drafts past a rejection were drafted after a wrong token: only judged ones are known here
             stats.copied += int(copied[i:i + min(n + 1, m)].sum())
             stats.copied_accepted += int(copied[i:i + n].sum())
+            stats.own_judged += min(n + 1, m) - int(copied[i:i + min(n + 1, m)].sum())
             i += n + 1
         records.append(_record(t, drafted, accepted, block_index, draft_tokens, drafter_id, version))
     return records, stats

@@ -13,7 +13,10 @@ accepted drafts per step they drafted in, plus one; copies apart), the share of 
 that were the drafters' accepted drafts and the share that were accepted copies, aggregate
 tokens/s, and the drafter versions serving; and, since a block of ``k`` drafts yields at most
 ``k + 1`` tokens whatever the drafter could do, what the accepted length is made of: the drafters'
-acceptance per drafted position (``own_acceptance``: their accepted drafts / their drafts) and
+acceptance per drafted position (``own_acceptance``: their accepted drafts / their drafts), their
+acceptance per position (``own_position_acceptance``: their accepted drafts / their drafts the
+target judged on its own text, up to each block's first rejection: the figure the learners
+measure teacher-forced, which drafts past a rejection do not dilute) and
 how many they drafted per step they drafted in (``own_draft_length``, the draft lengths the
 controller gave them); and what the learners measured of the drafters without drafting
 (``learned_acceptance``, per drafter: each learning round scores the version serving then on
@@ -26,8 +29,8 @@ by the same models with speculation off (no drafters, no suffix speculation; a s
 own), for ``nospec_tokens_per_s``: the same prompts as the figure it is compared with.
 
 JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_acceptance",
-"own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "prompt_tokens", "versions", "requests",
-"learned_acceptance", "learned_acceptance_deeper"}], "nospec_tokens_per_s", "nospec_prompt_tokens", "gain": {"own_accepted_length", "own_acceptance", "tokens_per_s",
+"own_position_acceptance", "own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "prompt_tokens", "versions", "requests",
+"learned_acceptance", "learned_acceptance_deeper"}], "nospec_tokens_per_s", "nospec_prompt_tokens", "gain": {"own_accepted_length", "own_acceptance", "own_position_acceptance", "tokens_per_s",
 "learned_acceptance"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
 ``engine`` is where each server's engine spent its time (:func:`engine_profile`).
 """
@@ -91,6 +94,7 @@ def summarize(results: list[dict], t0: float, t1: float, parts: int = 4) -> list
         own_acc = sum(r["spec"]["own"]["accepted_tokens"] for r in rows)
         own_steps = sum(r["spec"]["own"]["draft_steps"] for r in rows)
         own_drafted = sum(r["spec"]["own"]["drafted_tokens"] for r in rows)
+        own_judged = sum(r["spec"]["own"].get("judged_tokens", 0) for r in rows)
         copied = sum(r["spec"]["copied"]["accepted_tokens"] for r in rows)
         versions: dict[str, list[int]] = {}
         for r in rows:
@@ -101,6 +105,8 @@ def summarize(results: list[dict], t0: float, t1: float, parts: int = 4) -> list
         out.append({"requests": len(rows), "tokens": tokens,
                     "own_accepted_length": 1 + own_acc / own_steps if own_steps else None,
                     "own_acceptance": own_acc / own_drafted if own_drafted else None,
+                    # per own draft the target judged on its own text: the learners' figure, served
+                    "own_position_acceptance": own_acc / own_judged if own_judged else None,
                     "own_draft_length": own_drafted / own_steps if own_steps else None,
                     "own_draft_share": own_acc / tokens if tokens else 0.0,
                     "copied_share": copied / tokens if tokens else 0.0,
@@ -306,18 +312,18 @@ def run(args) -> int:
 
     first, last = quarters[0], quarters[-1]
     gain = {key: last[key] / first[key] if first[key] and last[key] else None
-            for key in ("own_accepted_length", "own_acceptance")}
+            for key in ("own_accepted_length", "own_acceptance", "own_position_acceptance")}
     gain.update(tokens_per_s=last["tokens_per_s"] / first["tokens_per_s"] if first["tokens_per_s"] else None,
                 learned_acceptance={d: a / first["learned_acceptance"][d] for d, a in last["learned_acceptance"].items()
                                     if first["learned_acceptance"].get(d)})
     print(f"bench live: {config}, {args.minutes:g} min, {len(results)} requests ({errors} errors), "
           f"concurrency {args.concurrency}, {args.max_tokens} tokens each, domain {DOMAIN!r}")
-    print(f"{'quarter':>8}{'requests':>10}{'prompt':>8}{'own acc. len':>14}{'own accept.':>13}{'own k':>7}{'own share':>11}"
+    print(f"{'quarter':>8}{'requests':>10}{'prompt':>8}{'own acc. len':>14}{'own accept.':>13}{'per pos.':>10}{'own k':>7}{'own share':>11}"
           f"{'copied share':>14}{'tokens/s':>10}{'learned a':>11}{'2nd pos.':>10}  versions")
     for i, q in enumerate(quarters):
-        mal, acc, k = (f"{q[key]:.3f}" if q[key] else "-"
-                       for key in ("own_accepted_length", "own_acceptance", "own_draft_length"))
-        print(f"{i + 1:>8}{q['requests']:>10}{q['prompt_tokens'] or 0:>8.0f}{mal:>14}{acc:>13}{k:>7}{q['own_draft_share']:>11.3f}{q['copied_share']:>14.3f}"
+        mal, acc, pos, k = (f"{q[key]:.3f}" if q[key] else "-" for key in
+                            ("own_accepted_length", "own_acceptance", "own_position_acceptance", "own_draft_length"))
+        print(f"{i + 1:>8}{q['requests']:>10}{q['prompt_tokens'] or 0:>8.0f}{mal:>14}{acc:>13}{pos:>10}{k:>7}{q['own_draft_share']:>11.3f}{q['copied_share']:>14.3f}"
               f"{q['tokens_per_s']:>10.1f}{'/'.join(f'{a:.3f}' for a in q['learned_acceptance'].values()) or '-':>11}"
               f"{'/'.join(f'{a:.3f}' for a in q['learned_acceptance_deeper'].values()) or '-':>10}  "
               f"{' '.join(f'{d} {v}' for d, v in q['versions'].items())}")
