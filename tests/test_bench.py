@@ -178,3 +178,19 @@ def test_bench_live_learned_acceptance_by_quarter():
     rounds["b"][0]["mean_alpha_deeper"] = None
     deeper = learned_acceptance(rounds, 0.0, 8.0, key="mean_alpha_deeper")
     assert deeper[0] == {"a": pytest.approx(0.25)} and deeper[3] == {}
+
+
+def test_bench_live_reports_how_learning_kept_up():
+    """Per quarter and drafter: the rounds that ended in it, the share of the quarter they ran
+    for, the tokens they learned per second, and how long their oldest records waited."""
+    from onlinespec.ops.bench.live import learning_pace
+
+    rounds = {"a": [{"time": 0.5, "seconds": 1.0, "generated_tokens": 40, "lag_seconds": 3.0},
+                    {"time": 1.5, "seconds": 0.5, "generated_tokens": 20, "lag_seconds": 5.0},
+                    {"time": -2.0, "seconds": 9.0, "generated_tokens": 999, "lag_seconds": 1.0},  # before the run
+                    {"time": 7.0, "seconds": 2.0, "generated_tokens": 10}],  # a round from before lag was kept
+              "b": []}
+    q = learning_pace(rounds, 0.0, 8.0)
+    assert q[0] == {"a": {"rounds": 2, "busy": 0.75, "tokens_per_s": 30.0, "lag_s": 4.0, "max_lag_s": 5.0}}
+    assert q[1] == {} and q[2] == {}
+    assert q[3] == {"a": {"rounds": 1, "busy": 1.0, "tokens_per_s": 5.0, "lag_s": None, "max_lag_s": None}}

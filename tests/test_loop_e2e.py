@@ -121,6 +121,7 @@ def test_learning_loop_raises_accepted_length_end_to_end(setup, redis_client, re
     # prequential metrics were published for monitoring
     latest = json.loads(redis_client.hget(keys.learner_latest("learned"), "metrics"))
     assert latest["version"] == registry.latest("learned") and 0 <= latest["served_loss"] <= 1
+    assert 0 < latest["lag_seconds"] < 150  # how long its oldest record waited for it: within the run
 
 
 def _submit_records(target, drafter_model, client, n, seed=0):

@@ -190,8 +190,12 @@ class Updater:
         reader.ack(delivery.ids)  # only now: the version that learned from them is durable
         self.learners[drafter] = (manifest.version, learner, self.learners[drafter][2])
         seconds = time.perf_counter() - t0
+        now = time.time()
+        # lag_seconds: how long the round's oldest record waited from its request's end to this
+        # version (how far learning trails serving; a backlog grows it)
         metrics.update({"version": manifest.version, "parent": latest, "seconds": seconds,
-                        "generated_tokens": sum(r.generated for r in delivery.records), "time": time.time()})
+                        "generated_tokens": sum(r.generated for r in delivery.records), "time": now,
+                        "lag_seconds": max(0.0, now - min(r.created for r in delivery.records))})
         payload = json.dumps(metrics)
         pipe = self.redis.pipeline()
         pipe.xadd(keys.learner_metrics_stream(drafter), {"m": payload}, maxlen=10_000, approximate=True)

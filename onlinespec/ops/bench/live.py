@@ -22,7 +22,9 @@ controller gave them); and what the learners measured of the drafters without dr
 (``learned_acceptance``, per drafter: each learning round scores the version serving then on
 every position of its records, drafted or not, before learning from them; the rounds that ran
 in the quarter, weighted by positions): a figure the draft lengths the server chose do not
-shape; and the prompts' mean length (``prompt_tokens``: their prefill is part of the time, and
+shape; how the learning kept up (``learning``, per drafter: rounds, the share of the time they
+ran, tokens learned per second, how long records waited to be learned: :func:`learning_pace`);
+and the prompts' mean length (``prompt_tokens``: their prefill is part of the time, and
 the domain's prompts differ in length by a factor of 2 from one stretch to the next). Then the
 last quarter's prompts, in the order they were sent (cycled), are served for a quarter's length
 by the same models with speculation off (no drafters, no suffix speculation; a server of its
@@ -30,7 +32,7 @@ own), for ``nospec_tokens_per_s``: the same prompts as the figure it is compared
 
 JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_acceptance",
 "own_position_acceptance", "own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "prompt_tokens", "versions", "requests",
-"learned_acceptance", "learned_acceptance_deeper"}], "nospec_tokens_per_s", "nospec_prompt_tokens", "gain": {"own_accepted_length", "own_acceptance", "own_position_acceptance", "tokens_per_s",
+"learned_acceptance", "learned_acceptance_deeper", "learning"}], "nospec_tokens_per_s", "nospec_prompt_tokens", "gain": {"own_accepted_length", "own_acceptance", "own_position_acceptance", "tokens_per_s",
 "learned_acceptance"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
 ``engine`` is where each server's engine spent its time (:func:`engine_profile`).
 """
@@ -148,6 +150,27 @@ def learned_acceptance(rounds: dict[str, list[dict]], t0: float, t1: float, part
         for q, (total, n) in enumerate(sums):
             if n:
                 out[q][drafter] = total / n
+    return out
+
+
+def learning_pace(rounds: dict[str, list[dict]], t0: float, t1: float, parts: int = 4) -> list[dict[str, dict]]:
+    """Per part of [t0, t1], per drafter, how its learning kept up with the traffic: the rounds
+    that ended in it, the share of the part they ran for (``busy``: a worker at 1.0 was never idle),
+    the generated tokens of their records per second of the part (``tokens_per_s``, against the
+    served tokens/s), and the mean and largest wait of a round's oldest record between its
+    request's end and the version that learned it (``lag_s``, ``max_lag_s``)."""
+    width = (t1 - t0) / parts
+    out: list[dict[str, dict]] = [{} for _ in range(parts)]
+    for drafter, metrics in rounds.items():
+        for q in range(parts):
+            mine = [m for m in metrics if _part(m.get("time", t0 - 1.0), t0, t1, parts) == q]
+            if not mine or width <= 0:
+                continue
+            lags = [m["lag_seconds"] for m in mine if m.get("lag_seconds") is not None]
+            out[q][drafter] = {"rounds": len(mine), "busy": sum(m.get("seconds", 0.0) for m in mine) / width,
+                               "tokens_per_s": sum(m.get("generated_tokens", 0) for m in mine) / width,
+                               "lag_s": sum(lags) / len(lags) if lags else None,
+                               "max_lag_s": max(lags) if lags else None}
     return out
 
 
@@ -295,6 +318,8 @@ def run(args) -> int:
                                             learned_acceptance(rounds, t0, t1, key="mean_alpha_deeper")):
             quarter["learned_acceptance"] = learned
             quarter["learned_acceptance_deeper"] = deeper
+        for quarter, pace in zip(quarters, learning_pace(rounds, t0, t1)):
+            quarter["learning"] = pace
         # speculation off: the last quarter's prompts, in their order (cycled), as long as a
         # quarter, on a server of its own
         plain = Service(_variant(config, workdir, plain=True), plain_dir)
@@ -327,6 +352,11 @@ def run(args) -> int:
               f"{q['tokens_per_s']:>10.1f}{'/'.join(f'{a:.3f}' for a in q['learned_acceptance'].values()) or '-':>11}"
               f"{'/'.join(f'{a:.3f}' for a in q['learned_acceptance_deeper'].values()) or '-':>10}  "
               f"{' '.join(f'{d} {v}' for d, v in q['versions'].items())}")
+    for i, q in enumerate(quarters):
+        for d, p in q["learning"].items():
+            lag = f"{p['lag_s']:.0f} s (largest {p['max_lag_s']:.0f} s)" if p["lag_s"] is not None else "-"
+            print(f"quarter {i + 1}, learning {d}: {p['rounds']} rounds, busy {p['busy']:.2f}, "
+                  f"{p['tokens_per_s']:.1f} tokens/s learned against {q['tokens_per_s']:.1f} served, lag {lag}")
     print(f"speculation off (the last quarter's prompts, {off_summary['prompt_tokens'] or 0:.0f} tokens each): "
           f"{nospec:.1f} tokens/s; last quarter / off = "
           f"{last['tokens_per_s'] / nospec if nospec else float('nan'):.2f}")
