@@ -133,7 +133,11 @@ def test_served_traffic_is_learned_and_swapped_in(service, redis_url):
                 break
     finally:
         worker.send_signal(signal.SIGTERM)
-        log = worker.communicate(timeout=30)[0]
+        try:  # RQ 3.0's warm shutdown can wait up to a minute on its pubsub thread under load
+            log = worker.communicate(timeout=90)[0]
+        except subprocess.TimeoutExpired:  # what it learned is asserted below, not how fast it stops
+            worker.kill()
+            log = worker.communicate()[0]
     assert versions["d1"] >= 4 and versions["d2"] >= 3, log[-2000:]
     data = httpx.get(srv.url + "/dashboard/data", timeout=30).json()
     assert data["rounds"]["d1"] and data["rounds"]["d1"][-1]["served_loss"] >= 0
