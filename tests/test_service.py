@@ -133,7 +133,7 @@ def test_served_traffic_is_learned_and_swapped_in(service, redis_url):
                 break
     finally:
         worker.send_signal(signal.SIGTERM)
-        try:  # RQ 3.0's warm shutdown can wait up to a minute on its pubsub thread under load
+        try:  # a warm shutdown waits for the round in progress, slow on a loaded machine
             log = worker.communicate(timeout=90)[0]
         except subprocess.TimeoutExpired:  # what it learned is asserted below, not how fast it stops
             worker.kill()

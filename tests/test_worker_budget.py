@@ -67,3 +67,21 @@ def test_the_budget_comes_from_the_config_and_the_flag_wins(monkeypatch):
     assert parse_args(["--config", "configs/tiny.yaml", "--budget", "0.5"]).budget == 0.5
     with pytest.raises(SystemExit):
         parse_args(["--config", "configs/tiny.yaml", "--budget", "2"])
+
+
+def test_a_warm_shutdown_does_not_wait_on_the_command_listener(redis_client):
+    """RQ's shutdown unsubscribes, then stops its command-listener thread; with redis-py 8 the
+    stop waits for the thread. A listener already back in its read when the stop comes (here:
+    unsubscribed first, as the race leaves it) held RQ's shutdown for its full 60 s sleep; the
+    worker's listener wakes every second."""
+    worker = BudgetedWorker([Queue(f"shutdown-{time.time_ns()}", connection=redis_client,
+                                   serializer=JSONSerializer)], connection=redis_client, serializer=JSONSerializer)
+    worker.subscribe()
+    assert worker.pubsub_thread.is_alive()
+    worker.pubsub.unsubscribe()
+    time.sleep(0.5)  # the listener reads the reply and waits again
+    start = time.perf_counter()
+    worker.unsubscribe()
+    assert time.perf_counter() - start < 5.0
+    worker.pubsub_thread.join(5.0)
+    assert not worker.pubsub_thread.is_alive()
