@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from onlinespec.errors import ModelLoadError
 from onlinespec.cpu_linear import project
+from onlinespec.drafters.logits import ReducedLogits
 
 __all__ = ["CutConfig", "CutDrafter", "ReducedHead", "SharedEmbedding", "target_embedding", "share_embedding",
            "cut_from", "load_cut", "is_cut", "on_target"]
@@ -104,11 +105,22 @@ class ReducedHead(nn.Module):
         self.vocab = vocab
         self.bias = nn.Parameter(torch.zeros(len(ids)))
         self.rest = nn.Parameter(torch.tensor(float(rest)))
+        column = torch.full((vocab,), len(ids), dtype=torch.long)
+        column[ids] = torch.arange(len(ids))
+        self.register_buffer("column", column, persistent=False)  # [vocab]: each id's column, len(ids) if none
+        outside = (column == len(ids)).nonzero()
+        self.first_rest = int(outside[0]) if len(outside) else vocab
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         small = project(hidden, self.rows, self.bias)  # [..., V]
         full = self.rest.to(small.dtype).expand(*small.shape[:-1], self.vocab)
         return full.scatter(-1, self.ids.expand(*small.shape[:-1], len(self.ids)), small)
+
+    def compact(self, hidden: torch.Tensor) -> ReducedLogits:
+        """The logits of ``hidden`` [N, H] without their full-vocabulary expansion (what the
+        learners read: :mod:`onlinespec.drafters.logits`)."""
+        return ReducedLogits(project(hidden, self.rows, self.bias), self.rest, self.ids, self.column,
+                             self.first_rest)
 
 
 def on_target(model: LlamaForCausalLM, config, kind: str) -> None:

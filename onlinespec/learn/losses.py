@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from onlinespec.drafters.logits import argmax, log_softmax_at
 from onlinespec.learn.batch import FeedbackBatch
 
 __all__ = ["LossConfig", "LossOutput", "bucket_distributions", "sharpened_log_p", "position_terms",
@@ -80,10 +81,11 @@ class LossOutput:
     positions: int
 
 
-def bucket_distributions(q_logits: torch.Tensor, p_ids: torch.Tensor, p_log: torch.Tensor):
-    """(p, q, log p, log q) over K+1 buckets. q_logits: [N, V]; p_ids, p_log: [N, K]."""
-    q_log_full = torch.log_softmax(q_logits.float(), dim=-1)
-    q_log_k = q_log_full.gather(1, p_ids)  # [N, K]
+def bucket_distributions(q_logits, p_ids: torch.Tensor, p_log: torch.Tensor,
+                         temperature: torch.Tensor | None = None):
+    """(p, q, log p, log q) over K+1 buckets. q_logits: [N, V] or a reduced head's
+    (:mod:`onlinespec.drafters.logits`); p_ids, p_log: [N, K]; ``temperature`` [N]: q at it."""
+    q_log_k = log_softmax_at(q_logits, p_ids, temperature)  # [N, K]
     p_k = p_log.exp()
     p_rest = (1.0 - p_k.sum(-1, keepdim=True)).clamp_min(0.0)
     q_rest = (1.0 - q_log_k.exp().sum(-1, keepdim=True)).clamp_min(EPS)
@@ -103,7 +105,7 @@ def sharpened_log_p(p_log: torch.Tensor, temperature: torch.Tensor) -> torch.Ten
     return torch.log_softmax(torch.cat([p_log / t, rest], -1), -1)
 
 
-def position_terms(q_logits: torch.Tensor, batch: FeedbackBatch,
+def position_terms(q_logits, batch: FeedbackBatch,
                    temperature_floor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position forward KL(p_T || q) and acceptance probability alpha = sum min(p, q) on the
     logged p: ([N], [N]). ``temperature_floor`` < 1: the KL's p is at each request's temperature."""
@@ -118,18 +120,18 @@ def position_terms(q_logits: torch.Tensor, batch: FeedbackBatch,
 
 
 @torch.no_grad()
-def acceptance(q_logits: torch.Tensor, batch: FeedbackBatch) -> torch.Tensor:
+def acceptance(q_logits, batch: FeedbackBatch) -> torch.Tensor:
     """[N] probability that verification accepts the drafter's token at each position, with the
     target and drafter both at the request's temperature: 1 or 0 for greedy requests (the
     drafter's argmax is the target's logged top-1, or not); ``sum min(p_T, q_T)`` otherwise, with
     ``q_T`` exact, ``p_T`` from the logged top-K (:func:`sharpened_log_p`) and ``T`` capped at 1.
     Top-k and top-p cuts are not modelled."""
     greedy = batch.temperature <= 0
-    out = (q_logits.argmax(-1) == batch.p_ids[:, 0]).float()
+    out = (argmax(q_logits) == batch.p_ids[:, 0]).float()
     if not greedy.all():
         t = batch.temperature.clamp(1e-3, 1.0)
         p = sharpened_log_p(batch.p_log, t).exp()
-        _, q, _, _ = bucket_distributions(q_logits.float() / t.unsqueeze(-1), batch.p_ids, batch.p_log)
+        _, q, _, _ = bucket_distributions(q_logits, batch.p_ids, batch.p_log, t)
         sampled = torch.minimum(p, q).sum(-1).clamp(0.0, 1.0)
         out = torch.where(greedy, out, sampled)
     return out
@@ -146,8 +148,9 @@ def _segment_cumsum(x: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
     return cs - before[seg_number]
 
 
-def compute_loss(q_logits: torch.Tensor, batch: FeedbackBatch, cfg: LossConfig) -> LossOutput:
-    """q_logits: [N, V] drafter logits at the batch's generated positions."""
+def compute_loss(q_logits, batch: FeedbackBatch, cfg: LossConfig) -> LossOutput:
+    """q_logits: [N, V] drafter logits at the batch's generated positions, or a reduced head's
+    (:mod:`onlinespec.drafters.logits`)."""
     kl, alpha = position_terms(q_logits, batch, cfg.temperature_floor)
     if cfg.positions == "all":
         mask = torch.ones_like(batch.drafted)
@@ -157,7 +160,7 @@ def compute_loss(q_logits: torch.Tensor, batch: FeedbackBatch, cfg: LossConfig) 
         mask = batch.drafted & ~batch.accepted
     w = mask.float() * cfg.positional_decay ** batch.block_index.float()
     denom = w.sum().clamp_min(1.0)
-    total = q_logits.new_zeros(()).float()
+    total = kl.new_zeros(())
     kl_mean = (w * kl).sum() / denom
     tv_mean = (w * (1 - alpha)).sum() / denom
     total = total + cfg.kl * kl_mean + cfg.tv * tv_mean

@@ -67,6 +67,7 @@ def _drafter_argmax(drafter, traces: list[TargetTrace], levels: int = 1) -> list
     row ``j`` the draft made there as block position ``j`` (the same row repeated, except for a
     feature drafter; -1 where a feature drafter has no pairs that deep)."""
     from onlinespec.drafters.feature import is_feature, unrolled_logits
+    from onlinespec.drafters.logits import argmax
     from onlinespec.learn.forward import drafter_logits
 
     fake = [_record(t, np.zeros(len(t.generated), bool), np.zeros(len(t.generated), bool),
@@ -74,7 +75,7 @@ def _drafter_argmax(drafter, traces: list[TargetTrace], levels: int = 1) -> list
             for t in traces]
     if not is_feature(drafter):
         batch = collate(fake)
-        best = drafter_logits(drafter, batch).argmax(-1).numpy()
+        best = argmax(drafter_logits(drafter, batch)).numpy()
         out, start = [], 0
         for t in traces:
             out.append(np.repeat(best[None, start:start + len(t.generated)], levels, axis=0))
