@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48, help="live: tokens per request")
     p.add_argument("--period", type=float, default=5.0, help="live: seconds between learning rounds at most")
     p.add_argument("--no-learning", action="store_true", help="live: start no worker (the serving cost alone)")
+    p.add_argument("--slices", type=int, default=4,
+                   help="live: turns of the closing comparison with speculation off (spec, off, off, spec, ...)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="serve: where the models run (auto: cuda when there is one)")
     p.add_argument("--levels", type=int, nargs="+", default=None,

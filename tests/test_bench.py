@@ -158,6 +158,32 @@ def test_bench_live_compares_speculation_off_on_the_last_quarters_prompts():
     assert [x["prompt_tokens"] for x in q] == [100, None, 300, 50]
 
 
+def test_bench_live_compares_with_speculation_off_in_turns():
+    """The closing comparison alternates spec, off, off, spec (a steady drift favours neither), and
+    sums each side's tokens over its own turns' time: here off is faster in every turn, and a
+    mean taken over both sides' turns, or one side's turns counted for the other, would not give
+    these figures."""
+    from onlinespec.ops.bench.live import paired_summary, turns
+
+    assert turns(4) == ["spec", "off", "off", "spec"]
+    assert turns(6) == ["spec", "off", "off", "spec", "spec", "off"]
+    for bad in (0, 1, 3):
+        with pytest.raises(ValueError, match="even number"):
+            turns(bad)
+    spec = {"own": {"accepted_tokens": 0, "draft_steps": 0, "drafted_tokens": 0}, "copied": {"accepted_tokens": 0}}
+    row = lambda done, tokens, prompt: {"done": done, "tokens": tokens, "prompt_tokens": prompt, "spec": spec}  # noqa: E731
+    slices = [("spec", [row(1.0, 30, 100), row(9.0, 99, 100)], 0.0, 2.0),  # the second finished after the turn
+              ("off", [row(3.0, 40, 100), row(4.0, 40, 200)], 2.0, 4.0),
+              ("off", [row(5.0, 60, 300)], 4.0, 6.0),
+              ("spec", [row(7.0, 50, 100)], 6.0, 8.0)]
+    out = paired_summary(slices)
+    assert out["spec_tokens_per_s"] == 20.0 and out["off_tokens_per_s"] == 35.0
+    assert out["spec_vs_off"] == pytest.approx(20 / 35)
+    assert out["off_prompt_tokens"] == 200 and out["spec_prompt_tokens"] == 100
+    assert [(t["side"], t["tokens_per_s"]) for t in out["slices"]] == [("spec", 15.0), ("off", 40.0), ("off", 30.0),
+                                                                       ("spec", 25.0)]
+
+
 def test_bench_live_learned_acceptance_by_quarter():
     """What the learners measured of each drafter without drafting, per quarter: the rounds that
     ran in it, weighted by their positions; rounds outside the run and rounds without a score

@@ -54,3 +54,15 @@ def test_a_child_that_cannot_start_is_retried_not_fatal(monkeypatch):
         time.sleep(0.05)
     assert len(attempts) == 3 and child.proc.poll() is None and "could not be restarted: port busy" in log.getvalue()
     sup.stop()
+
+
+def test_stop_can_end_the_workers_alone():
+    """``stop(only="worker")``: learning stops, the server and Redis go on (bench live's closing
+    comparison); a plain ``stop()`` then ends the rest."""
+    sup = up.Supervisor(log=io.StringIO())
+    sleeper = lambda: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # noqa: E731
+    server, worker = sup.add("server", sleeper), sup.add("worker-1", sleeper)
+    sup.stop(only="worker")
+    assert worker.proc.poll() is not None and server.proc.poll() is None
+    sup.stop()
+    assert server.proc.poll() is not None

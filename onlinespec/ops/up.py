@@ -87,11 +87,13 @@ class Supervisor:
                     c.proc = _Exited(exc)
                     print(f"{c.name} could not be restarted: {exc}", file=self.log, flush=True)
 
-    def stop(self) -> None:
+    def stop(self, only: str | None = None) -> None:
         """Stop the children in reverse order of start, each after the one started after it:
-        workers finish their round and acknowledge while the server and Redis still run."""
+        workers finish their round and acknowledge while the server and Redis still run.
+        ``only``: just the children whose names start with it (``"worker"``: learning stops,
+        serving goes on; :meth:`poll` would restart it like any child that exited)."""
         for c in reversed(self.children):
-            if c.proc is None or c.proc.poll() is not None:
+            if c.proc is None or c.proc.poll() is not None or (only and not c.name.startswith(only)):
                 continue
             c.proc.send_signal(signal.SIGTERM)
             try:

@@ -25,14 +25,21 @@ in the quarter, weighted by positions): a figure the draft lengths the server ch
 shape; how the learning kept up (``learning``, per drafter: rounds, the share of the time they
 ran, tokens learned per second, how long records waited to be learned: :func:`learning_pace`);
 and the prompts' mean length (``prompt_tokens``: their prefill is part of the time, and
-the domain's prompts differ in length by a factor of 2 from one stretch to the next). Then the
-last quarter's prompts, in the order they were sent (cycled), are served for a quarter's length
-by the same models with speculation off (no drafters, no suffix speculation; a server of its
-own), for ``nospec_tokens_per_s``: the same prompts as the figure it is compared with.
+the domain's prompts differ in length by a factor of 2 from one stretch to the next). Then
+learning stops, and the last quarter's prompts, in the order they were sent (cycled), are served
+for a quarter's length in turns (``--slices``, spec, off, off, spec, ...): by the service with the
+versions learning left, and by the same target with speculation off (no drafters, no suffix
+speculation; a server of its own). ``paired`` reports both and ``spec_vs_off``, on over off, on
+the same prompts in the same stretch of the machine's time (on a shared machine whose speed
+drifts by a third within an hour, a figure measured after the run compares badly with one
+measured during it); ``nospec_tokens_per_s`` is the off side's, and the last quarter over it is
+speculation while learning beside it (on 2 cores the learner takes CPU from the server).
 
 JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_acceptance",
 "own_position_acceptance", "own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "prompt_tokens", "versions", "requests",
-"learned_acceptance", "learned_acceptance_deeper", "learning"}], "nospec_tokens_per_s", "nospec_prompt_tokens", "gain": {"own_accepted_length", "own_acceptance", "own_position_acceptance", "tokens_per_s",
+"learned_acceptance", "learned_acceptance_deeper", "learning"}], "nospec_tokens_per_s", "nospec_prompt_tokens",
+"paired": {"spec_tokens_per_s", "off_tokens_per_s", "spec_vs_off", "spec_prompt_tokens", "off_prompt_tokens",
+"slices": [{"side", "tokens_per_s"}]}, "gain": {"own_accepted_length", "own_acceptance", "own_position_acceptance", "tokens_per_s",
 "learned_acceptance"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
 ``engine`` is where each server's engine spent its time (:func:`engine_profile`).
 """
@@ -54,7 +61,7 @@ from onlinespec.ops.bench.common import emit, machine
 from onlinespec.config import DEFAULT_CONFIG, load_config
 from onlinespec.feedback import keys
 
-__all__ = ["changelog_prompts", "summarize", "learned_acceptance", "engine_profile", "run"]
+__all__ = ["changelog_prompts", "summarize", "turns", "paired_summary", "learned_acceptance", "engine_profile", "run"]
 
 DOMAIN = "changelog"
 
@@ -127,6 +134,32 @@ def last_quarter_prompts(results: list[dict], t0: float, t1: float, parts: int =
     domain, and prefill is part of the time)."""
     rows = [r for r in results if _part(r["done"], t0, t1, parts) == parts - 1]
     return [r["prompt"] for r in sorted(rows, key=lambda r: r["i"])]
+
+
+def turns(slices: int) -> list[str]:
+    """The order of the paired comparison's slices: ``spec, off, off, spec, ...`` (ABBA), so
+    that a machine drifting steadily through the comparison favours neither side."""
+    if slices < 2 or slices % 2:
+        raise ValueError("the paired comparison needs an even number of slices, at least 2")
+    return [("spec", "off", "off", "spec")[i % 4] for i in range(slices)]
+
+
+def paired_summary(slices: list[tuple[str, list[dict], float, float]]) -> dict:
+    """The paired comparison from its slices, ``(side, results, t0, t1)`` each: per side the
+    tokens/s over the slices' wall time together and the prompts' mean length, each slice's
+    tokens/s, and ``spec_vs_off``, speculation on over off."""
+    out: dict = {"slices": []}
+    for side in ("spec", "off"):
+        mine = [(summarize(results, t0, t1, parts=1)[0], t1 - t0) for s, results, t0, t1 in slices if s == side]
+        seconds = sum(w for _, w in mine)
+        done = [q for q, _ in mine if q["requests"]]
+        out[f"{side}_tokens_per_s"] = sum(q["tokens"] for q, _ in mine) / seconds if seconds else 0.0
+        out[f"{side}_prompt_tokens"] = (sum(q["prompt_tokens"] * q["requests"] for q in done)
+                                        / sum(q["requests"] for q in done)) if done else None
+    for side, results, t0, t1 in slices:
+        out["slices"].append({"side": side, "tokens_per_s": summarize(results, t0, t1, parts=1)[0]["tokens_per_s"]})
+    out["spec_vs_off"] = out["spec_tokens_per_s"] / out["off_tokens_per_s"] if out["off_tokens_per_s"] else None
+    return out
 
 
 def learned_acceptance(rounds: dict[str, list[dict]], t0: float, t1: float, parts: int = 4,
@@ -303,6 +336,7 @@ def run(args) -> int:
         plain_dir.mkdir()
         service = Service(_variant(config, workdir, plain=False), live_dir, round_records=args.round_records,
                           period=args.period)
+        plain = Service(_variant(config, workdir, plain=True), plain_dir)
         try:
             service.start(workers=0 if args.no_learning else 1)
             model = httpx.get(service.url + "/v1/models", timeout=30).json()["data"][0]["id"]
@@ -311,7 +345,23 @@ def run(args) -> int:
             results, errors = clients.results, clients.errors
             profile = {"spec": {**engine_profile(service.url), "wall": round(t1 - t0, 2)}}
             rounds = _rounds(service)
+            # then learning stops, and the versions it left serve the last quarter's prompts (in
+            # their order, cycled) in turns with a server of their own that does not speculate,
+            # a quarter's length in all: the same prompts, the same stretch of the machine's time
+            service.sup.stop(only="worker")
+            plain.start()
+            order = last_quarter_prompts(results, t0, t1)
+            slices = []
+            for side in turns(getattr(args, "slices", 4)):
+                url = service.url if side == "spec" else plain.url
+                turn = _Clients(url, model, prompts, args.concurrency, args.max_tokens, order=order)
+                p0, p1 = turn.run(seconds / 4 / len(turns(getattr(args, "slices", 4))))
+                slices.append((side, turn.results, p0, p1))
+                errors += turn.errors
+            profile["off"] = {**engine_profile(plain.url), "wall": round(sum(p1 - p0 for s, _, p0, p1 in slices
+                                                                            if s == "off"), 2)}
         finally:
+            plain.sup.stop()
             service.sup.stop()
         quarters = summarize(results, t0, t1)
         for quarter, learned, deeper in zip(quarters, learned_acceptance(rounds, t0, t1),
@@ -320,20 +370,8 @@ def run(args) -> int:
             quarter["learned_acceptance_deeper"] = deeper
         for quarter, pace in zip(quarters, learning_pace(rounds, t0, t1)):
             quarter["learning"] = pace
-        # speculation off: the last quarter's prompts, in their order (cycled), as long as a
-        # quarter, on a server of its own
-        plain = Service(_variant(config, workdir, plain=True), plain_dir)
-        try:
-            plain.start()
-            off = _Clients(plain.url, model, prompts, args.concurrency, args.max_tokens,
-                           order=last_quarter_prompts(results, t0, t1))
-            p0, p1 = off.run(seconds / 4)
-            off_summary = summarize(off.results, p0, p1, parts=1)[0]
-            nospec = off_summary["tokens_per_s"]
-            errors += off.errors
-            profile["off"] = {**engine_profile(plain.url), "wall": round(p1 - p0, 2)}
-        finally:
-            plain.sup.stop()
+        paired = paired_summary(slices)
+        nospec = paired["off_tokens_per_s"]
 
     first, last = quarters[0], quarters[-1]
     gain = {key: last[key] / first[key] if first[key] and last[key] else None
@@ -357,9 +395,13 @@ def run(args) -> int:
             lag = f"{p['lag_s']:.0f} s (largest {p['max_lag_s']:.0f} s)" if p["lag_s"] is not None else "-"
             print(f"quarter {i + 1}, learning {d}: {p['rounds']} rounds, busy {p['busy']:.2f}, "
                   f"{p['tokens_per_s']:.1f} tokens/s learned against {q['tokens_per_s']:.1f} served, lag {lag}")
-    print(f"speculation off (the last quarter's prompts, {off_summary['prompt_tokens'] or 0:.0f} tokens each): "
-          f"{nospec:.1f} tokens/s; last quarter / off = "
-          f"{last['tokens_per_s'] / nospec if nospec else float('nan'):.2f}")
+    turns_text = ", ".join(f"{t['side']} {t['tokens_per_s']:.1f}" for t in paired["slices"])
+    print(f"learning stopped; the last quarter's prompts ({paired['off_prompt_tokens'] or 0:.0f} tokens each) in "
+          f"{len(paired['slices'])} turns: speculating (the last versions) {paired['spec_tokens_per_s']:.1f} tokens/s, "
+          f"speculation off {nospec:.1f} tokens/s: on / off = "
+          f"{paired['spec_vs_off'] if paired['spec_vs_off'] else float('nan'):.2f} (turns: "
+          f"{turns_text}); "
+          f"last quarter (learning beside it) / off = {last['tokens_per_s'] / nospec if nospec else float('nan'):.2f}")
     for phase, prof in profile.items():
         print(f"engine, {phase}: seconds {prof['seconds']} of {prof['wall']:.0f} s; ms per token: plain steps {prof['plain_ms_per_token']} "
               f"({prof['plain_steps']} steps), speculative steps {prof['spec_ms_per_token']} ({prof['spec_steps']} steps)")
@@ -367,8 +409,8 @@ def run(args) -> int:
         print(f"last / first quarter: own accepted length {gain['own_accepted_length']:.2f}x, "
               f"own acceptance {gain['own_acceptance'] or float('nan'):.2f}x, tokens/s {gain['tokens_per_s']:.2f}x, "
               f"learned acceptance {' '.join(f'{d} {g:.2f}x' for d, g in gain['learned_acceptance'].items()) or '-'}")
-    summary = {"quarters": quarters, "nospec_tokens_per_s": nospec, "nospec_prompt_tokens": off_summary["prompt_tokens"],
-               "gain": gain, "errors": errors,
+    summary = {"quarters": quarters, "nospec_tokens_per_s": nospec, "nospec_prompt_tokens": paired["off_prompt_tokens"],
+               "paired": paired, "gain": gain, "errors": errors,
                "requests": len(results), "engine": profile, "config": str(config), "minutes": args.minutes, "domain": DOMAIN,
                "concurrency": args.concurrency, "max_tokens": args.max_tokens, "machine": machine()}
     if getattr(args, "plot", None):
