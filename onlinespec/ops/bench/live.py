@@ -220,9 +220,10 @@ class _Clients:
     """``concurrency`` threads sending the prompts in turn until stopped; each answer recorded."""
 
     def __init__(self, url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
-                 order: list[int] | None = None):
+                 order: list[int] | None = None, users: str = "live"):
         self.url, self.model, self.prompts, self.max_tokens = url, model, prompts, max_tokens
         self.order = order or list(range(len(prompts)))  # the prompts' indices, sent in turn, cycled
+        self.users = users  # request i's user is "{users}-{i}": give every set of clients its own
         self.results: list[dict] = []
         self.errors = 0
         self._next = 0
@@ -237,7 +238,7 @@ class _Clients:
                     i, self._next = self._next, self._next + 1
                 prompt = self.order[i % len(self.order)]
                 body = {"model": self.model, "prompt": self.prompts[prompt],
-                        "max_tokens": self.max_tokens, "temperature": 0, "user": f"live-{i}",
+                        "max_tokens": self.max_tokens, "temperature": 0, "user": f"{self.users}-{i}",
                         "metadata": {"domain": DOMAIN}}
                 try:
                     r = client.post(self.url + "/v1/completions", json=body)
@@ -352,9 +353,12 @@ def run(args) -> int:
             plain.start()
             order = last_quarter_prompts(results, t0, t1)
             slices = []
-            for side in turns(getattr(args, "slices", 4)):
+            for n, side in enumerate(turns(getattr(args, "slices", 4))):
                 url = service.url if side == "spec" else plain.url
-                turn = _Clients(url, model, prompts, args.concurrency, args.max_tokens, order=order)
+                # users of their own: a turn repeats the prompts, and copies of a user's earlier
+                # outputs (suffix speculation) would carry over from one spec turn to the next
+                turn = _Clients(url, model, prompts, args.concurrency, args.max_tokens, order=order,
+                                users=f"turn{n}")
                 p0, p1 = turn.run(seconds / 4 / len(turns(getattr(args, "slices", 4))))
                 slices.append((side, turn.results, p0, p1))
                 errors += turn.errors
