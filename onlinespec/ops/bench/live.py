@@ -49,6 +49,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -328,6 +329,11 @@ def run(args) -> int:
     from onlinespec.ops.bench.faults import Service
 
     config = args.config or DEFAULT_CONFIG
+    try:  # a bad --slices fails now, not after the run
+        order_of_turns = turns(getattr(args, "slices", 4))
+    except ValueError as exc:
+        print(f"bench live: --slices {args.slices}: {exc}", file=sys.stderr)
+        return 2
     prompts = changelog_prompts()
     seconds = args.minutes * 60
     with tempfile.TemporaryDirectory(prefix="onlinespec-live-") as tmp:
@@ -353,13 +359,13 @@ def run(args) -> int:
             plain.start()
             order = last_quarter_prompts(results, t0, t1)
             slices = []
-            for n, side in enumerate(turns(getattr(args, "slices", 4))):
+            for n, side in enumerate(order_of_turns):
                 url = service.url if side == "spec" else plain.url
                 # users of their own: a turn repeats the prompts, and copies of a user's earlier
                 # outputs (suffix speculation) would carry over from one spec turn to the next
                 turn = _Clients(url, model, prompts, args.concurrency, args.max_tokens, order=order,
                                 users=f"turn{n}")
-                p0, p1 = turn.run(seconds / 4 / len(turns(getattr(args, "slices", 4))))
+                p0, p1 = turn.run(seconds / 4 / len(order_of_turns))
                 slices.append((side, turn.results, p0, p1))
                 errors += turn.errors
             profile["off"] = {**engine_profile(plain.url), "wall": round(sum(p1 - p0 for s, _, p0, p1 in slices
