@@ -184,6 +184,18 @@ def test_bench_live_compares_with_speculation_off_in_turns():
                                                                        ("spec", 25.0)]
 
 
+def test_bench_live_plot(tmp_path):
+    """The plot draws the quarters, speculation off, and the learned versions' paired figure
+    (or none: an older JSON without it)."""
+    from onlinespec.ops.bench.live import plot
+
+    quarters = [{"own_accepted_length": a, "tokens_per_s": t} for a, t in ((1.5, 40.0), (None, 43.0), (1.9, 46.0))]
+    for learned in (50.0, None):
+        path = tmp_path / f"live-{learned}.png"
+        plot(str(path), quarters, 35.0, learned)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bench_live_learned_acceptance_by_quarter():
     """What the learners measured of each drafter without drafting, per quarter: the rounds that
     ran in it, weighted by their positions; rounds outside the run and rounds without a score

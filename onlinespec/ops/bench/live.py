@@ -304,8 +304,9 @@ def _variant(config: str, workdir: Path, plain: bool) -> str:
     return str(path)
 
 
-def plot(path: str, quarters: list[dict], nospec: float) -> None:
-    """Own accepted length and tokens/s per quarter, speculation off as a line."""
+def plot(path: str, quarters: list[dict], nospec: float, learned: float | None = None) -> None:
+    """Own accepted length and tokens/s per quarter; speculation off, and the versions learning
+    left (``learned``: served in turns with it), as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,10 +318,15 @@ def plot(path: str, quarters: list[dict], nospec: float) -> None:
     left.set(xlabel="quarter of the run", ylabel="accepted length", title="drafters' own accepted length")
     left.set_xticks(x)
     right.plot(x, [q["tokens_per_s"] for q in quarters], "o-", label="speculation on (learning)")
+    if learned:
+        right.axhline(learned, color="tab:green", linestyle=":", label="learned versions, learning stopped")
     right.axhline(nospec, color="grey", linestyle="--", label="speculation off")
     right.set(xlabel="quarter of the run", ylabel="tokens/s", title="aggregate throughput")
     right.set_xticks(x)
-    right.legend(fontsize=8)
+    low = min([nospec, *(q["tokens_per_s"] for q in quarters)])
+    high = max([nospec, learned or 0.0, *(q["tokens_per_s"] for q in quarters)])
+    right.set_ylim(low - 0.6 * (high - low), high + 0.1 * (high - low))  # room below for the legend
+    right.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -424,6 +430,6 @@ def run(args) -> int:
                "requests": len(results), "engine": profile, "config": str(config), "minutes": args.minutes, "domain": DOMAIN,
                "concurrency": args.concurrency, "max_tokens": args.max_tokens, "machine": machine()}
     if getattr(args, "plot", None):
-        plot(args.plot, quarters, nospec)
+        plot(args.plot, quarters, nospec, paired["spec_tokens_per_s"])
     emit([], summary, args.json)
     return 0 if results else 1
