@@ -85,3 +85,33 @@ def test_a_warm_shutdown_does_not_wait_on_the_command_listener(redis_client):
     assert time.perf_counter() - start < 5.0
     worker.pubsub_thread.join(5.0)
     assert not worker.pubsub_thread.is_alive()
+
+
+def test_an_idle_worker_keeps_its_dequeue_open_and_stops_at_once(redis_url, tmp_path):
+    """`python -m workers` left idle longer than redis-py's default 5 s socket timeout: its
+    blocking dequeue stays open (it used to fail every 5 s, log "could not connect" and back off
+    exponentially while queued rounds waited), and a SIGTERM ends it within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    worker = subprocess.Popen([sys.executable, "-m", "workers", "--target", f"idle{time.time_ns()}",
+                               "--registry", str(tmp_path / "registry"), "--period", "1", "--nice", "0"],
+                              env={**os.environ, "PYTHONPATH": root, "REDIS_URL": redis_url},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(12)
+        assert worker.poll() is None
+        worker.send_signal(signal.SIGTERM)
+        start = time.perf_counter()
+        log = worker.communicate(timeout=30)[0]
+        stopped = time.perf_counter() - start
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert "subscribing to channel" in log, log[-2000:]  # it ran
+    assert "could not connect" not in log and "Timeout reading" not in log, log[-2000:]
+    assert stopped < 10, stopped

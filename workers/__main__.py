@@ -83,12 +83,18 @@ def main(argv: list[str] | None = None) -> None:
 
     jobs.configure(redis_url=args.redis_url, registry_root=args.registry, round_records=args.round_records,
                    learner_config=args.learner_config)
-    client = connect(args.redis_url)
-    queue = Queue(keys.UPDATE_QUEUE, connection=client, serializer=JSONSerializer)
-    tuning = Queue(keys.TUNE_QUEUE, connection=client, serializer=JSONSerializer)  # `onlinespec tune run --workers`
+    # RQ's blocking dequeue waits up to 405 s, and RQ raises its client's socket timeout above
+    # that when the worker is built; a connection opened before keeps redis-py's 5 s, and a dequeue
+    # on it failed every 5 s ("could not connect", then an exponential backoff during which queued
+    # rounds waited). So the worker's client is its own and opens nothing before the worker exists.
+    client = connect(args.redis_url)  # the trigger's
+    rq_client = connect(args.redis_url)
+    queue = Queue(keys.UPDATE_QUEUE, connection=rq_client, serializer=JSONSerializer)
+    tuning = Queue(keys.TUNE_QUEUE, connection=rq_client, serializer=JSONSerializer)  # `onlinespec tune run --workers`
     trigger = None
     if not args.no_trigger:
-        trigger = Trigger(client, queue, args.target, min_records=args.round_records, period=args.period)
+        trigger = Trigger(client, Queue(keys.UPDATE_QUEUE, connection=client, serializer=JSONSerializer),
+                          args.target, min_records=args.round_records, period=args.period)
         trigger.start()
     import redis
 
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         while True:
             try:
-                worker = BudgetedWorker([queue, tuning], connection=client, serializer=JSONSerializer)
+                worker = BudgetedWorker([queue, tuning], connection=rq_client, serializer=JSONSerializer)
                 worker.budget = args.budget
                 worker.work(burst=args.burst, logging_level=args.log_level)
                 return  # burst done, or a warm shutdown (SIGTERM / SIGINT)
