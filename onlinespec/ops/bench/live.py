@@ -149,16 +149,15 @@ def paired_summary(slices: list[tuple[str, list[dict], float, float]]) -> dict:
     """The paired comparison from its slices, ``(side, results, t0, t1)`` each: per side the
     tokens/s over the slices' wall time together and the prompts' mean length, each slice's
     tokens/s, and ``spec_vs_off``, speculation on over off."""
-    out: dict = {"slices": []}
+    each = [(side, summarize(results, t0, t1, parts=1)[0], t1 - t0) for side, results, t0, t1 in slices]
+    out: dict = {"slices": [{"side": side, "tokens_per_s": q["tokens_per_s"]} for side, q, _ in each]}
     for side in ("spec", "off"):
-        mine = [(summarize(results, t0, t1, parts=1)[0], t1 - t0) for s, results, t0, t1 in slices if s == side]
+        mine = [(q, w) for s, q, w in each if s == side]
         seconds = sum(w for _, w in mine)
         done = [q for q, _ in mine if q["requests"]]
         out[f"{side}_tokens_per_s"] = sum(q["tokens"] for q, _ in mine) / seconds if seconds else 0.0
         out[f"{side}_prompt_tokens"] = (sum(q["prompt_tokens"] * q["requests"] for q in done)
                                         / sum(q["requests"] for q in done)) if done else None
-    for side, results, t0, t1 in slices:
-        out["slices"].append({"side": side, "tokens_per_s": summarize(results, t0, t1, parts=1)[0]["tokens_per_s"]})
     out["spec_vs_off"] = out["spec_tokens_per_s"] / out["off_tokens_per_s"] if out["off_tokens_per_s"] else None
     return out
 
@@ -336,7 +335,7 @@ def run(args) -> int:
 
     config = args.config or DEFAULT_CONFIG
     try:  # a bad --slices fails now, not after the run
-        order_of_turns = turns(getattr(args, "slices", 4))
+        order_of_turns = turns(args.slices)
     except ValueError as exc:
         print(f"bench live: --slices {args.slices}: {exc}", file=sys.stderr)
         return 2
