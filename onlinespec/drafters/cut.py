@@ -112,13 +112,11 @@ class ReducedHead(nn.Module):
         self.first_rest = int(outside[0]) if len(outside) else vocab
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        small = project(hidden, self.rows, self.bias)  # [..., V]
-        full = self.rest.to(small.dtype).expand(*small.shape[:-1], self.vocab)
-        return full.scatter(-1, self.ids.expand(*small.shape[:-1], len(self.ids)), small)
+        return self.compact(hidden).dense()  # [..., vocab]
 
     def compact(self, hidden: torch.Tensor) -> ReducedLogits:
-        """The logits of ``hidden`` [N, H] without their full-vocabulary expansion (what the
-        learners read: :mod:`onlinespec.drafters.logits`)."""
+        """The logits of ``hidden`` [..., H] without their full-vocabulary expansion (what the
+        learners read, from [N, H]: :mod:`onlinespec.drafters.logits`)."""
         return ReducedLogits(project(hidden, self.rows, self.bias), self.rest, self.ids, self.column,
                              self.first_rest)
 

@@ -23,7 +23,7 @@ __all__ = ["ReducedLogits", "log_softmax_at", "argmax", "dense"]
 
 @dataclass(frozen=True)
 class ReducedLogits:
-    small: torch.Tensor  # [N, V_r]: the logits of the head's own tokens, in the head's order
+    small: torch.Tensor  # [N, V_r] ([..., V_r] for dense()): the head's own tokens' logits, in its order
     rest: torch.Tensor  # []: every other token's logit
     ids: torch.Tensor  # [V_r] int64: the vocabulary id of each column of ``small``
     column: torch.Tensor  # [V] int64: each vocabulary id's column in ``small``, V_r for a rest token
@@ -37,9 +37,10 @@ class ReducedLogits:
         return ReducedLogits(self.small.detach(), self.rest.detach(), self.ids, self.column, self.first_rest)
 
     def dense(self) -> torch.Tensor:
-        """[N, V]: the full-vocabulary logits the head's forward returns."""
-        full = self.rest.to(self.small.dtype).expand(self.small.shape[0], self.vocab)
-        return full.scatter(-1, self.ids.expand(self.small.shape[0], len(self.ids)), self.small)
+        """[..., V]: the full-vocabulary logits (what the head's forward returns)."""
+        lead = self.small.shape[:-1]
+        full = self.rest.to(self.small.dtype).expand(*lead, self.vocab)
+        return full.scatter(-1, self.ids.expand(*lead, len(self.ids)), self.small)
 
 
 def log_softmax_at(logits, ids: torch.Tensor, temperature: torch.Tensor | None = None) -> torch.Tensor:
