@@ -111,18 +111,12 @@ def test_the_unrolled_training_forward_is_what_drafting_computes(saved_target, d
             assert torch.allclose(levels[depth][0][0, i], res.logits[0, -1], atol=1e-4), (i, depth)
 
 
-def test_the_learners_logits_are_the_unrolled_ones_at_the_scored_positions(saved_target, drafter):
-    """A learning round scores a feature drafter through one unrolled pass with the head only at
-    its records' generated positions (``feature_logits``): level 0 is the teacher-forced forward
-    (``drafter_logits``), level 1 the unrolled second draft, row for row, over records of different
-    lengths whose captures start at different tokens."""
+def captured_records(target):
+    """(records, their captured features): three records of different lengths whose captures
+    start at different tokens, each generated position's target top-K made up."""
     from onlinespec.feedback.codec import CapturedFeatures
     from onlinespec.feedback.record import FeedbackRecord
-    from onlinespec.learn.batch import collate
-    from onlinespec.drafters.logits import dense
-    from onlinespec.learn.forward import drafter_logits, feature_logits
 
-    target, _ = saved_target
     records, captures = [], []
     for i, (text, p, start) in enumerate(zip(prompts(3, 9, low=10, high=26), (6, 4, 9), (2, 0, 7))):
         g = len(text) - p
@@ -133,6 +127,20 @@ def test_the_learners_logits_are_the_unrolled_ones_at_the_scored_positions(saved
             drafted=np.zeros(g, bool), accepted=np.zeros(g, bool), block_index=np.zeros(g, np.int16),
             draft_tokens=np.full(g, -1, np.int32)))
         captures.append(CapturedFeatures(start, features_of(target, text)[start:len(text) - 2].numpy()))
+    return records, captures
+
+
+def test_the_learners_logits_are_the_unrolled_ones_at_the_scored_positions(saved_target, drafter):
+    """A learning round scores a feature drafter through one unrolled pass with the head only at
+    its records' generated positions (``feature_logits``): level 0 is the teacher-forced forward
+    (``drafter_logits``), level 1 the unrolled second draft, row for row, over records of different
+    lengths whose captures start at different tokens."""
+    from onlinespec.learn.batch import collate
+    from onlinespec.drafters.logits import dense
+    from onlinespec.learn.forward import drafter_logits, feature_logits
+
+    target, _ = saved_target
+    records, captures = captured_records(target)
     batch = collate(records, features=captures)
     with torch.no_grad():
         (first, every), (second, valid) = feature_logits(drafter, batch, levels=2)
@@ -144,6 +152,42 @@ def test_the_learners_logits_are_the_unrolled_ones_at_the_scored_positions(saved
     want = unrolled[1][0][batch.row[valid], batch.col[valid] - 1]
     assert torch.allclose(second, want, atol=1e-5)
     assert not torch.allclose(second, first[valid], atol=1e-3)  # its own features: a different draft
+
+
+@pytest.mark.parametrize("depth,decay", [(1, 1.0), (2, 1.0), (3, 1.0), (3, 0.8)])
+def test_a_round_learns_as_deep_as_its_feature_depth(saved_target, drafter, depth, decay):
+    """``feature_depth`` L: a round's loss is the mean over block positions 1 .. L of the loss there,
+    position j (from 0) weighted by ``feature_depth_decay ** j``, each past the first drafted on the
+    drafter's own features (checked against the unrolled definition), and the reported
+    second-position figure is position 2's whatever L (>= 2)."""
+    from dataclasses import replace
+    from onlinespec.learn.batch import collate
+    from onlinespec.learn.learner import _POSITIONAL, DrafterLearner, LearnerConfig
+    from onlinespec.learn.losses import LossConfig, compute_loss
+
+    target, _ = saved_target
+    records, captures = captured_records(target)
+    batch = collate(records, features=captures)
+    learner = DrafterLearner(drafter, LearnerConfig(feature_depth=depth, feature_depth_decay=decay))
+    out, grads, deeper = learner._loss(learner.served_params(), batch, grad=True)
+    with torch.no_grad():
+        unrolled = unrolled_logits(drafter, batch.input_ids[:, 1:], batch.features[:, :-1], levels=3)
+        want = []
+        for level, (logits, _) in enumerate(unrolled[:depth]):
+            valid = batch.col - 1 >= level
+            sub = replace(batch, **{f: getattr(batch, f)[valid] for f in _POSITIONAL})
+            want.append(compute_loss(logits[batch.row[valid], batch.col[valid] - 1], sub, LossConfig()))
+    weights = [decay ** j for j in range(depth)]
+    expected = sum(w * x.total for w, x in zip(weights, want)) / sum(weights)
+    assert float(out.total) == pytest.approx(float(expected), rel=1e-5)
+    assert (deeper is None) == (depth == 1)
+    if deeper is not None:
+        assert torch.allclose(deeper.alpha, want[1].alpha, atol=1e-5)
+    assert any(float(g.abs().sum()) > 0 for g in grads.values())
+    with pytest.raises(ValueError, match="feature_depth"):
+        LearnerConfig(feature_depth=0)
+    with pytest.raises(ValueError, match="feature_depth_decay"):
+        LearnerConfig(feature_depth_decay=0)
 
 
 @pytest.mark.parametrize("suffix", [False, True], ids=["drafter", "drafter+suffix"])

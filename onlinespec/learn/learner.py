@@ -49,10 +49,19 @@ class LearnerConfig:
     max_len: int = 1024
     steps_per_round: int = 1  # gradient steps on each round's batch (the first at the played point)
     learn_from: str = "all"  # all: every record of the target | served: only those this drafter served
+    # a feature drafter learns as if drafting this many positions deep, each past the first fed on
+    # its own features (the training-time test); the loss is the mean over the depths, position
+    # j's weighted by feature_depth_decay**j (EAGLE-3 trains with 0.8**j)
+    feature_depth: int = 2
+    feature_depth_decay: float = 1.0
 
     def __post_init__(self):
         if self.steps_per_round < 1:
             raise ValueError("steps_per_round must be >= 1")
+        if self.feature_depth < 1:
+            raise ValueError("feature_depth must be >= 1")
+        if not 0 < self.feature_depth_decay <= 1:
+            raise ValueError("feature_depth_decay must be in (0, 1]")
         if self.learn_from not in ("all", "served"):
             raise ValueError(f"learn_from must be all or served, got {self.learn_from!r}")
         if self.ensemble_size < 1:
@@ -194,13 +203,20 @@ class DrafterLearner:
                 out = compute_loss(drafter_logits(self.work, batch), batch, self.config.loss)
             else:
                 # a feature drafter drafts past the first position on its own features: it learns
-                # there too (the training-time test), the loss averaged over both depths
-                (first, _), (q, valid) = feature_logits(self.work, batch, levels=2)
+                # there too (the training-time test), the loss averaged over the depths
+                (first, _), *rest = feature_logits(self.work, batch, levels=self.config.feature_depth)
                 out = compute_loss(first, batch, self.config.loss)
-                if bool(valid.any()):
+                decay = self.config.feature_depth_decay
+                total, weights = out.total, 1.0
+                for j, (q, valid) in enumerate(rest, start=1):
+                    if not bool(valid.any()):
+                        continue
                     sub = replace(batch, **{f: getattr(batch, f)[valid] for f in _POSITIONAL})
-                    deeper = compute_loss(q, sub, self.config.loss)
-                    out = replace(out, total=(out.total + deeper.total) / 2)
+                    level = compute_loss(q, sub, self.config.loss)
+                    if deeper is None:  # the second position's: mean_alpha_deeper
+                        deeper = level
+                    total, weights = total + decay ** j * level.total, weights + decay ** j
+                out = replace(out, total=total / weights)
         grads = None
         if grad:
             named = dict(self.work.named_parameters())
