@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=96, help="adapt: prompt tokens kept (the last ones)")
     p.add_argument("--lr", type=float, default=None, help="adapt: step size of every learner (default 2e-4)")
     p.add_argument("--learner-config", default=None,
-                   help="loop: learner settings the worker rate is measured with (default configs/learner.yaml)")
+                   help="loop: learner settings the worker rate is measured with (default configs/learner.yaml); "
+                        "adapt: every learning method's settings, under what makes the method")
     p.add_argument("--plot", default=None, help="adapt, live: write a PNG of the figures")
     p.add_argument("--config", default=None,
                    help="a service YAML (default: configs/demo.yaml, SmolLM2): engine, adapt: its target and "

@@ -87,6 +87,28 @@ def test_bench_adapt_json_and_plot(model_dirs, capsys, tmp_path):
     assert plot.stat().st_size > 5_000
 
 
+def test_bench_adapt_methods_take_a_learner_config_under_what_makes_them(tmp_path):
+    """``bench adapt --learner-config FILE``: every learning method starts from the file's settings
+    and keeps what makes it that method; without a file, the methods are the shared optimizer's."""
+    from onlinespec.learn.learner import LearnerConfig
+    from onlinespec.ops.bench.adapt import BASE_OPTIM, STEPS_PER_ROUND, _configs
+
+    plain = _configs()
+    assert plain["static"] is None
+    assert plain["ogd"] == LearnerConfig(optim=BASE_OPTIM, steps_per_round=STEPS_PER_ROUND)
+    assert plain["osd"].loss.positions == "rejected" and plain["optimistic"].optim.hint == "last"
+    path = tmp_path / "learner.yaml"
+    path.write_text("feature_depth: 3\nsteps_per_round: 2\noptim: {lr: 0.001}\n")
+    based = _configs(lr=0.003, base=LearnerConfig.from_yaml(path))
+    for name, config in based.items():
+        if config is None:
+            continue
+        assert (config.feature_depth, config.steps_per_round, config.optim.lr) == (3, 2, 0.003), name
+        mine = plain[name]
+        assert (config.loss.positions, config.optim.hint, config.ensemble_size, config.learn_from) == (
+            mine.loss.positions, mine.optim.hint, mine.ensemble_size, mine.learn_from), name
+
+
 def test_bench_serve_json(model_dirs, capsys, tmp_path):
     config = tmp_path / "service.yaml"
     config.write_text(f"target: {{id: tiny, model: {model_dirs / 'target'}}}\n"

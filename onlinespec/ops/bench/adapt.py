@@ -57,22 +57,26 @@ BASE_OPTIM = OptimConfig(lr=2e-4, hint="none", adaptive=True, sq_decay=0.99, max
 STEPS_PER_ROUND = 8
 
 
-def _configs(lr: float | None = None) -> dict[str, LearnerConfig | None]:
-    kl = LossConfig()
-    base = replace(BASE_OPTIM, lr=lr) if lr else BASE_OPTIM
-    opt = replace(base, hint="last")
-    step = {"steps_per_round": STEPS_PER_ROUND}
+def _configs(lr: float | None = None, base: LearnerConfig | None = None) -> dict[str, LearnerConfig | None]:
+    """Each method's learner: ``base`` (default: ``BASE_OPTIM``, ``STEPS_PER_ROUND``, the rest
+    :class:`LearnerConfig`'s defaults; ``--learner-config``: a file's settings) with what makes
+    the method itself (its loss, hint, ensemble or pool)."""
+    base = base or LearnerConfig(optim=BASE_OPTIM, steps_per_round=STEPS_PER_ROUND)
+    optim = replace(base.optim, lr=lr) if lr else base.optim
+    opt = replace(optim, hint="last")
+
+    def method(**kw) -> LearnerConfig:
+        return replace(base, **{"optim": optim, **kw})
     return {
         "static": None,
-        "osd": LearnerConfig(loss=LossConfig(positions="rejected"), optim=base, **step),
-        "ogd": LearnerConfig(loss=kl, optim=base, **step),
-        "optimistic": LearnerConfig(loss=kl, optim=opt, **step),
-        "ensemble": LearnerConfig(loss=kl, optim=opt, ensemble_size=3, grid_factor=3.0, hedge_discount=0.5, **step),
+        "osd": method(loss=replace(base.loss, positions="rejected")),
+        "ogd": method(),
+        "optimistic": method(optim=opt),
+        "ensemble": method(optim=opt, ensemble_size=3, grid_factor=3.0, hedge_discount=0.5),
         # discounted Hedge follows the recent best drafter; each drafter learns only the traffic it served
-        "pool": LearnerConfig(loss=kl, optim=base, hedge_eta=8.0, hedge_discount=0.5, learn_from="served", **step),
-        "optimistic-tv": LearnerConfig(loss=LossConfig(kl=0.0, tv=1.0), optim=opt, **step),
-        "optimistic-acclen": LearnerConfig(loss=LossConfig(kl=0.5, chain=1.0, focal=0.5, positional_decay=0.8),
-                                           optim=opt, **step),
+        "pool": method(hedge_eta=8.0, hedge_discount=0.5, learn_from="served"),
+        "optimistic-tv": method(loss=LossConfig(kl=0.0, tv=1.0), optim=opt),
+        "optimistic-acclen": method(loss=LossConfig(kl=0.5, chain=1.0, focal=0.5, positional_decay=0.8), optim=opt),
     }
 
 
@@ -84,8 +88,9 @@ SUFFIX = {"lookup": ("static", SuffixConfig(max_tokens=0)), "suffix": ("static",
 NOT_LEARNING = ("static", "lookup")  # never the best *online* method
 
 
-def _method_configs(lr: float | None = None) -> dict[str, tuple[LearnerConfig | None, SuffixConfig | None]]:
-    configs = {m: (c, None) for m, c in _configs(lr).items()}
+def _method_configs(lr: float | None = None, base: LearnerConfig | None = None
+                    ) -> dict[str, tuple[LearnerConfig | None, SuffixConfig | None]]:
+    configs = {m: (c, None) for m, c in _configs(lr, base).items()}
     for m, (base, suffix) in SUFFIX.items():
         configs[m] = (configs[base][0], suffix)
     return configs
@@ -285,7 +290,7 @@ def run(args) -> int:
     trace_seconds = time.perf_counter() - t0
     costs = _measure_costs(target, next(iter(drafters.values())), traces[0].prompt, args.k)
 
-    configs = _method_configs(args.lr)
+    configs = _method_configs(args.lr, LearnerConfig.from_yaml(args.learner_config) if args.learner_config else None)
     methods = [m for m in (args.methods or METHODS) if m in configs]
     results = {m: [] for m in methods}
     for seed in seeds:
