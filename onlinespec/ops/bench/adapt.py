@@ -91,8 +91,8 @@ NOT_LEARNING = ("static", "lookup")  # never the best *online* method
 def _method_configs(lr: float | None = None, base: LearnerConfig | None = None
                     ) -> dict[str, tuple[LearnerConfig | None, SuffixConfig | None]]:
     configs = {m: (c, None) for m, c in _configs(lr, base).items()}
-    for m, (base, suffix) in SUFFIX.items():
-        configs[m] = (configs[base][0], suffix)
+    for m, (learner, suffix) in SUFFIX.items():
+        configs[m] = (configs[learner][0], suffix)
     return configs
 
 
