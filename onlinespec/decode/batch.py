@@ -41,6 +41,7 @@ from onlinespec.drafters.hf import HFDrafter
 from onlinespec.decode.engine import Generation, SpeculativeEngine, StepOutput
 from onlinespec.errors import InvalidRequestError
 from onlinespec.decode.features import FeatureLog
+from onlinespec.decode.prefix import PrefixCache
 from onlinespec.decode.proposers import Blocks, Copies, DraftRows, FeatureRows
 from onlinespec.drafters.feature import is_feature
 from onlinespec.decode.slots import SlotCache, forward_rows, leave_row
@@ -77,11 +78,13 @@ class Batch:
     """The requests one engine serves together (at most ``slots``), stepped as one."""
 
     def __init__(self, engine: SpeculativeEngine, slots: int = 8, prefill_tokens: int = 256,
-                 kv_tokens: int | None = None):
+                 kv_tokens: int | None = None, prefix_tokens: int = 0):
         """``kv_tokens``: key/value positions the requests may reserve together (each reserves
         its prompt, ``max_new_tokens`` and one verification block; rows share one layout, so the
         longest reservation counts for every row): a request waits until it fits
-        (:meth:`fits`). None: only ``slots`` bounds the batch."""
+        (:meth:`fits`). None: only ``slots`` bounds the batch. ``prefix_tokens``: positions of
+        text read before that a :class:`~onlinespec.decode.prefix.PrefixCache` keeps for later
+        prompts that begin the same way (0: none)."""
         assert slots >= 1 and prefill_tokens >= 1
         self.engine = engine
         self.slots = slots
@@ -96,6 +99,7 @@ class Batch:
         self.copies, self.blocks = Copies(), Blocks()
         self.drafters: dict[int, DraftRows] = {}  # by id() of the drafter object
         self.k: BatchK = engine.k_controller
+        self.prefix = PrefixCache(prefix_tokens) if prefix_tokens else None
         self.last = StepTiming()
 
     def __len__(self) -> int:
@@ -147,8 +151,10 @@ class Batch:
         assert not gen.finished and not gen.generated, "a fresh generation joins"
         if gen.capture or (isinstance(gen.drafter, HFDrafter) and is_feature(gen.drafter.model)):
             gen.features = FeatureLog()  # its drafter reads the target's features, or its learners will
-        self.staging.join()
+        row = self.staging.join()
         self.staged.append(gen)
+        if self.prefix is not None:  # the prompt's beginning read before (its last token is fed with drafts)
+            gen.cached_tokens = self.prefix.load(gen.tokens[:-1], self.staging, row, gen.features)
 
     def remove(self, gen: Generation) -> None:
         """A request leaves (finished, cancelled or failed); its rows are freed."""
@@ -198,6 +204,8 @@ class Batch:
         ready = [g for row, g in enumerate(self.staged) if int(self.staging.lengths[row]) == len(g.tokens) - 1]
         for gen in ready:
             row = self.staged.index(gen)
+            if self.prefix is not None and len(gen.tokens) > 1:
+                self.prefix.store(gen.tokens, self.staging, row, gen.features)
             self._join(gen, row if len(gen.tokens) > 1 else None)
             leave_row(self.staging, self.staged, gen)
         return fed
@@ -332,6 +340,9 @@ class Batch:
             if gen.adaptive:  # a muted row's block was a suffix block: credited as one, as without a drafter
                 self.k.observe_row(row_keys[b], copied[b], out.accepted, asked=k_rows[b])
             if gen.finished:
+                if self.prefix is not None and not gen.isolated:  # a conversation's next turn begins with it
+                    self.cache.rewind(b, min(len(gen.tokens) - 1, int(self.cache.lengths[b])))
+                    self.prefix.store(gen.tokens, self.cache, b, gen.features)
                 leaving.append(gen)
             else:  # keep every settled token but the newest (it is fed with the next drafts)
                 keep = len(gen.tokens) - 1

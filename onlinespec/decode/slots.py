@@ -183,6 +183,28 @@ class SlotCache(Cache):
         self.lengths[row] = length
 
     @torch.inference_mode()  # its tensors may be inference tensors: so are their updates
+    def fill(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Write one layer's keys and values ``[kv_heads, n, head_dim]`` per layer at positions
+        ``0 .. n - 1`` of ``row`` (a prefix read before: :mod:`onlinespec.decode.prefix`), whose
+        length becomes ``n``."""
+        assert 0 <= row < self.active, f"row {row} is not active"
+        assert len(keys) == len(values) == len(self.layers), "one tensor per layer"
+        n = keys[0].shape[1]
+        self.ensure(n + 1)
+        for layer, k, v in zip(self.layers, keys, values):
+            if not layer.is_initialized:
+                layer.lazy_initialization(k[None], v[None])
+            layer.keys[row, :, :n] = k
+            layer.values[row, :, :n] = v
+        self.lengths[row] = n
+
+    def read(self, row: int, start: int, stop: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of ``row``'s keys and values at positions ``start .. stop - 1``, per layer."""
+        assert 0 <= start <= stop <= int(self.lengths[row]), f"positions {start}..{stop} of row {row}"
+        return ([layer.keys[row, :, start:stop].clone() for layer in self.layers],
+                [layer.values[row, :, start:stop].clone() for layer in self.layers])
+
+    @torch.inference_mode()  # its tensors may be inference tensors: so are their updates
     def leave(self, row: int) -> int | None:
         """Free ``row``; the last active row moves into it. Returns the row that moved (now at
         ``row``), or None when ``row`` was the last."""
