@@ -87,8 +87,11 @@ def openai_router(state) -> APIRouter:
                        "mean_accepted_length": stats.copied_accepted_length if stats else None},
         }
 
-    def _usage(prompt_len: int, completion: int) -> dict:
-        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
+    def _usage(handle: RequestHandle, prompt_len: int, completion: int) -> dict:
+        # OpenAI's cached_tokens: prompt tokens whose keys and values came from the prefix cache
+        cached = getattr(handle.generation, "cached_tokens", 0) or 0
+        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def _next(handle: RequestHandle, request: Request) -> StepOutput:
         while True:
@@ -158,7 +161,7 @@ def openai_router(state) -> APIRouter:
                         break
                 if include_usage:
                     tail = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [],
-                            "usage": _usage(prompt_len, completion), "speculative": _spec(handle)}
+                            "usage": _usage(handle, prompt_len, completion), "speculative": _spec(handle)}
                     yield f"data: {json.dumps(tail)}\n\n"
                 yield "data: [DONE]\n\n"
             except ApiError as exc:
@@ -189,7 +192,7 @@ def openai_router(state) -> APIRouter:
                       "finish_reason": finish}
             obj = "chat.completion"
         return {"id": rid, "object": obj, "created": now(), "model": state.model_name, "choices": [choice],
-                "usage": _usage(len(prompt_ids), len(tokens)), "speculative": _spec(handle)}
+                "usage": _usage(handle, len(prompt_ids), len(tokens)), "speculative": _spec(handle)}
 
     @router.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):

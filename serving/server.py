@@ -16,9 +16,25 @@ from serving.metrics import Counter, Gauge, Metrics
 __all__ = ["build_state", "BackgroundServer"]
 
 
+def _prefix_metrics(metrics: Metrics, loop: EngineLoop) -> None:
+    """The prefix cache's figures (:class:`onlinespec.decode.prefix.PrefixStats`) of the loop's
+    batch (a new batch after a crash starts an empty cache)."""
+    def stat(name: str):
+        prefix = loop.batch.prefix
+        return {(): getattr(prefix.stats, name) if prefix is not None else 0}
+    for kind, name, field, text in (
+            (Counter, "prefix_cache_lookup_tokens_total", "looked_up", "Prompt tokens looked up in the prefix cache."),
+            (Counter, "prefix_cache_hit_tokens_total", "hit",
+             "Prompt tokens whose keys and values came from the prefix cache (not prefilled)."),
+            (Counter, "prefix_cache_evicted_tokens_total", "evicted", "Tokens evicted from the prefix cache."),
+            (Gauge, "prefix_cache_tokens", "tokens", "Positions the prefix cache holds (serving.prefix_cache_tokens)."),
+            (Gauge, "prefix_cache_bytes", "nbytes", "Memory the prefix cache's keys, values and features take.")):
+        metrics.sample(kind(name, text), lambda field=field: stat(field))
+
+
 def build_state(engine: SpeculativeEngine | None, tokenizer, model_name: str, writer=None, watcher=None, redis=None,
                 max_active: int = 8, max_queue: int = 64, prefill_tokens: int = 256, kv_cache_tokens: int | None = None,
-                max_prompt_tokens: int = 1536,
+                prefix_cache_tokens: int = 0, max_prompt_tokens: int = 1536,
                 max_tokens: int = 512, drafters: dict | None = None, api_keys=(), router=None,
                 make_loop=None) -> ServerState:
     """``make_loop(metrics)``: another engine loop than the embedded engine's (``serving.engine: vllm``,
@@ -72,8 +88,9 @@ def build_state(engine: SpeculativeEngine | None, tokenizer, model_name: str, wr
         loop = make_loop(metrics).start()
     else:
         loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
-                          drafters=drafters, prefill_tokens=prefill_tokens,
-                          kv_cache_tokens=kv_cache_tokens, router=router).start()
+                          drafters=drafters, prefill_tokens=prefill_tokens, kv_cache_tokens=kv_cache_tokens,
+                          prefix_cache_tokens=prefix_cache_tokens, router=router).start()
+        _prefix_metrics(metrics, loop)
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
                        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, api_keys=tuple(api_keys))
 

@@ -19,7 +19,8 @@ MODEL = "tiny-target"
 def server(target, close_drafter_model, tokenizer):
     engine = SpeculativeEngine(target, HFDrafter(close_drafter_model, "close", version=1), tokenizer=tokenizer,
                                config=EngineConfig(k=4, target_id=MODEL))
-    state = build_state(engine, tokenizer, MODEL, max_queue=4, max_tokens=200, max_prompt_tokens=300)
+    state = build_state(engine, tokenizer, MODEL, max_queue=4, max_tokens=200, max_prompt_tokens=300,
+                        prefix_cache_tokens=512)
     srv = BackgroundServer(state).start()
     yield srv
     srv.stop()
@@ -70,6 +71,21 @@ def test_chat_and_chat_streaming(client):
     assert resp.choices[0].message.role == "assistant" and resp.usage.completion_tokens > 0
     stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+
+def test_a_prompt_that_begins_as_an_earlier_one_reads_only_the_rest_and_says_so(server, client, target, tokenizer):
+    shared = "You are terse. Answer in one line. Question: "
+    texts = []
+    for question in ("why is the sky blue", "where do rivers go"):
+        resp = client.completions.create(model=MODEL, prompt=shared + question, max_tokens=25, temperature=0)
+        assert resp.choices[0].text == target_greedy_text(target, tokenizer, shared + question, 25)
+        texts.append(resp.usage.prompt_tokens_details.cached_tokens)
+    common = len(tokenizer.encode(shared))
+    assert texts[0] < common <= texts[1] + 1  # the first read it whole; the second took it from the cache
+    metrics = httpx.get(server.url + "/metrics").text
+    hit = [line for line in metrics.splitlines() if line.startswith("onlinespec_prefix_cache_hit_tokens_total ")]
+    assert hit and float(hit[0].split()[1]) >= texts[1]
+    assert "onlinespec_prefix_cache_bytes " in metrics
 
 
 def test_sampling_with_seed_is_reproducible(client):
