@@ -35,6 +35,8 @@ def _bench(args) -> int:
         from onlinespec.ops.bench.live import run
     elif args.what == "vllm":
         from onlinespec.ops.bench.vllm import run
+    elif args.what == "prefix":
+        from onlinespec.ops.bench.prefix import run
     else:
         from onlinespec.ops.bench.adapt import run
     return run(args)
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures (and --json)")
-    p.add_argument("what", choices=["engine", "serve", "loop", "adapt", "faults", "live", "vllm"])
+    p.add_argument("what", choices=["engine", "serve", "prefix", "loop", "adapt", "faults", "live", "vllm"])
     p.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a smoke run in under a minute")
     p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     p.add_argument("--target", default=None,
@@ -190,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a service YAML (default: configs/demo.yaml, SmolLM2): engine, adapt: its target and "
                         "drafters on chat prompts; serve: its target and first drafter; faults, live: the service")
     p.add_argument("--minutes", type=float, default=8.0, help="live: minutes of traffic with learning")
-    p.add_argument("--concurrency", type=int, default=4, help="live: client threads")
+    p.add_argument("--concurrency", type=int, default=4, help="live: client threads; prefix: clients")
     p.add_argument("--max-tokens", type=int, default=48, help="live: tokens per request")
     p.add_argument("--period", type=float, default=5.0, help="live: seconds between learning rounds at most")
     p.add_argument("--no-learning", action="store_true", help="live: start no worker (the serving cost alone)")

@@ -134,6 +134,25 @@ def test_bench_serve_json(model_dirs, capsys, tmp_path):
         assert level["profile"]["nospec"]["share"]["draft"] < 0.05
 
 
+def test_bench_prefix_json(model_dirs, capsys, tmp_path):
+    config = tmp_path / "service.yaml"
+    config.write_text(f"target: {{id: tiny, model: {model_dirs / 'target'}}}\n"
+                      f"drafters: [{{id: d, model: {model_dirs / 'drafter'}}}]\n")
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "prefix", "--quick", "--json", "--config", str(config), "--max-new-tokens", "6",
+              "--threads", "1", "--concurrency", "2"])
+    out = last_json(capsys)
+    assert done.value.code == 0 and out["lossless"] is True
+    first, second = out["turns"]
+    for turn in out["turns"]:
+        assert turn["none"]["cached_share"] == 0 and turn["cache"]["tok_s"] > 0 and turn["none"]["ttft_p50_ms"] > 0
+        # what the cache gave is what was not prefilled
+        saved = turn["none"]["prefilled_tokens"] - turn["cache"]["prefilled_tokens"]
+        assert saved == round(turn["cache"]["cached_share"] * turn["prompts"] * turn["mean_prompt_tokens"])
+    # a second turn begins with its whole first turn: most of it comes from the cache
+    assert second["cache"]["cached_share"] > 0.5 > first["cache"]["cached_share"]
+
+
 def test_bench_live_prompts_and_quarters():
     """The live benchmark's domain (IDLE's change log, used nowhere else) and its per-quarter
     figures: own drafts and copies apart, tokens/s over each quarter's wall time."""

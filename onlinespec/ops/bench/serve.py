@@ -49,11 +49,15 @@ QUICK_LEVELS = (1, 4, 8)
 
 
 def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency: int,
-                max_new_tokens: int, prefill_tokens: int = 256, controller: BatchK | None = None) -> dict:
+                max_new_tokens: int, prefill_tokens: int = 256, controller: BatchK | None = None,
+                batch: Batch | None = None) -> dict:
     """``concurrency`` closed-loop clients over ``prompts`` (one tenant, as ``onlinespec traffic``
     sends them); outputs in prompt order. ``controller``: the draft-length controller to keep
-    (a server keeps its measured costs and acceptance as the load changes)."""
-    batch = Batch(engine, slots=concurrency, prefill_tokens=prefill_tokens)
+    (a server keeps its measured costs and acceptance as the load changes). ``batch``: an idle
+    batch of ``concurrency`` slots to serve them in (a server's: its prefix cache kept)."""
+    if batch is None:
+        batch = Batch(engine, slots=concurrency, prefill_tokens=prefill_tokens)
+    assert batch.slots == concurrency and not len(batch), "an idle batch of `concurrency` slots"
     if controller is not None:
         batch.k = controller
     params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -61,6 +65,9 @@ def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency
     sent: dict = {}
     outputs: list[list[int] | None] = [None] * len(prompts)
     latencies: list[float] = []
+    first_token: list[float] = []  # seconds from sending to the first generated token
+    answered: set = set()
+    prefilled = cached = 0
     ks: list[int] = []
     # where the level's time went: seconds per phase, and decode seconds and tokens of plain and
     # speculative steps
@@ -73,14 +80,19 @@ def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency
             gen = engine.start(prompt, params, tenant="bench")
             sent[gen] = (i, time.perf_counter())
             batch.add(gen)
+            cached += gen.cached_tokens
         for gen, out in batch.step():
             if isinstance(out, Exception):
                 raise out
+            if out.tokens and gen not in answered:
+                answered.add(gen)
+                first_token.append(time.perf_counter() - sent[gen][1])
             if gen.finished:
                 i, t_sent = sent.pop(gen)
                 outputs[i] = gen.generated
                 latencies.append(time.perf_counter() - t_sent)
         step = batch.last
+        prefilled += step.prefill_tokens
         for phase, spent in step.phases.items():
             phases[phase] += spent
         if step.rows:
@@ -93,7 +105,8 @@ def serve_level(engine: SpeculativeEngine, prompts: list[list[int]], concurrency
     return {"tok_s": sum(map(len, outputs)) / seconds, "outputs": outputs,
             "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
             "mean_k": sum(ks) / max(1, len(ks)), "plain_step_share": ks.count(0) / max(1, len(ks)),
-            "seconds": seconds, "phases": phases,
+            "seconds": seconds, "phases": phases, "ttft_ms": [1000 * t for t in first_token],
+            "prefilled_tokens": prefilled, "cached_tokens": cached,
             **{f"{kind}_ms_per_token": 1000 * s / n if n else None for kind, (s, n) in decode.items()}}
 
 
