@@ -7,8 +7,9 @@ Requests join and leave between steps. Each :meth:`Batch.step`:
 
 1. **prefill**: requests that joined feed their prompts in chunks, at most ``prefill_tokens``
    a step over all of them, in one forward of their own (a long prompt never stalls the others
-   for more than one chunk); a request whose prompt is in takes a row (its keys and values are
-   copied in); its drafter encodes its text the first time it drafts for it, and only if the
+   for more than one chunk), from where the prefix cache's match ends, if there is one
+   (:mod:`onlinespec.decode.prefix`: it keeps prompts once read, and finished requests' text);
+   a request whose prompt is in takes a row (its keys and values are copied in); its drafter encodes its text the first time it drafts for it, and only if the
    row has enough tokens left to earn that back (in a probe, only the shortest row, and only
    where the drafter holds none);
 2. **propose**: ``k`` from :class:`~onlinespec.decode.adaptive.BatchK` (costs measured at this batch
