@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by-count", action="store_true")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--rate", type=float, default=0.0, help="requests per second overall (0: as fast as served)")
+    p.add_argument("--turns", type=int, default=1,
+                   help="turns of each chat conversation: the answers and a follow-up question are sent back")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=120.0)

@@ -207,6 +207,23 @@ def test_traffic_and_watch_commands_against_the_live_server(service, capsys):
     assert "d1: serving v1" in screen and "d2: serving v1" in screen and "queue depth" in screen
 
 
+def test_traffic_of_conversations_reads_their_earlier_turns_from_the_prefix_cache(service, capsys):
+    from onlinespec.cli import build_parser
+    from onlinespec.ops.traffic import run as traffic
+
+    srv, _, _ = service
+    args = build_parser().parse_args(["traffic", "--url", srv.url, "--schedule", "question:6", "--by-count",
+                                      "--concurrency", "1", "--max-tokens", "8", "--turns", "3", "--json"])
+    assert traffic(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["requests"] >= 6 and summary["errors"] == 0  # the phase ends at its next check
+    # conversations of three turns: each later turn begins with the turns before it
+    assert summary["cached_share"] > 0.5 and summary["cached_tokens"] <= summary["prompt_tokens"]
+    metrics = httpx.get(srv.url + "/metrics", timeout=30).text
+    hit = [line for line in metrics.splitlines() if line.startswith("onlinespec_prefix_cache_hit_tokens_total ")]
+    assert float(hit[0].split()[1]) >= summary["cached_tokens"]
+
+
 def _children(pid: int) -> set[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:

@@ -28,7 +28,7 @@ import json
 import random
 import textwrap
 
-__all__ = ["DOMAINS", "DEFAULT_CHAT_TEMPLATE", "chat_prompts", "render", "render_text"]
+__all__ = ["DOMAINS", "DEFAULT_CHAT_TEMPLATE", "FOLLOW_UPS", "chat_prompts", "render", "render_text"]
 
 # Used when the tokenizer has no chat template of its own (the demo models have none).
 DEFAULT_CHAT_TEMPLATE = (
@@ -37,6 +37,8 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 DOMAINS = ("edit", "json", "explain", "summarize", "question", "story", "data")
+# a conversation's next user turns (traffic of several turns: `onlinespec traffic --turns`, `bench prefix`)
+FOLLOW_UPS = ("Now say that in one sentence.", "Why?", "Give another example.", "Make it shorter.")
 _CHARACTERS = ("a lighthouse keeper", "a retired astronaut", "a young baker", "a lost robot", "two rival chess players",
                "a night-shift nurse", "a street musician", "a curious fox", "an old fisherman", "a village librarian",
                "a beekeeper", "a taxi driver", "a teenage inventor", "a tired detective", "a mountain guide")

@@ -3,7 +3,10 @@
 Prompts are the held-out snippets of the demo domains (``python``, ``shakespeare``, ``docs``:
 never trained on), sent as completions, or instruct conversations of the chat domains (``edit``,
 ``json``, ``explain``, ``summarize``, ``question``, ``story``, ``data``: :mod:`onlinespec.decode.chat`),
-sent as chat completions. Every
+sent as chat completions; with ``--turns N`` each chat conversation goes on for N turns (its
+answers sent back, with a follow-up question), so its later prompts begin with its earlier text,
+as a chat client's do (the server's prefix cache reads them once: the summary gives the share of
+prompt tokens it served). Every
 request carries ``--api-key`` (one tenant: suffix speculation copies across its requests). The
 schedule is a list of ``domain:seconds`` (or ``domain:requests`` with ``--by-count``) phases,
 played in order; ``--concurrency`` clients send requests, ``--rate`` caps requests per second overall.
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import httpx
 
 from onlinespec.decode.chat import DOMAINS as CHAT_DOMAINS
-from onlinespec.decode.chat import chat_prompts
+from onlinespec.decode.chat import FOLLOW_UPS, chat_prompts
 from onlinespec.demo.prompts import load_prompts
 
 __all__ = ["Phase", "parse_schedule", "run"]
@@ -88,6 +91,7 @@ class _Stats:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests = self.errors = self.tokens = 0
+        self.prompt_tokens = self.cached_tokens = 0  # cached: read from the server's prefix cache
         self.by_version: dict[tuple, _Tally] = defaultdict(_Tally)  # (drafter, version)
         self.by_phase: dict[int, _Tally] = defaultdict(_Tally)  # phase index at the time of sending
 
@@ -101,14 +105,19 @@ class _Stats:
             steps = round(accepted / (mal - 1)) if mal > 1 else 0
         copied = int(spec.get("copied_accepted_tokens") or 0)
         key = (spec.get("drafter_id"), spec.get("drafter_version"))
+        usage = body["usage"]
         with self.lock:
             self.requests += 1
             self.tokens += n
+            self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.cached_tokens += int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
             self.by_version[key].add(n, accepted, int(steps), copied, spec.get("own"))
             self.by_phase[phase].add(n, accepted, int(steps), copied, spec.get("own"))
 
 
 def run(args) -> int:
+    if args.turns < 1:
+        raise SystemExit(f"--turns must be at least 1, got {args.turns}")
     phases = parse_schedule(args.schedule)
     prompts = {p.domain: (chat_prompts(p.domain, 200) if p.domain in CHAT_DOMAINS else
                           [r.text for r in load_prompts(p.domain)]) for p in phases}
@@ -124,6 +133,9 @@ def run(args) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
     def client():
+        # a chat conversation goes on for args.turns turns (its answers and a follow-up each time)
+        # before the client starts another; a new phase or a failed request starts another too
+        conversation, turn = None, 0
         with httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers) as http:
             while not stop.is_set():
                 if interval:
@@ -138,11 +150,21 @@ def run(args) -> int:
                 body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
                         "seed": seed, "metadata": {"domain": domain}}
                 chat = domain in CHAT_DOMAINS
+                if chat and conversation is not None and conversation[0] == phase and turn < args.turns:
+                    prompt = conversation[1] + [{"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
+                else:
+                    turn = 0
                 body.update({"messages": prompt} if chat else {"prompt": prompt})
+                conversation = None
                 try:
                     r = http.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
                     if r.status_code == 200:
-                        stats.add(r.json(), phase)
+                        answer = r.json()
+                        stats.add(answer, phase)
+                        turn += 1
+                        if chat and turn < args.turns:
+                            said = answer["choices"][0]["message"]["content"]
+                            conversation = (phase, prompt + [{"role": "assistant", "content": said}])
                     else:
                         with stats.lock:
                             stats.errors += 1
@@ -214,8 +236,11 @@ def run(args) -> int:
     print("own: the drafter model's own accepted length (copies apart); "
           "copied: share of the accepted drafts that suffix speculation copied")
     summary = {"requests": stats.requests, "errors": stats.errors, "seconds": elapsed,
-               "tokens_per_s": stats.tokens / elapsed if elapsed else 0.0, "by_version": rows, "by_phase": phase_rows}
-    print(f"total: {stats.requests} requests, {stats.errors} errors, {summary['tokens_per_s']:.1f} tokens/s")
+               "tokens_per_s": stats.tokens / elapsed if elapsed else 0.0, "by_version": rows, "by_phase": phase_rows,
+               "prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens,
+               "cached_share": stats.cached_tokens / stats.prompt_tokens if stats.prompt_tokens else None}
+    print(f"total: {stats.requests} requests, {stats.errors} errors, {summary['tokens_per_s']:.1f} tokens/s; "
+          f"{stats.prompt_tokens} prompt tokens, {share(summary['cached_share'])} of them from the prefix cache")
     if args.json:
         print(json.dumps(summary))
     return 0 if stats.requests else 1

@@ -28,7 +28,6 @@ from onlinespec.ops.bench.serve import hf_batched, serve_level
 __all__ = ["run", "conversations"]
 
 DOMAINS = ("question", "story", "json", "summarize", "explain")
-FOLLOW_UPS = ("Now say that in one sentence.", "Why?", "Give another example.", "Make it shorter.")
 
 
 def conversations(n: int) -> list[list[dict]]:
@@ -52,7 +51,7 @@ def _models(args):
 
 
 def run(args) -> int:
-    from onlinespec.decode.chat import render
+    from onlinespec.decode.chat import FOLLOW_UPS, render
 
     threads = set_threads(args.threads)
     cfg, tokenizer, target, drafter_model = _models(args)
