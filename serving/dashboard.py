@@ -149,6 +149,11 @@ def dashboard_router(state, redis, registry, drafters: dict, target: str, period
                             "routing": router.probabilities(g) if router is not None and g != "all" else None}
                            for g, n in sorted(loop.traffic.items(), key=lambda x: -x[1])
                            if admin or not g.startswith("key:")][:20]}
+        prefix = getattr(getattr(loop, "batch", None), "prefix", None)  # the embedded engine's
+        if prefix is not None:
+            st = prefix.stats
+            out["prefix_cache"] = {"tokens": st.tokens, "bytes": st.nbytes, "looked_up": st.looked_up, "hit": st.hit,
+                                   "hit_share": st.hit / st.looked_up if st.looked_up else None}
         watcher = getattr(state.loop, "watcher", None)
         if watcher is not None:
             out["swaps"] = watcher.stats.swaps

@@ -210,6 +210,7 @@ def test_traffic_and_watch_commands_against_the_live_server(service, capsys):
 def test_traffic_of_conversations_reads_their_earlier_turns_from_the_prefix_cache(service, capsys):
     from onlinespec.cli import build_parser
     from onlinespec.ops.traffic import run as traffic
+    from onlinespec.ops.watch import run as watch
 
     srv, _, _ = service
     args = build_parser().parse_args(["traffic", "--url", srv.url, "--schedule", "question:6", "--by-count",
@@ -222,6 +223,10 @@ def test_traffic_of_conversations_reads_their_earlier_turns_from_the_prefix_cach
     metrics = httpx.get(srv.url + "/metrics", timeout=30).text
     hit = [line for line in metrics.splitlines() if line.startswith("onlinespec_prefix_cache_hit_tokens_total ")]
     assert float(hit[0].split()[1]) >= summary["cached_tokens"]
+    seen = httpx.get(srv.url + "/dashboard/data", timeout=30).json()["prefix_cache"]
+    assert seen["hit"] >= summary["cached_tokens"] and 0.3 < seen["hit_share"] <= 1 and seen["bytes"] > 0
+    assert watch(build_parser().parse_args(["watch", "--url", srv.url, "--once"])) == 0
+    assert "prefix cache: " in capsys.readouterr().out
 
 
 def _children(pid: int) -> set[int]:

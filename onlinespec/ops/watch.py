@@ -59,6 +59,10 @@ def render(d: dict) -> str:
         lines.append(f"traffic {t['group']}: {t['requests']} requests{'  ' + share if share else ''}")
     if d.get("pool_weights"):
         lines.append("pool weights: " + "  ".join(f"{k} {w:.3f}" for k, w in d["pool_weights"][-1]["weights"].items()))
+    pc = d.get("prefix_cache")
+    if pc and pc.get("hit_share") is not None:
+        lines.append(f"prefix cache: {pc['hit_share']:.0%} of prompt tokens served from it, "
+                     f"{pc['tokens']} positions held ({pc['bytes'] / 2**20:.0f} MB)")
     if d.get("lag"):
         lag = d["lag"][-1]
         lines.append(f"queue depth {lag.get('queue_depth')}  update jobs {lag.get('update_jobs', '-')}  "
