@@ -156,6 +156,13 @@ def test_hidden_states_learnt_later_and_least_recently_used_leaves_leave_first(t
     assert prefix.load(branches[0], row, 0) == len(branches[0])
     assert prefix.load(branches[1], row, 0) == len(SYSTEM)
     assert prefix.stats.nbytes == sum(n.nbytes for n in _nodes(prefix))
+    # a text longer than the budget keeps its beginning, not nothing
+    long = list(range(60, 60 + 2 * prefix.max_tokens))
+    c = SlotCache.for_model(target, 1, 128)
+    c.join()
+    forward_rows(target, c, [long], logits=False)
+    assert prefix.store(long, c, 0) == prefix.max_tokens == len(prefix)
+    assert prefix.load(long, row, 0) == prefix.max_tokens
 
 
 def _nodes(prefix):

@@ -131,7 +131,8 @@ class PrefixCache:
         """Keep what ``row`` of ``cache`` holds for ``tokens`` (its first ``len(tokens)``
         positions; with ``features``, their hidden states too, also for a cached prefix that had
         none), then evict to the budget. Returns the tokens newly stored."""
-        n_tokens = min(len(tokens), int(cache.lengths[row]))
+        # a text longer than the whole budget keeps its beginning (whatever else is evicted)
+        n_tokens = min(len(tokens), int(cache.lengths[row]), self.max_tokens)
         if features is not None and len(features) < n_tokens:
             features = None  # hidden states are kept whole or not at all
         self.clock += 1
