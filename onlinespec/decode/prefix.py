@@ -174,7 +174,3 @@ class PrefixCache:
             self.stats.tokens -= len(leaf.tokens)
             self.stats.evicted += len(leaf.tokens)
             self.stats.nbytes -= leaf.nbytes
-
-    def clear(self) -> None:
-        self.root = _Node()
-        self.stats.tokens = self.stats.nbytes = 0
