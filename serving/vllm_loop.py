@@ -56,6 +56,7 @@ class VllmGeneration:
         self.tokens: list[int] = []
         self.logprobs: list[dict] = []  # vLLM's per position {token id: Logprob}
         self.finished = False
+        self.cached_tokens = 0  # prompt tokens vLLM's prefix cache served
 
 
 class VllmLoop(LoopBase):
@@ -207,6 +208,7 @@ class VllmLoop(LoopBase):
                 gen.stats.own_judged += min(a + 1, d)
         gen.stats.steps += 0 if drafted else 1
         gen.tokens += tokens
+        gen.cached_tokens = getattr(out, "num_cached_tokens", None) or gen.cached_tokens
         positions = list(completion.logprobs or [])
         gen.logprobs += positions
         gen.finished = out.finished

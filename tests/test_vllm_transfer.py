@@ -125,3 +125,8 @@ def test_vllm_finds_the_backend_through_its_plugin_entry_point_and_the_engine_as
     cfg = load_config(ROOT / "configs" / "vllm.yaml")
     assert engine_args(cfg, "/models/target")["weight_transfer_config"] == {"backend": BACKEND}
     assert "weight_transfer_config" not in engine_args(cfg, "/models/target", speculate=False)
+    # serving.prefix_cache_tokens: 0 turns vLLM's own prefix caching off too (otherwise its default: on)
+    import dataclasses
+    assert "enable_prefix_caching" not in engine_args(cfg, "/models/target")
+    off = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, prefix_cache_tokens=0))
+    assert engine_args(off, "/models/target")["enable_prefix_caching"] is False

@@ -31,6 +31,8 @@ def engine_args(cfg, model_path: str, speculate: bool = True, **overrides) -> di
         seed=0,
         disable_log_stats=False,  # vLLM's own counters (vllm:spec_decode_*), shown on /metrics
     )
+    if not s.prefix_cache_tokens:  # vLLM's own prefix caching (in its KV cache, on by default) off too
+        args["enable_prefix_caching"] = False
     if v.kv_cache_memory_bytes:
         args["kv_cache_memory_bytes"] = v.kv_cache_memory_bytes
     if v.tensor_parallel_size > 1:
