@@ -195,7 +195,8 @@ class DrafterLearner:
 
     def _loss(self, params, batch: FeedbackBatch, grad: bool):
         """(the loss at the first drafted position, its gradients with ``grad``, and for a feature
-        drafter the loss at the second position: :class:`LossOutput` or None)."""
+        drafter the loss at the second position: :class:`LossOutput` or None). Without ``grad``
+        the total covers at most the first two positions (only the metrics read it then)."""
         self._load(self.work, params)
         deeper = None
         with torch.set_grad_enabled(grad):
@@ -204,7 +205,9 @@ class DrafterLearner:
             else:
                 # a feature drafter drafts past the first position on its own features: it learns
                 # there too (the training-time test), the loss averaged over the depths
-                (first, _), *rest = feature_logits(self.work, batch, levels=self.config.feature_depth)
+                # without gradients only the first two positions are read (the metrics): no deeper
+                depth = self.config.feature_depth if grad else min(2, self.config.feature_depth)
+                (first, _), *rest = feature_logits(self.work, batch, levels=depth)
                 out = compute_loss(first, batch, self.config.loss)
                 decay = self.config.feature_depth_decay
                 total, weights = out.total, 1.0
