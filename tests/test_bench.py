@@ -36,13 +36,19 @@ def test_bench_engine_json(model_dirs, capsys):
         assert isinstance(out[key], float) and out[key] >= 0, key
 
 
+def service_config(tmp_path, model_dirs, drafter_id: str = "d"):
+    """A service YAML of the tiny target and its drafter."""
+    config = tmp_path / "service.yaml"
+    config.write_text(f"target: {{id: tiny, model: {model_dirs / 'target'}}}\n"
+                      f"drafters: [{{id: {drafter_id}, model: {model_dirs / 'drafter'}}}]\n")
+    return config
+
+
 def test_bench_engine_on_a_service_config(model_dirs, capsys, tmp_path):
     """With a config: chat prompts, every drafter apart, suffix alone, both, and what the service
     runs on its own (adaptive k), each against the target alone, all lossless; the bound uses the
     measured verification cost."""
-    config = tmp_path / "service.yaml"
-    config.write_text(f"target: {{id: tiny, model: {model_dirs / 'target'}}}\n"
-                      f"drafters: [{{id: close, model: {model_dirs / 'drafter'}}}]\n")
+    config = service_config(tmp_path, model_dirs, "close")
     with pytest.raises(SystemExit) as done:
         main(["bench", "engine", "--quick", "--json", "--config", str(config), "--prompts", "2",
               "--max-new-tokens", "12", "--threads", "1"])
@@ -110,9 +116,7 @@ def test_bench_adapt_methods_take_a_learner_config_under_what_makes_them(tmp_pat
 
 
 def test_bench_serve_json(model_dirs, capsys, tmp_path):
-    config = tmp_path / "service.yaml"
-    config.write_text(f"target: {{id: tiny, model: {model_dirs / 'target'}}}\n"
-                      f"drafters: [{{id: d, model: {model_dirs / 'drafter'}}}]\n")
+    config = service_config(tmp_path, model_dirs)
     with pytest.raises(SystemExit) as done:
         main(["bench", "serve", "--quick", "--json", "--config", str(config), "--max-new-tokens", "8",
               "--threads", "1"])
@@ -135,9 +139,7 @@ def test_bench_serve_json(model_dirs, capsys, tmp_path):
 
 
 def test_bench_prefix_json(model_dirs, capsys, tmp_path):
-    config = tmp_path / "service.yaml"
-    config.write_text(f"target: {{id: tiny, model: {model_dirs / 'target'}}}\n"
-                      f"drafters: [{{id: d, model: {model_dirs / 'drafter'}}}]\n")
+    config = service_config(tmp_path, model_dirs)
     with pytest.raises(SystemExit) as done:
         main(["bench", "prefix", "--quick", "--json", "--config", str(config), "--max-new-tokens", "6",
               "--threads", "1", "--concurrency", "2"])
