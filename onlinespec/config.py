@@ -88,6 +88,7 @@ class ServingConfig:
     features_ttl: int = 300
     kv_cache_tokens: int | None = None  # key/value positions requests may reserve together
     prefix_cache_tokens: int = 2048  # positions of text read before kept for prompts that begin alike (0: off)
+    prefix_cache_scope: str = "shared"  # shared | tenant: who reads what it keeps
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
     threads: int = 0  # torch threads for the engine; 0: all cores
@@ -112,6 +113,8 @@ class ServingConfig:
             raise ValueError(f"capture_features is a share in [0, 1] or null (auto), got {self.capture_features}")
         if self.features_ttl < 1:
             raise ValueError(f"features_ttl must be >= 1 second, got {self.features_ttl}")
+        if self.prefix_cache_scope not in ("shared", "tenant"):
+            raise ValueError(f"prefix_cache_scope must be shared or tenant, got {self.prefix_cache_scope!r}")
         if self.prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be >= 0 (0: no prefix cache), got {self.prefix_cache_tokens}")
 

@@ -196,11 +196,12 @@ class EngineLoop(LoopBase):
     def __init__(self, engine: SpeculativeEngine, metrics: Metrics, writer=None, watcher=None,
                  max_active: int = 8, max_queue: int = 64, drafters: dict | None = None,
                  prefill_tokens: int = 256, kv_cache_tokens: int | None = None, prefix_cache_tokens: int = 0,
-                 router=None):
+                 prefix_cache_scope: str = "shared", router=None):
         self.engine = engine
         self.prefill_tokens = prefill_tokens
         self.kv_cache_tokens = kv_cache_tokens
         self.prefix_cache_tokens = prefix_cache_tokens
+        self.prefix_cache_scope = prefix_cache_scope
         self._held: RequestHandle | None = None  # started, waiting for key/value room
         super().__init__(metrics, writer, watcher, max_active, max_queue, drafters, router)
         self.batch = self._new_batch()
@@ -213,7 +214,8 @@ class EngineLoop(LoopBase):
 
     def _new_batch(self) -> Batch:
         return Batch(self.engine, slots=self.max_active, prefill_tokens=self.prefill_tokens,
-                     kv_tokens=self.kv_cache_tokens, prefix_tokens=self.prefix_cache_tokens)
+                     kv_tokens=self.kv_cache_tokens, prefix_tokens=self.prefix_cache_tokens,
+                     prefix_scope=self.prefix_cache_scope)
 
     @property
     def depth(self) -> int:

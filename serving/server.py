@@ -34,7 +34,7 @@ def _prefix_metrics(metrics: Metrics, loop: EngineLoop) -> None:
 
 def build_state(engine: SpeculativeEngine | None, tokenizer, model_name: str, writer=None, watcher=None, redis=None,
                 max_active: int = 8, max_queue: int = 64, prefill_tokens: int = 256, kv_cache_tokens: int | None = None,
-                prefix_cache_tokens: int = 0, max_prompt_tokens: int = 1536,
+                prefix_cache_tokens: int = 0, prefix_cache_scope: str = "shared", max_prompt_tokens: int = 1536,
                 max_tokens: int = 512, drafters: dict | None = None, api_keys=(), router=None,
                 make_loop=None) -> ServerState:
     """``make_loop(metrics)``: another engine loop than the embedded engine's (``serving.engine: vllm``,
@@ -89,7 +89,8 @@ def build_state(engine: SpeculativeEngine | None, tokenizer, model_name: str, wr
     else:
         loop = EngineLoop(engine, metrics, writer, watcher, max_active=max_active, max_queue=max_queue,
                           drafters=drafters, prefill_tokens=prefill_tokens, kv_cache_tokens=kv_cache_tokens,
-                          prefix_cache_tokens=prefix_cache_tokens, router=router).start()
+                          prefix_cache_tokens=prefix_cache_tokens, prefix_cache_scope=prefix_cache_scope,
+                          router=router).start()
         _prefix_metrics(metrics, loop)
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
                        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, api_keys=tuple(api_keys))

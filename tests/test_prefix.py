@@ -166,9 +166,44 @@ def test_hidden_states_learnt_later_and_least_recently_used_leaves_leave_first(t
 
 
 def _nodes(prefix):
-    out, todo = [], list(prefix.root.children.values())
+    out, todo = [], [child for root in prefix.roots.values() for child in root.children.values()]
     while todo:
         node = todo.pop()
         out.append(node)
         todo.extend(node.children.values())
     return out
+
+
+def test_with_scope_tenant_each_tenant_reads_only_what_its_own_requests_left(target):
+    from onlinespec.config import ServingConfig
+    with pytest.raises(ValueError, match="prefix_cache_scope"):
+        ServingConfig(prefix_cache_scope="nobody")
+    engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 0.1, seed=3), "d"), config=EngineConfig(k=3))
+    batch = Batch(engine, slots=1, prefix_tokens=4096, prefix_scope="tenant")
+    prompt = SYSTEM + [50, 51]
+
+    def serve(tenant):
+        gen = engine.start(prompt, SamplingParams(max_new_tokens=6), tenant=tenant)
+        drive(batch, [gen])
+        assert gen.generated == hf_greedy(target, prompt, 6)
+        return gen.cached_tokens
+
+    assert serve("a") == 0
+    assert serve("b") == 0, "another tenant's text is not read"
+    assert serve("a") == len(prompt) - 1
+    assert serve(None) == 0 and serve(None) == 0, "a request without a tenant neither reads nor leaves"
+    assert set(batch.prefix.roots) == {"a", "b"}
+    # a shared cache serves everyone
+    shared = Batch(engine, slots=1, prefix_tokens=4096)
+    for tenant, cached in (("a", 0), ("b", len(prompt) - 1), (None, len(prompt) - 1)):
+        gen = engine.start(prompt, SamplingParams(max_new_tokens=6), tenant=tenant)
+        drive(shared, [gen])
+        assert gen.cached_tokens == cached
+    # the budget is shared: a scope whose last text is evicted leaves no tree behind
+    small = PrefixCache(len(prompt) - 1)
+    c = SlotCache.for_model(target, 1, 64)
+    c.join()
+    forward_rows(target, c, [prompt], logits=False)
+    small.store(prompt, c, 0, scope="a")
+    small.store(prompt, c, 0, scope="b")
+    assert set(small.roots) == {"b"} and len(small) == len(prompt) - 1 and small.stats.evicted == len(prompt) - 1

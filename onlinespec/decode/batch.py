@@ -47,7 +47,9 @@ from onlinespec.decode.proposers import Blocks, Copies, DraftRows, FeatureRows
 from onlinespec.drafters.feature import is_feature
 from onlinespec.decode.slots import SlotCache, forward_rows, leave_row
 
-__all__ = ["Batch", "StepTiming", "run_batched"]
+__all__ = ["Batch", "StepTiming", "run_batched", "PREFIX_SCOPES"]
+
+PREFIX_SCOPES = ("shared", "tenant")  # who reads what the prefix cache keeps: everyone, or its tenant
 
 @dataclass(frozen=True)
 class StepTiming:
@@ -79,13 +81,15 @@ class Batch:
     """The requests one engine serves together (at most ``slots``), stepped as one."""
 
     def __init__(self, engine: SpeculativeEngine, slots: int = 8, prefill_tokens: int = 256,
-                 kv_tokens: int | None = None, prefix_tokens: int = 0):
+                 kv_tokens: int | None = None, prefix_tokens: int = 0, prefix_scope: str = "shared"):
         """``kv_tokens``: key/value positions the requests may reserve together (each reserves
         its prompt, ``max_new_tokens`` and one verification block; rows share one layout, so the
         longest reservation counts for every row): a request waits until it fits
         (:meth:`fits`). None: only ``slots`` bounds the batch. ``prefix_tokens``: positions of
         text read before that a :class:`~onlinespec.decode.prefix.PrefixCache` keeps for later
-        prompts that begin the same way (0: none)."""
+        prompts that begin the same way (0: none); ``prefix_scope``: ``shared`` by every request,
+        or ``tenant``: each tenant reads only what its own requests left (requests without one
+        neither read nor leave anything)."""
         assert slots >= 1 and prefill_tokens >= 1
         self.engine = engine
         self.slots = slots
@@ -100,7 +104,9 @@ class Batch:
         self.copies, self.blocks = Copies(), Blocks()
         self.drafters: dict[int, DraftRows] = {}  # by id() of the drafter object
         self.k: BatchK = engine.k_controller
+        assert prefix_scope in PREFIX_SCOPES, f"prefix_scope is one of {PREFIX_SCOPES}"
         self.prefix = PrefixCache(prefix_tokens) if prefix_tokens else None
+        self.prefix_scope = prefix_scope
         self.last = StepTiming()
 
     def __len__(self) -> int:
@@ -154,8 +160,9 @@ class Batch:
             gen.features = FeatureLog()  # its drafter reads the target's features, or its learners will
         row = self.staging.join()
         self.staged.append(gen)
-        if self.prefix is not None:  # the prompt's beginning read before (its last token is fed with drafts)
-            gen.cached_tokens = self.prefix.load(gen.tokens[:-1], self.staging, row, gen.features)
+        if self._prefixed(gen):  # the prompt's beginning read before (its last token is fed with drafts)
+            gen.cached_tokens = self.prefix.load(gen.tokens[:-1], self.staging, row, gen.features,
+                                                 self._prefix_key(gen))
 
     def remove(self, gen: Generation) -> None:
         """A request leaves (finished, cancelled or failed); its rows are freed."""
@@ -168,6 +175,13 @@ class Batch:
             rows.leave(gen)
             if not any(g.drafter is rows.drafter for g in self.rows):
                 del self.drafters[id(rows.drafter)]
+
+    def _prefixed(self, gen: Generation) -> bool:
+        """Whether ``gen`` reads and leaves text in the prefix cache."""
+        return self.prefix is not None and (self.prefix_scope == "shared" or gen.tenant is not None)
+
+    def _prefix_key(self, gen: Generation):
+        return gen.tenant if self.prefix_scope == "tenant" else None
 
     def _draft_rows(self, gen: Generation) -> DraftRows | None:
         return self.drafters.get(id(gen.drafter)) if isinstance(gen.drafter, HFDrafter) else None
@@ -205,8 +219,8 @@ class Batch:
         ready = [g for row, g in enumerate(self.staged) if int(self.staging.lengths[row]) == len(g.tokens) - 1]
         for gen in ready:
             row = self.staged.index(gen)
-            if self.prefix is not None and len(gen.tokens) > 1:
-                self.prefix.store(gen.tokens, self.staging, row, gen.features)
+            if self._prefixed(gen) and len(gen.tokens) > 1:
+                self.prefix.store(gen.tokens, self.staging, row, gen.features, self._prefix_key(gen))
             self._join(gen, row if len(gen.tokens) > 1 else None)
             leave_row(self.staging, self.staged, gen)
         return fed
@@ -341,9 +355,9 @@ class Batch:
             if gen.adaptive:  # a muted row's block was a suffix block: credited as one, as without a drafter
                 self.k.observe_row(row_keys[b], copied[b], out.accepted, asked=k_rows[b])
             if gen.finished:
-                if self.prefix is not None and not gen.isolated:  # a conversation's next turn begins with it
+                if self._prefixed(gen) and not gen.isolated:  # a conversation's next turn begins with it
                     self.cache.rewind(b, min(len(gen.tokens) - 1, int(self.cache.lengths[b])))
-                    self.prefix.store(gen.tokens, self.cache, b, gen.features)
+                    self.prefix.store(gen.tokens, self.cache, b, gen.features, self._prefix_key(gen))
                 leaving.append(gen)
             else:  # keep every settled token but the newest (it is fed with the next drafts)
                 keep = len(gen.tokens) - 1

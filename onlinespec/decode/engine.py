@@ -346,6 +346,7 @@ class Generation:
         # "shared"; an isolated request copies only from its own text and leaves nothing behind.
         self.cache = None if isolated else suffix
         self.isolated = isolated
+        self.tenant = tenant
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the batch's prefix cache
         self.scope = suffix.config.scope_of(tenant) if suffix is not None else None
         self.builder = (

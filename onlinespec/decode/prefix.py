@@ -13,7 +13,8 @@ A position's keys and values depend on every token before it and on nothing afte
 tensors are exactly what the target would compute for that prefix: reusing them changes no
 output (verification still reads the same keys). Within the token budget the least recently
 used leaf goes first: the shared beginnings, touched by every request that matches them, stay.
-Not thread-safe: the batch that owns it drives it.
+Each ``scope`` (the batch's: one for all requests, or one per tenant) has a tree of its own; the
+budget is shared. Not thread-safe: the batch that owns it drives it.
 """
 
 from __future__ import annotations
@@ -76,17 +77,19 @@ class PrefixCache:
     def __init__(self, max_tokens: int):
         assert max_tokens >= 1, "a prefix cache holds at least one token (0: none at all)"
         self.max_tokens = max_tokens
-        self.root = _Node()
+        self.roots: dict[object, _Node] = {}  # a tree per scope
         self.clock = 0
         self.stats = PrefixStats()
 
     def __len__(self) -> int:
         return self.stats.tokens
 
-    def _match(self, tokens: list[int], hidden: bool) -> list[tuple[_Node, int]]:
-        """The nodes ``tokens`` follow from the root, each with how many of its tokens match
-        (all but possibly the last). ``hidden``: stop at a node without hidden states."""
-        path, node, at = [], self.root, 0
+    def _match(self, tokens: list[int], hidden: bool, scope: object) -> list[tuple[_Node, int]]:
+        """The nodes ``tokens`` follow from ``scope``'s root, each with how many of its tokens
+        match (all but possibly the last). ``hidden``: stop at a node without hidden states."""
+        path, node, at = [], self.roots.get(scope), 0
+        if node is None:
+            return path
         while at < len(tokens):
             child = node.children.get(tokens[at])
             if child is None or (hidden and child.hidden is None):
@@ -104,12 +107,14 @@ class PrefixCache:
         return path
 
     @torch.inference_mode()
-    def load(self, tokens: list[int], cache: SlotCache, row: int, features: FeatureLog | None = None) -> int:
-        """Write the longest cached prefix of ``tokens`` into ``row`` of ``cache`` (a fresh row:
-        its length becomes the prefix's) and, with ``features``, append its hidden states there
-        (only prefixes whose hidden states are known are taken then). Returns its length."""
+    def load(self, tokens: list[int], cache: SlotCache, row: int, features: FeatureLog | None = None,
+             scope: object = None) -> int:
+        """Write the longest prefix of ``tokens`` cached in ``scope`` into ``row`` of ``cache`` (a
+        fresh row: its length becomes the prefix's) and, with ``features``, append its hidden
+        states there (only prefixes whose hidden states are known are taken then). Returns its
+        length."""
         self.stats.looked_up += len(tokens)
-        path = self._match(tokens, hidden=features is not None)
+        path = self._match(tokens, hidden=features is not None, scope=scope)
         length = sum(n for _, n in path)
         if not length:
             return 0
@@ -127,17 +132,20 @@ class PrefixCache:
         return length
 
     @torch.inference_mode()
-    def store(self, tokens: list[int], cache: SlotCache, row: int, features: FeatureLog | None = None) -> int:
-        """Keep what ``row`` of ``cache`` holds for ``tokens`` (its first ``len(tokens)``
-        positions; with ``features``, their hidden states too, also for a cached prefix that had
-        none), then evict to the budget. Returns the tokens newly stored."""
+    def store(self, tokens: list[int], cache: SlotCache, row: int, features: FeatureLog | None = None,
+              scope: object = None) -> int:
+        """Keep in ``scope`` what ``row`` of ``cache`` holds for ``tokens`` (its first
+        ``len(tokens)`` positions; with ``features``, their hidden states too, also for a cached
+        prefix that had none), then evict to the budget. Returns the tokens newly stored."""
         # a text longer than the whole budget keeps its beginning (whatever else is evicted)
         n_tokens = min(len(tokens), int(cache.lengths[row]), self.max_tokens)
+        if n_tokens <= 0:
+            return 0
         if features is not None and len(features) < n_tokens:
             features = None  # hidden states are kept whole or not at all
         self.clock += 1
-        node, at = self.root, 0
-        for child, n in self._match(tokens[:n_tokens], hidden=False):
+        node, at = self.roots.setdefault(scope, _Node()), 0
+        for child, n in self._match(tokens[:n_tokens], hidden=False, scope=scope):
             if n < len(child.tokens):
                 child = child.split(n)
             if features is not None and child.hidden is None:
@@ -158,7 +166,7 @@ class PrefixCache:
         return max(new, 0)
 
     def _leaves(self) -> list[_Node]:
-        out, todo = [], list(self.root.children.values())
+        out, todo = [], [child for root in self.roots.values() for child in root.children.values()]
         while todo:
             node = todo.pop()
             if node.children:
@@ -174,3 +182,5 @@ class PrefixCache:
             self.stats.tokens -= len(leaf.tokens)
             self.stats.evicted += len(leaf.tokens)
             self.stats.nbytes -= leaf.nbytes
+            if leaf.parent.parent is None and not leaf.parent.children:  # a scope left empty
+                self.roots = {scope: root for scope, root in self.roots.items() if root.children}
