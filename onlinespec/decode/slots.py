@@ -172,21 +172,18 @@ class SlotCache(Cache):
         prefill: a single-sequence cache, or another slot cache) into ``row``, whose length
         becomes ``length``."""
         assert 0 <= row < self.active, f"row {row} is not active"
-        self.ensure(length + 1)
-        for mine, theirs in zip(self.layers, source.layers):
-            if length == 0:
-                break
-            if not mine.is_initialized:
-                mine.lazy_initialization(theirs.keys, theirs.values)
-            mine.keys[row, :, :length] = theirs.keys[source_row, :, :length]
-            mine.values[row, :, :length] = theirs.values[source_row, :, :length]
-        self.lengths[row] = length
+        if length == 0:  # nothing to copy (the source may hold no tensors yet)
+            self.ensure(1)
+            self.lengths[row] = 0
+            return
+        self.fill(row, [layer.keys[source_row, :, :length] for layer in source.layers],
+                  [layer.values[source_row, :, :length] for layer in source.layers])
 
     @torch.inference_mode()  # its tensors may be inference tensors: so are their updates
     def fill(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Write one layer's keys and values ``[kv_heads, n, head_dim]`` per layer at positions
-        ``0 .. n - 1`` of ``row`` (a prefix read before: :mod:`onlinespec.decode.prefix`), whose
-        length becomes ``n``."""
+        ``0 .. n - 1`` of ``row`` (another cache's row: :meth:`load`; a prefix read before:
+        :mod:`onlinespec.decode.prefix`), whose length becomes ``n``."""
         assert 0 <= row < self.active, f"row {row} is not active"
         assert len(keys) == len(values) == len(self.layers), "one tensor per layer"
         n = keys[0].shape[1]
