@@ -71,6 +71,7 @@ def run(args) -> int:
              for i, (m, a) in enumerate(zip(firsts, answers))]
     reference2 = [hf_batched(target, [p], 1, max_new, eos)["outputs"][0] for p in turn2]
 
+    prompt_tokens = [sum(map(len, turn)) for turn in (turn1, turn2)]
     controller = BatchK(k_max=cfg.serving.k_max)  # kept across passes, as a server keeps it
 
     def serve(prefix_tokens: int) -> list[dict]:
@@ -98,24 +99,22 @@ def run(args) -> int:
 
     def figures(way: str, t: int) -> dict:
         levels = [turns[t] for turns in runs[way]]
-        prompt_tokens = sum(len(p) for p in (turn1, turn2)[t])
         return {"tok_s": statistics.median(x["tok_s"] for x in levels),
                 "ttft_p50_ms": statistics.median(statistics.median(x["ttft_ms"]) for x in levels),
                 "prefilled_tokens": statistics.median(x["prefilled_tokens"] for x in levels),
-                "cached_share": statistics.median(x["cached_tokens"] for x in levels) / prompt_tokens,
+                "cached_share": statistics.median(x["cached_tokens"] for x in levels) / prompt_tokens[t],
                 "prefill_share_of_wall": statistics.median(x["phases"]["prefill"] / x["seconds"] for x in levels)}
 
     turns_out = []
     for t in range(2):
         cache, none = figures("cache", t), figures("none", t)
-        prompt_tokens = sum(len(p) for p in (turn1, turn2)[t])
-        turns_out.append({"turn": t + 1, "prompts": n, "mean_prompt_tokens": prompt_tokens / n,
+        turns_out.append({"turn": t + 1, "prompts": n, "mean_prompt_tokens": prompt_tokens[t] / n,
                           "cache": cache, "none": none, "tok_s_ratio": cache["tok_s"] / none["tok_s"],
                           "ttft_ratio": cache["ttft_p50_ms"] / none["ttft_p50_ms"],
                           # each pass's two ways ran next to each other
                           "tok_s_ratio_paired": statistics.median(
                               a[t]["tok_s"] / b[t]["tok_s"] for a, b in zip(runs["cache"], runs["none"]))})
-        print(f"turn {t + 1}: {n} prompts of {prompt_tokens / n:.0f} tokens; "
+        print(f"turn {t + 1}: {n} prompts of {prompt_tokens[t] / n:.0f} tokens; "
               f"cache {cache['tok_s']:.1f} tok/s, first token {cache['ttft_p50_ms']:.0f} ms, "
               f"{cache['cached_share']:.0%} of prompt tokens cached | none {none['tok_s']:.1f} tok/s, "
               f"first token {none['ttft_p50_ms']:.0f} ms", flush=True)
