@@ -102,6 +102,9 @@ class ServingConfig:
     api_keys: tuple[str, ...] = ()  # keys accepted on /v1; empty: any key
     suffix: SuffixConfig = field(default_factory=SuffixConfig)
     engine: str = "embedded"  # embedded | vllm (its own virtualenv: ./run vllm-setup)
+    # seconds a stop gives in-flight requests, then as long to what the server owns (vLLM's
+    # processes, threads); past that it exits 1, its threads' stacks on stderr, its children killed
+    stop_timeout: float = 15.0
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def __post_init__(self):
@@ -115,6 +118,8 @@ class ServingConfig:
             raise ValueError(f"features_ttl must be >= 1 second, got {self.features_ttl}")
         if self.prefix_cache_scope not in ("shared", "tenant"):
             raise ValueError(f"prefix_cache_scope must be shared or tenant, got {self.prefix_cache_scope!r}")
+        if self.stop_timeout <= 0:
+            raise ValueError(f"stop_timeout is a positive number of seconds, got {self.stop_timeout}")
         if self.prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be >= 0 (0: no prefix cache), got {self.prefix_cache_tokens}")
 

@@ -15,8 +15,9 @@ import os
 log = logging.getLogger("onlinespec.server")
 
 
-def build(config_path: str | None = None, no_redis: bool = False):
-    """(app, state, cleanup) for a config: used by the CLI and by ``onlinespec up``."""
+def build(config_path: str | None = None, no_redis: bool = False, on_stop=None):
+    """(app, state, cfg, cleanup) for a config; ``on_stop``: called when the stop begins (the
+    server's :class:`~serving.deadline.StopDeadline`)."""
     import torch
 
     from onlinespec.feedback import keys
@@ -104,6 +105,8 @@ def build(config_path: str | None = None, no_redis: bool = False):
         if stopped:
             return
         stopped.append(True)
+        if on_stop is not None:
+            on_stop()
         state.loop.stop()
         if state.extra.get("sampler"):
             state.extra["sampler"].stop()
@@ -223,11 +226,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
     import uvicorn
 
-    app, state, cfg, cleanup = build(args.config, args.no_redis)
+    from serving.deadline import StopDeadline
+
+    # in-flight requests get serving.stop_timeout seconds to finish (uvicorn), then what the server
+    # owns gets as long again to stop, or the deadline ends the process and its children
+    deadline = StopDeadline()
+    app, state, cfg, cleanup = build(args.config, args.no_redis,
+                                     on_stop=lambda: deadline.arm(cfg.serving.stop_timeout))
     host = args.host or cfg.serving.host  # ONLINESPEC_HOST / ONLINESPEC_PORT: through the config
     port = args.port or cfg.serving.port
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning",
+                    timeout_graceful_shutdown=cfg.serving.stop_timeout)
     finally:
         cleanup()
 

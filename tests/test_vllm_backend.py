@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,24 +119,30 @@ registry: {tmp / 'registry'}
         pytest.fail(f"the vLLM server did not become ready: {(tmp / 'server.log').read_text()[-3000:]}")
     yield url, str(config), tmp / "registry", client
     proc.terminate()
-    try:
-        proc.wait(30)
+    stopping = time.time()
+    try:  # serving.stop_timeout (15 s) for requests in flight, as long for the stop, then it exits
+        proc.wait(60)
     except subprocess.TimeoutExpired:
         pass
+    took = time.time() - stopping
     leftover = _group_alive(proc.pid)
     if leftover:  # the server left vLLM's processes behind (or hung): end them, then say so
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
     log.close()
     client.close()
-    assert not leftover, f"the server's stop left processes behind: {leftover}"
+    if proc.returncode == 1:  # the stop deadline ended it: nothing left behind, but say what hung
+        warnings.warn(f"the vLLM server's stop hit its deadline ({took:.0f} s); its log ends: "
+                      f"{(tmp / 'server.log').read_text()[-4000:]}")
+    assert not leftover, (f"{took:.0f} s after SIGTERM the server (exit {proc.returncode}) left processes "
+                          f"behind: {leftover}; its log ends: {(tmp / 'server.log').read_text()[-4000:]}")
 
 
 def _group_alive(pgid: int) -> list[str]:
     """Live (not zombie) processes of a process group."""
-    out = subprocess.run(["ps", "-eo", "pgid=,stat=,comm="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eo", "pgid=,pid=,stat=,args="], capture_output=True, text=True).stdout
     return [line.strip() for line in out.splitlines()
-            if line.split() and line.split()[0] == str(pgid) and not line.split()[1].startswith("Z")]
+            if line.split() and line.split()[0] == str(pgid) and not line.split()[2].startswith("Z")]
 
 
 @pytest.fixture(scope="module")

@@ -96,8 +96,8 @@ class Supervisor:
             if c.proc is None or c.proc.poll() is not None or (only and not c.name.startswith(only)):
                 continue
             c.proc.send_signal(signal.SIGTERM)
-            try:
-                c.proc.wait(30)
+            try:  # the server's own stop ends within 2 x serving.stop_timeout (30 s by default)
+                c.proc.wait(45)
             except subprocess.TimeoutExpired:
                 c.proc.kill()
 
