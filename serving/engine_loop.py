@@ -264,8 +264,13 @@ class EngineLoop(LoopBase):
     def _crashed(self) -> list[RequestHandle]:
         held = list(self.active.values())
         self.active.clear()
-        # their rows may be half-updated: fail them (the waiting ones stay) and start afresh
+        # their rows may be half-updated: fail them (the waiting ones stay) and start afresh; the
+        # prefix cache too (a store may have stopped half-way), its counters going on from where
+        # they were (a Prometheus counter never goes down)
+        old = self.batch.prefix
         self.batch = self._new_batch()
+        if old is not None and self.batch.prefix is not None:
+            self.batch.prefix.stats.carry(old.stats)
         return held
 
     def _serve(self) -> None:

@@ -18,7 +18,7 @@ __all__ = ["build_state", "BackgroundServer"]
 
 def _prefix_metrics(metrics: Metrics, loop: EngineLoop) -> None:
     """The prefix cache's figures (:class:`onlinespec.decode.prefix.PrefixStats`) of the loop's
-    batch (a new batch after a crash starts an empty cache)."""
+    batch (a new batch after a crash starts an empty cache, its counters going on)."""
     def stat(name: str):
         prefix = loop.batch.prefix
         return {(): getattr(prefix.stats, name) if prefix is not None else 0}

@@ -22,7 +22,8 @@ def server(target, tokenizer):
     # a weak drafter: what is accepted is mostly what suffix speculation copies
     engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 3.0, seed=5), "weak", version=1),
                                tokenizer=tokenizer, config=EngineConfig(k=4, target_id=MODEL), suffix=SuffixCache())
-    state = build_state(engine, tokenizer, MODEL, max_queue=8, max_tokens=200, max_prompt_tokens=300)
+    state = build_state(engine, tokenizer, MODEL, max_queue=8, max_tokens=200, max_prompt_tokens=300,
+                        prefix_cache_tokens=512)
     srv = BackgroundServer(state).start()
     yield srv
     srv.stop()
@@ -143,14 +144,27 @@ def test_a_crash_outside_any_request_restarts_the_loop_and_is_reported(server, m
         def observe(self, *a):
             pass
 
+    for _ in range(2):  # the second reads the first's prompt from the prefix cache
+        ok(server, prompt="a prompt the prefix cache keeps")
+    cached = prefix_metrics(server)
+    assert cached["prefix_cache_hit_tokens_total"] > 0 and cached["prefix_cache_tokens"] > 0
     monkeypatch.setattr(loop, "watcher", Watcher())
     before = loop.restarts
     r = post(server, {"prompt": "abc", "max_tokens": 8, "temperature": 0})
     assert r.status_code == 500  # the request held by the crashed pass gets an error, not a hang
+    after = prefix_metrics(server)  # the cache starts afresh (a store may have stopped half-way) ...
+    assert after["prefix_cache_tokens"] == 0 and after["prefix_cache_bytes"] == 0
+    for counter in ("prefix_cache_lookup_tokens_total", "prefix_cache_hit_tokens_total"):  # ... its counters go on
+        assert after[counter] >= cached[counter]
     assert ok(server)["choices"][0]["text"]  # the loop came back
     assert loop.restarts == before + 1 and loop.alive
     assert "swap exploded" in httpx.get(server.url + "/ready").json()["last_crash"]
     assert "onlinespec_engine_loop_restarts_total 1" in httpx.get(server.url + "/metrics").text
+
+
+def prefix_metrics(srv) -> dict:
+    return {line.split()[0].removeprefix("onlinespec_"): float(line.split()[1])
+            for line in httpx.get(srv.url + "/metrics").text.splitlines() if line.startswith("onlinespec_prefix_cache_")}
 
 
 def test_suffix_speculation_never_copies_across_api_keys(server):

@@ -40,6 +40,11 @@ class PrefixStats:
     tokens: int = 0  # tokens held now
     nbytes: int = 0  # bytes held now
 
+    def carry(self, earlier: PrefixStats) -> None:
+        """Go on counting from an earlier cache's counters (a fresh cache after a crash)."""
+        for name in ("looked_up", "hit", "stored", "evicted"):
+            setattr(self, name, getattr(self, name) + getattr(earlier, name))
+
 
 @dataclass(eq=False)
 class _Node:
