@@ -207,3 +207,29 @@ def test_with_scope_tenant_each_tenant_reads_only_what_its_own_requests_left(tar
     small.store(prompt, c, 0, scope="a")
     small.store(prompt, c, 0, scope="b")
     assert set(small.roots) == {"b"} and len(small) == len(prompt) - 1 and small.stats.evicted == len(prompt) - 1
+
+
+def test_with_a_key_value_budget_the_cache_gives_way_to_the_requests(target):
+    """``kv_tokens`` counts the cache's positions too: at every moment the requests' reservations
+    and the cache fit within it, the cache keeps what room they leave (and is read from), and no
+    request waits for the cache's sake."""
+    engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 0.1, seed=3), "d"), config=EngineConfig(k=4),
+                               suffix=SuffixCache())
+    ps = chat_like(8, seed=9)
+    gens = [engine.start(p, SamplingParams(max_new_tokens=12)) for p in ps]
+    batch = Batch(engine, slots=2, prefill_tokens=16, kv_tokens=150, prefix_tokens=4096)
+    waiting, most, shared = list(gens), 0, 0
+    while waiting or len(batch):
+        while waiting and batch.fits(waiting[0]):
+            batch.add(waiting.pop(0))
+            assert batch.reserved + len(batch.prefix) <= 150
+        shared = max(shared, len(batch))
+        for _, out in batch.step():
+            assert not isinstance(out, Exception), out
+        assert batch.reserved + len(batch.prefix) <= 150
+        most = max(most, len(batch.prefix))
+    for p, gen in zip(ps, gens):
+        assert gen.generated == hf_greedy(target, p, 12)
+    assert shared == 2  # two requests at once, as without a cache: it gave way
+    assert batch.prefix.stats.evicted > 0 and batch.prefix.stats.hit >= len(SYSTEM)
+    assert most > len(SYSTEM)  # alone, a request leaves room the cache keeps

@@ -87,7 +87,9 @@ class Batch:
         longest reservation counts for every row): a request waits until it fits
         (:meth:`fits`). None: only ``slots`` bounds the batch. ``prefix_tokens``: positions of
         text read before that a :class:`~onlinespec.decode.prefix.PrefixCache` keeps for later
-        prompts that begin the same way (0: none); ``prefix_scope``: ``shared`` by every request,
+        prompts that begin the same way (0: none); with ``kv_tokens`` they count within it, and
+        the requests come first: the cache gives up its least recently used text to whatever
+        room they leave (:meth:`_fit_prefix`), as vLLM's cached blocks do. ``prefix_scope``: ``shared`` by every request,
         or ``tenant``: each tenant reads only what its own requests left (requests without one
         neither read nor leave anything)."""
         assert slots >= 1 and prefill_tokens >= 1
@@ -163,6 +165,12 @@ class Batch:
         if self._prefixed(gen):  # the prompt's beginning read before (its last token is fed with drafts)
             gen.cached_tokens = self.prefix.load(gen.tokens[:-1], self.staging, row, gen.features,
                                                  self._prefix_key(gen))
+        self._fit_prefix()
+
+    def _fit_prefix(self) -> None:
+        """Keep the prefix cache within the key/value room the batch's reservations leave."""
+        if self.prefix is not None and self.kv_tokens is not None:
+            self.prefix.shrink(self.kv_tokens - self.reserved)
 
     def remove(self, gen: Generation) -> None:
         """A request leaves (finished, cancelled or failed); its rows are freed."""
@@ -221,6 +229,7 @@ class Batch:
             row = self.staged.index(gen)
             if self._prefixed(gen) and len(gen.tokens) > 1:
                 self.prefix.store(gen.tokens, self.staging, row, gen.features, self._prefix_key(gen))
+                self._fit_prefix()
             self._join(gen, row if len(gen.tokens) > 1 else None)
             leave_row(self.staging, self.staged, gen)
         return fed
@@ -358,6 +367,7 @@ class Batch:
                 if self._prefixed(gen) and not gen.isolated:  # a conversation's next turn begins with it
                     self.cache.rewind(b, min(len(gen.tokens) - 1, int(self.cache.lengths[b])))
                     self.prefix.store(gen.tokens, self.cache, b, gen.features, self._prefix_key(gen))
+                    self._fit_prefix()
                 leaving.append(gen)
             else:  # keep every settled token but the newest (it is fed with the next drafts)
                 keep = len(gen.tokens) - 1

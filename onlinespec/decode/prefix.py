@@ -181,7 +181,12 @@ class PrefixCache:
         return out
 
     def _evict(self) -> None:
-        while self.stats.tokens > self.max_tokens:
+        self.shrink(self.max_tokens)
+
+    def shrink(self, tokens: int) -> None:
+        """Evict the least recently used leaves until at most ``tokens`` positions are held (the
+        batch's requests need the room: ``serving.kv_cache_tokens`` counts both)."""
+        while self.stats.tokens > max(tokens, 0):
             leaf = min(self._leaves(), key=lambda node: node.used)
             del leaf.parent.children[leaf.tokens[0]]
             self.stats.tokens -= len(leaf.tokens)
