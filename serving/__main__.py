@@ -199,7 +199,7 @@ def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router, regist
                            lambda: {(): link.stats["update_seconds"]})
         return VllmLoop(engine, link, metrics, cfg.target_id, writer=writer, watcher=watcher,
                         max_active=s.max_active, max_queue=s.max_queue, drafters=drafters, router=router,
-                        k=s.k, feedback_topk=s.feedback_topk)
+                        k=s.k, feedback_topk=s.feedback_topk, prefix_scope=s.prefix_cache_scope)
 
     return build_state(None, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
                        max_active=s.max_active, max_queue=s.max_queue, max_prompt_tokens=s.max_prompt_tokens,

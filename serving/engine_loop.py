@@ -54,6 +54,7 @@ class RequestHandle:
     error: Exception | None = None
     tenant: str | None = None  # from the API key (and ``user``): scopes suffix speculation, tags feedback
     domain: str | None = None  # ``metadata.domain``: the request's traffic group (drafter choice, estimates)
+    cache_salt: str | None = None  # the prefix cache serves it only what requests with this salt left
     # streamed: every step's output is handed over as it comes; otherwise they are kept and handed
     # over at the end in one list (one wake-up of the event loop per request, not per step)
     stream: bool = True
@@ -117,11 +118,11 @@ class LoopBase:
         return self.pending.qsize() + len(self.active)
 
     def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
-               domain: str | None = None, stream: bool = True) -> RequestHandle:
+               domain: str | None = None, stream: bool = True, cache_salt: str | None = None) -> RequestHandle:
         if self.pending.qsize() >= self.max_queue:
             raise QueueFull(f"{self.pending.qsize()} requests are already waiting (max_queue={self.max_queue})")
         handle = RequestHandle(prompt, params, asyncio.Queue(), asyncio.get_running_loop(), tenant=tenant,
-                               domain=domain, stream=stream)
+                               domain=domain, stream=stream, cache_salt=cache_salt)
         self.pending.put(handle)
         self.metrics.queue_depth.set(self.depth)
         return handle
@@ -257,6 +258,7 @@ class EngineLoop(LoopBase):
         drafter = self.drafters[choice] if choice in self.drafters else "default"
         gen = self.engine.start(handle.prompt, handle.params, tenant=handle.tenant, isolated=isolated,
                                 drafter=drafter, domain=handle.domain)
+        gen.cache_salt = handle.cache_salt
         self._count_traffic(group, gen.drafter)
         self.batch.check_admissible(gen)
         return gen

@@ -53,9 +53,10 @@ def openai_router(state) -> APIRouter:
         return tenant_of(key, req.user)
 
     def _submit(prompt_ids: list[int], params: SamplingParams, tenant: str | None,
-                domain: str | None = None, stream: bool = True) -> RequestHandle:
+                domain: str | None = None, stream: bool = True, cache_salt: str | None = None) -> RequestHandle:
         try:
-            return state.loop.submit(prompt_ids, params, tenant=tenant, domain=domain, stream=stream)
+            return state.loop.submit(prompt_ids, params, tenant=tenant, domain=domain, stream=stream,
+                                     cache_salt=cache_salt)
         except QueueFull as exc:
             state.metrics.rejected.inc(label="queue_full")
             raise ApiError(429, f"server busy: {exc}; retry later", type_="rate_limit_error") from None
@@ -173,7 +174,7 @@ def openai_router(state) -> APIRouter:
 
     async def _serve(req, prompt_ids: list[int], request: Request, kind: str, tenant: str | None):
         params = _params(req, len(prompt_ids))
-        handle = _submit(prompt_ids, params, tenant, req.domain, stream=bool(req.stream))
+        handle = _submit(prompt_ids, params, tenant, req.domain, stream=bool(req.stream), cache_salt=req.cache_salt)
         rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         wanted = params.logprobs is not None

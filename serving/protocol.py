@@ -45,6 +45,8 @@ class _Sampling(BaseModel):
     # OpenAI's request metadata (up to 16 string pairs); "domain" names the request's traffic group:
     # drafter choice and acceptance estimates are kept per group (onlinespec/learn/estimate.py)
     metadata: dict[str, str] | None = None
+    # vLLM's: requests read only what the prefix cache keeps of requests with the same salt
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
     # OnlineSpec extensions
     k: int | None = Field(default=None, ge=1, le=32)
     ignore_eos: bool = False
@@ -63,6 +65,11 @@ class _Sampling(BaseModel):
     @classmethod
     def _user(cls, v):
         return v if v is None else _check_text(v, "user")
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _cache_salt(cls, v):
+        return v if v is None else _check_text(v, "cache_salt")
 
     @field_validator("metadata")
     @classmethod

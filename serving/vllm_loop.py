@@ -26,6 +26,7 @@ or in vLLM's own processes (``serving.vllm.multiprocessing``, ``tensor_parallel_
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import uuid
@@ -40,9 +41,21 @@ from onlinespec.learn.estimate import group_of
 from serving.engine_loop import LoopBase, RequestHandle
 from serving.metrics import Metrics
 
-__all__ = ["VllmGeneration", "VllmLoop", "feedback_record", "vllm_exposition"]
+__all__ = ["VllmGeneration", "VllmLoop", "feedback_record", "prefix_salt", "vllm_exposition"]
 
 log = logging.getLogger(__name__)
+
+
+def prefix_salt(scope: str, tenant: str | None, cache_salt: str | None) -> str | None:
+    """vLLM's ``cache_salt`` for a request: its prefix cache then serves it only what requests with
+    the same salt left, as the embedded engine's trees do (``serving.prefix_cache_scope``: under
+    ``tenant`` each tenant has its own; a request with neither a tenant nor a salt a fresh one, so
+    it reads nothing and nobody reads what it leaves)."""
+    if scope != "tenant":
+        return cache_salt
+    if tenant is None and cache_salt is None:
+        return json.dumps(["isolated", uuid.uuid4().hex])
+    return json.dumps(["tenant", tenant, cache_salt])  # one string per pair, none shared by two
 
 
 class VllmGeneration:
@@ -64,13 +77,14 @@ class VllmLoop(LoopBase):
 
     def __init__(self, engine, link, metrics: Metrics, target_id: str, writer=None, watcher=None,
                  max_active: int = 8, max_queue: int = 64, drafters: dict | None = None, router=None,
-                 k: int | None = None, feedback_topk: int = 32):
+                 k: int | None = None, feedback_topk: int = 32, prefix_scope: str = "shared"):
         super().__init__(metrics, writer, watcher, max_active, max_queue, drafters, router)
         self.engine = engine  # vllm.v1.engine.llm_engine.LLMEngine
         self.link = link  # ProposerLink: the proposer inside vLLM (None: no speculation)
         self.target_id = target_id
         self.k = k  # None: each step's length from the proposer's StepK, up to num_speculative_tokens
         self.feedback_topk = feedback_topk
+        self.prefix_scope = prefix_scope  # serving.prefix_cache_scope, through vLLM's cache_salt
         self.active: dict[str, RequestHandle] = {}  # the id the request was added with -> handle
         self.record_failures = 0  # finished requests whose record did not validate (not written)
         self.record_gaps = 0  # generated positions the proposer's log did not cover (logged as undrafted)
@@ -172,7 +186,11 @@ class VllmLoop(LoopBase):
             max_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or -1,
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
             ignore_eos=p.ignore_eos, logprobs=want or None, output_kind=RequestOutputKind.DELTA)
-        request_id = self.engine.add_request(ext, {"prompt_token_ids": list(handle.prompt)}, sampling)
+        prompt = {"prompt_token_ids": list(handle.prompt)}
+        salt = prefix_salt(self.prefix_scope, handle.tenant, handle.cache_salt)
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        request_id = self.engine.add_request(ext, prompt, sampling)
         if self.link is not None:
             suffix = self.link.suffix_config
             self.link.assign(request_id, drafter.drafter_id if drafter is not None else None, k, adaptive=adaptive,

@@ -182,8 +182,9 @@ def test_with_scope_tenant_each_tenant_reads_only_what_its_own_requests_left(tar
     batch = Batch(engine, slots=1, prefix_tokens=4096, prefix_scope="tenant")
     prompt = SYSTEM + [50, 51]
 
-    def serve(tenant):
+    def serve(tenant, salt=None):
         gen = engine.start(prompt, SamplingParams(max_new_tokens=6), tenant=tenant)
+        gen.cache_salt = salt
         drive(batch, [gen])
         assert gen.generated == hf_greedy(target, prompt, 6)
         return gen.cached_tokens
@@ -192,7 +193,10 @@ def test_with_scope_tenant_each_tenant_reads_only_what_its_own_requests_left(tar
     assert serve("b") == 0, "another tenant's text is not read"
     assert serve("a") == len(prompt) - 1
     assert serve(None) == 0 and serve(None) == 0, "a request without a tenant neither reads nor leaves"
-    assert set(batch.prefix.roots) == {"a", "b"}
+    # a salt (vLLM's cache_salt) narrows a tenant's tree, and gives a request without a tenant one
+    assert serve("a", "s") == 0 and serve("a", "s") == len(prompt) - 1
+    assert serve(None, "s") == 0 and serve(None, "s") == len(prompt) - 1
+    assert set(batch.prefix.roots) == {("a", None), ("b", None), ("a", "s"), (None, "s")}
     # a shared cache serves everyone
     shared = Batch(engine, slots=1, prefix_tokens=4096)
     for tenant, cached in (("a", 0), ("b", len(prompt) - 1), (None, len(prompt) - 1)):

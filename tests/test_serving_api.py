@@ -88,6 +88,27 @@ def test_a_prompt_that_begins_as_an_earlier_one_reads_only_the_rest_and_says_so(
     assert "onlinespec_prefix_cache_bytes " in metrics
 
 
+def test_a_cache_salt_reads_only_what_requests_with_the_same_salt_left(server, client):
+    """vLLM's ``cache_salt``: the same prompt under another salt (or none) is read whole again."""
+    prompt = "Salted: a prompt read first without a salt, then under two salts in turn."
+
+    def cached(salt=None):
+        extra = {"extra_body": {"cache_salt": salt}} if salt else {}
+        resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, **extra)
+        return resp.usage.prompt_tokens_details.cached_tokens
+
+    cached()
+    assert cached() > 0  # unsalted requests share what they read
+    assert cached("tenant-a secret") == 0
+    assert cached("tenant-a secret") > 0
+    assert cached("tenant-b secret") == 0
+    for bad in ("", "x" * 1025, "\\ud800"):  # the last: a lone surrogate, escaped in JSON
+        r = httpx.post(server.url + "/v1/completions",
+                       content=f'{{"model": "{MODEL}", "prompt": "x", "cache_salt": "{bad}"}}',
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "cache_salt" in r.text, r.text
+
+
 def test_sampling_with_seed_is_reproducible(client):
     kw = dict(model=MODEL, prompt="seeded", max_tokens=30, temperature=1.0, seed=7)
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text

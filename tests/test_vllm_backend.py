@@ -238,6 +238,21 @@ def test_suffix_speculation_copies_what_a_tenant_was_already_served(served, demo
         assert alone["speculative"]["copied"]["accepted_tokens"] < copied["accepted_tokens"], alone["speculative"]
 
 
+def test_a_cache_salt_keeps_vllms_prefix_cache_apart(served, demo):
+    """``cache_salt`` reaches vLLM: the same prompt under another salt is read whole again, under
+    the same salt its beginning comes from vLLM's prefix cache."""
+    url = served[0]
+    tok = demo[0]
+    prompt = [t for p in prompts(tok, "docs", 6, offset=20) for t in p][:240]  # whole blocks of vLLM's cache
+
+    def cached(salt):
+        return complete(url, prompt, max_tokens=2, cache_salt=salt)["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("first salt") == 0
+    assert cached("first salt") > 0
+    assert cached("second salt") == 0
+
+
 def test_the_learners_improve_on_what_vllm_logged(served, demo):
     """Records served by vLLM (sampled, temperature 1) train the drafter as the embedded engine's do."""
     url, _, _, client = served

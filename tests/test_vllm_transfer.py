@@ -130,3 +130,18 @@ def test_vllm_finds_the_backend_through_its_plugin_entry_point_and_the_engine_as
     assert "enable_prefix_caching" not in engine_args(cfg, "/models/target")
     off = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, prefix_cache_tokens=0))
     assert engine_args(off, "/models/target")["enable_prefix_caching"] is False
+
+
+def test_prefix_cache_scope_reaches_vllm_as_a_salt_per_tenant():
+    """``serving.prefix_cache_scope: tenant`` with ``engine: vllm``: vLLM's ``cache_salt`` keeps each
+    tenant's text apart (a request with neither a tenant nor a salt gets a salt of its own); under
+    ``shared`` only the request's own ``cache_salt`` is passed."""
+    from serving.vllm_loop import prefix_salt
+
+    assert prefix_salt("shared", "t1", None) is None and prefix_salt("shared", "t1", "s") == "s"
+    salts = {prefix_salt("tenant", t, s) for t in ("t1", "t2", None) for s in ("s", None) if t or s}
+    assert len(salts) == 5 and None not in salts
+    assert prefix_salt("tenant", "t1", None) == prefix_salt("tenant", "t1", None)  # a tenant's own tree
+    assert prefix_salt("tenant", None, None) != prefix_salt("tenant", None, None)  # nobody's: never shared
+    # no tenant and salt pair reads as another's
+    assert prefix_salt("tenant", "a", "b") != prefix_salt("tenant", "a\", \"b", None)

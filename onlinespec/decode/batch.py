@@ -185,11 +185,15 @@ class Batch:
                 del self.drafters[id(rows.drafter)]
 
     def _prefixed(self, gen: Generation) -> bool:
-        """Whether ``gen`` reads and leaves text in the prefix cache."""
-        return self.prefix is not None and (self.prefix_scope == "shared" or gen.tenant is not None)
+        """Whether ``gen`` reads and leaves text in the prefix cache (under ``tenant`` scope, a
+        request with neither a tenant nor a salt does not)."""
+        return self.prefix is not None and (self.prefix_scope == "shared" or gen.tenant is not None
+                                            or gen.cache_salt is not None)
 
     def _prefix_key(self, gen: Generation):
-        return gen.tenant if self.prefix_scope == "tenant" else None
+        """The tree ``gen`` reads and leaves text in: its salt's (vLLM's ``cache_salt``), within its
+        tenant's under ``tenant`` scope."""
+        return (gen.tenant if self.prefix_scope == "tenant" else None, gen.cache_salt)
 
     def _draft_rows(self, gen: Generation) -> DraftRows | None:
         return self.drafters.get(id(gen.drafter)) if isinstance(gen.drafter, HFDrafter) else None

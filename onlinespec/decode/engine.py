@@ -348,6 +348,7 @@ class Generation:
         self.isolated = isolated
         self.tenant = tenant
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the batch's prefix cache
+        self.cache_salt: str | None = None  # the prefix cache serves it only what requests with this salt left
         self.scope = suffix.config.scope_of(tenant) if suffix is not None else None
         self.builder = (
             RecordBuilder(
