@@ -89,9 +89,10 @@ class Batch:
         text read before that a :class:`~onlinespec.decode.prefix.PrefixCache` keeps for later
         prompts that begin the same way (0: none); with ``kv_tokens`` they count within it, and
         the requests come first: the cache gives up its least recently used text to whatever
-        room they leave (:meth:`_fit_prefix`), as vLLM's cached blocks do. ``prefix_scope``: ``shared`` by every request,
-        or ``tenant``: each tenant reads only what its own requests left (requests without one
-        neither read nor leave anything)."""
+        room they leave (:meth:`_fit_prefix`), as vLLM's cached blocks do. ``prefix_scope``:
+        ``shared`` by every request, or ``tenant``: each tenant reads only what its own requests
+        left (requests with neither a tenant nor a ``cache_salt`` neither read nor leave
+        anything); a request's ``cache_salt`` narrows either to the requests with that salt."""
         assert slots >= 1 and prefill_tokens >= 1
         self.engine = engine
         self.slots = slots
