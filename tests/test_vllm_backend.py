@@ -125,7 +125,11 @@ registry: {tmp / 'registry'}
     except subprocess.TimeoutExpired:
         pass
     took = time.time() - stopping
-    leftover = _group_alive(proc.pid)
+    # what ends on the server's exit may take a moment more: multiprocessing's resource tracker
+    # (a `python` of the group) unlinks the shared memory vLLM's queues leaked once it sees EOF
+    settle = time.time() + 10
+    while (leftover := _group_alive(proc.pid)) and time.time() < settle:
+        time.sleep(0.2)
     if leftover:  # the server left vLLM's processes behind (or hung): end them, then say so
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
