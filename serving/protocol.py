@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal
@@ -12,6 +13,37 @@ __all__ = ["CompletionRequest", "ChatMessage", "ChatRequest", "StreamOptions", "
 
 MAX_SEED = 2**63 - 1  # seeds are int64, as in vLLM: torch's generator refuses 2**64 and beyond
 _INT32 = 2**31 - 1  # a bound for counts whose real limit the server checks with its own message
+
+
+# OpenAI request fields this server does not apply, each with the values that ask for nothing (what
+# clients send by default): any other value is refused with a 400 that names it, never ignored
+# (a penalty or a bias silently dropped would give a text the client did not ask for)
+UNSUPPORTED = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
+    "best_of": (1,), "echo": (False,), "suffix": ("",), "min_tokens": (0,), "response_format": ({"type": "text"},),
+    "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+}
+
+
+def _neutral(value, neutral: tuple) -> bool:
+    """Whether ``value`` is one of ``neutral`` (a number by value, 0.0 as 0; a bool only as a bool)."""
+    for v in neutral:
+        if isinstance(v, bool) or isinstance(value, bool):
+            if value is v:
+                return True
+        elif value == v:
+            return True
+    return False
+
+
+def _refuse_unsupported(data):
+    """The first field of ``UNSUPPORTED`` that asks for something: a clear error."""
+    if isinstance(data, dict):
+        for name, neutral in UNSUPPORTED.items():
+            value = data.get(name)
+            if value is not None and not _neutral(value, neutral):
+                raise ValueError(f"{name} is not supported by this server: send {json.dumps(neutral[0])} or leave it out")
+    return data
 
 
 def _check_text(value: str, name: str) -> str:
@@ -50,6 +82,11 @@ class _Sampling(BaseModel):
     # OnlineSpec extensions
     k: int | None = Field(default=None, ge=1, le=32)
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        return _refuse_unsupported(data)
 
     @field_validator("stop")
     @classmethod

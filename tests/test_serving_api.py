@@ -160,6 +160,26 @@ def test_malformed_chat_gets_400(server, body, words):
     assert r.status_code == 400 and words in r.json()["error"]["message"]
 
 
+def test_what_the_server_does_not_apply_is_refused_by_name_and_its_defaults_pass(client, server):
+    """OpenAI fields this server does not apply (penalties, logit_bias, tools, ...) are refused
+    with a 400 naming them, never silently dropped; the values clients send by default pass."""
+    defaults = {"frequency_penalty": 0.0, "presence_penalty": 0, "logit_bias": {}, "n": 1, "echo": False,
+                "best_of": 1, "tool_choice": "auto", "response_format": {"type": "text"}}
+    r = httpx.post(server.url + "/v1/completions", timeout=60,
+                   json={"model": MODEL, "prompt": "defaults", "max_tokens": 3, "temperature": 0, **defaults})
+    assert r.status_code == 200, r.text
+    for field, value in (("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"5": 100}),
+                         ("echo", True), ("best_of", 3), ("repetition_penalty", 1.2), ("min_tokens", 4),
+                         ("response_format", {"type": "json_object"})):
+        r = httpx.post(server.url + "/v1/completions", timeout=30,
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 3, field: value})
+        assert r.status_code == 400 and f"{field} is not supported" in r.json()["error"]["message"], r.text
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                         "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert r.status_code == 400 and "tools is not supported" in r.json()["error"]["message"], r.text
+
+
 def test_invalid_json_gets_400(server):
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"]
