@@ -19,7 +19,6 @@ _INT32 = 2**31 - 1  # a bound for counts whose real limit the server checks with
 # clients send by default): any other value is refused with a 400 that names it, never ignored
 # (a penalty or a bias silently dropped would give a text the client did not ask for)
 UNSUPPORTED = {
-    "frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},),
     "best_of": (1,), "echo": (False,), "suffix": ("",), "min_tokens": (0,), "response_format": ({"type": "text"},),
     "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
 }
@@ -77,6 +76,11 @@ class _Sampling(BaseModel):
     # OpenAI's request metadata (up to 16 string pairs); "domain" names the request's traffic group:
     # drafter choice and acceptance estimates are kept per group (onlinespec/learn/estimate.py)
     metadata: dict[str, str] | None = None
+    # OpenAI's penalties and biases (vLLM's repetition_penalty): applied to the target's logits
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
     # vLLM's: requests read only what the prefix cache keeps of requests with the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
     # OnlineSpec extensions
@@ -102,6 +106,24 @@ class _Sampling(BaseModel):
     @classmethod
     def _user(cls, v):
         return v if v is None else _check_text(v, "user")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if not v:
+            return None
+        if len(v) > 300:
+            raise ValueError("logit_bias maps at most 300 token ids")
+        for key, bias in v.items():
+            if not key.isdigit() or int(key) > _INT32:
+                raise ValueError(f"logit_bias keys are token ids, got {key[:20]!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values are in [-100, 100], got {bias}")
+        return v
+
+    @property
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     @field_validator("cache_salt")
     @classmethod

@@ -161,15 +161,14 @@ def test_malformed_chat_gets_400(server, body, words):
 
 
 def test_what_the_server_does_not_apply_is_refused_by_name_and_its_defaults_pass(client, server):
-    """OpenAI fields this server does not apply (penalties, logit_bias, tools, ...) are refused
-    with a 400 naming them, never silently dropped; the values clients send by default pass."""
+    """OpenAI fields this server does not apply (best_of, echo, tools, ...) are refused with a
+    400 naming them, never silently dropped; the values clients send by default pass."""
     defaults = {"frequency_penalty": 0.0, "presence_penalty": 0, "logit_bias": {}, "n": 1, "echo": False,
                 "best_of": 1, "tool_choice": "auto", "response_format": {"type": "text"}}
     r = httpx.post(server.url + "/v1/completions", timeout=60,
                    json={"model": MODEL, "prompt": "defaults", "max_tokens": 3, "temperature": 0, **defaults})
     assert r.status_code == 200, r.text
-    for field, value in (("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"5": 100}),
-                         ("echo", True), ("best_of", 3), ("repetition_penalty", 1.2), ("min_tokens", 4),
+    for field, value in (("echo", True), ("best_of", 3), ("min_tokens", 4), ("suffix", "and so on"),
                          ("response_format", {"type": "json_object"})):
         r = httpx.post(server.url + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 3, field: value})
@@ -178,6 +177,22 @@ def test_what_the_server_does_not_apply_is_refused_by_name_and_its_defaults_pass
                    json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                          "tools": [{"type": "function", "function": {"name": "f"}}]})
     assert r.status_code == 400 and "tools is not supported" in r.json()["error"]["message"], r.text
+
+
+def test_penalties_and_logit_bias_reach_the_target_s_choice(server, client, tokenizer):
+    """A bias of 100 on one token makes it the text; penalties out of range are a 400."""
+    token = tokenizer.encode("the")[0]
+    resp = client.completions.create(model=MODEL, prompt="Once", max_tokens=5, temperature=0,
+                                     logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert resp.choices[0].text == tokenizer.decode([token] * 5)
+    resp = client.completions.create(model=MODEL, prompt="Once", max_tokens=12, temperature=0,
+                                     frequency_penalty=2.0, presence_penalty=2.0)
+    assert resp.usage.completion_tokens > 0
+    for field, value in (("frequency_penalty", 2.5), ("presence_penalty", -3), ("repetition_penalty", 0),
+                         ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {"99999999": 1})):
+        r = httpx.post(server.url + "/v1/completions", timeout=30,
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 3, field: value})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (field, value, r.text)
 
 
 def test_invalid_json_gets_400(server):

@@ -192,6 +192,24 @@ def test_greedy_output_through_vllm_equals_the_target_alone_and_the_embedded_eng
     assert drafted > 0 and 0 < accepted < drafted, (drafted, accepted)  # vLLM verified our drafts
 
 
+def test_penalties_through_vllm_give_what_the_embedded_engine_gives(served, demo):
+    """frequency, presence and repetition penalties reach vLLM's sampler (it verifies our drafts
+    under them): the text is the embedded engine's under the same settings, not the plain one."""
+    url = served[0]
+    tok, target, d1 = demo
+    embedded = SpeculativeEngine(target, HFDrafter(d1, DRAFTER), tokenizer=tok, config=EngineConfig(k=K))
+    changed = 0
+    for prompt, kw in zip(prompts(tok, "python", 3, offset=8), ({"frequency_penalty": 1.0}, {"presence_penalty": 1.5},
+                                                                  {"repetition_penalty": 1.4})):
+        out = complete(url, prompt, max_tokens=24, ignore_eos=True, **kw)["choices"][0]["text"]
+        ours = embedded.generate(prompt, SamplingParams(max_new_tokens=24, ignore_eos=True, **kw)).tokens
+        plain = embedded.generate(prompt, SamplingParams(max_new_tokens=24, ignore_eos=True)).tokens
+        # vLLM's text leaves special tokens out (a penalty can make EOS the first token)
+        assert out == tok.decode(ours, skip_special_tokens=True), (kw, out, tok.decode(ours))
+        changed += ours != plain
+    assert changed >= 2
+
+
 def test_vllm_feedback_records_are_the_records_the_learners_read(served, demo):
     url, _, _, client = served
     tok, target, _ = demo

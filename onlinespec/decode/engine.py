@@ -36,7 +36,7 @@ from onlinespec.errors import InvalidRequestError
 from onlinespec.feedback.codec import CapturedFeatures
 from onlinespec.feedback.record import FeedbackRecord, RecordBuilder
 from onlinespec.models import check_same_vocab, vocab_size
-from onlinespec.decode.sampling import PositionNoise, SamplingParams
+from onlinespec.decode.sampling import PositionNoise, SamplingParams, penalize
 from onlinespec.decode.stops import FinishReason, StopState
 from onlinespec.decode.suffix import RequestIndex, SuffixCache
 from onlinespec.decode.verify import verify, verify_coupled
@@ -310,6 +310,9 @@ class Generation:
         bad = [t for t in prompt if not 0 <= t < engine.vocab_size]
         if bad:
             raise InvalidRequestError(f"prompt token ids out of range [0, {engine.vocab_size}): {bad[:5]}")
+        bad = [t for t, _ in params.logit_bias if t >= engine.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token ids out of range [0, {engine.vocab_size}): {bad[:5]}")
         limit = engine.max_context()
         if limit is not None and len(prompt) + params.max_new_tokens > limit:
             raise InvalidRequestError(
@@ -414,12 +417,15 @@ class Generation:
         ``m`` drafts) allow, emit it through the stop rules, record it. The caches are the caller's
         to rewind (to ``len(self.tokens) - 1``)."""
         drafts = proposal.tokens
+        judged = logits  # what the request's penalties and biases make of the target's logits
+        if self.params.penalized:
+            judged = penalize(logits, self.params, self.prompt, self.generated, drafts.tolist())
         if self.coupled:
             at = len(self.tokens)  # the position of the first draft
             noise = torch.stack([self.generator.at(at + i) for i in range(len(drafts) + 1)])
-            verdict = verify_coupled(logits, drafts, self.params, noise)
+            verdict = verify_coupled(judged, drafts, self.params, noise)
         else:
-            verdict = verify(logits, drafts, proposal.q, self.params, self.generator)
+            verdict = verify(judged, drafts, proposal.q, self.params, self.generator)
         new = drafts[: verdict.accepted].tolist() + [verdict.token]
         emitted = 0
         for token in new:

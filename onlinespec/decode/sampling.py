@@ -13,7 +13,8 @@ import torch
 
 from onlinespec.errors import InvalidRequestError
 
-__all__ = ["SamplingParams", "probs", "draw", "logprobs_raw", "GREEDY_BELOW", "PositionNoise", "noisy_argmax"]
+__all__ = ["SamplingParams", "penalize", "probs", "draw", "logprobs_raw", "GREEDY_BELOW", "PositionNoise",
+           "noisy_argmax"]
 
 # Temperatures below this are served greedily (vLLM's _SAMPLING_EPS): dividing logits by 1e-300
 # overflows to inf and the softmax to NaN, while the distribution it approximates is the argmax.
@@ -38,6 +39,13 @@ class SamplingParams:
     # Log-probs to return per generated token: None for none; n >= 0 for the chosen token's and the
     # n most likely alternatives' (the target's raw log-softmax, as vLLM returns by default).
     logprobs: int | None = None
+    # what the text so far does to the target's logits at each position (:func:`penalize`), as
+    # OpenAI and vLLM define them: frequency and presence over the generated tokens, repetition
+    # over prompt and generated tokens; ``logit_bias``: (token id, bias) pairs added everywhere
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -58,6 +66,19 @@ class SamplingParams:
             raise InvalidRequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise InvalidRequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if len(self.logit_bias) > 300 or any(not -100.0 <= b <= 100.0 or t < 0 for t, b in self.logit_bias):
+            raise InvalidRequestError("logit_bias maps up to 300 token ids to biases in [-100, 100]")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the text so far changes the target's logits (:func:`penalize`)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +87,40 @@ class SamplingParams:
     def as_record(self) -> dict:
         """The settings a feedback record keeps (everything that shaped ``p``)."""
         return {"temperature": float(self.temperature), "top_p": float(self.top_p), "top_k": int(self.top_k)}
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], generated: list[int],
+             drafts: list[int]) -> torch.Tensor:
+    """The target's logits ``[m+1, V]`` at a block's positions (after ``generated``, then after
+    each of the ``m`` drafts) as the request's penalties and biases make them: at position ``i``
+    the text so far is ``generated + drafts[:i]``. In vLLM's order: repetition (vLLM's and
+    Hugging Face's), ``l / r`` where ``l > 0``, else ``l * r``, for every token of the prompt or
+    the generated text; frequency and presence (OpenAI's), ``l - f * count - p * (count > 0)``
+    over generated tokens; then the logit biases. A copy: the raw logits stay what feedback records log."""
+    out = logits.float().clone()
+    rows, vocab = out.shape
+    device = out.device
+    counts = None
+    if params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0:
+        base = torch.bincount(torch.tensor(generated, dtype=torch.long, device=device), minlength=vocab)[:vocab]
+        counts = base.float().expand(rows, vocab).clone()
+        if rows > 1:  # position i also counts drafts[:i]
+            steps = torch.zeros(rows, vocab, device=device)
+            steps[torch.arange(1, rows, device=device), torch.tensor(drafts[:rows - 1], dtype=torch.long,
+                                                                     device=device)] = 1.0
+            counts += steps.cumsum(0)
+    if params.repetition_penalty != 1.0:  # first, as vLLM applies them
+        seen = counts > 0
+        if prompt:
+            seen[:, torch.tensor(prompt, dtype=torch.long, device=device)] = True
+        r = params.repetition_penalty
+        out = torch.where(seen, torch.where(out > 0, out / r, out * r), out)
+    if params.frequency_penalty or params.presence_penalty:
+        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=device)
+        out[:, ids] += torch.tensor([b for _, b in params.logit_bias], device=device)
+    return out
 
 
 def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Penalties and logit biases (OpenAI's frequency_penalty, presence_penalty, logit_bias; vLLM's and
+Hugging Face's repetition_penalty): the speculative engine and the batch give exactly what the target
+alone gives under them, position by position through drafted blocks (each draft counts for the
+positions after it), against independent references: Hugging Face ``generate`` for repetition, a
+plain loop written out here for the others."""
+
+import pytest
+import torch
+
+from onlinespec.decode.batch import Batch
+from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+from onlinespec.decode.sampling import SamplingParams, penalize
+from onlinespec.decode.suffix import SuffixCache
+from onlinespec.drafters.hf import HFDrafter
+from onlinespec.errors import InvalidRequestError
+from tests.test_batch import drive
+from tests.test_engine_greedy import hf_greedy, prompts
+from tests.tiny import perturbed
+
+
+@torch.inference_mode()
+def plain_greedy(target, prompt, n, frequency=0.0, presence=0.0, bias=()):
+    """The target alone, one token at a time, OpenAI's formula applied to its last logits."""
+    tokens = list(prompt)
+    for _ in range(n):
+        logits = target(torch.tensor([tokens])).logits[0, -1].float()
+        for token in set(tokens[len(prompt):]):
+            count = tokens[len(prompt):].count(token)
+            logits[token] -= frequency * count + presence
+        for token, b in bias:
+            logits[token] += b
+        tokens.append(int(logits.argmax()))
+        if tokens[-1] == 0:  # EOS of the tiny models
+            break
+    return tokens[len(prompt):]
+
+
+def test_penalize_counts_each_draft_for_the_positions_after_it():
+    logits = torch.zeros(3, 6)
+    logits[:, 4] = 2.0
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=2.0,
+                            logit_bias=((1, 3.0),))
+    out = penalize(logits, params, prompt=[4], generated=[2, 2], drafts=[3, 2])
+    # position 0: generated 2 twice; position 1: and draft 3; position 2: and draft 2 again
+    assert out[0, 2] == pytest.approx(-(0.5 * 2 + 0.25)) and out[0, 3] == 0.0
+    assert out[1, 3] == pytest.approx(-(0.5 + 0.25)) and out[2, 2] == pytest.approx(-(0.5 * 3 + 0.25))
+    assert out[0, 4] == pytest.approx(1.0)  # a prompt token, positive: divided by the repetition penalty
+    neg = penalize(torch.full((1, 6), -1.0), SamplingParams(repetition_penalty=2.0), [5], [], [])
+    assert neg[0, 5] == -2.0 and neg[0, 0] == -1.0  # a negative one is multiplied by it, where seen
+    assert torch.all(out[:, 1] == 3.0) and torch.all(out[:, 5] == 0.0)
+    assert torch.equal(logits[:, 4], torch.full((3,), 2.0)), "the raw logits are left as they were"
+
+
+@pytest.mark.parametrize("k", [4, None], ids=["k4", "adaptive"])
+def test_repetition_penalty_gives_what_hugging_face_gives(target, k):
+    engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 0.1, seed=3), "d"), config=EngineConfig(k=k),
+                               suffix=SuffixCache())
+    changed = 0
+    for prompt in prompts(4, seed=11):
+        params = SamplingParams(max_new_tokens=24, repetition_penalty=1.3)
+        expected = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=0,
+                                   pad_token_id=0, repetition_penalty=1.3)[0, len(prompt):].tolist()
+        assert engine.generate(prompt, params).tokens == expected
+        changed += expected != hf_greedy(target, prompt, 24)
+    assert changed >= 2  # the penalty changed the texts
+
+
+def test_frequency_presence_and_bias_through_the_batch_give_the_target_alone(target):
+    engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 0.1, seed=3), "d"), config=EngineConfig(k=4),
+                               suffix=SuffixCache())
+    ps = prompts(5, seed=12)
+    settings = [dict(frequency=0.8), dict(presence=1.5), dict(frequency=0.3, presence=0.3, bias=((7, 5.0),)),
+                dict(frequency=-0.5), dict()]
+    gens = [engine.start(p, SamplingParams(max_new_tokens=20, frequency_penalty=s.get("frequency", 0.0),
+                                            presence_penalty=s.get("presence", 0.0), logit_bias=s.get("bias", ())))
+            for p, s in zip(ps, settings)]
+    drive(Batch(engine, slots=3, prefill_tokens=16), list(gens))
+    changed = 0
+    for p, s, gen in zip(ps, settings, gens):
+        assert gen.generated == plain_greedy(target, p, 20, **s)
+        changed += gen.generated != hf_greedy(target, p, 20)
+    assert changed >= 3  # the penalties did change the texts (else this test proves nothing)
+    assert sum(g.stats.accepted for g in gens) > 0  # and drafts were accepted under them
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_refused(target):
+    engine = SpeculativeEngine(target, None)
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        engine.start([1, 2], SamplingParams(logit_bias=((10**6, 1.0),)))
+    with pytest.raises(InvalidRequestError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=0.0)
