@@ -89,3 +89,26 @@ def test_a_logit_bias_outside_the_vocabulary_is_refused(target):
         engine.start([1, 2], SamplingParams(logit_bias=((10**6, 1.0),)))
     with pytest.raises(InvalidRequestError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=0.0)
+
+
+@torch.inference_mode()
+def test_a_seeded_sample_under_penalties_is_the_target_alone_s_with_the_same_noise(target):
+    """Sampling with a seed: each token is the Gumbel-max draw from the penalized distribution at
+    its position, drafted or not (the drafts count for the positions after them)."""
+    from onlinespec.decode.sampling import PositionNoise, noisy_argmax
+
+    engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 0.1, seed=3), "d"), config=EngineConfig(k=4),
+                               suffix=SuffixCache())
+    params = SamplingParams(max_new_tokens=20, temperature=0.8, seed=5, frequency_penalty=0.7,
+                            repetition_penalty=1.2, ignore_eos=True)
+    prompt = prompts(1, seed=13)[0]
+    noise = PositionNoise(5, engine.vocab_size)
+    tokens = list(prompt)
+    for _ in range(20):
+        logits = target(torch.tensor([tokens])).logits[0, -1:]
+        judged = penalize(logits, params, prompt, tokens[len(prompt):], [])
+        tokens.append(int(noisy_argmax(judged, params, noise.at(len(tokens)))[0]))
+    gen = engine.start(prompt, params)
+    drive(Batch(engine, slots=2, prefill_tokens=16), [gen])
+    assert gen.generated == tokens[len(prompt):]
+    assert gen.stats.accepted > 0
