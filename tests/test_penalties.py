@@ -19,7 +19,7 @@ from tests.tiny import perturbed
 
 
 @torch.inference_mode()
-def plain_greedy(target, prompt, n, frequency=0.0, presence=0.0, bias=()):
+def plain_greedy(target, prompt, n, frequency=0.0, presence=0.0, bias=(), ignore_eos=False):
     """The target alone, one token at a time, OpenAI's formula applied to its last logits."""
     tokens = list(prompt)
     for _ in range(n):
@@ -30,7 +30,7 @@ def plain_greedy(target, prompt, n, frequency=0.0, presence=0.0, bias=()):
         for token, b in bias:
             logits[token] += b
         tokens.append(int(logits.argmax()))
-        if tokens[-1] == 0:  # EOS of the tiny models
+        if tokens[-1] == 0 and not ignore_eos:  # EOS of the tiny models
             break
     return tokens[len(prompt):]
 
@@ -112,3 +112,33 @@ def test_a_seeded_sample_under_penalties_is_the_target_alone_s_with_the_same_noi
     drive(Batch(engine, slots=2, prefill_tokens=16), [gen])
     assert gen.generated == tokens[len(prompt):]
     assert gen.stats.accepted > 0
+
+
+def test_drafts_are_made_under_the_request_s_penalties(target):
+    """A drafter that is the target itself drafts what the penalized target chooses: every draft
+    is accepted (unpenalized, it would draft the repeats the penalty rules out)."""
+    engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 0.0, seed=1), "same"), config=EngineConfig(k=4))
+    params = SamplingParams(max_new_tokens=24, frequency_penalty=1.0, presence_penalty=0.5, ignore_eos=True)
+    gens = [engine.start(p, params) for p in prompts(3, seed=14)]
+    drive(Batch(engine, slots=3, prefill_tokens=16), list(gens))
+    for p, gen in zip(prompts(3, seed=14), gens):
+        assert gen.generated == plain_greedy(target, p, 24, frequency=1.0, presence=0.5, ignore_eos=True)
+    drafted, accepted = sum(g.stats.drafted for g in gens), sum(g.stats.accepted for g in gens)
+    assert drafted > 0 and accepted == drafted, (accepted, drafted)
+
+
+def test_a_feature_drafter_drafts_penalized_requests_too():
+    from onlinespec.drafters.feature import feature_from
+    from tests.test_feature_drafter import HEAD
+    from tests.tiny import tiny_llama
+
+    t = tiny_llama(layers=3, hidden=48, heads=4, vocab=96, seed=21)
+    engine = SpeculativeEngine(t, HFDrafter(feature_from(t, "penalty-test-target", HEAD), "f"),
+                               config=EngineConfig(k=3))
+    ps = [[5, 6, 7, 8, 9, 10 + i] for i in range(3)]
+    gens = [engine.start(p, SamplingParams(max_new_tokens=12, frequency_penalty=0.9, logit_bias=((40, 2.0),)))
+            for p in ps]
+    drive(Batch(engine, slots=2, prefill_tokens=16), list(gens))
+    for p, gen in zip(ps, gens):
+        assert gen.generated == plain_greedy(t, p, 12, frequency=0.9, bias=((40, 2.0),))
+    assert sum(g.stats.drafted for g in gens) > 0

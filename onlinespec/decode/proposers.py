@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.decode.sampling import draw
+from onlinespec.decode.sampling import draw, penalize
 from onlinespec.decode.slots import SlotCache, forward_rows, leave_row
 from onlinespec.decode.suffix import best_match
 
@@ -159,10 +159,18 @@ class DraftRows:
         for b in mine:
             gen = rows[b]
             if id(gen) in complete:
-                token, q = draw(logits[self.gens.index(gen)][-1], gen.params, gen.generator,
-                                position=len(gen.tokens) + position)
+                token, q = _draw(logits[self.gens.index(gen)][-1], gen, drafts[b][:position], position)
                 out[b] = [Draft(token, q)]
         return out
+
+
+def _draw(logits: torch.Tensor, gen: Generation, before: list[int], position: int):
+    """A drafter's draft for ``gen`` at ``position`` of its block from its logits ``[V]``: under the
+    request's penalties and biases, as the target will judge it (``before``: the block's drafts
+    so far), so a penalized request is drafted what its target would choose."""
+    if gen.params.penalized:
+        logits = penalize(logits[None], gen.params, gen.prompt, gen.generated + before, [])[0]
+    return draw(logits, gen.params, gen.generator, position=len(gen.tokens) + position)
 
 
 class FeatureRows(DraftRows):
@@ -239,7 +247,7 @@ class FeatureRows(DraftRows):
                 gen = rows[b]
                 i = self.gens.index(gen)
                 if b not in out and feeds[i] and ends[i] == len(gen.tokens) - 1 + position:
-                    token, q = draw(logits[i][-1], gen.params, gen.generator, position=len(gen.tokens) + position)
+                    token, q = _draw(logits[i][-1], gen, drafts[b][:position], position)
                     out[b] = [Draft(token, q)]
             if len(out) == len(mine):
                 break
