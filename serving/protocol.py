@@ -17,7 +17,7 @@ _INT32 = 2**31 - 1  # a bound for counts whose real limit the server checks with
 
 # OpenAI request fields this server does not apply, each with the values that ask for nothing (what
 # clients send by default): any other value is refused with a 400 that names it, never ignored
-# (a penalty or a bias silently dropped would give a text the client did not ask for)
+# (a field silently dropped would give a response the client did not ask for)
 UNSUPPORTED = {
     "best_of": (1,), "echo": (False,), "suffix": ("",), "min_tokens": (0,), "response_format": ({"type": "text"},),
     "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
@@ -41,7 +41,8 @@ def _refuse_unsupported(data):
         for name, neutral in UNSUPPORTED.items():
             value = data.get(name)
             if value is not None and not _neutral(value, neutral):
-                raise ValueError(f"{name} is not supported by this server: send {json.dumps(neutral[0])} or leave it out")
+                raise ValueError(f"{name} is not supported by this server: send {json.dumps(neutral[0])} "
+                                 "or leave it out")
     return data
 
 

@@ -96,7 +96,8 @@ def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], ge
     the text so far is ``generated + drafts[:i]``. In vLLM's order: repetition (vLLM's and
     Hugging Face's), ``l / r`` where ``l > 0``, else ``l * r``, for every token of the prompt or
     the generated text; frequency and presence (OpenAI's), ``l - f * count - p * (count > 0)``
-    over generated tokens; then the logit biases. A copy: the raw logits stay what feedback records log."""
+    over generated tokens; then the logit biases. A copy: the raw logits stay what feedback
+    records log."""
     out = logits.float().clone()
     rows, vocab = out.shape
     device = out.device
