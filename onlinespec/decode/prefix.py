@@ -167,7 +167,7 @@ class PrefixCache:
             self.stats.stored += new
             self.stats.tokens += new
             self.stats.nbytes += leaf.nbytes
-        self._evict()
+        self.shrink(self.max_tokens)
         return max(new, 0)
 
     def _leaves(self) -> list[_Node]:
@@ -179,9 +179,6 @@ class PrefixCache:
             else:
                 out.append(node)
         return out
-
-    def _evict(self) -> None:
-        self.shrink(self.max_tokens)
 
     def shrink(self, tokens: int) -> None:
         """Evict the least recently used leaves until at most ``tokens`` positions are held (the
