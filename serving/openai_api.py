@@ -43,7 +43,8 @@ def openai_router(state) -> APIRouter:
                                   top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()), k=req.k,
                                   ignore_eos=req.ignore_eos, logprobs=req.logprobs_wanted,
                                   frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
-                                  repetition_penalty=req.repetition_penalty, logit_bias=req.bias_pairs)
+                                  repetition_penalty=req.repetition_penalty, logit_bias=req.bias_pairs,
+                                  min_tokens=req.min_tokens)
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc)) from None
 

@@ -19,7 +19,7 @@ _INT32 = 2**31 - 1  # a bound for counts whose real limit the server checks with
 # clients send by default): any other value is refused with a 400 that names it, never ignored
 # (a field silently dropped would give a response the client did not ask for)
 UNSUPPORTED = {
-    "best_of": (1,), "echo": (False,), "suffix": ("",), "min_tokens": (0,), "response_format": ({"type": "text"},),
+    "best_of": (1,), "echo": (False,), "suffix": ("",), "response_format": ({"type": "text"},),
     "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
 }
 
@@ -82,6 +82,8 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
+    # vLLM's: no EOS, stop token or stop string ends the text within its first min_tokens tokens
+    min_tokens: int = Field(default=0, ge=0, le=_INT32)
     # vLLM's: requests read only what the prefix cache keeps of requests with the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
     # OnlineSpec extensions

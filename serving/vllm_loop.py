@@ -187,7 +187,7 @@ class VllmLoop(LoopBase):
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
             ignore_eos=p.ignore_eos, logprobs=want or None, output_kind=RequestOutputKind.DELTA,
             frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-            repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None)
+            repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_tokens=p.min_tokens)
         prompt = {"prompt_token_ids": list(handle.prompt)}
         salt = prefix_salt(self.prefix_scope, handle.tenant, handle.cache_salt)
         if salt is not None:

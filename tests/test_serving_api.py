@@ -168,7 +168,7 @@ def test_what_the_server_does_not_apply_is_refused_by_name_and_its_defaults_pass
     r = httpx.post(server.url + "/v1/completions", timeout=60,
                    json={"model": MODEL, "prompt": "defaults", "max_tokens": 3, "temperature": 0, **defaults})
     assert r.status_code == 200, r.text
-    for field, value in (("echo", True), ("best_of", 3), ("min_tokens", 4), ("suffix", "and so on"),
+    for field, value in (("echo", True), ("best_of", 3), ("suffix", "and so on"),
                          ("response_format", {"type": "json_object"})):
         r = httpx.post(server.url + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 3, field: value})
@@ -193,6 +193,19 @@ def test_penalties_and_logit_bias_reach_the_target_s_choice(server, client, toke
         r = httpx.post(server.url + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 3, field: value})
         assert r.status_code == 400 and field in r.json()["error"]["message"], (field, value, r.text)
+
+
+def test_min_tokens_holds_eos_back(server, client):
+    """A +100 bias on EOS ends the text at once; min_tokens=5 holds it back for five tokens."""
+    eos = {"0": 100}  # the tiny models' EOS
+    resp = client.completions.create(model=MODEL, prompt="Once", max_tokens=12, temperature=0, logit_bias=eos)
+    assert resp.usage.completion_tokens == 1 and resp.choices[0].finish_reason == "stop"
+    resp = client.completions.create(model=MODEL, prompt="Once", max_tokens=12, temperature=0, logit_bias=eos,
+                                     extra_body={"min_tokens": 5})
+    assert resp.usage.completion_tokens == 6 and resp.choices[0].finish_reason == "stop"
+    r = httpx.post(server.url + "/v1/completions", timeout=30,
+                   json={"model": MODEL, "prompt": "x", "max_tokens": 3, "min_tokens": 4})
+    assert r.status_code == 400 and "min_tokens" in r.json()["error"]["message"], r.text
 
 
 def test_invalid_json_gets_400(server):

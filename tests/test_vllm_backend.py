@@ -193,8 +193,8 @@ def test_greedy_output_through_vllm_equals_the_target_alone_and_the_embedded_eng
 
 
 def test_penalties_through_vllm_give_what_the_embedded_engine_gives(served, demo):
-    """frequency, presence and repetition penalties reach vLLM's sampler (it verifies our drafts
-    under them): the text is the embedded engine's under the same settings, not the plain one."""
+    """frequency, presence and repetition penalties and min_tokens reach vLLM's sampler (it verifies
+    our drafts under them): the text is the embedded engine's under the same settings, not the plain one."""
     url = served[0]
     tok, target, d1 = demo
     embedded = SpeculativeEngine(target, HFDrafter(d1, DRAFTER), tokenizer=tok, config=EngineConfig(k=K))
@@ -208,6 +208,14 @@ def test_penalties_through_vllm_give_what_the_embedded_engine_gives(served, demo
         assert out == tok.decode(ours, skip_special_tokens=True), (kw, out, tok.decode(ours))
         changed += ours != plain
     assert changed >= 2
+    # min_tokens: vLLM holds EOS back as the embedded engine does (a +100 bias would end the text at once)
+    eos = min(embedded.eos_token_ids)
+    prompt = prompts(tok, "python", 1, offset=11)[0]
+    out = complete(url, prompt, max_tokens=24, logit_bias={str(eos): 100.0}, min_tokens=6)
+    ours = embedded.generate(prompt, SamplingParams(max_new_tokens=24, logit_bias=((eos, 100.0),), min_tokens=6))
+    assert ours.tokens[-1] == eos and len(ours.tokens) == 7
+    assert out["usage"]["completion_tokens"] == 7, out
+    assert out["choices"][0]["text"] == tok.decode(ours.tokens, skip_special_tokens=True)
 
 
 def test_vllm_feedback_records_are_the_records_the_learners_read(served, demo):

@@ -417,9 +417,9 @@ class Generation:
         ``m`` drafts) allow, emit it through the stop rules, record it. The caches are the caller's
         to rewind (to ``len(self.tokens) - 1``)."""
         drafts = proposal.tokens
-        judged = logits  # what the request's penalties and biases make of the target's logits
-        if self.params.penalized:
-            judged = penalize(logits, self.params, self.prompt, self.generated, drafts.tolist())
+        judged = logits  # what the request's penalties, biases and min_tokens make of the target's logits
+        if self.params.shapes(len(self.generated)):
+            judged = penalize(logits, self.params, self.prompt, self.generated, drafts.tolist(), self.stop.held_ids)
         if self.coupled:
             at = len(self.tokens)  # the position of the first draft
             noise = torch.stack([self.generator.at(at + i) for i in range(len(drafts) + 1)])

@@ -166,10 +166,10 @@ class DraftRows:
 
 def _draw(logits: torch.Tensor, gen: Generation, before: list[int], position: int):
     """A drafter's draft for ``gen`` at ``position`` of its block from its logits ``[V]``: under the
-    request's penalties and biases, as the target will judge it (``before``: the block's drafts
-    so far), so a penalized request is drafted what its target would choose."""
-    if gen.params.penalized:
-        logits = penalize(logits[None], gen.params, gen.prompt, gen.generated + before, [])[0]
+    request's penalties, biases and ``min_tokens``, as the target will judge it (``before``: the
+    block's drafts so far), so a penalized request is drafted what its target would choose."""
+    if gen.params.shapes(len(gen.generated) + len(before)):
+        logits = penalize(logits[None], gen.params, gen.prompt, gen.generated + before, [], gen.stop.held_ids)[0]
     return draw(logits, gen.params, gen.generator, position=len(gen.tokens) + position)
 
 

@@ -46,6 +46,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's: the first ``min_tokens`` generated tokens are never EOS or a stop token id (their
+    # logits are held at -inf), and no stop string ends within them
+    min_tokens: int = 0
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -71,6 +74,9 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
         if not 0.0 < self.repetition_penalty <= 2.0:
             raise InvalidRequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidRequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_new_tokens}], "
+                                      f"got {self.min_tokens!r}")
         if len(self.logit_bias) > 300 or any(not -100.0 <= b <= 100.0 or t < 0 for t, b in self.logit_bias):
             raise InvalidRequestError("logit_bias maps up to 300 token ids to biases in [-100, 100]")
 
@@ -79,6 +85,11 @@ class SamplingParams:
         """Whether the text so far changes the target's logits (:func:`penalize`)."""
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias)
+
+    def shapes(self, generated: int) -> bool:
+        """Whether :func:`penalize` changes the target's logits after ``generated`` tokens: the
+        request is penalized, or its stop tokens are still held back by ``min_tokens``."""
+        return self.penalized or generated < self.min_tokens
 
     @property
     def greedy(self) -> bool:
@@ -90,14 +101,15 @@ class SamplingParams:
 
 
 def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], generated: list[int],
-             drafts: list[int]) -> torch.Tensor:
+             drafts: list[int], stop_ids: frozenset[int] = frozenset()) -> torch.Tensor:
     """The target's logits ``[m+1, V]`` at a block's positions (after ``generated``, then after
     each of the ``m`` drafts) as the request's penalties and biases make them: at position ``i``
     the text so far is ``generated + drafts[:i]``. In vLLM's order: repetition (vLLM's and
     Hugging Face's), ``l / r`` where ``l > 0``, else ``l * r``, for every token of the prompt or
     the generated text; frequency and presence (OpenAI's), ``l - f * count - p * (count > 0)``
-    over generated tokens; then the logit biases. A copy: the raw logits stay what feedback
-    records log."""
+    over generated tokens; then the logit biases; last, ``min_tokens``: at a position with fewer
+    tokens before it, the ``stop_ids`` (EOS and stop token ids) get -inf. A copy: the raw logits
+    stay what feedback records log."""
     out = logits.float().clone()
     rows, vocab = out.shape
     device = out.device
@@ -121,6 +133,9 @@ def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], ge
     if params.logit_bias:
         ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=device)
         out[:, ids] += torch.tensor([b for _, b in params.logit_bias], device=device)
+    held = min(rows, params.min_tokens - len(generated))  # positions i with len(generated) + i < min_tokens
+    if held > 0 and stop_ids:
+        out[:held, torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)] = float("-inf")
     return out
 
 

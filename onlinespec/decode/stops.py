@@ -37,7 +37,10 @@ class StopState:
         self._stop_ids = frozenset(self.params.stop_token_ids) | (
             frozenset() if self.params.ignore_eos else self.eos_token_ids
         )
+        # what ``min_tokens`` holds back: EOS even under ignore_eos, as vLLM does
+        self.held_ids = frozenset(self.params.stop_token_ids) | self.eos_token_ids
         self._longest_stop = max((len(s) for s in self.params.stop), default=0)
+        self._floor = 0  # characters of ``text`` within the first ``min_tokens`` tokens: no stop string ends there
 
     @property
     def finished(self) -> bool:
@@ -61,9 +64,14 @@ class StopState:
 
     def _update_text(self) -> None:
         full = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        if len(self.generated) <= self.params.min_tokens:
+            self.text = full
+            self._floor = len(full)
+            return
         if self.params.stop:
             start = max(0, len(self.text) - self._longest_stop)
-            hits = [i for i in (full.find(s, start) for s in self.params.stop) if i >= 0]
+            hits = [i for i in (full.find(s, max(start, self._floor - len(s) + 1)) for s in self.params.stop)
+                    if i >= 0]
             if hits:
                 self.text = full[: min(hits)]
                 self.finish_reason = FinishReason.STOP
