@@ -119,13 +119,23 @@ class LoopBase:
 
     def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
                domain: str | None = None, stream: bool = True, cache_salt: str | None = None) -> RequestHandle:
-        if self.pending.qsize() >= self.max_queue:
-            raise QueueFull(f"{self.pending.qsize()} requests are already waiting (max_queue={self.max_queue})")
-        handle = RequestHandle(prompt, params, asyncio.Queue(), asyncio.get_running_loop(), tenant=tenant,
-                               domain=domain, stream=stream, cache_salt=cache_salt)
-        self.pending.put(handle)
+        return self.submit_all(prompt, [params], tenant, domain, stream, cache_salt)[0]
+
+    def submit_all(self, prompt: list[int], params: list[SamplingParams], tenant: str | None = None,
+                   domain: str | None = None, stream: bool = True, cache_salt: str | None = None
+                   ) -> list[RequestHandle]:
+        """One request for each of ``params`` (a request's ``n`` choices), queued together or not
+        at all (:class:`QueueFull`)."""
+        waiting = self.pending.qsize()  # the engine thread only takes from the queue: room does not shrink
+        if waiting + len(params) > self.max_queue:
+            need = f"; this request needs room for {len(params)}" if len(params) > 1 else ""
+            raise QueueFull(f"{waiting} requests are already waiting (max_queue={self.max_queue}){need}")
+        handles = [RequestHandle(prompt, p, asyncio.Queue(), asyncio.get_running_loop(), tenant=tenant,
+                                 domain=domain, stream=stream, cache_salt=cache_salt) for p in params]
+        for handle in handles:
+            self.pending.put(handle)
         self.metrics.queue_depth.set(self.depth)
-        return handle
+        return handles
 
     def _count_traffic(self, group: str | None, drafter) -> None:
         """A request started in ``group``, drafting with ``drafter`` (or none)."""

@@ -1,7 +1,8 @@
 """Log-probabilities in the two OpenAI shapes, from the engine's :class:`TokenLogprob` records.
 
 The values are the target's raw log-softmax at each generated position (what vLLM returns by
-default): computed by the verification forward that produced the token, at no extra cost.
+default): computed by the verification forward that produced the token, at no extra cost; an
+echoed prompt's, by the forward that read the prompt.
 Token strings are each id decoded alone (a byte-level piece of a multi-byte character decodes to
 U+FFFD, as with other servers); ``bytes`` carry the same string in UTF-8.
 """
@@ -25,7 +26,9 @@ def completion_logprobs(tokenizer, items: list[TokenLogprob], text_offset: int =
         tokens.append(_text(tokenizer, item.token))
         offsets.append(offset)
         offset += len(tokens[-1])
-    top = [{_text(tokenizer, t): lp for t, lp in (*item.top, (item.token, item.logprob))} for item in items]
+    # an echoed prompt's first token has no log-prob and no alternatives (None, as OpenAI and vLLM give)
+    top = [None if item.logprob is None
+           else {_text(tokenizer, t): lp for t, lp in (*item.top, (item.token, item.logprob))} for item in items]
     return {"tokens": tokens, "token_logprobs": [i.logprob for i in items], "top_logprobs": top,
             "text_offset": offsets}
 

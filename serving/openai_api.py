@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from onlinespec.decode.chat import render
-from onlinespec.decode.engine import StepOutput
+from onlinespec.decode.engine import GenerationStats, StepOutput, TokenLogprob
 from onlinespec.errors import InvalidRequestError
 from onlinespec.decode.sampling import SamplingParams
 from serving.auth import bearer_token, secret_in, tenant_of
 from serving.engine_loop import QueueFull, RequestHandle
 from serving.errors import ApiError
 from serving.logprobs import chat_logprobs, completion_logprobs
-from serving.protocol import ChatRequest, CompletionRequest, error_body, new_id, now
+from serving.protocol import MAX_SEED, ChatRequest, CompletionRequest, error_body, new_id, now
 
 __all__ = ["openai_router"]
 
@@ -44,7 +45,8 @@ def openai_router(state) -> APIRouter:
                                   ignore_eos=req.ignore_eos, logprobs=req.logprobs_wanted,
                                   frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                                   repetition_penalty=req.repetition_penalty, logit_bias=req.bias_pairs,
-                                  min_tokens=req.min_tokens)
+                                  min_tokens=req.min_tokens,
+                                  prompt_logprobs=req.logprobs if getattr(req, "echo", False) else None)
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -55,19 +57,30 @@ def openai_router(state) -> APIRouter:
                            type_="authentication_error", code="invalid_api_key")
         return tenant_of(key, req.user)
 
-    def _submit(prompt_ids: list[int], params: SamplingParams, tenant: str | None,
-                domain: str | None = None, stream: bool = True, cache_salt: str | None = None) -> RequestHandle:
+    def _choices(req, params: SamplingParams) -> list[SamplingParams]:
+        """One request per choice (``n``): with a seed, choice ``i`` samples with seed + i, as vLLM
+        seeds its child requests."""
+        if req.n == 1:
+            return [params]
+        if req.n > state.loop.max_queue:
+            raise ApiError(400, f"n={req.n} exceeds this server's queue of {state.loop.max_queue} requests",
+                           param="n")
+        if params.seed is not None and params.seed + req.n - 1 > MAX_SEED:
+            raise ApiError(400, f"seed + n - 1 must be at most {MAX_SEED} (choice i samples with seed + i)",
+                           param="seed")
+        return [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(req.n)]
+
+    def _submit(prompt_ids: list[int], params: list[SamplingParams], tenant: str | None,
+                domain: str | None = None, stream: bool = True, cache_salt: str | None = None) -> list[RequestHandle]:
         try:
-            return state.loop.submit(prompt_ids, params, tenant=tenant, domain=domain, stream=stream,
-                                     cache_salt=cache_salt)
+            return state.loop.submit_all(prompt_ids, params, tenant=tenant, domain=domain, stream=stream,
+                                         cache_salt=cache_salt)
         except QueueFull as exc:
             state.metrics.rejected.inc(label="queue_full")
             raise ApiError(429, f"server busy: {exc}; retry later", type_="rate_limit_error") from None
 
-    def _spec(handle: RequestHandle) -> dict:
-        gen = handle.generation
+    def _spec_of(gen, stats) -> dict:
         drafter = gen.drafter if gen else None
-        stats = gen.stats if gen else None
         return {
             "mean_accepted_length": stats.mean_accepted_length if stats else None,
             "drafted_tokens": stats.drafted if stats else 0,
@@ -91,13 +104,24 @@ def openai_router(state) -> APIRouter:
                        "mean_accepted_length": stats.copied_accepted_length if stats else None},
         }
 
-    def _usage(handle: RequestHandle, prompt_len: int, completion: int) -> dict:
+    def _spec(handles: list[RequestHandle]) -> dict:
+        """What drafts did for the request: its choices' counts summed (the drafter: choice 0's),
+        and with ``n`` > 1 each choice's under ``choices``."""
+        gens = [h.generation for h in handles]
+        if len(gens) == 1:
+            return _spec_of(gens[0], gens[0].stats if gens[0] else None)
+        stats = GenerationStats.combine(g.stats for g in gens if g is not None)
+        return {**_spec_of(gens[0], stats), "choices": [_spec_of(g, g.stats if g else None) for g in gens]}
+
+    def _usage(handles: list[RequestHandle], prompt_len: int, completion: int) -> dict:
         # OpenAI's cached_tokens: prompt tokens whose keys and values came from the prefix cache
-        cached = getattr(handle.generation, "cached_tokens", 0) or 0
+        # (the prompt counts once for all choices: the fewest any choice read)
+        cached = min(getattr(h.generation, "cached_tokens", 0) or 0 for h in handles)
         return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
-    async def _next(handle: RequestHandle, request: Request) -> StepOutput:
+    async def _next(handle: RequestHandle, request: Request) -> list[StepOutput]:
+        """The handle's next outputs: one step's, or (not streamed) all of them in one list."""
         while True:
             try:
                 item = await asyncio.wait_for(handle.outputs.get(), timeout=1.0)
@@ -110,19 +134,41 @@ def openai_router(state) -> APIRouter:
                 raise ApiError(400, str(item))
             if isinstance(item, Exception):
                 raise ApiError(500, f"generation failed: {item}", type_="server_error")
-            return item
+            return item if isinstance(item, list) else [item]
 
-    async def _collect(handle, request) -> tuple[str, list[int], str, list]:
-        """A request that is not streamed gets its steps' outputs in one list, at the end."""
-        text, tokens, logprobs = [], [], []
-        while True:
-            item = await _next(handle, request)
-            for out in item if isinstance(item, list) else [item]:
-                text.append(out.text)
-                tokens += out.tokens
-                logprobs += out.logprobs or ()
-                if out.finished:
-                    return "".join(text), tokens, out.finish_reason.value, logprobs
+    async def _outputs(handles: list[RequestHandle], request: Request):
+        """(choice index, output) as the choices' steps come, until every choice finished."""
+        if len(handles) == 1:
+            while True:
+                for out in await _next(handles[0], request):
+                    yield 0, out
+                    if out.finished:
+                        return
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, handle: RequestHandle):
+            try:
+                while True:
+                    outs = await _next(handle, request)
+                    for out in outs:
+                        merged.put_nowait((i, out))
+                    if outs[-1].finished:
+                        return
+            except (Exception, asyncio.CancelledError) as exc:
+                merged.put_nowait((i, exc))
+
+        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+        try:
+            left = len(handles)
+            while left:
+                i, item = await merged.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield i, item
+                left -= item.finished
+        finally:
+            for task in tasks:
+                task.cancel()
 
     def _logprobs(kind: str, items, wanted: bool, text_offset: int = 0) -> dict | None:
         if not wanted:
@@ -131,72 +177,97 @@ def openai_router(state) -> APIRouter:
             return completion_logprobs(state.tokenizer, items, text_offset)
         return chat_logprobs(state.tokenizer, items)
 
-    def _stream(handle, request, kind: str, rid: str, prompt_len: int, include_usage: bool, wanted: bool):
+    def _echoed(handle: RequestHandle, echo: str | None, wanted: bool) -> tuple[str, list[TokenLogprob]]:
+        """What an echoed completion starts with: the prompt's text, and (with logprobs) its
+        tokens' log-probs, the first token's None."""
+        if echo is None:
+            return "", []
+        if not wanted:
+            return echo, []
+        return echo, [TokenLogprob(handle.prompt[0], None), *handle.generation.prompt_logprobs]
+
+    def _stream(handles, request, kind: str, rid: str, prompt_len: int, include_usage: bool, wanted: bool,
+                echo: str | None = None):
         created = now()
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
 
-        def chunk(delta_text, finish, first=False, logprobs=None):
+        def chunk(index, delta_text, finish, first=False, logprobs=None):
             if kind == "completion":
-                choice = {"index": 0, "text": delta_text, "logprobs": logprobs, "finish_reason": finish}
+                choice = {"index": index, "text": delta_text, "logprobs": logprobs, "finish_reason": finish}
             else:
                 delta = {"content": delta_text}
                 if first:
                     delta["role"] = "assistant"
-                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
 
         async def events():
-            completion = chars = 0
-            first = True
-            pending = []  # log-probs of tokens whose text is held back (a possible stop string)
+            n = len(handles)
+            completion, chars, first = 0, [0] * n, [True] * n
+            pending = [[] for _ in handles]  # log-probs of tokens whose text is held back (a possible stop string)
             try:
-                while True:
-                    out = await _next(handle, request)
+                async for i, out in _outputs(handles, request):
                     completion += len(out.tokens)
-                    pending += out.logprobs or ()
+                    text = out.text
+                    if first[i]:  # an echoed prompt comes first
+                        text, pending[i] = _echoed(handles[i], echo, wanted)
+                        text += out.text
+                    pending[i] += out.logprobs or ()
                     finish = out.finish_reason.value if out.finished else None
-                    if out.text or finish or first:
-                        lp = _logprobs(kind, pending, wanted, chars)
-                        yield f"data: {json.dumps(chunk(out.text, finish, first, lp))}\n\n"
-                        chars += len(out.text)
-                        pending = []
-                        first = False
-                    if out.finished:
-                        break
+                    if text or finish or first[i]:
+                        lp = _logprobs(kind, pending[i], wanted, chars[i])
+                        yield f"data: {json.dumps(chunk(i, text, finish, first[i], lp))}\n\n"
+                        chars[i] += len(text)
+                        pending[i] = []
+                        first[i] = False
                 if include_usage:
                     tail = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [],
-                            "usage": _usage(handle, prompt_len, completion), "speculative": _spec(handle)}
+                            "usage": _usage(handles, prompt_len, completion), "speculative": _spec(handles)}
                     yield f"data: {json.dumps(tail)}\n\n"
                 yield "data: [DONE]\n\n"
             except ApiError as exc:
                 yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param))}\n\n"
             finally:
-                handle.cancel()  # a no-op when finished; frees the engine when the client left
+                for handle in handles:
+                    handle.cancel()  # a no-op when finished; frees the engine when the client left
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def _serve(req, prompt_ids: list[int], request: Request, kind: str, tenant: str | None):
+    async def _serve(req, prompt_ids: list[int], request: Request, kind: str, tenant: str | None,
+                     echo: str | None = None):
+        """``echo``: the prompt's text, put before each choice's completion."""
         params = _params(req, len(prompt_ids))
-        handle = _submit(prompt_ids, params, tenant, req.domain, stream=bool(req.stream), cache_salt=req.cache_salt)
+        handles = _submit(prompt_ids, _choices(req, params), tenant, req.domain, stream=bool(req.stream),
+                          cache_salt=req.cache_salt)
         rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         wanted = params.logprobs is not None
         if req.stream:
-            return _stream(handle, request, kind, rid, len(prompt_ids), include_usage, wanted)
+            return _stream(handles, request, kind, rid, len(prompt_ids), include_usage, wanted, echo)
+        n = len(handles)
+        texts, tokens, items, finish = [[] for _ in handles], [0] * n, [[] for _ in handles], [None] * n
         try:
-            text, tokens, finish, items = await _collect(handle, request)
+            async for i, out in _outputs(handles, request):
+                texts[i].append(out.text)
+                tokens[i] += len(out.tokens)
+                items[i] += out.logprobs or ()
+                if out.finished:
+                    finish[i] = out.finish_reason.value
         finally:
-            handle.cancel()
-        logprobs = _logprobs(kind, items, wanted)
-        if kind == "completion":
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            obj = "text_completion"
-        else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish}
-            obj = "chat.completion"
-        return {"id": rid, "object": obj, "created": now(), "model": state.model_name, "choices": [choice],
-                "usage": _usage(handle, len(prompt_ids), len(tokens)), "speculative": _spec(handle)}
+            for handle in handles:
+                handle.cancel()
+        choices = []
+        for i in range(n):
+            start, scored = _echoed(handles[i], echo, wanted)
+            text, logprobs = start + "".join(texts[i]), _logprobs(kind, scored + items[i], wanted)
+            if kind == "completion":
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish[i]})
+            else:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                                "finish_reason": finish[i]})
+        obj = "text_completion" if kind == "completion" else "chat.completion"
+        return {"id": rid, "object": obj, "created": now(), "model": state.model_name, "choices": choices,
+                "usage": _usage(handles, len(prompt_ids), sum(tokens)), "speculative": _spec(handles)}
 
     @router.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -209,7 +280,10 @@ def openai_router(state) -> APIRouter:
             prompt_ids = state.tokenizer.encode(req.prompt)
         if not prompt_ids:
             raise ApiError(400, "prompt encodes to no tokens", param="prompt")
-        return await _serve(req, prompt_ids, request, "completion", tenant)
+        echo = None
+        if req.echo:  # the prompt as it was sent (a token-id prompt: as its tokens decode)
+            echo = req.prompt if isinstance(req.prompt, str) else state.tokenizer.decode(prompt_ids)
+        return await _serve(req, prompt_ids, request, "completion", tenant, echo)
 
     @router.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):

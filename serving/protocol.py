@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -35,11 +35,11 @@ def _neutral(value, neutral: tuple) -> bool:
     return False
 
 
-def _refuse_unsupported(data):
-    """The first field of ``UNSUPPORTED`` that asks for something: a clear error."""
+def _refuse_unsupported(data, served: frozenset = frozenset()):
+    """The first field of ``UNSUPPORTED`` (but those ``served``) that asks for something: a clear error."""
     if isinstance(data, dict):
         for name, neutral in UNSUPPORTED.items():
-            value = data.get(name)
+            value = data.get(name) if name not in served else None
             if value is not None and not _neutral(value, neutral):
                 raise ValueError(f"{name} is not supported by this server: send {json.dumps(neutral[0])} "
                                  "or leave it out")
@@ -72,7 +72,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=128)  # choices: n requests of the same prompt, queued together
     user: str | None = Field(default=None, max_length=256)  # scopes suffix speculation; the record's tenant
     # OpenAI's request metadata (up to 16 string pairs); "domain" names the request's traffic group:
     # drafter choice and acceptance estimates are kept per group (onlinespec/learn/estimate.py)
@@ -90,10 +90,12 @@ class _Sampling(BaseModel):
     k: int | None = Field(default=None, ge=1, le=32)
     ignore_eos: bool = False
 
+    SERVED: ClassVar[frozenset] = frozenset()  # fields of UNSUPPORTED this kind of request serves
+
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, data):
-        return _refuse_unsupported(data)
+        return _refuse_unsupported(data, cls.SERVED)
 
     @field_validator("stop")
     @classmethod
@@ -156,9 +158,14 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
+    SERVED: ClassVar[frozenset] = frozenset({"echo"})
+
     prompt: str | list[int]
     # the chosen token's log-prob and this many alternatives' per token (OpenAI allows 5, vLLM 20)
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    # the prompt before the completion, in the text and (with logprobs) in the log-probs: the
+    # prompt's tokens scored by the target as it reads them, the first one with none
+    echo: bool = False
 
     @property
     def logprobs_wanted(self) -> int | None:

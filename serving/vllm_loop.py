@@ -70,6 +70,7 @@ class VllmGeneration:
         self.logprobs: list[dict] = []  # vLLM's per position {token id: Logprob}
         self.finished = False
         self.cached_tokens = 0  # prompt tokens vLLM's prefix cache served
+        self.prompt_logprobs: tuple[TokenLogprob, ...] = ()  # the prompt's from its second token (vLLM's first output)
 
 
 class VllmLoop(LoopBase):
@@ -79,6 +80,7 @@ class VllmLoop(LoopBase):
                  max_active: int = 8, max_queue: int = 64, drafters: dict | None = None, router=None,
                  k: int | None = None, feedback_topk: int = 32, prefix_scope: str = "shared"):
         super().__init__(metrics, writer, watcher, max_active, max_queue, drafters, router)
+        self._refused = _client_errors()
         self.engine = engine  # vllm.v1.engine.llm_engine.LLMEngine
         self.link = link  # ProposerLink: the proposer inside vLLM (None: no speculation)
         self.target_id = target_id
@@ -159,7 +161,7 @@ class VllmLoop(LoopBase):
             ext = uuid.uuid4().hex
             try:
                 handle.generation = self._start(ext, handle)
-            except (ValueError, TypeError) as exc:  # vLLM refused it (too long, settings it rejects): a 400
+            except self._refused as exc:  # vLLM refused it (too long, settings it rejects): a 400
                 self._fail(handle, exc if isinstance(exc, InvalidRequestError) else InvalidRequestError(str(exc)))
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the loop
@@ -187,7 +189,8 @@ class VllmLoop(LoopBase):
             seed=p.seed, stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
             ignore_eos=p.ignore_eos, logprobs=want or None, output_kind=RequestOutputKind.DELTA,
             frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-            repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_tokens=p.min_tokens)
+            repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_tokens=p.min_tokens,
+            prompt_logprobs=p.prompt_logprobs)
         prompt = {"prompt_token_ids": list(handle.prompt)}
         salt = prefix_salt(self.prefix_scope, handle.tenant, handle.cache_salt)
         if salt is not None:
@@ -231,6 +234,9 @@ class VllmLoop(LoopBase):
         gen.cached_tokens = getattr(out, "num_cached_tokens", None) or gen.cached_tokens
         positions = list(completion.logprobs or [])
         gen.logprobs += positions
+        scored = getattr(out, "prompt_logprobs", None)
+        if scored and not gen.prompt_logprobs:  # vLLM's first is None: nothing predicts the prompt's first token
+            gen.prompt_logprobs = _request_logprobs(handle.prompt[1:], scored[1:], handle.params.prompt_logprobs) or ()
         gen.finished = out.finished
         reason = None
         if out.finished:
@@ -257,6 +263,16 @@ class VllmLoop(LoopBase):
                     return
                 self.record_gaps += gaps
                 self.writer.submit(record)
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it refuses (a 400, not a failed generation): ValueError and
+    TypeError, and vLLM's own client errors (logit_bias or min_p under speculative decoding)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # a vLLM before its exception classes
+        return ValueError, TypeError
+    return ValueError, TypeError, VLLMClientError
 
 
 def vllm_exposition() -> str:

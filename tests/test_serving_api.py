@@ -1,5 +1,6 @@
 """The HTTP API with the official openai client, against a live server on loopback."""
 
+import asyncio
 import json
 import threading
 
@@ -168,7 +169,7 @@ def test_what_the_server_does_not_apply_is_refused_by_name_and_its_defaults_pass
     r = httpx.post(server.url + "/v1/completions", timeout=60,
                    json={"model": MODEL, "prompt": "defaults", "max_tokens": 3, "temperature": 0, **defaults})
     assert r.status_code == 200, r.text
-    for field, value in (("echo", True), ("best_of", 3), ("suffix", "and so on"),
+    for field, value in (("best_of", 3), ("suffix", "and so on"),
                          ("response_format", {"type": "json_object"})):
         r = httpx.post(server.url + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 3, field: value})
@@ -177,6 +178,9 @@ def test_what_the_server_does_not_apply_is_refused_by_name_and_its_defaults_pass
                    json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                          "tools": [{"type": "function", "function": {"name": "f"}}]})
     assert r.status_code == 400 and "tools is not supported" in r.json()["error"]["message"], r.text
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30,  # echo is the completions API's
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "echo": True})
+    assert r.status_code == 400 and "echo is not supported" in r.json()["error"]["message"], r.text
 
 
 def test_penalties_and_logit_bias_reach_the_target_s_choice(server, client, tokenizer):
@@ -206,6 +210,93 @@ def test_min_tokens_holds_eos_back(server, client):
     r = httpx.post(server.url + "/v1/completions", timeout=30,
                    json={"model": MODEL, "prompt": "x", "max_tokens": 3, "min_tokens": 4})
     assert r.status_code == 400 and "min_tokens" in r.json()["error"]["message"], r.text
+
+
+def test_n_choices_are_n_requests_of_the_same_prompt(server, client, target, tokenizer):
+    """n=3 greedy: three choices, each the target's own text; counts summed, the prompt counted once."""
+    resp = client.completions.create(model=MODEL, prompt="hello world", max_tokens=20, temperature=0, n=3)
+    expected = target_greedy_text(target, tokenizer, "hello world", 20)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert all(c.text == expected for c in resp.choices)
+    assert resp.usage.prompt_tokens == len(tokenizer.encode("hello world"))
+    assert resp.usage.completion_tokens == 3 * len(tokenizer.encode(expected))
+    spec = resp.model_extra["speculative"]
+    assert len(spec["choices"]) == 3
+    assert spec["drafted_tokens"] == sum(c["drafted_tokens"] for c in spec["choices"]) > 0
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                          temperature=0, n=2)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_n_seeded_choices_are_the_seeds_one_by_one_streamed_or_not(server, client):
+    """Choice i of a seeded request samples with seed + i (vLLM's rule): the same text as a
+    request of its own with that seed; streamed, each choice's chunks carry its index."""
+    kw = dict(model=MODEL, prompt="Once upon", max_tokens=16, temperature=1.0, extra_body={"ignore_eos": True})
+    alone = [client.completions.create(seed=7 + i, **kw).choices[0].text for i in range(3)]
+    assert len(set(alone)) > 1  # the seeds draw different texts
+    both = client.completions.create(seed=7, n=3, **kw)
+    assert [c.text for c in both.choices] == alone
+    pieces, usage = {0: [], 1: [], 2: []}, None
+    for chunk in client.completions.create(seed=7, n=3, stream=True, stream_options={"include_usage": True}, **kw):
+        for c in chunk.choices:
+            pieces[c.index].append(c.text)
+        usage = chunk.usage or usage
+    assert ["".join(pieces[i]) for i in range(3)] == alone
+    assert usage.completion_tokens == 48
+
+
+def test_a_request_s_choices_are_queued_together_or_not_at_all():
+    from onlinespec.decode.sampling import SamplingParams
+    from serving.engine_loop import LoopBase, QueueFull
+    from serving.metrics import Metrics
+
+    async def submit():
+        loop = LoopBase(Metrics(), max_queue=3)  # not started: nothing leaves the queue
+        loop.submit([1, 2], SamplingParams())
+        with pytest.raises(QueueFull, match="needs room for 3"):
+            loop.submit_all([1, 2], [SamplingParams()] * 3)
+        assert loop.pending.qsize() == 1  # none of the three was queued
+        assert len(loop.submit_all([1, 2], [SamplingParams()] * 2)) == 2 and loop.pending.qsize() == 3
+
+    asyncio.run(submit())
+
+
+def test_n_beyond_what_the_server_can_queue_is_refused(server):
+    for body, words in (({"n": 5}, "n=5 exceeds this server's queue of 4"), ({"n": 129}, "n"),
+                        ({"n": 2, "seed": 2**63 - 1}, "seed + n - 1")):
+        r = httpx.post(server.url + "/v1/completions", timeout=30,
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 3, **body})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+@torch.inference_mode()
+def test_echo_puts_the_prompt_and_its_log_probs_before_the_completion(client, target, tokenizer):
+    """echo: the prompt's text first; with logprobs, its tokens' log-probs under the target (the
+    first None), then the completion's: streamed or not, one choice or two."""
+    prompt = "echo this back"
+    ids = tokenizer.encode(prompt)
+    lp = torch.log_softmax(target(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    expected = [None] + lp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    text = target_greedy_text(target, tokenizer, prompt, 10)
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, echo=True)
+    assert resp.choices[0].text == prompt + text and resp.choices[0].logprobs is None
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, echo=True,
+                                     logprobs=2, n=2)
+    for choice in resp.choices:
+        assert choice.text == prompt + text
+        lps = choice.logprobs
+        assert len(lps.tokens) == len(ids) + resp.usage.completion_tokens // 2
+        assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+        assert lps.token_logprobs[1:len(ids)] == pytest.approx(expected[1:], abs=1e-4)
+        assert len(lps.top_logprobs[1]) in (2, 3) and lps.text_offset[0] == 0
+    pieces, lps = [], []
+    for chunk in client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0, echo=True,
+                                           logprobs=0, stream=True):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+            lps += chunk.choices[0].logprobs.token_logprobs if chunk.choices[0].logprobs else []
+    assert pieces[0].startswith(tokenizer.decode(ids)) and "".join(pieces) == tokenizer.decode(ids) + text
+    assert lps[0] is None and lps[1:len(ids)] == pytest.approx(expected[1:], abs=1e-4)
 
 
 def test_invalid_json_gets_400(server):

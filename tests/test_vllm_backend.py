@@ -190,6 +190,19 @@ def test_greedy_output_through_vllm_equals_the_target_alone_and_the_embedded_eng
         drafted += spec["own"]["drafted_tokens"]
         accepted += spec["own"]["accepted_tokens"]
     assert drafted > 0 and 0 < accepted < drafted, (drafted, accepted)  # vLLM verified our drafts
+    # n choices are n vLLM requests: greedy, each is the same text
+    many = complete(url, batch[0], max_tokens=32, ignore_eos=True, n=3)
+    assert [c["text"] for c in many["choices"]] == [served_out[0]["choices"][0]["text"]] * 3
+    assert many["usage"]["completion_tokens"] == 96 and len(many["speculative"]["choices"]) == 3
+    # echo with logprobs: the prompt's log-probs, as vLLM read it, are the target's
+    echoed = complete(url, batch[2], max_tokens=4, ignore_eos=True, echo=True, logprobs=1)["choices"][0]
+    with torch.inference_mode():
+        lp = torch.log_softmax(target(torch.tensor([batch[2]])).logits[0, :-1].float(), dim=-1)
+    expected = lp.gather(-1, torch.tensor(batch[2][1:])[:, None])[:, 0].tolist()
+    head = tok.decode(batch[2])
+    assert echoed["text"].startswith(head) and served_out[2]["choices"][0]["text"].startswith(echoed["text"][len(head):])
+    assert echoed["logprobs"]["token_logprobs"][0] is None
+    assert echoed["logprobs"]["token_logprobs"][1:len(batch[2])] == pytest.approx(expected, abs=1e-3)
 
 
 def test_penalties_through_vllm_give_what_the_embedded_engine_gives(served, demo):
@@ -208,14 +221,24 @@ def test_penalties_through_vllm_give_what_the_embedded_engine_gives(served, demo
         assert out == tok.decode(ours, skip_special_tokens=True), (kw, out, tok.decode(ours))
         changed += ours != plain
     assert changed >= 2
-    # min_tokens: vLLM holds EOS back as the embedded engine does (a +100 bias would end the text at once)
-    eos = min(embedded.eos_token_ids)
+    # min_tokens: no stop string ends within the first min_tokens tokens, in vLLM as in the embedded engine
     prompt = prompts(tok, "python", 1, offset=11)[0]
-    out = complete(url, prompt, max_tokens=24, logit_bias={str(eos): 100.0}, min_tokens=6)
-    ours = embedded.generate(prompt, SamplingParams(max_new_tokens=24, logit_bias=((eos, 100.0),), min_tokens=6))
-    assert ours.tokens[-1] == eos and len(ours.tokens) == 7
-    assert out["usage"]["completion_tokens"] == 7, out
-    assert out["choices"][0]["text"] == tok.decode(ours.tokens, skip_special_tokens=True)
+    tokens = embedded.generate(prompt, SamplingParams(max_new_tokens=48, ignore_eos=True)).tokens
+    texts = [tok.decode(tokens[:i], skip_special_tokens=True) for i in range(len(tokens) + 1)]
+    for stop in dict.fromkeys(texts[-1][i:i + 2] for i in range(2, len(texts[-1]) - 1)):  # one that recurs
+        ends_at = next(i for i, t in enumerate(texts) if stop in t)
+        if stop.strip() and texts[-1].find(stop, len(texts[ends_at + 2]) - 1) >= 0:
+            break
+    else:
+        raise AssertionError("no 2-character stop string recurs in the reference text")
+    ours = embedded.generate(prompt, SamplingParams(max_new_tokens=48, ignore_eos=True, stop=(stop,),
+                                                    min_tokens=ends_at + 2))
+    out = complete(url, prompt, max_tokens=48, ignore_eos=True, stop=[stop], min_tokens=ends_at + 2)
+    assert out["choices"][0]["text"] == ours.text and len(ours.text) > len(texts[ends_at]), (stop, ours.text)
+    # vLLM refuses logit_bias with speculative decoding: a 400 that says so, not a failed generation
+    r = httpx.post(f"{url}/v1/completions", timeout=60,
+                   json={"model": TARGET_ID, "prompt": prompt, "max_tokens": 4, "logit_bias": {"5": 1.0}})
+    assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"], r.text
 
 
 def test_vllm_feedback_records_are_the_records_the_learners_read(served, demo):

@@ -163,7 +163,9 @@ class Batch:
             gen.features = FeatureLog()  # its drafter reads the target's features, or its learners will
         row = self.staging.join()
         self.staged.append(gen)
-        if self._prefixed(gen):  # the prompt's beginning read before (its last token is fed with drafts)
+        # the prompt's beginning read before (its last token is fed with drafts); not for a request
+        # that scores its prompt: what was read before left no logits
+        if self._prefixed(gen) and gen.params.prompt_logprobs is None:
             gen.cached_tokens = self.prefix.load(gen.tokens[:-1], self.staging, row, gen.features,
                                                  self._prefix_key(gen))
         self._fit_prefix()
@@ -222,13 +224,17 @@ class Batch:
         feeds = [gen.tokens[d:d + min(n, share)] for gen, d, n in zip(self.staged, done, left)]
         fed = sum(map(len, feeds))
         if fed:
-            if any(g.features is not None for g in self.staged):
-                states = forward_rows(self.engine.target, self.staging, feeds, hidden=True, logits=False)
-                for gen, h in zip(self.staged, states):
-                    if gen.features is not None:
-                        gen.features.append(h)
-            else:  # a prompt's logits are never read (its last token is fed with the first drafts)
-                forward_rows(self.engine.target, self.staging, feeds, logits=False)
+            # a prompt's logits are read only by a request that scores its prompt (its last token
+            # is fed with the first drafts)
+            scored = any(g.params.prompt_logprobs is not None for g in self.staged)
+            hidden = any(g.features is not None for g in self.staged)
+            out = forward_rows(self.engine.target, self.staging, feeds, hidden=hidden, logits=scored)
+            logits, states = (out if hidden else (out, None)) if scored else (None, out)
+            for row, gen in enumerate(self.staged):
+                if hidden and gen.features is not None:
+                    gen.features.append(states[row])
+                if scored:
+                    gen.score_prompt(logits[row], done[row])
         ready = [g for row, g in enumerate(self.staged) if int(self.staging.lengths[row]) == len(g.tokens) - 1]
         for gen in ready:
             row = self.staged.index(gen)

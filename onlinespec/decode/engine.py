@@ -75,11 +75,12 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability under the target (raw log-softmax) and the ``n`` most
-    likely tokens at that position (``top``: (id, log-prob), most likely first)."""
+    """A token's log-probability under the target (raw log-softmax) and the ``n`` most likely
+    tokens at that position (``top``: (id, log-prob), most likely first). ``logprob`` None: a
+    prompt's first token, which nothing before it predicts."""
 
     token: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -350,6 +351,8 @@ class Generation:
         self.cache = None if isolated else suffix
         self.isolated = isolated
         self.tenant = tenant
+        # with ``params.prompt_logprobs``: the prompt's tokens from the second on, scored as the batch reads them
+        self.prompt_logprobs: list[TokenLogprob] = []
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the batch's prefix cache
         self.cache_salt: str | None = None  # the prefix cache serves it only what requests with this salt left
         self.scope = suffix.config.scope_of(tenant) if suffix is not None else None
@@ -467,6 +470,16 @@ class Generation:
             finished=self.finished,
             finish_reason=self.stop.finish_reason,
         )
+
+    def score_prompt(self, logits: torch.Tensor, start: int) -> None:
+        """The target's logits ``[n, V]`` at prompt positions ``start ..``: each predicts the prompt
+        token after it (reading the prompt feeds all of it but its last token)."""
+        if self.params.prompt_logprobs is None or not len(logits):
+            return
+        assert start == len(self.prompt_logprobs), "the prompt is scored in order"
+        tokens = self.prompt[start + 1:start + 1 + len(logits)]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        self.prompt_logprobs.extend(_token_logprobs(lp, tokens, self.params.prompt_logprobs))
 
     def _capture(self, lp: torch.Tensor, drafts: list[int], accepted: int, emitted: int) -> None:
         """lp: [emitted, V] the target's log-softmax at the emitted positions."""

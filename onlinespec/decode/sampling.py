@@ -46,6 +46,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's: the prompt tokens' log-probs (each but the first, under the target's raw
+    # log-softmax) and this many alternatives' per token, computed while the prompt is read
+    prompt_logprobs: int | None = None
     # vLLM's: the first ``min_tokens`` generated tokens are never EOS or a stop token id (their
     # logits are held at -inf), and no stop string ends within them
     min_tokens: int = 0
@@ -67,6 +70,9 @@ class SamplingParams:
             raise InvalidRequestError(f"k (draft length) must be an integer >= 1, got {self.k!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
             raise InvalidRequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and not (isinstance(self.prompt_logprobs, int)
+                                                     and 0 <= self.prompt_logprobs <= 20):
+            raise InvalidRequestError(f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings")
         for name in ("frequency_penalty", "presence_penalty"):
