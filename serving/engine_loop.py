@@ -119,19 +119,19 @@ class LoopBase:
 
     def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
                domain: str | None = None, stream: bool = True, cache_salt: str | None = None) -> RequestHandle:
-        return self.submit_all(prompt, [params], tenant, domain, stream, cache_salt)[0]
+        return self.submit_all([(prompt, params)], tenant, domain, stream, cache_salt)[0]
 
-    def submit_all(self, prompt: list[int], params: list[SamplingParams], tenant: str | None = None,
+    def submit_all(self, requests: list[tuple[list[int], SamplingParams]], tenant: str | None = None,
                    domain: str | None = None, stream: bool = True, cache_salt: str | None = None
                    ) -> list[RequestHandle]:
-        """One request for each of ``params`` (a request's ``n`` choices), queued together or not
-        at all (:class:`QueueFull`)."""
+        """One request for each (prompt, params) pair (an API request's prompts and their ``n``
+        choices), queued together or not at all (:class:`QueueFull`)."""
         waiting = self.pending.qsize()  # the engine thread only takes from the queue: room does not shrink
-        if waiting + len(params) > self.max_queue:
-            need = f"; this request needs room for {len(params)}" if len(params) > 1 else ""
+        if waiting + len(requests) > self.max_queue:
+            need = f"; this request needs room for {len(requests)}" if len(requests) > 1 else ""
             raise QueueFull(f"{waiting} requests are already waiting (max_queue={self.max_queue}){need}")
         handles = [RequestHandle(prompt, p, asyncio.Queue(), asyncio.get_running_loop(), tenant=tenant,
-                                 domain=domain, stream=stream, cache_salt=cache_salt) for p in params]
+                                 domain=domain, stream=stream, cache_salt=cache_salt) for prompt, p in requests]
         for handle in handles:
             self.pending.put(handle)
         self.metrics.queue_depth.set(self.depth)

@@ -57,24 +57,24 @@ def openai_router(state) -> APIRouter:
                            type_="authentication_error", code="invalid_api_key")
         return tenant_of(key, req.user)
 
-    def _choices(req, params: SamplingParams) -> list[SamplingParams]:
-        """One request per choice (``n``): with a seed, choice ``i`` samples with seed + i, as vLLM
-        seeds its child requests."""
+    def _choices(req, params: SamplingParams, prompts: int = 1) -> list[SamplingParams]:
+        """One request per choice (``n``) of each of ``prompts``: with a seed, choice ``i`` samples
+        with seed + i, as vLLM seeds its child requests."""
+        if req.n * prompts > state.loop.max_queue:
+            what = f"n={req.n}" if prompts == 1 else f"{prompts} prompts x n={req.n}"
+            raise ApiError(400, f"{what} exceeds this server's queue of {state.loop.max_queue} requests",
+                           param="n")
         if req.n == 1:
             return [params]
-        if req.n > state.loop.max_queue:
-            raise ApiError(400, f"n={req.n} exceeds this server's queue of {state.loop.max_queue} requests",
-                           param="n")
         if params.seed is not None and params.seed + req.n - 1 > MAX_SEED:
             raise ApiError(400, f"seed + n - 1 must be at most {MAX_SEED} (choice i samples with seed + i)",
                            param="seed")
         return [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(req.n)]
 
-    def _submit(prompt_ids: list[int], params: list[SamplingParams], tenant: str | None,
-                domain: str | None = None, stream: bool = True, cache_salt: str | None = None) -> list[RequestHandle]:
+    def _submit(requests: list[tuple[list[int], SamplingParams]], tenant: str | None, domain: str | None = None,
+                stream: bool = True, cache_salt: str | None = None) -> list[RequestHandle]:
         try:
-            return state.loop.submit_all(prompt_ids, params, tenant=tenant, domain=domain, stream=stream,
-                                         cache_salt=cache_salt)
+            return state.loop.submit_all(requests, tenant=tenant, domain=domain, stream=stream, cache_salt=cache_salt)
         except QueueFull as exc:
             state.metrics.rejected.inc(label="queue_full")
             raise ApiError(429, f"server busy: {exc}; retry later", type_="rate_limit_error") from None
@@ -113,10 +113,12 @@ def openai_router(state) -> APIRouter:
         stats = GenerationStats.combine(g.stats for g in gens if g is not None)
         return {**_spec_of(gens[0], stats), "choices": [_spec_of(g, g.stats if g else None) for g in gens]}
 
-    def _usage(handles: list[RequestHandle], prompt_len: int, completion: int) -> dict:
+    def _usage(handles: list[RequestHandle], prompt_len: int, completion: int, n: int = 1) -> dict:
+        """``prompt_len``: the prompts' tokens, each prompt counted once for its ``n`` choices."""
         # OpenAI's cached_tokens: prompt tokens whose keys and values came from the prefix cache
-        # (the prompt counts once for all choices: the fewest any choice read)
-        cached = min(getattr(h.generation, "cached_tokens", 0) or 0 for h in handles)
+        # (each prompt's: the fewest any of its choices read)
+        cached = sum(min(getattr(h.generation, "cached_tokens", 0) or 0 for h in handles[i:i + n])
+                     for i in range(0, len(handles), n))
         return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -187,7 +189,7 @@ def openai_router(state) -> APIRouter:
         return echo, [TokenLogprob(handle.prompt[0], None), *handle.generation.prompt_logprobs]
 
     def _stream(handles, request, kind: str, rid: str, prompt_len: int, include_usage: bool, wanted: bool,
-                echo: str | None = None):
+                echo: list[str] | None = None, per: int = 1):
         created = now()
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
 
@@ -210,7 +212,7 @@ def openai_router(state) -> APIRouter:
                     completion += len(out.tokens)
                     text = out.text
                     if first[i]:  # an echoed prompt comes first
-                        text, pending[i] = _echoed(handles[i], echo, wanted)
+                        text, pending[i] = _echoed(handles[i], echo[i] if echo else None, wanted)
                         text += out.text
                     pending[i] += out.logprobs or ()
                     finish = out.finish_reason.value if out.finished else None
@@ -222,7 +224,7 @@ def openai_router(state) -> APIRouter:
                         first[i] = False
                 if include_usage:
                     tail = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [],
-                            "usage": _usage(handles, prompt_len, completion), "speculative": _spec(handles)}
+                            "usage": _usage(handles, prompt_len, completion, per), "speculative": _spec(handles)}
                     yield f"data: {json.dumps(tail)}\n\n"
                 yield "data: [DONE]\n\n"
             except ApiError as exc:
@@ -233,17 +235,21 @@ def openai_router(state) -> APIRouter:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def _serve(req, prompt_ids: list[int], request: Request, kind: str, tenant: str | None,
-                     echo: str | None = None):
-        """``echo``: the prompt's text, put before each choice's completion."""
-        params = _params(req, len(prompt_ids))
-        handles = _submit(prompt_ids, _choices(req, params), tenant, req.domain, stream=bool(req.stream),
+    async def _serve(req, prompts: list[list[int]], request: Request, kind: str, tenant: str | None,
+                     echoes: list[str] | None = None):
+        """``n`` choices for each of ``prompts``, in that order (OpenAI's ``index``); ``echoes``:
+        each prompt's text, put before its choices' completions."""
+        params = [_params(req, len(p)) for p in prompts][0]  # each prompt within the limits
+        choices = _choices(req, params, len(prompts))
+        handles = _submit([(p, c) for p in prompts for c in choices], tenant, req.domain, stream=bool(req.stream),
                           cache_salt=req.cache_salt)
+        echo = [e for e in echoes for _ in choices] if echoes else None  # each handle's
+        prompt_len, per = sum(map(len, prompts)), len(choices)
         rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         wanted = params.logprobs is not None
         if req.stream:
-            return _stream(handles, request, kind, rid, len(prompt_ids), include_usage, wanted, echo)
+            return _stream(handles, request, kind, rid, prompt_len, include_usage, wanted, echo, per)
         n = len(handles)
         texts, tokens, items, finish = [[] for _ in handles], [0] * n, [[] for _ in handles], [None] * n
         try:
@@ -258,7 +264,7 @@ def openai_router(state) -> APIRouter:
                 handle.cancel()
         choices = []
         for i in range(n):
-            start, scored = _echoed(handles[i], echo, wanted)
+            start, scored = _echoed(handles[i], echo[i] if echo else None, wanted)
             text, logprobs = start + "".join(texts[i]), _logprobs(kind, scored + items[i], wanted)
             if kind == "completion":
                 choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish[i]})
@@ -267,29 +273,26 @@ def openai_router(state) -> APIRouter:
                                 "finish_reason": finish[i]})
         obj = "text_completion" if kind == "completion" else "chat.completion"
         return {"id": rid, "object": obj, "created": now(), "model": state.model_name, "choices": choices,
-                "usage": _usage(handles, len(prompt_ids), sum(tokens)), "speculative": _spec(handles)}
+                "usage": _usage(handles, prompt_len, sum(tokens), per), "speculative": _spec(handles)}
 
     @router.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         tenant = _tenant(req, request)  # a bad key is refused before any work
-        if isinstance(req.prompt, list):
-            if any(not isinstance(t, int) or t < 0 for t in req.prompt):
-                raise ApiError(400, "prompt token ids must be non-negative integers", param="prompt")
-            prompt_ids = list(req.prompt)
-        else:
-            prompt_ids = state.tokenizer.encode(req.prompt)
-        if not prompt_ids:
-            raise ApiError(400, "prompt encodes to no tokens", param="prompt")
-        echo = None
-        if req.echo:  # the prompt as it was sent (a token-id prompt: as its tokens decode)
-            echo = req.prompt if isinstance(req.prompt, str) else state.tokenizer.decode(prompt_ids)
-        return await _serve(req, prompt_ids, request, "completion", tenant, echo)
+        prompts, echoes = [], []
+        for one in req.prompts:
+            ids = list(one) if isinstance(one, list) else state.tokenizer.encode(one)
+            if not ids:
+                raise ApiError(400, "prompt encodes to no tokens", param="prompt")
+            prompts.append(ids)
+            # echoed as it was sent (token ids: as they decode)
+            echoes.append(one if isinstance(one, str) else state.tokenizer.decode(ids))
+        return await _serve(req, prompts, request, "completion", tenant, echoes if req.echo else None)
 
     @router.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         tenant = _tenant(req, request)
         prompt_ids = render(state.tokenizer, [m.model_dump() for m in req.messages])
-        return await _serve(req, prompt_ids, request, "chat", tenant)
+        return await _serve(req, [prompt_ids], request, "chat", tenant)
 
     @router.get("/v1/models")
     async def models():

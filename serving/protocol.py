@@ -13,6 +13,7 @@ __all__ = ["CompletionRequest", "ChatMessage", "ChatRequest", "StreamOptions", "
 
 MAX_SEED = 2**63 - 1  # seeds are int64, as in vLLM: torch's generator refuses 2**64 and beyond
 _INT32 = 2**31 - 1  # a bound for counts whose real limit the server checks with its own message
+MAX_PROMPTS = 128  # prompts in one batched completions request (the queue bounds prompts x n too)
 
 
 # OpenAI request fields this server does not apply, each with the values that ask for nothing (what
@@ -160,7 +161,8 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     SERVED: ClassVar[frozenset] = frozenset({"echo"})
 
-    prompt: str | list[int]
+    # one prompt (text or token ids), or several (OpenAI's batched form): each gets ``n`` choices
+    prompt: str | list[int] | list[str] | list[list[int]]
     # the chosen token's log-prob and this many alternatives' per token (OpenAI allows 5, vLLM 20)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     # the prompt before the completion, in the text and (with logprobs) in the log-probs: the
@@ -176,11 +178,23 @@ class CompletionRequest(_Sampling):
     def _prompt(cls, v):
         if (isinstance(v, str) and v == "") or (isinstance(v, list) and not v):
             raise ValueError("prompt must not be empty")
-        if isinstance(v, str):
-            _check_text(v, "prompt")
-        elif any(t < 0 or t > _INT32 for t in v):
-            raise ValueError("prompt token ids must be integers in [0, 2**31)")
+        several = isinstance(v, list) and not isinstance(v[0], int)
+        if several and len(v) > MAX_PROMPTS:
+            raise ValueError(f"prompt holds at most {MAX_PROMPTS} prompts")
+        for one in v if several else [v]:
+            if not one:
+                raise ValueError("prompt must not be empty")
+            if isinstance(one, str):
+                _check_text(one, "prompt")
+            elif any(t < 0 or t > _INT32 for t in one):
+                raise ValueError("prompt token ids must be integers in [0, 2**31)")
         return v
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: its one, or each of a batched ``prompt``."""
+        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if one else list(self.prompt)
 
 
 class ChatMessage(BaseModel):

@@ -254,9 +254,9 @@ def test_a_request_s_choices_are_queued_together_or_not_at_all():
         loop = LoopBase(Metrics(), max_queue=3)  # not started: nothing leaves the queue
         loop.submit([1, 2], SamplingParams())
         with pytest.raises(QueueFull, match="needs room for 3"):
-            loop.submit_all([1, 2], [SamplingParams()] * 3)
+            loop.submit_all([([1, 2], SamplingParams())] * 3)
         assert loop.pending.qsize() == 1  # none of the three was queued
-        assert len(loop.submit_all([1, 2], [SamplingParams()] * 2)) == 2 and loop.pending.qsize() == 3
+        assert len(loop.submit_all([([1, 2], SamplingParams())] * 2)) == 2 and loop.pending.qsize() == 3
 
     asyncio.run(submit())
 
@@ -297,6 +297,24 @@ def test_echo_puts_the_prompt_and_its_log_probs_before_the_completion(client, ta
             lps += chunk.choices[0].logprobs.token_logprobs if chunk.choices[0].logprobs else []
     assert pieces[0].startswith(tokenizer.decode(ids)) and "".join(pieces) == tokenizer.decode(ids) + text
     assert lps[0] is None and lps[1:len(ids)] == pytest.approx(expected[1:], abs=1e-4)
+
+
+def test_a_batch_of_prompts_gets_n_choices_each_in_order(server, client, target, tokenizer):
+    """OpenAI's batched prompt (texts or token ids): choice index = prompt x n + i; each echoed."""
+    texts = ["abcdef", "hello world"]
+    expected = [target_greedy_text(target, tokenizer, t, 12) for t in texts]
+    resp = client.completions.create(model=MODEL, prompt=texts, max_tokens=12, temperature=0, n=2, echo=True)
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    assert [c.text for c in resp.choices] == [texts[0] + expected[0]] * 2 + [texts[1] + expected[1]] * 2
+    assert resp.usage.prompt_tokens == sum(len(tokenizer.encode(t)) for t in texts)
+    ids = [tokenizer.encode(t) for t in texts]
+    resp = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
+    assert [c.text for c in resp.choices] == expected
+    for prompt, words in ((["ok", ""], "must not be empty"), ([[1, 2], [-1]], "token ids"),
+                          (["x"] * 129, "at most 128 prompts"), (["a", "b", "c"], "3 prompts x n=2 exceeds")):
+        r = httpx.post(server.url + "/v1/completions", timeout=30,
+                       json={"model": MODEL, "prompt": prompt, "max_tokens": 3, "n": 2 if len(prompt) == 3 else 1})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
 
 
 def test_invalid_json_gets_400(server):
