@@ -29,6 +29,7 @@ class ServerState:
     metrics: Metrics
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
+    context: int | None = None  # the models' context in tokens, where known (a chat's default max_tokens fits it)
     redis: object | None = None  # None: feedback logging explicitly disabled
     # Keys accepted on /v1 (serving.api_keys or ONLINESPEC_API_KEYS); empty: any key is accepted.
     api_keys: tuple[str, ...] = ()

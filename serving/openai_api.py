@@ -35,7 +35,7 @@ def openai_router(state) -> APIRouter:
         if prompt_len > state.max_prompt_tokens:
             raise ApiError(400, f"prompt has {prompt_len} tokens, more than this server's limit of "
                            f"{state.max_prompt_tokens}", param="prompt")
-        max_new = req.max_completion_tokens or req.max_tokens or 16
+        max_new = req.max_completion_tokens or req.max_tokens or _default_max_tokens(req, prompt_len)
         if max_new > state.max_tokens:
             raise ApiError(400, f"max_tokens={max_new} exceeds this server's limit of {state.max_tokens}",
                            param="max_tokens")
@@ -49,6 +49,15 @@ def openai_router(state) -> APIRouter:
                                   prompt_logprobs=req.logprobs if getattr(req, "echo", False) else None)
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc)) from None
+
+    def _default_max_tokens(req, prompt_len: int) -> int:
+        """What a request that names no max_tokens gets: 16 for a completion (OpenAI's and vLLM's
+        default); a chat answer may run to the server's limit, within the models' context (as
+        vLLM's chat endpoint lets it run to the context's end)."""
+        if not isinstance(req, ChatRequest):
+            return 16
+        room = state.context - prompt_len if state.context is not None else state.max_tokens
+        return max(1, min(state.max_tokens, room))
 
     def _tenant(req, request: Request) -> str | None:
         key = bearer_token(request.headers.get("authorization"))

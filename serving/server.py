@@ -93,7 +93,8 @@ def build_state(engine: SpeculativeEngine | None, tokenizer, model_name: str, wr
                           router=router).start()
         _prefix_metrics(metrics, loop)
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
-                       max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, api_keys=tuple(api_keys))
+                       max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, api_keys=tuple(api_keys),
+                       context=engine.max_context() if engine is not None else None)
 
 
 def _learner_metrics(metrics: Metrics, redis, drafters: list[str], target: str) -> None:

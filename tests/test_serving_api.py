@@ -317,6 +317,17 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_order(server, client, target,
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
 
 
+def test_a_chat_that_names_no_max_tokens_may_run_to_the_server_s_limit(server, client):
+    """A completion defaults to 16 tokens (OpenAI's legacy default); a chat answer is not cut at 16
+    but may run to the server's max_tokens, within the context (as vLLM's chat endpoint)."""
+    resp = client.completions.create(model=MODEL, prompt="Once", temperature=0, extra_body={"ignore_eos": True})
+    assert resp.usage.completion_tokens == 16
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go on"}],
+                                          temperature=0, extra_body={"ignore_eos": True})
+    context = server.state.context
+    assert chat.usage.completion_tokens == min(200, context - chat.usage.prompt_tokens) > 16
+
+
 def test_invalid_json_gets_400(server):
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"]
