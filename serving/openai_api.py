@@ -41,7 +41,8 @@ def openai_router(state) -> APIRouter:
                            param="max_tokens")
         try:
             return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()), k=req.k,
+                                  top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()),
+                                  stop_token_ids=tuple(req.stop_token_ids or ()), k=req.k,
                                   ignore_eos=req.ignore_eos, logprobs=req.logprobs_wanted,
                                   frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                                   repetition_penalty=req.repetition_penalty, logit_bias=req.bias_pairs,

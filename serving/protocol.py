@@ -83,6 +83,8 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
+    # vLLM's: token ids that end the text as EOS does (included in it, as EOS is)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     # vLLM's: no EOS, stop token or stop string ends the text within its first min_tokens tokens
     min_tokens: int = Field(default=0, ge=0, le=_INT32)
     # vLLM's: requests read only what the prefix cache keeps of requests with the same salt
@@ -107,6 +109,13 @@ class _Sampling(BaseModel):
         if len(items) > 4 or any(not s for s in items):
             raise ValueError("stop must be up to 4 non-empty strings")
         return [_check_text(s, "stop") for s in items]
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, v):
+        if v and any(t < 0 or t > _INT32 for t in v):
+            raise ValueError("stop_token_ids are token ids: integers in [0, 2**31)")
+        return v
 
     @field_validator("user")
     @classmethod

@@ -317,6 +317,21 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_order(server, client, target,
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
 
 
+def test_stop_token_ids_end_the_text_where_the_target_writes_one(server, client, target, tokenizer):
+    ids = tokenizer.encode("abcdef")
+    out = target.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=0, pad_token_id=0)
+    tokens = out[0, len(ids):].tolist()
+    stop = next(t for i, t in enumerate(tokens) if i >= 3 and t not in tokens[:i])  # first written at i >= 3
+    resp = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0,
+                                     extra_body={"stop_token_ids": [stop]})
+    at = tokens.index(stop)
+    assert resp.choices[0].finish_reason == "stop" and resp.usage.completion_tokens == at + 1
+    assert resp.choices[0].text == tokenizer.decode(tokens[:at], skip_special_tokens=True)
+    r = httpx.post(server.url + "/v1/completions", timeout=30,
+                   json={"model": MODEL, "prompt": "x", "max_tokens": 3, "stop_token_ids": [10**6]})
+    assert r.status_code == 400 and "stop_token_ids" in r.json()["error"]["message"], r.text
+
+
 def test_a_chat_that_names_no_max_tokens_may_run_to_the_server_s_limit(server, client):
     """A completion defaults to 16 tokens (OpenAI's legacy default); a chat answer is not cut at 16
     but may run to the server's max_tokens, within the context (as vLLM's chat endpoint)."""

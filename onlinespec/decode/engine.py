@@ -311,9 +311,10 @@ class Generation:
         bad = [t for t in prompt if not 0 <= t < engine.vocab_size]
         if bad:
             raise InvalidRequestError(f"prompt token ids out of range [0, {engine.vocab_size}): {bad[:5]}")
-        bad = [t for t, _ in params.logit_bias if t >= engine.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"logit_bias token ids out of range [0, {engine.vocab_size}): {bad[:5]}")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if t >= engine.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"{name} token ids out of range [0, {engine.vocab_size}): {bad[:5]}")
         limit = engine.max_context()
         if limit is not None and len(prompt) + params.max_new_tokens > limit:
             raise InvalidRequestError(

@@ -73,6 +73,8 @@ class SamplingParams:
         if self.prompt_logprobs is not None and not (isinstance(self.prompt_logprobs, int)
                                                      and 0 <= self.prompt_logprobs <= 20):
             raise InvalidRequestError(f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids must be non-negative integers")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings")
         for name in ("frequency_penalty", "presence_penalty"):
