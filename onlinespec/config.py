@@ -91,6 +91,7 @@ class ServingConfig:
     prefix_cache_scope: str = "shared"  # shared | tenant: who reads what it keeps
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
+    max_request_bytes: int = 8 << 20  # request bodies beyond get a 413 (8 MiB: 128 full prompts fit)
     threads: int = 0  # torch threads for the engine; 0: all cores
     device: str = "cpu"  # auto | cpu | cuda[:N]
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -120,6 +121,8 @@ class ServingConfig:
             raise ValueError(f"prefix_cache_scope must be shared or tenant, got {self.prefix_cache_scope!r}")
         if self.stop_timeout <= 0:
             raise ValueError(f"stop_timeout is a positive number of seconds, got {self.stop_timeout}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be at least 1024, got {self.max_request_bytes}")
         if self.prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be >= 0 (0: no prefix cache), got {self.prefix_cache_tokens}")
 

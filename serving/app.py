@@ -13,6 +13,7 @@ from onlinespec.decode.chat import DEFAULT_CHAT_TEMPLATE
 from serving.auth import bearer_token, secret_in, tenant_of
 from serving.engine_loop import EngineLoop
 from serving.errors import ApiError, install_error_handlers
+from serving.limits import BodyLimit
 from serving.metrics import Metrics
 from serving.openai_api import openai_router
 from serving.ops import ops_router
@@ -29,6 +30,7 @@ class ServerState:
     metrics: Metrics
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
+    max_request_bytes: int = 8 << 20  # request bodies beyond get a 413 before they are read whole
     context: int | None = None  # the models' context in tokens, where known (a chat's default max_tokens fits it)
     redis: object | None = None  # None: feedback logging explicitly disabled
     # Keys accepted on /v1 (serving.api_keys or ONLINESPEC_API_KEYS); empty: any key is accepted.
@@ -48,6 +50,7 @@ def create_app(state: ServerState, on_shutdown=()) -> FastAPI:
 
     app = FastAPI(title="OnlineSpec", version="0.1.0", lifespan=lifespan)
     app.state.server = state
+    app.add_middleware(BodyLimit, max_bytes=state.max_request_bytes)
     install_error_handlers(app)
     app.include_router(openai_router(state))
     app.include_router(ops_router(state))

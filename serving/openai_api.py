@@ -290,18 +290,20 @@ def openai_router(state) -> APIRouter:
         tenant = _tenant(req, request)  # a bad key is refused before any work
         prompts, echoes = [], []
         for one in req.prompts:
-            ids = list(one) if isinstance(one, list) else state.tokenizer.encode(one)
+            # text is tokenized in a thread (Hugging Face's tokenizers let go of the GIL): a long
+            # prompt does not hold the event loop, which streams every other request's tokens
+            ids = list(one) if isinstance(one, list) else await asyncio.to_thread(state.tokenizer.encode, one)
             if not ids:
                 raise ApiError(400, "prompt encodes to no tokens", param="prompt")
             prompts.append(ids)
-            # echoed as it was sent (token ids: as they decode)
-            echoes.append(one if isinstance(one, str) else state.tokenizer.decode(ids))
+            if req.echo:  # echoed as it was sent (token ids: as they decode)
+                echoes.append(one if isinstance(one, str) else await asyncio.to_thread(state.tokenizer.decode, ids))
         return await _serve(req, prompts, request, "completion", tenant, echoes if req.echo else None)
 
     @router.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         tenant = _tenant(req, request)
-        prompt_ids = render(state.tokenizer, [m.model_dump() for m in req.messages])
+        prompt_ids = await asyncio.to_thread(render, state.tokenizer, [m.model_dump() for m in req.messages])
         return await _serve(req, [prompt_ids], request, "chat", tenant)
 
     @router.get("/v1/models")

@@ -222,3 +222,55 @@ def test_prompt_token_ids_beyond_int32_are_a_400(server):
     assert r.status_code == 400
     torch.manual_seed(0)
     ok(server)
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read_and_the_server_serves_on(target, tokenizer):
+    engine = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(target_id=MODEL))
+    srv = BackgroundServer(build_state(engine, tokenizer, MODEL, max_request_bytes=4096)).start()
+    try:
+        big = json.dumps({"model": MODEL, "prompt": "a" * 5000, "max_tokens": 2}).encode()
+        r = httpx.post(srv.url + "/v1/completions", content=big, headers={"Content-Type": "application/json"},
+                       timeout=30)  # Content-Length says it
+        assert r.status_code == 413 and "limit of 4096 bytes" in r.json()["error"]["message"], r.text
+
+        def chunks():  # no Content-Length: refused once the bytes read pass the bound
+            for i in range(0, len(big), 1000):
+                yield big[i:i + 1000]
+
+        r = httpx.post(srv.url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"},
+                       timeout=30)
+        assert r.status_code == 413 and "limit of 4096 bytes" in r.json()["error"]["message"], r.text
+        assert ok(srv)["usage"]["completion_tokens"] == 8
+    finally:
+        srv.stop()
+
+
+def test_tokenizing_a_prompt_does_not_hold_the_server(server, monkeypatch):
+    """While a prompt is being tokenized (held here until the test lets it go), the server answers
+    other requests: tokenizing runs off the event loop."""
+    import threading
+
+    tokenizer = server.state.tokenizer
+    holding, release = threading.Event(), threading.Event()
+    encode = tokenizer.encode
+
+    def slow_encode(text, *a, **kw):
+        if text == "hold me":
+            holding.set()
+            release.wait(90)  # longer than the checks below wait: on the event loop, they would time out
+        return encode(text, *a, **kw)
+
+    monkeypatch.setattr(tokenizer, "encode", slow_encode)
+    result = {}
+    held = threading.Thread(target=lambda: result.setdefault("r", post(server, {"prompt": "hold me", "max_tokens": 2})))
+    held.start()
+    try:
+        assert holding.wait(30)
+        r = httpx.post(server.url + "/v1/completions", timeout=20,
+                       json={"model": MODEL, "prompt": "abc", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8  # served meanwhile
+        assert httpx.get(server.url + "/v1/models", timeout=20).status_code == 200
+    finally:
+        release.set()
+        held.join(60)
+    assert result["r"].status_code == 200
