@@ -116,7 +116,7 @@ def openai_router(state) -> APIRouter:
 
     def _spec(handles: list[RequestHandle]) -> dict:
         """What drafts did for the request: its choices' counts summed (the drafter: choice 0's),
-        and with ``n`` > 1 each choice's under ``choices``."""
+        and with several choices (``n`` > 1, or several prompts) each one's under ``choices``."""
         gens = [h.generation for h in handles]
         if len(gens) == 1:
             return _spec_of(gens[0], gens[0].stats if gens[0] else None)
@@ -250,11 +250,11 @@ def openai_router(state) -> APIRouter:
         """``n`` choices for each of ``prompts``, in that order (OpenAI's ``index``); ``echoes``:
         each prompt's text, put before its choices' completions."""
         params = [_params(req, len(p)) for p in prompts][0]  # each prompt within the limits
-        choices = _choices(req, params, len(prompts))
-        handles = _submit([(p, c) for p in prompts for c in choices], tenant, req.domain, stream=bool(req.stream),
+        each = _choices(req, params, len(prompts))  # the sampling of each prompt's n choices
+        handles = _submit([(p, c) for p in prompts for c in each], tenant, req.domain, stream=bool(req.stream),
                           cache_salt=req.cache_salt)
-        echo = [e for e in echoes for _ in choices] if echoes else None  # each handle's
-        prompt_len, per = sum(map(len, prompts)), len(choices)
+        echo = [e for e in echoes for _ in each] if echoes else None  # each handle's
+        prompt_len, per = sum(map(len, prompts)), len(each)
         rid = new_id("cmpl" if kind == "completion" else "chatcmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         wanted = params.logprobs is not None
