@@ -9,13 +9,22 @@ U+FFFD, as with other servers); ``bytes`` carry the same string in UTF-8.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from onlinespec.decode.engine import TokenLogprob
 
 __all__ = ["completion_logprobs", "chat_logprobs"]
 
 
+@lru_cache(maxsize=1 << 18)
+def _piece(tokenizer, token: int) -> str:
+    """A token id decoded alone: once per tokenizer and id (a response with top log-probs names
+    each of thousands of tokens, most of them many times)."""
+    return tokenizer.decode([token])
+
+
 def _text(tokenizer, token: int) -> str:
-    return tokenizer.decode([token]) if tokenizer is not None else str(token)
+    return _piece(tokenizer, token) if tokenizer is not None else str(token)
 
 
 def completion_logprobs(tokenizer, items: list[TokenLogprob], text_offset: int = 0) -> dict:

@@ -275,7 +275,9 @@ def openai_router(state) -> APIRouter:
         choices = []
         for i in range(n):
             start, scored = _echoed(handles[i], echo[i] if echo else None, wanted)
-            text, logprobs = start + "".join(texts[i]), _logprobs(kind, scored + items[i], wanted)
+            # log-probs name every token and its alternatives as text: built off the event loop
+            logprobs = await asyncio.to_thread(_logprobs, kind, scored + items[i], wanted) if wanted else None
+            text = start + "".join(texts[i])
             if kind == "completion":
                 choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish[i]})
             else:
