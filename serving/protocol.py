@@ -9,6 +9,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from onlinespec.decode.grammar import JSON_OBJECT
+
 __all__ = ["CompletionRequest", "ChatMessage", "ChatRequest", "StreamOptions", "error_body", "new_id", "MAX_SEED"]
 
 MAX_SEED = 2**63 - 1  # seeds are int64, as in vLLM: torch's generator refuses 2**64 and beyond
@@ -20,7 +22,7 @@ MAX_PROMPTS = 128  # prompts in one batched completions request (the queue bound
 # clients send by default): any other value is refused with a 400 that names it, never ignored
 # (a field silently dropped would give a response the client did not ask for)
 UNSUPPORTED = {
-    "best_of": (1,), "echo": (False,), "suffix": ("",), "response_format": ({"type": "text"},),
+    "best_of": (1,), "echo": (False,), "suffix": ("",),
     "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
 }
 
@@ -60,6 +62,41 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: the schema the text follows (``strict`` or not:
+    the server always holds the text to it)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = Field(default=None, max_length=64)
+    description: str | None = None
+    schema_: dict | bool = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (anything), ``json_object`` (any JSON object) or
+    ``json_schema`` (a JSON value that follows ``json_schema.schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema: {name, schema}")
+        return self
+
+    @property
+    def schema_text(self) -> str | None:
+        """The schema the text follows, as JSON text (None: free text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return JSON_OBJECT
+        return json.dumps(self.json_schema.schema_, separators=(",", ":"))
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -89,6 +126,7 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(default=0, ge=0, le=_INT32)
     # vLLM's: requests read only what the prefix cache keeps of requests with the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
+    response_format: ResponseFormat | None = None  # structured output (onlinespec/decode/grammar.py)
     # OnlineSpec extensions
     k: int | None = Field(default=None, ge=1, le=32)
     ignore_eos: bool = False

@@ -190,7 +190,7 @@ class VllmLoop(LoopBase):
             ignore_eos=p.ignore_eos, logprobs=want or None, output_kind=RequestOutputKind.DELTA,
             frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
             repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_tokens=p.min_tokens,
-            prompt_logprobs=p.prompt_logprobs)
+            prompt_logprobs=p.prompt_logprobs, structured_outputs=_structured(p.json_schema))
         prompt = {"prompt_token_ids": list(handle.prompt)}
         salt = prefix_salt(self.prefix_scope, handle.tenant, handle.cache_salt)
         if salt is not None:
@@ -263,6 +263,16 @@ class VllmLoop(LoopBase):
                     return
                 self.record_gaps += gaps
                 self.writer.submit(record)
+
+
+def _structured(schema: str | None):
+    """vLLM's structured output for a request's schema (its own grammar backend follows it), the
+    JSON written without free whitespace, as the embedded engine writes it."""
+    if schema is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
 
 def _client_errors() -> tuple[type[Exception], ...]:

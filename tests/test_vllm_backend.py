@@ -11,6 +11,7 @@ registry, and a rollback, reach the drafts vLLM verifies through vLLM's weight-u
 Without the vLLM virtualenv the module is skipped, except in CI (``CI=true``), where it fails.
 """
 
+import json
 import os
 import signal
 import socket
@@ -194,6 +195,13 @@ def test_greedy_output_through_vllm_equals_the_target_alone_and_the_embedded_eng
     many = complete(url, batch[0], max_tokens=32, ignore_eos=True, n=3)
     assert [c["text"] for c in many["choices"]] == [served_out[0]["choices"][0]["text"]] * 3
     assert many["usage"]["completion_tokens"] == 96 and len(many["speculative"]["choices"]) == 3
+    # response_format: vLLM's own grammar backend holds the text to the schema, with our drafts verified
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "size"],
+              "properties": {"ok": {"type": "boolean"}, "size": {"enum": [1, 2, 3]}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    shaped = complete(url, batch[3], max_tokens=32, response_format=fmt)["choices"][0]
+    value = json.loads(shaped["text"])
+    assert shaped["finish_reason"] == "stop" and value["ok"] in (True, False) and value["size"] in (1, 2, 3)
     # echo with logprobs: the prompt's log-probs, as vLLM read it, are the target's
     echoed = complete(url, batch[2], max_tokens=4, ignore_eos=True, echo=True, logprobs=1)["choices"][0]
     with torch.inference_mode():

@@ -243,6 +243,7 @@ class SpeculativeEngine:
         # the draft-length controller: costs per batch size, acceptance per proposer; kept for the
         # engine's life, whichever batch steps its requests
         self.k_controller = BatchK(k_max=config.k_max)
+        self._structured = None  # llguidance's view of the tokenizer, built for the first response_format
         self.drafter: Drafter | HFDrafter | None = None
         if drafter is not None:
             self.set_drafter(drafter)
@@ -253,6 +254,14 @@ class SpeculativeEngine:
         if drafter is not None:
             check_same_vocab(self.config.target_id, self.vocab_size, drafter.drafter_id, drafter.vocab_size)
         self.drafter = drafter
+
+    def structured(self):
+        """What compiles a request's ``response_format`` (:mod:`onlinespec.decode.grammar`)."""
+        if self._structured is None:
+            from onlinespec.decode.grammar import Structured
+
+            self._structured = Structured(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._structured
 
     def max_context(self) -> int | None:
         limits = [_max_positions(self.target), _max_positions(getattr(self.drafter, "model", None))]
@@ -334,6 +343,8 @@ class Generation:
         self.generator: torch.Generator | PositionNoise = (
             PositionNoise(seed, engine.vocab_size) if self.coupled else torch.Generator().manual_seed(seed))
         self.stop = StopState(params, engine.eos_token_ids, engine.tokenizer)
+        # with a response_format: the matcher of its schema, which has read the generated tokens
+        self.grammar = engine.structured().start(params.json_schema) if params.json_schema is not None else None
         self.stats = GenerationStats()
         self._alone = None  # the batch of one that step() uses
         self.drafter = drafter
@@ -424,6 +435,8 @@ class Generation:
         judged = logits  # what the request's penalties, biases and min_tokens make of the target's logits
         if self.params.shapes(len(self.generated)):
             judged = penalize(logits, self.params, self.prompt, self.generated, drafts.tolist(), self.stop.held_ids)
+        if self.grammar is not None:  # only what the schema allows after the text (and the drafts before)
+            judged = self.grammar.mask(judged.float().clone() if judged is logits else judged, drafts.tolist())
         if self.coupled:
             at = len(self.tokens)  # the position of the first draft
             noise = torch.stack([self.generator.at(at + i) for i in range(len(drafts) + 1)])
@@ -434,7 +447,9 @@ class Generation:
         emitted = 0
         for token in new:
             emitted += 1
-            if self.stop.push(token):
+            if self.grammar is not None:
+                self.grammar.advance(token)
+            if self.stop.push(token) or (self.grammar is not None and self.grammar.stopped and self.stop.end()):
                 break
         # the target's log-probs at the emitted positions: for the feedback record and the response
         lp = None

@@ -170,6 +170,8 @@ def _draw(logits: torch.Tensor, gen: Generation, before: list[int], position: in
     block's drafts so far), so a penalized request is drafted what its target would choose."""
     if gen.params.shapes(len(gen.generated) + len(before)):
         logits = penalize(logits[None], gen.params, gen.prompt, gen.generated + before, [], gen.stop.held_ids)[0]
+    if gen.grammar is not None:
+        logits = gen.grammar.mask_after(logits.float().clone(), before)
     return draw(logits, gen.params, gen.generator, position=len(gen.tokens) + position)
 
 

@@ -62,6 +62,12 @@ class StopState:
             return True
         return False
 
+    def end(self) -> bool:
+        """The text is complete (its grammar allows nothing more): finished, reason ``stop``."""
+        if not self.finished:
+            self.finish_reason = FinishReason.STOP
+        return True
+
     def _update_text(self) -> None:
         full = self.tokenizer.decode(self.generated, skip_special_tokens=True)
         if len(self.generated) <= self.params.min_tokens:

@@ -1,0 +1,150 @@
+"""Structured output: the text must follow a JSON schema (OpenAI's ``response_format``), token by
+token, as llguidance's matcher allows it.
+
+Speculation stays lossless: at every position of a verified block the target's logits are held
+at -inf outside the tokens the grammar allows after the text so far (the block's drafts before
+that position included), so the verdict is the constrained target's, drafts or not. Drafter
+models draft under the same mask; a draft the grammar refuses is rejected where it stands. The
+text ends where the grammar ends (a complete JSON value), finish reason ``stop``.
+
+JSON is written with ``", "`` and ``": "`` between items and keys and no other whitespace: a
+model cannot pad forever with blanks the grammar would otherwise allow.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from onlinespec.errors import InvalidRequestError
+
+__all__ = ["JSON_OBJECT", "json_grammar", "Structured", "GrammarState"]
+
+JSON_OBJECT = '{"type": "object"}'  # response_format json_object: any JSON object
+_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def json_grammar(schema: str) -> str:
+    """llguidance's grammar for a JSON schema (its text); a schema it cannot follow is an
+    :class:`InvalidRequestError` that says why."""
+    import llguidance
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_LAYOUT)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError(f"response_format: not a JSON schema this server can follow: {exc}") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise InvalidRequestError(f"response_format: not a JSON schema this server can follow: {error}")
+    return grammar
+
+
+def schema_text(schema: dict | bool) -> str:
+    return json.dumps(schema, separators=(",", ":"), sort_keys=True)
+
+
+class Structured:
+    """llguidance's view of an engine's tokenizer (built once): a request's matcher from its schema."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids):
+        import llguidance.hf
+
+        if tokenizer is None:
+            raise InvalidRequestError("response_format needs the model's tokenizer; none is loaded")
+        try:
+            self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
+                                                          eos_token=sorted(eos_token_ids) or None)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequestError(f"response_format is not available for this model's tokenizer: {exc}") from None
+        self.vocab_size = vocab_size
+
+    def start(self, schema: str) -> GrammarState:
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self.tokenizer, json_grammar(schema))
+        if matcher.is_error():
+            raise InvalidRequestError(f"response_format: {matcher.get_error()}")
+        return GrammarState(matcher, self.vocab_size)
+
+
+class GrammarState:
+    """One request's matcher: it has consumed the request's generated tokens, never a draft."""
+
+    def __init__(self, matcher, vocab_size: int):
+        self.matcher, self.vocab_size = matcher, vocab_size
+
+    @property
+    def stopped(self) -> bool:
+        """The text is complete: nothing may follow it."""
+        return self.matcher.is_stopped()
+
+    def mask(self, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor:
+        """``logits`` ``[m+1, V]`` at a block's positions (after the text, then after each of the
+        ``m`` drafts), -inf where the grammar forbids a token, in place. Past a draft the grammar
+        refuses, the rows are its row's (never read: that draft is rejected there)."""
+        rows = logits.shape[0]
+        bitmask = _bitmask(rows, self.vocab_size)
+        valid = self.matcher.validate_tokens(drafts[:rows - 1]) if rows > 1 and not self.stopped else 0
+        _fill(self.matcher, bitmask, 0)
+        consumed = 0
+        for j in range(valid):
+            if self.stopped:  # complete: its row allows only EOS, and the text ends before that
+                break
+            self._consume([drafts[j]])
+            consumed += 1
+            _fill(self.matcher, bitmask, j + 1)
+        if consumed:
+            self.matcher.rollback(consumed)
+        bitmask[consumed + 1:] = bitmask[consumed]
+        return _apply(logits, bitmask)
+
+    def mask_after(self, logits: torch.Tensor, before: list[int]) -> torch.Tensor:
+        """A drafter's logits ``[V]`` at the block position after ``before``, masked in place
+        (left as they are past a draft the grammar refuses: the block is rejected there)."""
+        consumed = 0
+        for token in before:
+            if self.stopped:  # the text is complete before this position: EOS is all its row allows
+                break
+            if not self.matcher.validate_tokens([token]):  # past a refused draft: anything goes
+                if consumed:
+                    self.matcher.rollback(consumed)
+                return logits
+            self._consume([token])
+            consumed += 1
+        bitmask = _bitmask(1, self.vocab_size)
+        _fill(self.matcher, bitmask, 0)
+        if consumed:
+            self.matcher.rollback(consumed)
+        _apply(logits[None], bitmask)
+        return logits
+
+    def advance(self, token: int) -> None:
+        """A generated token (the grammar allowed it: it was drawn under the mask)."""
+        self._consume([token])
+
+    def _consume(self, tokens: list[int]) -> None:
+        if tokens and not self.matcher.consume_tokens(tokens):
+            raise RuntimeError(f"the grammar refused tokens it allowed: {self.matcher.get_error()}")
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def _bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """llguidance's token bitmask: bit ``t % 32`` of word ``t // 32`` set where token ``t`` is allowed."""
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
+def _fill(matcher, bitmask: torch.Tensor, row: int) -> None:
+    """Row ``row`` of ``bitmask``: what ``matcher`` allows next (llguidance's own
+    ``fill_next_token_bitmask``, without importing its ``torch.compile``d kernels)."""
+    words = bitmask[row]
+    matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+
+
+def _apply(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf in ``logits`` ``[rows, V]`` wherever ``bitmask`` forbids (llguidance's own kernel is
+    ``torch.compile``d, which a CPU server need not pay for)."""
+    allowed = ((bitmask[:, :, None] >> _BITS) & 1).bool().reshape(bitmask.shape[0], -1)[:, :logits.shape[-1]]
+    return logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
