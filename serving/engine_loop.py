@@ -117,6 +117,10 @@ class LoopBase:
     def depth(self) -> int:
         return self.pending.qsize() + len(self.active)
 
+    def prepare(self, params: SamplingParams) -> None:
+        """Work a request needs before it is queued that should not hold the loop (a thread may
+        call it): an :class:`~onlinespec.errors.InvalidRequestError` refuses the request."""
+
     def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
                domain: str | None = None, stream: bool = True, cache_salt: str | None = None) -> RequestHandle:
         return self.submit_all([(prompt, params)], tenant, domain, stream, cache_salt)[0]
@@ -222,6 +226,11 @@ class EngineLoop(LoopBase):
     def default_drafter(self):
         """The drafter a request gets without a router (the dashboard's routing without a pool)."""
         return self.engine.drafter
+
+    def prepare(self, params: SamplingParams) -> None:
+        """A response_format's schema compiled here (in the caller's thread), not in the loop."""
+        if params.json_schema is not None:
+            self.engine.structured().prepare(params.json_schema)
 
     def _new_batch(self) -> Batch:
         return Batch(self.engine, slots=self.max_active, prefill_tokens=self.prefill_tokens,

@@ -15,6 +15,7 @@ __all__ = ["CompletionRequest", "ChatMessage", "ChatRequest", "StreamOptions", "
 
 MAX_SEED = 2**63 - 1  # seeds are int64, as in vLLM: torch's generator refuses 2**64 and beyond
 _INT32 = 2**31 - 1  # a bound for counts whose real limit the server checks with its own message
+MAX_SCHEMA_CHARS = 65536  # a response_format's schema, as compact JSON (OpenAI allows 120 000 characters of names)
 MAX_PROMPTS = 128  # prompts in one batched completions request (the queue bounds prompts x n too)
 
 
@@ -95,6 +96,14 @@ class ResponseFormat(BaseModel):
         if self.type == "json_object":
             return JSON_OBJECT
         return json.dumps(self.json_schema.schema_, separators=(",", ":"))
+
+    @model_validator(mode="after")
+    def _schema_size(self):
+        text = self.schema_text
+        if text is not None and len(text) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"response_format.json_schema.schema is {len(text)} characters of JSON, more than "
+                             f"{MAX_SCHEMA_CHARS}: its token masks would cost every request in the batch")
+        return self
 
 
 class _Sampling(BaseModel):

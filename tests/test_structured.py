@@ -124,6 +124,11 @@ def test_what_cannot_be_followed_is_refused(pair, target, tokenizer):
         engine.start([1, 2], SamplingParams(json_schema="{not json"))
     with pytest.raises(InvalidRequestError, match="min_tokens"):
         SamplingParams(max_new_tokens=8, min_tokens=2, json_schema=JSON_OBJECT)
+    structured = engine.structured()  # compiled once, then copied for each request
+    assert structured.prepare(SCHEMA) is structured.prepare(SCHEMA)
+    first, second = structured.start(SCHEMA), structured.start(SCHEMA)
+    first.advance(tok.encode("{")[0])
+    assert first.matcher is not second.matcher and second.matcher.validate_tokens(tok.encode("{")) == 1
     with pytest.raises(InvalidRequestError, match="tokenizer"):  # a tokenizer llguidance cannot read
         SpeculativeEngine(target, None, tokenizer=tokenizer).start([1, 2], SamplingParams(json_schema=JSON_OBJECT))
 
@@ -162,7 +167,10 @@ def test_response_format_through_the_api_streamed_or_not(server, pair):
     assert chat.choices[0].message.content.startswith("{")
     for fmt, words in (({"type": "json_schema"}, "needs json_schema"), ({"type": "xml"}, "response_format"),
                        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
-                        "Invalid type: nonsense")):
+                        "Invalid type: nonsense"),
+                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                           "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}}}},
+                        "more than 65536")):
         r = httpx.post(server.url + "/v1/completions", timeout=30,
                        json={"model": "json-target", "prompt": "x", "max_tokens": 4, "response_format": fmt})
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
