@@ -266,13 +266,13 @@ class VllmLoop(LoopBase):
 
 
 def _structured(schema: str | None):
-    """vLLM's structured output for a request's schema (its own grammar backend follows it), the
-    JSON written without free whitespace, as the embedded engine writes it."""
+    """vLLM's structured output for a request's schema (its own grammar backend follows it; the
+    engine's ``structured_outputs_config`` keeps free whitespace out)."""
     if schema is None:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    return StructuredOutputsParams(json=schema)
 
 
 def _client_errors() -> tuple[type[Exception], ...]:

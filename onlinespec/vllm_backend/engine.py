@@ -30,6 +30,10 @@ def engine_args(cfg, model_path: str, speculate: bool = True, **overrides) -> di
         enforce_eager=v.enforce_eager,
         seed=0,
         disable_log_stats=False,  # vLLM's own counters (vllm:spec_decode_*), shown on /metrics
+        # response_format through llguidance, as the embedded engine, its JSON without free whitespace
+        # (a small model pads a schema's JSON with blanks forever otherwise; vLLM reads this here,
+        # not per request, and only for a named backend)
+        structured_outputs_config={"backend": "guidance", "disable_any_whitespace": True},
     )
     if not s.prefix_cache_tokens:  # vLLM's own prefix caching (in its KV cache, on by default) off too
         args["enable_prefix_caching"] = False
