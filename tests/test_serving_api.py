@@ -1,7 +1,6 @@
 """The HTTP API with the official openai client, against a live server on loopback."""
 
 import asyncio
-import json
 import threading
 
 import httpx
