@@ -13,7 +13,6 @@ model cannot pad forever with blanks the grammar would otherwise allow.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 
@@ -40,10 +39,6 @@ def json_grammar(schema: str) -> str:
     if error:
         raise InvalidRequestError(f"response_format: not a JSON schema this server can follow: {error}")
     return grammar
-
-
-def schema_text(schema: dict | bool) -> str:
-    return json.dumps(schema, separators=(",", ":"), sort_keys=True)
 
 
 class Structured:
