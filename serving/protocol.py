@@ -15,7 +15,7 @@ __all__ = ["CompletionRequest", "ChatMessage", "ChatRequest", "StreamOptions", "
 
 MAX_SEED = 2**63 - 1  # seeds are int64, as in vLLM: torch's generator refuses 2**64 and beyond
 _INT32 = 2**31 - 1  # a bound for counts whose real limit the server checks with its own message
-MAX_SCHEMA_CHARS = 65536  # a response_format's schema, as compact JSON (OpenAI allows 120 000 characters of names)
+MAX_SCHEMA_CHARS = 65536  # a response_format's schema, as compact JSON: its masks cost the whole batch's step
 MAX_PROMPTS = 128  # prompts in one batched completions request (the queue bounds prompts x n too)
 
 
@@ -129,7 +129,7 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
-    # vLLM's: token ids that end the text as EOS does (included in it, as EOS is)
+    # vLLM's: token ids that end the text as EOS does (counted in usage, left out of the text)
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     # vLLM's: no EOS, stop token or stop string ends the text within its first min_tokens tokens
     min_tokens: int = Field(default=0, ge=0, le=_INT32)
