@@ -228,9 +228,9 @@ class EngineLoop(LoopBase):
         return self.engine.drafter
 
     def prepare(self, params: SamplingParams) -> None:
-        """A response_format's schema compiled here (in the caller's thread), not in the loop."""
-        if params.json_schema is not None:
-            self.engine.structured().prepare(params.json_schema)
+        """A structured output's grammar compiled here (in the caller's thread), not in the loop."""
+        if params.structure is not None:
+            self.engine.structured().prepare(params.structure)
 
     def _new_batch(self) -> Batch:
         return Batch(self.engine, slots=self.max_active, prefill_tokens=self.prefill_tokens,

@@ -47,7 +47,7 @@ def openai_router(state) -> APIRouter:
                                   frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                                   repetition_penalty=req.repetition_penalty, logit_bias=req.bias_pairs,
                                   min_tokens=req.min_tokens,
-                                  json_schema=req.response_format.schema_text if req.response_format else None,
+                                  structure=req.structure,
                                   prompt_logprobs=req.logprobs if getattr(req, "echo", False) else None)
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc)) from None

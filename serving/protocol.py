@@ -9,13 +9,13 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from onlinespec.decode.grammar import JSON_OBJECT
+from onlinespec.decode.grammar import JSON_OBJECT, Structure
 
 __all__ = ["CompletionRequest", "ChatMessage", "ChatRequest", "StreamOptions", "error_body", "new_id", "MAX_SEED"]
 
 MAX_SEED = 2**63 - 1  # seeds are int64, as in vLLM: torch's generator refuses 2**64 and beyond
 _INT32 = 2**31 - 1  # a bound for counts whose real limit the server checks with its own message
-MAX_SCHEMA_CHARS = 65536  # a response_format's schema, as compact JSON: its masks cost the whole batch's step
+MAX_STRUCTURE_CHARS = 65536  # a schema (as compact JSON), regex or choice list: its masks cost the batch's step
 MAX_PROMPTS = 128  # prompts in one batched completions request (the queue bounds prompts x n too)
 
 
@@ -89,21 +89,43 @@ class ResponseFormat(BaseModel):
         return self
 
     @property
-    def schema_text(self) -> str | None:
-        """The schema the text follows, as JSON text (None: free text)."""
+    def structure(self) -> Structure | None:
+        """What the text follows (None: free text)."""
         if self.type == "text":
             return None
         if self.type == "json_object":
-            return JSON_OBJECT
-        return json.dumps(self.json_schema.schema_, separators=(",", ":"))
+            return Structure("json", JSON_OBJECT)
+        return Structure("json", json.dumps(self.json_schema.schema_, separators=(",", ":")))
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: one of ``json`` (a schema), ``json_object``, ``regex`` or
+    ``choice``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict | bool | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = Field(default=None, min_length=1)
+    choice: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
-    def _schema_size(self):
-        text = self.schema_text
-        if text is not None and len(text) > MAX_SCHEMA_CHARS:
-            raise ValueError(f"response_format.json_schema.schema is {len(text)} characters of JSON, more than "
-                             f"{MAX_SCHEMA_CHARS}: its token masks would cost every request in the batch")
+    def _one(self):
+        given = [k for k in ("json_", "json_object", "regex", "choice") if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes one of json, json_object, regex or choice")
         return self
+
+    @property
+    def structure(self) -> Structure:
+        if self.json_ is not None:
+            spec = self.json_ if isinstance(self.json_, str) else json.dumps(self.json_, separators=(",", ":"))
+            return Structure("json", spec)
+        if self.json_object:
+            return Structure("json", JSON_OBJECT)
+        if self.regex is not None:
+            return Structure("regex", self.regex)
+        return Structure.choice(self.choice)
 
 
 class _Sampling(BaseModel):
@@ -135,7 +157,13 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(default=0, ge=0, le=_INT32)
     # vLLM's: requests read only what the prefix cache keeps of requests with the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
-    response_format: ResponseFormat | None = None  # structured output (onlinespec/decode/grammar.py)
+    # structured output (onlinespec/decode/grammar.py): OpenAI's response_format, or vLLM's
+    # structured_outputs (and its older guided_json, guided_regex, guided_choice)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
     # OnlineSpec extensions
     k: int | None = Field(default=None, ge=1, le=32)
     ignore_eos: bool = False
@@ -156,6 +184,28 @@ class _Sampling(BaseModel):
         if len(items) > 4 or any(not s for s in items):
             raise ValueError("stop must be up to 4 non-empty strings")
         return [_check_text(s, "stop") for s in items]
+
+    @model_validator(mode="after")
+    def _one_structure(self):
+        _ = self.structure  # one at most, of a bounded size: raises otherwise
+        return self
+
+    @property
+    def structure(self) -> Structure | None:
+        """What the text must follow, from whichever field asked for it (one at most)."""
+        given = [s for s in (
+            self.response_format.structure if self.response_format else None,
+            self.structured_outputs.structure if self.structured_outputs else None,
+            StructuredOutputs(json=self.guided_json).structure if self.guided_json is not None else None,
+            Structure("regex", self.guided_regex) if self.guided_regex else None,
+            Structure.choice(self.guided_choice) if self.guided_choice is not None else None) if s is not None]
+        if len(given) > 1:
+            raise ValueError("give one of response_format, structured_outputs, guided_json, guided_regex or "
+                             "guided_choice")
+        if given and len(given[0].spec) > MAX_STRUCTURE_CHARS:
+            raise ValueError(f"the structured output's {given[0].kind} is {len(given[0].spec)} characters, more "
+                             f"than {MAX_STRUCTURE_CHARS}: its token masks would cost every request in the batch")
+        return given[0] if given else None
 
     @field_validator("stop_token_ids")
     @classmethod

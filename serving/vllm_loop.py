@@ -190,7 +190,7 @@ class VllmLoop(LoopBase):
             ignore_eos=p.ignore_eos, logprobs=want or None, output_kind=RequestOutputKind.DELTA,
             frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
             repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_tokens=p.min_tokens,
-            prompt_logprobs=p.prompt_logprobs, structured_outputs=_structured(p.json_schema))
+            prompt_logprobs=p.prompt_logprobs, structured_outputs=_structured(p.structure))
         prompt = {"prompt_token_ids": list(handle.prompt)}
         salt = prefix_salt(self.prefix_scope, handle.tenant, handle.cache_salt)
         if salt is not None:
@@ -265,14 +265,17 @@ class VllmLoop(LoopBase):
                 self.writer.submit(record)
 
 
-def _structured(schema: str | None):
-    """vLLM's structured output for a request's schema (its own grammar backend follows it; the
-    engine's ``structured_outputs_config`` keeps free whitespace out)."""
-    if schema is None:
+def _structured(structure):
+    """vLLM's structured output for a request's :class:`~onlinespec.decode.grammar.Structure` (its
+    own grammar backend follows it; the engine's ``structured_outputs_config`` keeps free
+    whitespace out of JSON)."""
+    if structure is None:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    return StructuredOutputsParams(json=schema)
+    if structure.kind == "choice":
+        return StructuredOutputsParams(choice=structure.texts())
+    return StructuredOutputsParams(**{structure.kind: structure.spec})
 
 
 def _client_errors() -> tuple[type[Exception], ...]:

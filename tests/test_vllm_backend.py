@@ -202,6 +202,8 @@ def test_greedy_output_through_vllm_equals_the_target_alone_and_the_embedded_eng
     shaped = complete(url, batch[3], max_tokens=32, response_format=fmt)["choices"][0]
     value = json.loads(shaped["text"])
     assert shaped["finish_reason"] == "stop" and value["ok"] in (True, False) and value["size"] in (1, 2, 3)
+    picked = complete(url, batch[3], max_tokens=12, structured_outputs={"choice": ["alpha", "beta gamma"]})
+    assert picked["choices"][0]["text"] in ("alpha", "beta gamma")
     # echo with logprobs: the prompt's log-probs, as vLLM read it, are the target's
     echoed = complete(url, batch[2], max_tokens=4, ignore_eos=True, echo=True, logprobs=1)["choices"][0]
     with torch.inference_mode():

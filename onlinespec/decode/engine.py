@@ -256,7 +256,7 @@ class SpeculativeEngine:
         self.drafter = drafter
 
     def structured(self):
-        """What compiles a request's ``response_format`` (:mod:`onlinespec.decode.grammar`)."""
+        """What compiles a request's structured output (:mod:`onlinespec.decode.grammar`)."""
         if self._structured is None:
             from onlinespec.decode.grammar import Structured
 
@@ -343,8 +343,8 @@ class Generation:
         self.generator: torch.Generator | PositionNoise = (
             PositionNoise(seed, engine.vocab_size) if self.coupled else torch.Generator().manual_seed(seed))
         self.stop = StopState(params, engine.eos_token_ids, engine.tokenizer)
-        # with a response_format: the matcher of its schema, which has read the generated tokens
-        self.grammar = engine.structured().start(params.json_schema) if params.json_schema is not None else None
+        # with structured output: the matcher of its structure, which has read the generated tokens
+        self.grammar = engine.structured().start(params.structure) if params.structure is not None else None
         self.stats = GenerationStats()
         self._alone = None  # the batch of one that step() uses
         self.drafter = drafter

@@ -1,11 +1,12 @@
-"""Structured output: the text must follow a JSON schema (OpenAI's ``response_format``), token by
-token, as llguidance's matcher allows it.
+"""Structured output: the text must follow a :class:`Structure` (a JSON schema, OpenAI's
+``response_format``; a regular expression or a list of choices, vLLM's ``structured_outputs``),
+token by token, as llguidance's matcher allows it.
 
 Speculation stays lossless: at every position of a verified block the target's logits are held
 at -inf outside the tokens the grammar allows after the text so far (the block's drafts before
 that position included), so the verdict is the constrained target's, drafts or not. Drafter
 models draft under the same mask; a draft the grammar refuses is rejected where it stands. The
-text ends where the grammar ends (a complete JSON value), finish reason ``stop``.
+text ends where the grammar ends (a complete JSON value, a choice), finish reason ``stop``.
 
 JSON is written with ``", "`` and ``": "`` between items and keys and no other whitespace: a
 model cannot pad forever with blanks the grammar would otherwise allow.
@@ -13,32 +14,65 @@ model cannot pad forever with blanks the grammar would otherwise allow.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from onlinespec.errors import InvalidRequestError
 
-__all__ = ["JSON_OBJECT", "json_grammar", "Structured", "GrammarState"]
+__all__ = ["JSON_OBJECT", "Structure", "Structured", "GrammarState"]
 
 JSON_OBJECT = '{"type": "object"}'  # response_format json_object: any JSON object
 _LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+KINDS = ("json", "regex", "choice")
 
 
-def json_grammar(schema: str) -> str:
-    """llguidance's grammar for a JSON schema (its text); a schema it cannot follow is an
-    :class:`InvalidRequestError` that says why."""
-    import llguidance
+@dataclass(frozen=True)
+class Structure:
+    """What a request's text must follow: ``json``, a JSON schema (its text); ``regex``, a
+    regular expression (Rust's syntax, as llguidance and vLLM read it) the whole text matches;
+    ``choice``, a JSON list of the texts allowed (one of them, exactly)."""
 
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_LAYOUT)
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequestError(f"response_format: not a JSON schema this server can follow: {exc}") from None
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        raise InvalidRequestError(f"response_format: not a JSON schema this server can follow: {error}")
-    return grammar
+    kind: str
+    spec: str
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise InvalidRequestError(f"structured output is one of {', '.join(KINDS)}, got {self.kind!r}")
+
+    @classmethod
+    def choice(cls, texts: list[str]) -> Structure:
+        if not texts or any(not isinstance(t, str) or not t for t in texts):
+            raise InvalidRequestError("choice is a list of non-empty strings")
+        return cls("choice", json.dumps(texts))
+
+    def texts(self) -> list[str]:
+        """A ``choice``'s texts."""
+        return json.loads(self.spec)
+
+    def grammar(self) -> str:
+        """llguidance's grammar; a structure it cannot follow is an :class:`InvalidRequestError`
+        that says why."""
+        import llguidance
+
+        what = {"json": "a JSON schema", "regex": "a regular expression", "choice": "a list of choices"}[self.kind]
+        try:
+            if self.kind == "json":
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(self.spec, defaults=_LAYOUT)
+            elif self.kind == "regex":
+                grammar = llguidance.LLMatcher.grammar_from_regex(self.spec)
+            else:  # one alternative per text, each a Lark string literal (JSON's escapes)
+                grammar = llguidance.LLMatcher.grammar_from_lark(
+                    "start: " + " | ".join(json.dumps(t) for t in self.texts()))
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequestError(f"structured output: not {what} this server can follow: {exc}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+        if error:
+            raise InvalidRequestError(f"structured output: not {what} this server can follow: {error}")
+        return grammar
 
 
 class Structured:
@@ -53,36 +87,36 @@ class Structured:
         import llguidance.hf
 
         if tokenizer is None:
-            raise InvalidRequestError("response_format needs the model's tokenizer; none is loaded")
+            raise InvalidRequestError("structured output needs the model's tokenizer; none is loaded")
         try:
             self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
                                                           eos_token=sorted(eos_token_ids) or None)
         except (ValueError, TypeError) as exc:
-            raise InvalidRequestError(f"response_format is not available for this model's tokenizer: {exc}") from None
+            raise InvalidRequestError(f"structured output is not available for this model's tokenizer: {exc}") from None
         self.vocab_size = vocab_size
         self._compiled: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
 
-    def prepare(self, schema: str):
-        """The compiled matcher of ``schema`` (compiled now unless kept)."""
+    def prepare(self, structure: Structure):
+        """The compiled matcher of ``structure`` (compiled now unless kept)."""
         import llguidance
 
         with self._lock:
-            matcher = self._compiled.get(schema)
+            matcher = self._compiled.get(structure)
             if matcher is not None:
-                self._compiled.move_to_end(schema)
+                self._compiled.move_to_end(structure)
                 return matcher
-        matcher = llguidance.LLMatcher(self.tokenizer, json_grammar(schema))
+        matcher = llguidance.LLMatcher(self.tokenizer, structure.grammar())
         if matcher.is_error():
-            raise InvalidRequestError(f"response_format: {matcher.get_error()}")
+            raise InvalidRequestError(f"structured output: {matcher.get_error()}")
         with self._lock:
-            self._compiled[schema] = matcher
+            self._compiled[structure] = matcher
             while len(self._compiled) > self.keep:
                 self._compiled.popitem(last=False)
         return matcher
 
-    def start(self, schema: str) -> GrammarState:
-        return GrammarState(self.prepare(schema).deep_copy(), self.vocab_size)
+    def start(self, structure: Structure) -> GrammarState:
+        return GrammarState(self.prepare(structure).deep_copy(), self.vocab_size)
 
 
 class GrammarState:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from onlinespec.decode.grammar import Structure
 from onlinespec.errors import InvalidRequestError
 
 __all__ = ["SamplingParams", "penalize", "probs", "draw", "logprobs_raw", "GREEDY_BELOW", "PositionNoise",
@@ -52,9 +53,9 @@ class SamplingParams:
     # vLLM's: the first ``min_tokens`` generated tokens are never EOS or a stop token id (their
     # logits are held at -inf), and no stop string ends within them
     min_tokens: int = 0
-    # structured output (OpenAI's response_format): the text follows this JSON schema (its JSON
-    # text; ``{"type": "object"}`` for any object), every token within what it allows
-    json_schema: str | None = None
+    # structured output (OpenAI's response_format, vLLM's structured_outputs): what the text
+    # follows (a JSON schema, a regular expression, a choice), every token within what it allows
+    structure: Structure | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -88,9 +89,9 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise InvalidRequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_new_tokens}], "
                                       f"got {self.min_tokens!r}")
-        if self.json_schema is not None and self.min_tokens:
-            raise InvalidRequestError("min_tokens cannot be combined with response_format: the schema decides "
-                                      "where the text ends")
+        if self.structure is not None and self.min_tokens:
+            raise InvalidRequestError("min_tokens cannot be combined with structured output: the structure "
+                                      "decides where the text ends")
         if len(self.logit_bias) > 300 or any(not -100.0 <= b <= 100.0 or t < 0 for t, b in self.logit_bias):
             raise InvalidRequestError("logit_bias maps up to 300 token ids to biases in [-100, 100]")
 
