@@ -118,8 +118,9 @@ class LoopBase:
         return self.pending.qsize() + len(self.active)
 
     def prepare(self, params: SamplingParams) -> None:
-        """Work a request needs before it is queued that should not hold the loop (a thread may
-        call it): an :class:`~onlinespec.errors.InvalidRequestError` refuses the request."""
+        """Work a structured-output request needs before it is queued that should not hold the
+        loop (the server calls it in a thread): an :class:`~onlinespec.errors.InvalidRequestError`
+        refuses the request."""
 
     def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
                domain: str | None = None, stream: bool = True, cache_salt: str | None = None) -> RequestHandle:

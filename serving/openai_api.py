@@ -251,10 +251,11 @@ def openai_router(state) -> APIRouter:
         """``n`` choices for each of ``prompts``, in that order (OpenAI's ``index``); ``echoes``:
         each prompt's text, put before its choices' completions."""
         params = [_params(req, len(p)) for p in prompts][0]  # each prompt within the limits
-        try:  # a schema is compiled in a thread, not in the engine loop
-            await asyncio.to_thread(state.loop.prepare, params)
-        except InvalidRequestError as exc:
-            raise ApiError(400, str(exc), param="response_format") from None
+        if params.structure is not None:
+            try:  # its grammar is compiled in a thread, not in the engine loop
+                await asyncio.to_thread(state.loop.prepare, params)
+            except InvalidRequestError as exc:
+                raise ApiError(400, str(exc), param="response_format") from None
         each = _choices(req, params, len(prompts))  # the sampling of each prompt's n choices
         handles = _submit([(p, c) for p in prompts for c in each], tenant, req.domain, stream=bool(req.stream),
                           cache_salt=req.cache_salt)
