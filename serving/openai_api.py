@@ -20,7 +20,8 @@ from serving.auth import bearer_token, secret_in, tenant_of
 from serving.engine_loop import QueueFull, RequestHandle
 from serving.errors import ApiError
 from serving.logprobs import chat_logprobs, completion_logprobs
-from serving.protocol import MAX_SEED, ChatRequest, CompletionRequest, error_body, new_id, now
+from serving.protocol import (MAX_SEED, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body,
+                              new_id, now)
 
 __all__ = ["openai_router"]
 
@@ -28,10 +29,13 @@ __all__ = ["openai_router"]
 def openai_router(state) -> APIRouter:
     router = APIRouter()
 
-    def _params(req, prompt_len: int) -> SamplingParams:
-        if req.model != state.model_name:
-            raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{state.model_name}'",
+    def _known_model(name: str | None) -> None:
+        if name is not None and name != state.model_name:
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{state.model_name}'",
                            param="model", code="model_not_found")
+
+    def _params(req, prompt_len: int) -> SamplingParams:
+        _known_model(req.model)
         if prompt_len > state.max_prompt_tokens:
             raise ApiError(400, f"prompt has {prompt_len} tokens, more than this server's limit of "
                            f"{state.max_prompt_tokens}", param="prompt")
@@ -61,12 +65,16 @@ def openai_router(state) -> APIRouter:
         room = state.context - prompt_len if state.context is not None else state.max_tokens
         return max(1, min(state.max_tokens, room))
 
-    def _tenant(req, request: Request) -> str | None:
+    def _key(request: Request) -> str | None:
+        """The request's API key, refused (401) unless it is one the server accepts."""
         key = bearer_token(request.headers.get("authorization"))
         if state.api_keys and not secret_in(key, state.api_keys):
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)",
                            type_="authentication_error", code="invalid_api_key")
-        return tenant_of(key, req.user)
+        return key
+
+    def _tenant(req, request: Request) -> str | None:
+        return tenant_of(_key(request), req.user)
 
     def _choices(req, params: SamplingParams, prompts: int = 1) -> list[SamplingParams]:
         """One request per choice (``n``) of each of ``prompts``: with a seed, choice ``i`` samples
@@ -313,6 +321,29 @@ def openai_router(state) -> APIRouter:
         tenant = _tenant(req, request)
         prompt_ids = await asyncio.to_thread(render, state.tokenizer, [m.model_dump() for m in req.messages])
         return await _serve(req, [prompt_ids], request, "chat", tenant)
+
+    @router.post("/tokenize")
+    async def tokenize(req: TokenizeRequest, request: Request):
+        """vLLM's: the token ids a prompt (or a chat, rendered as the chat route renders it) is
+        served as, with the server's limit on them. The API key, where keys are configured, as on /v1."""
+        _key(request)
+        _known_model(req.model)
+        if req.messages is not None:
+            ids = await asyncio.to_thread(render, state.tokenizer, [m.model_dump() for m in req.messages])
+        else:
+            ids = await asyncio.to_thread(state.tokenizer.encode, req.prompt)
+        return {"count": len(ids), "max_model_len": state.context, "max_prompt_tokens": state.max_prompt_tokens,
+                "tokens": ids}
+
+    @router.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest, request: Request):
+        _key(request)
+        _known_model(req.model)
+        vocab = len(state.tokenizer)
+        bad = [t for t in req.tokens if t >= vocab]
+        if bad:
+            raise ApiError(400, f"token ids out of the tokenizer's range [0, {vocab}): {bad[:5]}", param="tokens")
+        return {"prompt": await asyncio.to_thread(state.tokenizer.decode, req.tokens)}
 
     @router.get("/v1/models")
     async def models():

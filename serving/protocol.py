@@ -336,6 +336,40 @@ class ChatRequest(_Sampling):
         return v
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: a prompt, or chat messages as the chat route renders them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give prompt or messages")
+        if self.prompt is not None:
+            _check_text(self.prompt, "prompt")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``/detokenize``: token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+    @field_validator("tokens")
+    @classmethod
+    def _ids(cls, v):
+        if any(t < 0 or t > _INT32 for t in v):
+            raise ValueError("tokens are token ids: integers in [0, 2**31)")
+        return v
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

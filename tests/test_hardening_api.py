@@ -205,6 +205,10 @@ def test_api_keys_when_configured_are_required(target, tokenizer):
             r = post(srv, {"prompt": "abc", "max_tokens": 2}, key=key)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert post(srv, {"prompt": "abc", "max_tokens": 2}, key="good-key").status_code == 200
+        # /tokenize and /detokenize too (each costs the server tokenizing)
+        assert post(srv, {"prompt": "abc"}, path="/tokenize", key=None).status_code == 401
+        assert post(srv, {"tokens": [1, 2]}, path="/detokenize", key="bad-key").status_code == 401
+        assert post(srv, {"prompt": "abc"}, path="/tokenize", key="good-key").json()["count"] > 0
     finally:
         srv.stop()
 

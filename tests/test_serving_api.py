@@ -345,6 +345,27 @@ def test_a_chat_that_names_no_max_tokens_may_run_to_the_server_s_limit(server, c
     assert chat.usage.completion_tokens == min(200, context - chat.usage.prompt_tokens) > 16
 
 
+def test_tokenize_and_detokenize_are_what_the_routes_serve(server, client, tokenizer):
+    """vLLM's /tokenize: the ids a prompt, or a chat as the chat route renders it, is served as
+    (a chat's count is its usage.prompt_tokens); /detokenize turns ids back into text."""
+    url = server.url
+    r = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "hello world"}, timeout=30).json()
+    assert r["tokens"] == tokenizer.encode("hello world") and r["count"] == len(r["tokens"])
+    assert r["max_prompt_tokens"] == 300 and r["max_model_len"] == server.state.context
+    messages = [{"role": "user", "content": "how many tokens?"}]
+    counted = httpx.post(url + "/tokenize", json={"messages": messages}, timeout=30).json()["count"]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    assert counted == chat.usage.prompt_tokens
+    back = httpx.post(url + "/detokenize", json={"model": MODEL, "tokens": r["tokens"]}, timeout=30).json()
+    assert back["prompt"] == tokenizer.decode(r["tokens"])
+    for path, body, status, words in (("/tokenize", {"prompt": "x", "messages": messages}, 400, "prompt or messages"),
+                                      ("/tokenize", {"model": "other", "prompt": "x"}, 404, "does not exist"),
+                                      ("/detokenize", {"tokens": [10**6]}, 400, "out of the tokenizer's range"),
+                                      ("/detokenize", {"tokens": [-1]}, 400, "token ids")):
+        r = httpx.post(url + path, json=body, timeout=30)
+        assert r.status_code == status and words in r.json()["error"]["message"], (path, body, r.text)
+
+
 def test_invalid_json_gets_400(server):
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"]
