@@ -97,3 +97,31 @@ def test_the_bundled_feature_drafter_drafts_and_changes_nothing(served):
     result = engine.generate(render(state.tokenizer, messages), SamplingParams(max_new_tokens=40))
     assert result.stats.own_drafted > 0
     assert result.text == target_alone(state, messages, 40)
+
+
+def test_a_json_schema_answer_is_the_constrained_target_s_with_speculation(served):
+    """Structured output on the real model: asked for a person as JSON, the served answer (drafted
+    with k = 2, suffix copies on) follows the schema and is the constrained target's own answer."""
+    import json
+
+    from onlinespec.decode.chat import render
+    from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
+    from onlinespec.decode.grammar import Structure
+    from onlinespec.decode.sampling import SamplingParams
+
+    srv, state, cfg = served
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="real-model-test", max_retries=0)
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}}}
+    ask = [{"role": "user", "content": "Describe a fictional person as JSON with their name, age and city."}]
+    resp = client.chat.completions.create(
+        model=cfg.target_id, messages=ask, max_tokens=60, temperature=0, extra_body={"k": 2},
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    text = resp.choices[0].message.content
+    assert resp.choices[0].finish_reason == "stop" and set(json.loads(text)) == {"name", "age", "city"}
+    assert resp.model_extra["speculative"]["drafted_tokens"] > 0
+    plain = SpeculativeEngine(state.loop.engine.target, None, tokenizer=state.tokenizer,
+                              config=EngineConfig(capture_feedback=False))
+    alone = plain.generate(render(state.tokenizer, ask),
+                           SamplingParams(max_new_tokens=60, structure=Structure("json", json.dumps(schema))))
+    assert text == alone.text
