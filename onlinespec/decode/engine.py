@@ -432,11 +432,7 @@ class Generation:
         ``m`` drafts) allow, emit it through the stop rules, record it. The caches are the caller's
         to rewind (to ``len(self.tokens) - 1``)."""
         drafts = proposal.tokens
-        judged = logits  # what the request's penalties, biases and min_tokens make of the target's logits
-        if self.params.shapes(len(self.generated)):
-            judged = penalize(logits, self.params, self.prompt, self.generated, drafts.tolist(), self.stop.held_ids)
-        if self.grammar is not None:  # only what the schema allows after the text (and the drafts before)
-            judged = self.grammar.mask(judged.float().clone() if judged is logits else judged, drafts.tolist())
+        judged = self.judged(logits, drafts.tolist())
         if self.coupled:
             at = len(self.tokens)  # the position of the first draft
             noise = torch.stack([self.generator.at(at + i) for i in range(len(drafts) + 1)])
@@ -486,6 +482,19 @@ class Generation:
             finished=self.finished,
             finish_reason=self.stop.finish_reason,
         )
+
+    def judged(self, logits: torch.Tensor, drafts: list[int], before: list[int] = ()) -> torch.Tensor:
+        """Logits ``[m+1, V]`` (the target's, or a drafter's) at a block's positions after the text
+        and ``before`` (drafts already in the block), then after each of the ``m`` ``drafts``, as
+        the request's penalties, biases, ``min_tokens`` and structure make them: what is verified
+        and what is drafted. A copy where anything changes (the raw logits stay what records log)."""
+        settled = self.generated + list(before)
+        out = logits
+        if self.params.shapes(len(settled)):
+            out = penalize(logits, self.params, self.prompt, settled, drafts, self.stop.held_ids)
+        if self.grammar is not None:  # only what the structure allows after the text so far
+            out = self.grammar.mask(out.float().clone() if out is logits else out, drafts, list(before))
+        return out
 
     def score_prompt(self, logits: torch.Tensor, start: int) -> None:
         """The target's logits ``[n, V]`` at prompt positions ``start ..``: each predicts the prompt

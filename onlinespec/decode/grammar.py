@@ -130,10 +130,14 @@ class GrammarState:
         """The text is complete: nothing may follow it."""
         return self.matcher.is_stopped()
 
-    def mask(self, logits: torch.Tensor, drafts: list[int]) -> torch.Tensor:
-        """``logits`` ``[m+1, V]`` at a block's positions (after the text, then after each of the
-        ``m`` drafts), -inf where the grammar forbids a token, in place. Past a draft the grammar
-        refuses, the rows are its row's (never read: that draft is rejected there)."""
+    def mask(self, logits: torch.Tensor, drafts: list[int], before: list[int] = ()) -> torch.Tensor:
+        """``logits`` ``[m+1, V]`` at a block's positions (after the text and ``before``, drafts
+        already in the block; then after each of the ``m`` ``drafts``), -inf where the grammar
+        forbids a token, in place. Past a draft the grammar refuses, the rows are its row's, or
+        (refused within ``before``) left as they are: the block is rejected there."""
+        entered = self._enter(before)
+        if entered is None:
+            return logits
         rows = logits.shape[0]
         bitmask = _bitmask(rows, self.vocab_size)
         valid = self.matcher.validate_tokens(drafts[:rows - 1]) if rows > 1 and not self.stopped else 0
@@ -145,30 +149,25 @@ class GrammarState:
             self._consume([drafts[j]])
             consumed += 1
             _fill(self.matcher, bitmask, j + 1)
-        if consumed:
-            self.matcher.rollback(consumed)
+        if entered + consumed:
+            self.matcher.rollback(entered + consumed)
         bitmask[consumed + 1:] = bitmask[consumed]
         return _apply(logits, bitmask)
 
-    def mask_after(self, logits: torch.Tensor, before: list[int]) -> torch.Tensor:
-        """A drafter's logits ``[V]`` at the block position after ``before``, masked in place
-        (left as they are past a draft the grammar refuses: the block is rejected there)."""
+    def _enter(self, tokens: list[int]) -> int | None:
+        """Consume ``tokens`` up to where the text is complete (after that EOS is all a row
+        allows); how many, or None (nothing consumed) where the grammar refuses one of them."""
         consumed = 0
-        for token in before:
-            if self.stopped:  # the text is complete before this position: EOS is all its row allows
+        for token in tokens:
+            if self.stopped:
                 break
-            if not self.matcher.validate_tokens([token]):  # past a refused draft: anything goes
+            if not self.matcher.validate_tokens([token]):
                 if consumed:
                     self.matcher.rollback(consumed)
-                return logits
+                return None
             self._consume([token])
             consumed += 1
-        bitmask = _bitmask(1, self.vocab_size)
-        _fill(self.matcher, bitmask, 0)
-        if consumed:
-            self.matcher.rollback(consumed)
-        _apply(logits[None], bitmask)
-        return logits
+        return consumed
 
     def advance(self, token: int) -> None:
         """A generated token (the grammar allowed it: it was drawn under the mask)."""

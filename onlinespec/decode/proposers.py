@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from onlinespec.drafters.hf import HFDrafter
-from onlinespec.decode.sampling import draw, penalize
+from onlinespec.decode.sampling import draw
 from onlinespec.decode.slots import SlotCache, forward_rows, leave_row
 from onlinespec.decode.suffix import best_match
 
@@ -166,13 +166,9 @@ class DraftRows:
 
 def _draw(logits: torch.Tensor, gen: Generation, before: list[int], position: int):
     """A drafter's draft for ``gen`` at ``position`` of its block from its logits ``[V]``: under the
-    request's penalties, biases and ``min_tokens``, as the target will judge it (``before``: the
-    block's drafts so far), so a penalized request is drafted what its target would choose."""
-    if gen.params.shapes(len(gen.generated) + len(before)):
-        logits = penalize(logits[None], gen.params, gen.prompt, gen.generated + before, [], gen.stop.held_ids)[0]
-    if gen.grammar is not None:
-        logits = gen.grammar.mask_after(logits.float().clone(), before)
-    return draw(logits, gen.params, gen.generator, position=len(gen.tokens) + position)
+    request's penalties, biases, ``min_tokens`` and structure, as the target will judge it
+    (``before``: the block's drafts so far), so such a request is drafted what its target would choose."""
+    return draw(gen.judged(logits[None], [], before)[0], gen.params, gen.generator, position=len(gen.tokens) + position)
 
 
 class FeatureRows(DraftRows):
