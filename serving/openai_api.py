@@ -166,7 +166,7 @@ def openai_router(state) -> APIRouter:
                      echoes: list[str] | None = None):
         """``n`` choices for each of ``prompts``, in that order (OpenAI's ``index``); ``echoes``:
         each prompt's text, put before its choices' completions."""
-        params = [_params(req, len(p)) for p in prompts][0]  # each prompt within the limits
+        params = _params(req, max(map(len, prompts)))  # the longest prompt within the limits: each is
         if params.structure is not None:
             try:  # its grammar is compiled in a thread, not in the engine loop
                 await asyncio.to_thread(state.loop.prepare, params)

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from onlinespec.decode.grammar import JSON_OBJECT, Structure
 
@@ -185,14 +185,16 @@ class _Sampling(BaseModel):
             raise ValueError("stop must be up to 4 non-empty strings")
         return [_check_text(s, "stop") for s in items]
 
-    @model_validator(mode="after")
-    def _one_structure(self):
-        _ = self.structure  # one at most, of a bounded size: raises otherwise
-        return self
+    _structure: Structure | None = PrivateAttr(default=None)
 
     @property
     def structure(self) -> Structure | None:
         """What the text must follow, from whichever field asked for it (one at most)."""
+        return self._structure
+
+    @model_validator(mode="after")
+    def _one_structure(self):
+        """The structure of whichever field asks for one: one at most, of a bounded size."""
         given = [s for s in (
             self.response_format.structure if self.response_format else None,
             self.structured_outputs.structure if self.structured_outputs else None,
@@ -205,7 +207,8 @@ class _Sampling(BaseModel):
         if given and len(given[0].spec) > MAX_STRUCTURE_CHARS:
             raise ValueError(f"the structured output's {given[0].kind} is {len(given[0].spec)} characters, more "
                              f"than {MAX_STRUCTURE_CHARS}: its token masks would cost every request in the batch")
-        return given[0] if given else None
+        self._structure = given[0] if given else None
+        return self
 
     @field_validator("stop_token_ids")
     @classmethod
