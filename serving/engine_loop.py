@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from onlinespec.decode.batch import Batch
-from onlinespec.decode.engine import Generation, SpeculativeEngine, StepOutput
+from onlinespec.decode.engine import Generation, SpeculativeEngine, StepOutput, check_request
 from onlinespec.errors import InvalidRequestError
 from onlinespec.learn.estimate import ALL, group_of
 from onlinespec.decode.sampling import SamplingParams
@@ -121,6 +121,11 @@ class LoopBase:
         """Work a structured-output request needs before it is queued that should not hold the
         loop (the server calls it in a thread): an :class:`~onlinespec.errors.InvalidRequestError`
         refuses the request."""
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Refuse (:class:`~onlinespec.errors.InvalidRequestError`) before queueing what the engine
+        would refuse when it starts the request: a streamed request gets a 400, not an error
+        event after its 200. Cheap: the server calls it on its event loop."""
 
     def submit(self, prompt: list[int], params: SamplingParams, tenant: str | None = None,
                domain: str | None = None, stream: bool = True, cache_salt: str | None = None) -> RequestHandle:
@@ -233,6 +238,10 @@ class EngineLoop(LoopBase):
         if params.structure is not None:
             self.engine.structured().prepare(params.structure)
 
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        check_request(prompt, params, self.engine.vocab_size, self.engine.max_context(), self.engine.config.k_max)
+        self.batch.check_admissible(len(prompt), params.max_new_tokens)
+
     def _new_batch(self) -> Batch:
         return Batch(self.engine, slots=self.max_active, prefill_tokens=self.prefill_tokens,
                      kv_tokens=self.kv_cache_tokens, prefix_tokens=self.prefix_cache_tokens,
@@ -280,7 +289,7 @@ class EngineLoop(LoopBase):
                                 drafter=drafter, domain=handle.domain)
         gen.cache_salt = handle.cache_salt
         self._count_traffic(group, gen.drafter)
-        self.batch.check_admissible(gen)
+        self.batch.check_admissible(len(gen.prompt), gen.params.max_new_tokens)
         return gen
 
     def _crashed(self) -> list[RequestHandle]:

@@ -154,8 +154,9 @@ def openai_router(state) -> APIRouter:
                             "usage": usage(handles, prompt_len, completion, per), "speculative": speculative(handles)}
                     yield f"data: {json.dumps(tail)}\n\n"
                 yield "data: [DONE]\n\n"
-            except ApiError as exc:
+            except ApiError as exc:  # found after the 200: an error event, then the end (as vLLM)
                 yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param))}\n\n"
+                yield "data: [DONE]\n\n"
             finally:
                 for handle in handles:
                     handle.cancel()  # a no-op when finished; frees the engine when the client left
@@ -173,6 +174,11 @@ def openai_router(state) -> APIRouter:
             except InvalidRequestError as exc:
                 raise ApiError(400, str(exc), param="response_format") from None
         each = _choices(req, params, len(prompts))  # the sampling of each prompt's n choices
+        try:  # what the engine would refuse when it starts them: refused now, before a stream's 200
+            for p in prompts:
+                state.loop.check(p, params)
+        except InvalidRequestError as exc:
+            raise ApiError(400, str(exc)) from None
         handles = _submit([(p, c) for p in prompts for c in each], tenant, req.domain, stream=bool(req.stream),
                           cache_salt=req.cache_salt)
         echo = [e for e in echoes for _ in each] if echoes else None  # each handle's

@@ -33,8 +33,9 @@ import uuid
 
 import numpy as np
 
-from onlinespec.decode.engine import GenerationStats, StepOutput, TokenLogprob
+from onlinespec.decode.engine import GenerationStats, StepOutput, TokenLogprob, check_request
 from onlinespec.decode.stops import FinishReason
+from onlinespec.decode.sampling import SamplingParams
 from onlinespec.errors import InvalidRequestError
 from onlinespec.feedback.record import RecordBuilder
 from onlinespec.learn.estimate import group_of
@@ -99,6 +100,16 @@ class VllmLoop(LoopBase):
             self.engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001 - already down, or an engine without processes to stop
             log.debug("vLLM engine shutdown", exc_info=True)
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """What vLLM's input processor would refuse when the request is added, refused before it
+        is queued: an empty prompt, one as long as the model's length, token ids outside its
+        vocabulary (a ``k`` past the proposer's is cut to it, not refused)."""
+        config = self.engine.model_config
+        check_request(prompt, params, config.get_vocab_size(), None, None)
+        if len(prompt) >= config.max_model_len:
+            raise InvalidRequestError(f"the prompt ({len(prompt)} tokens) leaves no room in the model's length "
+                                      f"of {config.max_model_len} tokens")
 
     @property
     def default_drafter(self):

@@ -82,6 +82,10 @@ def test_the_key_value_budget_makes_requests_wait_and_refuses_what_can_never_fit
         r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "abcdef", "max_tokens": 100},
                        timeout=60)
         assert r.status_code == 400 and "kv_cache_tokens" in r.json()["error"]["message"]
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,  # streamed: refused before its 200
+                          json={"model": MODEL, "prompt": "abcdef", "max_tokens": 100, "stream": True}) as r:
+            r.read()
+        assert r.status_code == 400 and "kv_cache_tokens" in r.json()["error"]["message"]
     finally:
         srv.stop()
 

@@ -11,6 +11,7 @@ import torch
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from onlinespec.decode.suffix import SuffixCache
+from onlinespec.errors import InvalidRequestError
 from serving.server import BackgroundServer, build_state
 from tests.tiny import perturbed
 
@@ -278,3 +279,52 @@ def test_tokenizing_a_prompt_does_not_hold_the_server(server, monkeypatch):
         release.set()
         held.join(60)
     assert result["r"].status_code == 200
+
+
+def _stream_lines(srv, body, path="/v1/completions"):
+    headers = {"Authorization": "Bearer k-default"}
+    with httpx.stream("POST", srv.url + path, json={"model": MODEL, "stream": True, **body}, headers=headers,
+                      timeout=60) as r:
+        return r.status_code, [line for line in r.iter_lines() if line]
+
+
+def test_what_the_engine_would_refuse_is_a_400_before_a_stream_starts(server):
+    """Checked before queueing, so a streamed request gets a 400 with a message, not a 200 and an
+    error event (found by a fuzzer: k past k_max was a 200 stream holding only an error)."""
+    engine = server.state.loop.engine
+    vocab, context = engine.vocab_size, engine.max_context()
+    cases = [({"prompt": "abc", "k": engine.config.k_max + 1}, "k_max"),
+             ({"prompt": [1, vocab], "max_tokens": 2}, "out of range"),
+             ({"prompt": "abc", "max_tokens": 2, "stop_token_ids": [vocab + 3]}, "stop_token_ids"),
+             ({"prompt": "abc", "max_tokens": 2, "logit_bias": {str(vocab): 1}}, "logit_bias")]
+    limits = server.state
+    if context is not None and context < limits.max_prompt_tokens + limits.max_tokens:
+        cases.append(({"prompt": [1] * limits.max_prompt_tokens, "max_tokens": limits.max_tokens}, "context"))
+    for body, words in cases:
+        for path, shaped in (("/v1/completions", body),
+                             ("/v1/chat/completions", {**{k: v for k, v in body.items() if k != "prompt"},
+                                                       "messages": [{"role": "user", "content": "hi"}]})):
+            if path.endswith("chat/completions") and isinstance(body["prompt"], list):
+                continue  # token ids: completions only
+            code, lines = _stream_lines(server, shaped, path)
+            assert code == 400, (body, lines)
+            assert words in json.loads(lines[0])["error"]["message"], lines
+    ok(server)
+
+
+def test_an_error_found_after_a_stream_started_is_an_event_then_done(server, monkeypatch):
+    """What only the engine finds (here: its start refuses the request) arrives as an error event,
+    and the stream still ends with [DONE], as vLLM's does: clients read to it."""
+    engine = server.state.loop.engine
+    real = engine.start
+
+    def refuse(prompt, params, **kw):
+        if params.max_new_tokens == 7:
+            raise InvalidRequestError("refused late")
+        return real(prompt, params, **kw)
+
+    monkeypatch.setattr(engine, "start", refuse)
+    code, lines = _stream_lines(server, {"prompt": "abc", "max_tokens": 7})
+    assert code == 200
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["message"] == "refused late", lines
+    ok(server)

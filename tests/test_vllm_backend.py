@@ -249,6 +249,16 @@ def test_penalties_through_vllm_give_what_the_embedded_engine_gives(served, demo
     r = httpx.post(f"{url}/v1/completions", timeout=60,
                    json={"model": TARGET_ID, "prompt": prompt, "max_tokens": 4, "logit_bias": {"5": 1.0}})
     assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"], r.text
+    # streamed, that refusal comes after the 200 (vLLM finds it when the request is added): an
+    # error event, then [DONE]; what the server can check first (token ids) is a 400 before it
+    body = {"model": TARGET_ID, "prompt": prompt, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "logit_bias": {"5": 1.0}}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]", lines
+    assert "logit_bias" in json.loads(lines[-2][6:])["error"]["message"], lines
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "prompt": [1, 10**6]}, timeout=60) as r:
+        r.read()
+    assert r.status_code == 400 and "out of range" in r.json()["error"]["message"], r.text
 
 
 def test_vllm_feedback_records_are_the_records_the_learners_read(served, demo):

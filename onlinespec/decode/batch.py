@@ -125,7 +125,10 @@ class Batch:
 
     def reservation(self, gen: Generation) -> int:
         """Key/value positions a request may take: its prompt, its tokens, one verified block."""
-        return len(gen.prompt) + gen.params.max_new_tokens + self.engine.config.k_max + 1
+        return self._reservation(len(gen.prompt), gen.params.max_new_tokens)
+
+    def _reservation(self, prompt_len: int, max_new_tokens: int) -> int:
+        return prompt_len + max_new_tokens + self.engine.config.k_max + 1
 
     @property
     def reserved(self) -> int:
@@ -133,12 +136,13 @@ class Batch:
         gens = self.generations
         return len(gens) * max(map(self.reservation, gens)) if gens else 0
 
-    def check_admissible(self, gen: Generation) -> None:
+    def check_admissible(self, prompt_len: int, max_new_tokens: int) -> None:
         """Refuse a request whose reservation exceeds ``kv_tokens`` even alone: it would wait forever."""
-        if self.kv_tokens is not None and self.reservation(gen) > self.kv_tokens:
+        need = self._reservation(prompt_len, max_new_tokens)
+        if self.kv_tokens is not None and need > self.kv_tokens:
             raise InvalidRequestError(
-                f"the prompt ({len(gen.prompt)} tokens) and max_tokens ({gen.params.max_new_tokens}) need "
-                f"{self.reservation(gen)} key/value positions; this server holds {self.kv_tokens} "
+                f"the prompt ({prompt_len} tokens) and max_tokens ({max_new_tokens}) need "
+                f"{need} key/value positions; this server holds {self.kv_tokens} "
                 "(serving.kv_cache_tokens): send a shorter prompt or fewer max_tokens")
 
     def fits(self, gen: Generation) -> bool:

@@ -41,7 +41,7 @@ from onlinespec.decode.stops import FinishReason, StopState
 from onlinespec.decode.suffix import RequestIndex, SuffixCache
 from onlinespec.decode.verify import verify, verify_coupled
 
-__all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "StepOutput", "TokenLogprob", "GenerationResult",
+__all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "check_request", "StepOutput", "TokenLogprob", "GenerationResult",
            "GenerationStats"]
 
 @dataclass(frozen=True)
@@ -306,6 +306,31 @@ class SpeculativeEngine:
         return gen.result()
 
 
+def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, context: int | None,
+                  k_max: int | None) -> None:
+    """Refuse (:class:`InvalidRequestError`) a request an engine cannot serve: an empty prompt,
+    token ids outside its ``vocab_size`` (the prompt's, ``logit_bias``'s, ``stop_token_ids``'), a
+    prompt and ``max_new_tokens`` past its ``context`` (None: unbounded), ``k`` past ``k_max``
+    (None: any). The server calls it before queueing too, so a streamed request is refused with
+    a 400, not an error event after its 200."""
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty: give at least one token")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise InvalidRequestError(f"{name} token ids out of range [0, {vocab_size}): {bad[:5]}")
+    if context is not None and len(prompt) + params.max_new_tokens > context:
+        raise InvalidRequestError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+            f"models' context of {context} tokens"
+        )
+    if params.k is not None and k_max is not None and params.k > k_max:
+        raise InvalidRequestError(f"k={params.k} exceeds this engine's k_max={k_max}")
+
+
 class Generation:
     """One request in flight: its caches, stop state, statistics and feedback."""
 
@@ -315,23 +340,8 @@ class Generation:
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.flatten().tolist()
         prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: give at least one token")
-        bad = [t for t in prompt if not 0 <= t < engine.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids out of range [0, {engine.vocab_size}): {bad[:5]}")
-        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
-            bad = [t for t in ids if t >= engine.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"{name} token ids out of range [0, {engine.vocab_size}): {bad[:5]}")
         limit = engine.max_context()
-        if limit is not None and len(prompt) + params.max_new_tokens > limit:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"models' context of {limit} tokens"
-            )
-        if params.k is not None and params.k > engine.config.k_max:
-            raise InvalidRequestError(f"k={params.k} exceeds this engine's k_max={engine.config.k_max}")
+        check_request(prompt, params, engine.vocab_size, limit, engine.config.k_max)
         self.engine = engine
         self.params = params
         self.prompt = prompt
