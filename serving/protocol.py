@@ -307,12 +307,28 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
+    """A message's ``content`` is text, or OpenAI's list of content parts: its text parts are
+    joined with newlines (as vLLM joins them for a text-only model); other parts (images, audio,
+    files) are refused, since the models served read text only."""
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[dict]
 
     @field_validator("content")
     @classmethod
     def _content(cls, v):
+        if isinstance(v, list):
+            texts = []
+            for part in v:
+                kind = part.get("type")
+                if kind not in ("text", "input_text"):
+                    raise ValueError(f"content parts of type {str(kind)[:32]!r} are not supported: this server's "
+                                     "model reads text only (parts of type text)")
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise ValueError("a text content part needs text: a string")
+                texts.append(text)
+            v = "\n".join(texts)
         return _check_text(v, "content")
 
 

@@ -73,6 +73,26 @@ def test_chat_and_chat_streaming(client):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
 
 
+def test_content_parts_are_read_as_their_text_joined(server, client):
+    """OpenAI's SDK and most agent frameworks send a message's content as a list of parts: its
+    text parts are the text, joined with newlines (as vLLM joins them); an image is refused."""
+    parts = [{"type": "text", "text": "be"}, {"type": "text", "text": "brief"}]
+    as_parts = [{"role": "system", "content": parts}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    as_text = [{"role": "system", "content": "be\nbrief"}, {"role": "user", "content": "hi"}]
+    out = [client.chat.completions.create(model=MODEL, messages=m, max_tokens=12, temperature=0) for m in
+           (as_parts, as_text)]
+    assert out[0].choices[0].message.content == out[1].choices[0].message.content
+    assert out[0].usage.prompt_tokens == out[1].usage.prompt_tokens
+    r = httpx.post(server.url + "/tokenize", json={"messages": as_parts}, timeout=30)
+    assert r.status_code == 200 and r.json()["count"] == out[0].usage.prompt_tokens
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    for content, words in (([{"type": "text", "text": "x"}, image], "image_url"),
+                           ([{"type": "text"}], "text"), ([{"type": "text", "text": 5}], "text")):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                       json={"model": MODEL, "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
 def test_a_prompt_that_begins_as_an_earlier_one_reads_only_the_rest_and_says_so(server, client, target, tokenizer):
     shared = "You are terse. Answer in one line. Question: "
     texts = []
