@@ -10,6 +10,7 @@ import json
 from dataclasses import replace
 
 from fastapi import APIRouter, Request
+from jinja2 import TemplateError
 from fastapi.responses import StreamingResponse
 
 from onlinespec.decode.chat import render
@@ -230,11 +231,20 @@ def openai_router(state) -> APIRouter:
                 echoes.append(one if isinstance(one, str) else await asyncio.to_thread(state.tokenizer.decode, ids))
         return await _serve(req, prompts, request, "completion", tenant, echoes if req.echo else None)
 
+    async def _render(messages) -> list[int]:
+        """A chat's prompt ids through the model's chat template (in a thread: a long chat is
+        tokenized off the event loop). A template may refuse a conversation (many raise on roles
+        that do not alternate, or on a system message): a 400 that says why."""
+        try:
+            return await asyncio.to_thread(render, state.tokenizer, [m.model_dump() for m in messages])
+        except TemplateError as exc:
+            raise ApiError(400, f"the model's chat template refused these messages: {exc}",
+                           param="messages") from None
+
     @router.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         tenant = _tenant(req, request)
-        prompt_ids = await asyncio.to_thread(render, state.tokenizer, [m.model_dump() for m in req.messages])
-        return await _serve(req, [prompt_ids], request, "chat", tenant)
+        return await _serve(req, [await _render(req.messages)], request, "chat", tenant)
 
     @router.post("/tokenize")
     async def tokenize(req: TokenizeRequest, request: Request):
@@ -243,7 +253,7 @@ def openai_router(state) -> APIRouter:
         _key(request)
         _known_model(req.model)
         if req.messages is not None:
-            ids = await asyncio.to_thread(render, state.tokenizer, [m.model_dump() for m in req.messages])
+            ids = await _render(req.messages)
         else:
             ids = await asyncio.to_thread(state.tokenizer.encode, req.prompt)
         return {"count": len(ids), "max_model_len": state.context, "max_prompt_tokens": state.max_prompt_tokens,

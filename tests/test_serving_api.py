@@ -1,6 +1,7 @@
 """The HTTP API with the official openai client, against a live server on loopback."""
 
 import asyncio
+import copy
 import threading
 
 import httpx
@@ -91,6 +92,28 @@ def test_content_parts_are_read_as_their_text_joined(server, client):
         r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
                        json={"model": MODEL, "messages": [{"role": "user", "content": content}]})
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400_that_says_why(target, tokenizer):
+    """Many models' templates raise on a conversation they do not take (roles that do not
+    alternate, a system message): the client's error, not a 500."""
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
+                            "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+    engine = SpeculativeEngine(target, None, tokenizer=strict, config=EngineConfig(target_id=MODEL))
+    srv = BackgroundServer(build_state(engine, strict, MODEL, max_tokens=16)).start()
+    try:
+        refused = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        for path, extra in (("/v1/chat/completions", {"max_tokens": 4}), ("/tokenize", {})):
+            r = httpx.post(srv.url + path, json={"model": MODEL, "messages": refused, **extra}, timeout=30)
+            assert r.status_code == 400, r.text
+            assert "System role not supported" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
+                       json={"model": MODEL, "messages": refused[1:], "max_tokens": 4})
+        assert r.status_code == 200, r.text
+    finally:
+        srv.stop()
 
 
 def test_a_prompt_that_begins_as_an_earlier_one_reads_only_the_rest_and_says_so(server, client, target, tokenizer):
