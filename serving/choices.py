@@ -12,7 +12,7 @@ from onlinespec.errors import InvalidRequestError
 from serving.engine_loop import RequestHandle
 from serving.errors import ApiError
 
-__all__ = ["outputs", "speculative", "usage"]
+__all__ = ["ClientGone", "outputs", "speculative", "usage"]
 
 
 def _spec_of(gen, stats) -> dict:
@@ -61,6 +61,11 @@ def usage(handles: list[RequestHandle], prompt_len: int, completion: int, n: int
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer was complete: its requests were
+    cancelled (the engine drops them), and nobody is left to answer."""
+
+
 async def _next(handle: RequestHandle, request: Request) -> list[StepOutput]:
     """The handle's next outputs: one step's, or (not streamed) all of them in one list."""
     while True:
@@ -69,7 +74,7 @@ async def _next(handle: RequestHandle, request: Request) -> list[StepOutput]:
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 handle.cancel()
-                raise asyncio.CancelledError from None
+                raise ClientGone from None
             continue
         if isinstance(item, InvalidRequestError):
             raise ApiError(400, str(item))

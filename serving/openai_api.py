@@ -11,14 +11,14 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from jinja2 import TemplateError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from onlinespec.decode.chat import render
 from onlinespec.decode.engine import TokenLogprob
 from onlinespec.errors import InvalidRequestError
 from onlinespec.decode.sampling import SamplingParams
 from serving.auth import bearer_token, secret_in, tenant_of
-from serving.choices import outputs, speculative, usage
+from serving.choices import ClientGone, outputs, speculative, usage
 from serving.engine_loop import QueueFull, RequestHandle
 from serving.errors import ApiError
 from serving.logprobs import chat_logprobs, completion_logprobs
@@ -155,6 +155,8 @@ def openai_router(state) -> APIRouter:
                             "usage": usage(handles, prompt_len, completion, per), "speculative": speculative(handles)}
                     yield f"data: {json.dumps(tail)}\n\n"
                 yield "data: [DONE]\n\n"
+            except ClientGone:
+                return  # nobody reads on
             except ApiError as exc:  # found after the 200: an error event, then the end (as vLLM)
                 yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param))}\n\n"
                 yield "data: [DONE]\n\n"
@@ -198,6 +200,8 @@ def openai_router(state) -> APIRouter:
                 items[i] += out.logprobs or ()
                 if out.finished:
                     finish[i] = out.finish_reason.value
+        except ClientGone:  # its requests are cancelled; what nginx logs as 499, for the access log alone
+            return Response(status_code=499)
         finally:
             for handle in handles:
                 handle.cancel()

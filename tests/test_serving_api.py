@@ -2,6 +2,7 @@
 
 import asyncio
 import copy
+import logging
 import threading
 
 import httpx
@@ -449,6 +450,26 @@ def test_client_disconnect_cancels_its_request(server):
         time.sleep(0.05)
     assert state.metrics.cancelled.values.get((), 0) == before + 1
     assert state.loop.depth == 0
+
+
+def test_a_client_that_leaves_a_request_not_streamed_cancels_it_and_logs_no_error(server, caplog):
+    """Found by a fuzzer: the client gone, the route raised CancelledError through the app, and
+    uvicorn logged each such request as "Exception in ASGI application" with a traceback."""
+    import time
+
+    state = server.state
+    before = state.metrics.cancelled.values.get((), 0)
+    with caplog.at_level(logging.ERROR):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.url + "/v1/completions", timeout=0.5,
+                       json={"model": MODEL, "prompt": "long one", "max_tokens": 200, "temperature": 0,
+                             "ignore_eos": True})
+        deadline = time.time() + 15
+        while time.time() < deadline and (state.metrics.cancelled.values.get((), 0) <= before or state.loop.depth):
+            time.sleep(0.05)
+        time.sleep(0.2)  # the route's end, after the engine dropped the request
+    assert state.metrics.cancelled.values.get((), 0) == before + 1 and state.loop.depth == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
 def test_suffix_speculation_over_http_learns_per_user_and_keeps_the_output(target, tokenizer):
