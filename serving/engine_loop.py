@@ -239,7 +239,9 @@ class EngineLoop(LoopBase):
             self.engine.structured().prepare(params.structure)
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
-        check_request(prompt, params, self.engine.vocab_size, self.engine.max_context(), self.engine.config.k_max)
+        engine = self.engine
+        check_request(prompt, params, engine.vocab_size, engine.max_context(), engine.config.k_max,
+                      engine.eos_token_ids)
         self.batch.check_admissible(len(prompt), params.max_new_tokens)
 
     def _new_batch(self) -> Batch:

@@ -47,7 +47,8 @@ def openai_router(state) -> APIRouter:
                            param="max_tokens")
         try:
             return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()),
+                                  top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop=tuple(req.stop or ()),
+                                  allowed_token_ids=tuple(dict.fromkeys(req.allowed_token_ids or ())),
                                   stop_token_ids=tuple(req.stop_token_ids or ()), k=req.k,
                                   ignore_eos=req.ignore_eos, logprobs=req.logprobs_wanted,
                                   frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
@@ -235,20 +236,22 @@ def openai_router(state) -> APIRouter:
                 echoes.append(one if isinstance(one, str) else await asyncio.to_thread(state.tokenizer.decode, ids))
         return await _serve(req, prompts, request, "completion", tenant, echoes if req.echo else None)
 
-    async def _render(messages) -> list[int]:
+    async def _render(req) -> list[int]:
         """A chat's prompt ids through the model's chat template (in a thread: a long chat is
         tokenized off the event loop). A template may refuse a conversation (many raise on roles
-        that do not alternate, or on a system message): a 400 that says why."""
+        that do not alternate, or on a system message), and transformers refuses to continue a
+        final message the template does not render as sent: a 400 that says why."""
         try:
-            return await asyncio.to_thread(render, state.tokenizer, [m.model_dump() for m in messages])
-        except TemplateError as exc:
+            return await asyncio.to_thread(render, state.tokenizer, [m.model_dump() for m in req.messages],
+                                           **req.render_options)
+        except (TemplateError, ValueError) as exc:
             raise ApiError(400, f"the model's chat template refused these messages: {exc}",
                            param="messages") from None
 
     @router.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         tenant = _tenant(req, request)
-        return await _serve(req, [await _render(req.messages)], request, "chat", tenant)
+        return await _serve(req, [await _render(req)], request, "chat", tenant)
 
     @router.post("/tokenize")
     async def tokenize(req: TokenizeRequest, request: Request):
@@ -257,7 +260,7 @@ def openai_router(state) -> APIRouter:
         _key(request)
         _known_model(req.model)
         if req.messages is not None:
-            ids = await _render(req.messages)
+            ids = await _render(req)
         else:
             ids = await asyncio.to_thread(state.tokenizer.encode, req.prompt)
         return {"count": len(ids), "max_model_len": state.context, "max_prompt_tokens": state.max_prompt_tokens,

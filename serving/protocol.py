@@ -25,6 +25,13 @@ MAX_PROMPTS = 128  # prompts in one batched completions request (the queue bound
 UNSUPPORTED = {
     "best_of": (1,), "echo": (False,), "suffix": ("",),
     "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+    "audio": (None,), "modalities": (["text"],), "web_search_options": (None,),
+    # vLLM's, each of which would change the text or the response
+    "use_beam_search": (False,), "length_penalty": (1,), "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "bad_words": ([],),
+    "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,), "return_tokens_as_token_ids": (False,),
+    "logits_processors": (None,), "guided_grammar": (None,), "structural_tag": (None,), "chat_template": (None,),
+    "documents": (None,), "priority": (0,),
 }
 
 
@@ -137,6 +144,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0, le=_INT32)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)  # vLLM's
     seed: int | None = Field(default=None, ge=-MAX_SEED - 1, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -153,6 +161,8 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
     # vLLM's: token ids that end the text as EOS does (counted in usage, left out of the text)
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    # vLLM's: the only token ids the text may hold
+    allowed_token_ids: list[int] | None = Field(default=None, min_length=1, max_length=1 << 17)
     # vLLM's: no EOS, stop token or stop string ends the text within its first min_tokens tokens
     min_tokens: int = Field(default=0, ge=0, le=_INT32)
     # vLLM's: requests read only what the prefix cache keeps of requests with the same salt
@@ -210,11 +220,11 @@ class _Sampling(BaseModel):
         self._structure = given[0] if given else None
         return self
 
-    @field_validator("stop_token_ids")
+    @field_validator("stop_token_ids", "allowed_token_ids")
     @classmethod
-    def _stop_token_ids(cls, v):
+    def _token_ids(cls, v, info):
         if v and any(t < 0 or t > _INT32 for t in v):
-            raise ValueError("stop_token_ids are token ids: integers in [0, 2**31)")
+            raise ValueError(f"{info.field_name} are token ids: integers in [0, 2**31)")
         return v
 
     @field_validator("user")
@@ -332,7 +342,56 @@ class ChatMessage(BaseModel):
         return _check_text(v, "content")
 
 
-class ChatRequest(_Sampling):
+# names a chat template is rendered with, or apply_chat_template's own: not a client's to set
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs", "raise_exception", "strftime_now"})
+
+
+class ChatOptions(BaseModel):
+    """How the messages go through the model's chat template (vLLM's chat fields): with the
+    header that starts the answer (``add_generation_prompt``, the default), or with the text
+    ending inside the last message so that the answer goes on with it (``continue_final_message``:
+    a client that writes the answer's beginning); ``chat_template_kwargs``: more variables for
+    the template (for example a model's ``enable_thinking``)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v):
+        if not v:
+            return None
+        if len(v) > 16:
+            raise ValueError("chat_template_kwargs holds at most 16 variables")
+        for key in v:
+            if not key.isidentifier() or len(key) > 64:
+                raise ValueError(f"chat_template_kwargs keys are template variable names, got {key[:64]!r}")
+            if key in _RESERVED_TEMPLATE_KWARGS:
+                raise ValueError(f"chat_template_kwargs cannot set {key!r}: the server sets it")
+        if len(json.dumps(v)) > 16384:
+            raise ValueError("chat_template_kwargs is at most 16 KB as JSON")
+        return v
+
+    @model_validator(mode="after")
+    def _one_ending(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: the text "
+                             "either goes on with the last message or starts a new answer")
+        return self
+
+    @property
+    def render_options(self) -> dict:
+        """:func:`onlinespec.decode.chat.render`'s options."""
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message,
+                "template_kwargs": self.chat_template_kwargs}
+
+
+class ChatRequest(ChatOptions, _Sampling):
     messages: list[ChatMessage]
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -355,7 +414,7 @@ class ChatRequest(_Sampling):
         return v
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatOptions):
     """vLLM's ``/tokenize``: a prompt, or chat messages as the chat route renders them."""
 
     model_config = ConfigDict(extra="forbid")

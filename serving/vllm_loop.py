@@ -201,6 +201,7 @@ class VllmLoop(LoopBase):
             ignore_eos=p.ignore_eos, logprobs=want or None, output_kind=RequestOutputKind.DELTA,
             frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
             repetition_penalty=p.repetition_penalty, logit_bias=dict(p.logit_bias) or None, min_tokens=p.min_tokens,
+            min_p=p.min_p, allowed_token_ids=list(p.allowed_token_ids) or None,
             prompt_logprobs=p.prompt_logprobs, structured_outputs=_structured(p.structure))
         prompt = {"prompt_token_ids": list(handle.prompt)}
         salt = prefix_salt(self.prefix_scope, handle.tenant, handle.cache_salt)

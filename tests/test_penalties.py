@@ -142,3 +142,63 @@ def test_a_feature_drafter_drafts_penalized_requests_too():
     for p, gen in zip(ps, gens):
         assert gen.generated == plain_greedy(t, p, 12, frequency=0.9, bias=((40, 2.0),))
     assert sum(g.stats.drafted for g in gens) > 0
+
+
+@torch.inference_mode()
+def test_allowed_token_ids_through_the_batch_give_the_target_alone_within_them(target):
+    """vLLM's allowed_token_ids: every token of the text is one of them, and the text is the
+    target's greedy choice among them at every position, drafted or not; a drafter that is the
+    target itself drafts within them too (all accepted)."""
+    allowed = tuple(range(3, 40, 3))
+
+    def alone(prompt, n):
+        tokens = list(prompt)
+        for _ in range(n):
+            logits = target(torch.tensor([tokens])).logits[0, -1].float()
+            tokens.append(allowed[int(logits[list(allowed)].argmax())])
+        return tokens[len(prompt):]
+
+    params = SamplingParams(max_new_tokens=20, allowed_token_ids=allowed)
+    for drafter, all_accepted in ((perturbed(target, 0.1, seed=3), False), (perturbed(target, 0.0, seed=1), True)):
+        engine = SpeculativeEngine(target, HFDrafter(drafter, "d"), config=EngineConfig(k=4),
+                                   suffix=None if all_accepted else SuffixCache())  # copies may miss
+        ps = prompts(3, seed=15)
+        gens = [engine.start(p, params) for p in ps] + [engine.start(ps[0], SamplingParams(max_new_tokens=20))]
+        drive(Batch(engine, slots=4, prefill_tokens=16), list(gens))
+        for p, gen in zip(ps, gens):
+            assert gen.generated == alone(p, 20) and set(gen.generated) <= set(allowed)
+        assert not set(gens[-1].generated) <= set(allowed)  # the request beside them is free
+        drafted, accepted = sum(g.stats.drafted for g in gens[:3]), sum(g.stats.accepted for g in gens[:3])
+        assert accepted > 0 and (accepted == drafted) == all_accepted, (accepted, drafted)
+    with pytest.raises(InvalidRequestError, match="allowed_token_ids"):
+        engine.start([1, 2], SamplingParams(allowed_token_ids=(5, 10**6)))
+    with pytest.raises(InvalidRequestError, match="no token could come"):
+        engine.start([1, 2], SamplingParams(allowed_token_ids=(0,), min_tokens=2))
+
+
+@torch.inference_mode()
+def test_min_p_cuts_what_the_target_finds_unlikely_drafted_or_not(target):
+    """vLLM's min_p: a seeded sample is the target alone's Gumbel-max draw from its distribution
+    cut at min_p x its likeliest token's probability, position by position through drafted
+    blocks; min_p = 1 leaves only the argmax (the greedy text)."""
+    from onlinespec.decode.sampling import PositionNoise, noisy_argmax, probs
+
+    engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 0.1, seed=3), "d"), config=EngineConfig(k=4),
+                               suffix=SuffixCache())
+    prompt = prompts(1, seed=16)[0]
+    params = SamplingParams(max_new_tokens=24, temperature=1.5, seed=9, min_p=0.2, ignore_eos=True)
+    noise = PositionNoise(9, engine.vocab_size)
+    tokens = list(prompt)
+    for _ in range(24):
+        logits = target(torch.tensor([tokens])).logits[0, -1:]
+        p = probs(logits, params)[0]
+        assert 1 < int((p > 0).sum()) < engine.vocab_size  # the cut keeps a few tokens, not all
+        tokens.append(int(noisy_argmax(logits, params, noise.at(len(tokens)))[0]))
+    gen = engine.start(prompt, params)
+    drive(Batch(engine, slots=2, prefill_tokens=16), [gen])
+    assert gen.generated == tokens[len(prompt):] and gen.stats.accepted > 0
+    uncut = engine.generate(prompt, SamplingParams(max_new_tokens=24, temperature=1.5, seed=9, ignore_eos=True))
+    assert uncut.tokens != gen.generated  # without the cut the same noise draws another text
+    greedy = engine.generate(prompt, SamplingParams(max_new_tokens=24, ignore_eos=True)).tokens
+    assert engine.generate(prompt, SamplingParams(max_new_tokens=24, temperature=1.0, seed=3, min_p=1.0,
+                                                  ignore_eos=True)).tokens == greedy

@@ -10,6 +10,7 @@ import openai
 import pytest
 import torch
 
+from onlinespec.decode.chat import render_text
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from serving.server import BackgroundServer, build_state
@@ -101,7 +102,7 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400_that_says_why(target
     strict = copy.deepcopy(tokenizer)
     strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                             "{{ raise_exception('System role not supported') }}{% endif %}"
-                            "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+                            "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{{ tail | default('') }}assistant:")
     engine = SpeculativeEngine(target, None, tokenizer=strict, config=EngineConfig(target_id=MODEL))
     srv = BackgroundServer(build_state(engine, strict, MODEL, max_tokens=16)).start()
     try:
@@ -113,8 +114,39 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400_that_says_why(target
         r = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
                        json={"model": MODEL, "messages": refused[1:], "max_tokens": 4})
         assert r.status_code == 200, r.text
+        # chat_template_kwargs: the template's own variables, not the server's
+        tokenize = {"model": MODEL, "messages": refused[1:]}
+        plain = httpx.post(srv.url + "/tokenize", json=tokenize, timeout=30).json()["count"]
+        longer = httpx.post(srv.url + "/tokenize", json={**tokenize, "chat_template_kwargs": {"tail": "x y z "}},
+                            timeout=30).json()["count"]
+        assert longer > plain
+        for kwargs in ({"messages": []}, {"add_generation_prompt": False}, {"not a name": 1}):
+            r = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
+                           json={"model": MODEL, "messages": refused[1:], "chat_template_kwargs": kwargs})
+            assert r.status_code == 400 and "chat_template_kwargs" in r.json()["error"]["message"], r.text
     finally:
         srv.stop()
+
+
+def test_a_chat_may_go_on_with_its_last_message(server, client, tokenizer):
+    """``continue_final_message``: the text ends inside the last message (no end of turn, no new
+    header) and the answer goes on from there, as a completion of that text; with
+    ``add_generation_prompt`` both true is a 400 that says why."""
+    messages = [{"role": "user", "content": "count"}, {"role": "assistant", "content": "one two"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0}
+    going_on = {**body, "add_generation_prompt": False, "continue_final_message": True}
+    text = render_text(tokenizer, messages, add_generation_prompt=False, continue_final_message=True)
+    assert text.endswith("one two")
+    r = httpx.post(server.url + "/v1/chat/completions", json=going_on, timeout=60)
+    assert r.status_code == 200, r.text
+    completion = client.completions.create(model=MODEL, prompt=text, max_tokens=12, temperature=0)
+    assert r.json()["choices"][0]["message"]["content"] == completion.choices[0].text
+    assert r.json()["usage"]["prompt_tokens"] == len(tokenizer.encode(text))
+    count = httpx.post(server.url + "/tokenize", timeout=30,
+                       json={"messages": messages, "add_generation_prompt": False, "continue_final_message": True})
+    assert count.json()["count"] == len(tokenizer.encode(text))
+    r = httpx.post(server.url + "/v1/chat/completions", json={**body, "continue_final_message": True}, timeout=30)
+    assert r.status_code == 400 and "cannot both be true" in r.json()["error"]["message"], r.text
 
 
 def test_a_prompt_that_begins_as_an_earlier_one_reads_only_the_rest_and_says_so(server, client, target, tokenizer):
@@ -208,11 +240,17 @@ def test_what_the_server_does_not_apply_is_refused_by_name_and_its_defaults_pass
     """OpenAI fields this server does not apply (best_of, echo, tools, ...) are refused with a
     400 naming them, never silently dropped; the values clients send by default pass."""
     defaults = {"frequency_penalty": 0.0, "presence_penalty": 0, "logit_bias": {}, "n": 1, "echo": False,
-                "best_of": 1, "tool_choice": "auto", "response_format": {"type": "text"}}
+                "best_of": 1, "tool_choice": "auto", "response_format": {"type": "text"},
+                # vLLM's defaults
+                "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
+                "skip_special_tokens": True, "spaces_between_special_tokens": True, "bad_words": [],
+                "truncate_prompt_tokens": None, "prompt_logprobs": None, "priority": 0, "min_p": 0.0}
     r = httpx.post(server.url + "/v1/completions", timeout=60,
                    json={"model": MODEL, "prompt": "defaults", "max_tokens": 3, "temperature": 0, **defaults})
     assert r.status_code == 200, r.text
-    for field, value in (("best_of", 3), ("suffix", "and so on")):
+    for field, value in (("best_of", 3), ("suffix", "and so on"), ("use_beam_search", True),
+                         ("include_stop_str_in_output", True), ("skip_special_tokens", False), ("bad_words", ["x"]),
+                         ("truncate_prompt_tokens", 8), ("prompt_logprobs", 1), ("priority", 1)):
         r = httpx.post(server.url + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 3, field: value})
         assert r.status_code == 400 and f"{field} is not supported" in r.json()["error"]["message"], r.text
@@ -220,6 +258,11 @@ def test_what_the_server_does_not_apply_is_refused_by_name_and_its_defaults_pass
                    json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                          "tools": [{"type": "function", "function": {"name": "f"}}]})
     assert r.status_code == 400 and "tools is not supported" in r.json()["error"]["message"], r.text
+    for field, value in (("chat_template", "{{ messages }}"), ("documents", [{"text": "d"}]),
+                         ("modalities", ["text", "audio"])):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], field: value})
+        assert r.status_code == 400 and f"{field} is not supported" in r.json()["error"]["message"], r.text
     # a tokenizer llguidance cannot read (the tiny models' own): structured output is refused, not ignored
     r = httpx.post(server.url + "/v1/completions", timeout=30,
                    json={"model": MODEL, "prompt": "x", "max_tokens": 3, "response_format": {"type": "json_object"}})
@@ -238,8 +281,15 @@ def test_penalties_and_logit_bias_reach_the_target_s_choice(server, client, toke
     resp = client.completions.create(model=MODEL, prompt="Once", max_tokens=12, temperature=0,
                                      frequency_penalty=2.0, presence_penalty=2.0)
     assert resp.usage.completion_tokens > 0
+    # vLLM's allowed_token_ids and min_p
+    pair = tokenizer.encode("the")[:1] + tokenizer.encode(" and")[-1:]
+    resp = client.completions.create(model=MODEL, prompt="Once", max_tokens=8, temperature=0.9, seed=1,
+                                     extra_body={"ignore_eos": True, "allowed_token_ids": pair, "min_p": 0.05})
+    assert resp.choices[0].text and set(tokenizer.encode(resp.choices[0].text)) <= set(pair), resp.choices[0].text
     for field, value in (("frequency_penalty", 2.5), ("presence_penalty", -3), ("repetition_penalty", 0),
-                         ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {"99999999": 1})):
+                         ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {"99999999": 1}),
+                         ("min_p", 1.5), ("allowed_token_ids", []), ("allowed_token_ids", [-1]),
+                         ("allowed_token_ids", [99999999])):
         r = httpx.post(server.url + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 3, field: value})
         assert r.status_code == 400 and field in r.json()["error"]["message"], (field, value, r.text)

@@ -231,6 +231,13 @@ def test_penalties_through_vllm_give_what_the_embedded_engine_gives(served, demo
         assert out == tok.decode(ours, skip_special_tokens=True), (kw, out, tok.decode(ours))
         changed += ours != plain
     assert changed >= 2
+    # allowed_token_ids: vLLM verifies our drafts within them, as the embedded engine does
+    prompt = prompts(tok, "python", 1, offset=12)[0]
+    allowed = sorted(set(embedded.generate(prompt, SamplingParams(max_new_tokens=24)).tokens[::2]) | {13, 14, 15})
+    out = complete(url, prompt, max_tokens=16, ignore_eos=True, allowed_token_ids=allowed)["choices"][0]["text"]
+    ours = embedded.generate(prompt, SamplingParams(max_new_tokens=16, ignore_eos=True,
+                                                    allowed_token_ids=tuple(allowed))).tokens
+    assert out == tok.decode(ours, skip_special_tokens=True) and set(ours) <= set(allowed), (out, tok.decode(ours))
     # min_tokens: no stop string ends within the first min_tokens tokens, in vLLM as in the embedded engine
     prompt = prompts(tok, "python", 1, offset=11)[0]
     tokens = embedded.generate(prompt, SamplingParams(max_new_tokens=48, ignore_eos=True)).tokens

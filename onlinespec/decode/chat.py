@@ -165,12 +165,18 @@ def chat_prompts(domain: str, n: int) -> list[list[dict]]:
     return out
 
 
-def render_text(tokenizer, messages: list[dict]) -> str:
-    """A conversation through the tokenizer's chat template (or the default), ready to answer."""
+def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
+    """A conversation through the tokenizer's chat template (or the default), ready to answer
+    (``add_generation_prompt``), or ready to go on with its last message (``continue_final_message``:
+    the text ends inside it, as a client that writes the beginning of the answer wants).
+    ``template_kwargs``: more variables for the template (vLLM's ``chat_template_kwargs``)."""
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message, **(template_kwargs or {}))
 
 
-def render(tokenizer, messages: list[dict]) -> list[int]:
-    """Prompt ids of a conversation, exactly as the server makes them."""
-    return tokenizer.encode(render_text(tokenizer, messages))
+def render(tokenizer, messages: list[dict], **options) -> list[int]:
+    """Prompt ids of a conversation, exactly as the server makes them (``options``: :func:`render_text`'s)."""
+    return tokenizer.encode(render_text(tokenizer, messages, **options))

@@ -307,18 +307,20 @@ class SpeculativeEngine:
 
 
 def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, context: int | None,
-                  k_max: int | None) -> None:
+                  k_max: int | None, eos_ids: frozenset[int] = frozenset()) -> None:
     """Refuse (:class:`InvalidRequestError`) a request an engine cannot serve: an empty prompt,
     token ids outside its ``vocab_size`` (the prompt's, ``logit_bias``'s, ``stop_token_ids``'), a
     prompt and ``max_new_tokens`` past its ``context`` (None: unbounded), ``k`` past ``k_max``
-    (None: any). The server calls it before queueing too, so a streamed request is refused with
-    a 400, not an error event after its 200."""
+    (None: any), ``allowed_token_ids`` that ``min_tokens`` would leave empty (every one an EOS
+    in ``eos_ids`` or a stop token id). The server calls it before queueing too, so a streamed
+    request is refused with a 400, not an error event after its 200."""
     if not prompt:
         raise InvalidRequestError("the prompt is empty: give at least one token")
     bad = [t for t in prompt if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
-    for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+    for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids),
+                      ("allowed_token_ids", params.allowed_token_ids)):
         bad = [t for t in ids if t >= vocab_size]
         if bad:
             raise InvalidRequestError(f"{name} token ids out of range [0, {vocab_size}): {bad[:5]}")
@@ -329,6 +331,10 @@ def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, co
         )
     if params.k is not None and k_max is not None and params.k > k_max:
         raise InvalidRequestError(f"k={params.k} exceeds this engine's k_max={k_max}")
+    if params.allowed_token_ids and params.min_tokens and set(params.allowed_token_ids) <= (
+            set(eos_ids) | set(params.stop_token_ids)):
+        raise InvalidRequestError("allowed_token_ids holds only tokens that end the text, which min_tokens holds "
+                                  "back: no token could come")
 
 
 class Generation:
@@ -341,7 +347,7 @@ class Generation:
             prompt = prompt.flatten().tolist()
         prompt = [int(t) for t in prompt]
         limit = engine.max_context()
-        check_request(prompt, params, engine.vocab_size, limit, engine.config.k_max)
+        check_request(prompt, params, engine.vocab_size, limit, engine.config.k_max, engine.eos_token_ids)
         self.engine = engine
         self.params = params
         self.prompt = prompt

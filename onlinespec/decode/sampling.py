@@ -31,6 +31,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k cut
+    min_p: float = 0.0  # vLLM's: tokens less likely than min_p x the likeliest one are cut (0 = none)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -47,6 +48,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's: the only tokens the text may hold (every other one's logit is -inf); () = any
+    allowed_token_ids: tuple[int, ...] = ()
     # vLLM's: the prompt tokens' log-probs (each but the first, under the target's raw
     # log-softmax) and this many alternatives' per token, computed while the prompt is read
     prompt_logprobs: int | None = None
@@ -68,6 +71,10 @@ class SamplingParams:
             raise InvalidRequestError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
+            raise InvalidRequestError("allowed_token_ids must be non-negative integers")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequestError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
@@ -92,6 +99,9 @@ class SamplingParams:
         if self.structure is not None and self.min_tokens:
             raise InvalidRequestError("min_tokens cannot be combined with structured output: the structure "
                                       "decides where the text ends")
+        if self.structure is not None and self.allowed_token_ids:
+            raise InvalidRequestError("allowed_token_ids cannot be combined with structured output: the "
+                                      "structure decides which tokens may come")
         if len(self.logit_bias) > 300 or any(not -100.0 <= b <= 100.0 or t < 0 for t, b in self.logit_bias):
             raise InvalidRequestError("logit_bias maps up to 300 token ids to biases in [-100, 100]")
 
@@ -99,7 +109,7 @@ class SamplingParams:
     def penalized(self) -> bool:
         """Whether the text so far changes the target's logits (:func:`penalize`)."""
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+                    or self.logit_bias or self.allowed_token_ids)
 
     def shapes(self, generated: int) -> bool:
         """Whether :func:`penalize` changes the target's logits after ``generated`` tokens: the
@@ -122,7 +132,8 @@ def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], ge
     the text so far is ``generated + drafts[:i]``. In vLLM's order: repetition (vLLM's and
     Hugging Face's), ``l / r`` where ``l > 0``, else ``l * r``, for every token of the prompt or
     the generated text; frequency and presence (OpenAI's), ``l - f * count - p * (count > 0)``
-    over generated tokens; then the logit biases; last, ``min_tokens``: at a position with fewer
+    over generated tokens; then the logit biases; then ``allowed_token_ids`` (every other token
+    -inf); last, ``min_tokens``: at a position with fewer
     tokens before it, the ``stop_ids`` (EOS and stop token ids) get -inf. A copy: the raw logits
     stay what feedback records log."""
     out = logits.float().clone()
@@ -148,6 +159,10 @@ def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], ge
     if params.logit_bias:
         ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=device)
         out[:, ids] += torch.tensor([b for _, b in params.logit_bias], device=device)
+    if params.allowed_token_ids:
+        allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
+        allowed[torch.tensor(params.allowed_token_ids, dtype=torch.long, device=device)] = True
+        out[:, ~allowed] = float("-inf")
     held = min(rows, params.min_tokens - len(generated))  # positions i with len(generated) + i < min_tokens
     if held > 0 and stop_ids:
         out[:held, torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)] = float("-inf")
@@ -155,7 +170,8 @@ def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], ge
 
 
 def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Processed distribution over the vocabulary. logits: [..., V] -> probabilities [..., V].
+    """Processed distribution over the vocabulary. logits: [..., V] -> probabilities [..., V]:
+    temperature, then the min-p, top-k and top-p cuts.
 
     Greedy settings give a one-hot distribution on the argmax, so the same rejection rule
     (accept with probability min(1, p/q)) reduces to "accept iff the draft is the argmax".
@@ -165,6 +181,9 @@ def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         out = torch.zeros_like(logits)
         return out.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / params.temperature
+    if params.min_p > 0.0:  # after the temperature, before top-k and top-p, as vLLM applies it
+        p = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(p < params.min_p * p.max(-1, keepdim=True).values, float("-inf"))
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
