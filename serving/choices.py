@@ -57,8 +57,13 @@ def usage(handles: list[RequestHandle], prompt_len: int, completion: int, n: int
     # (each prompt's: the fewest any of its choices read)
     cached = sum(min(getattr(h.generation, "cached_tokens", 0) or 0 for h in handles[i:i + n])
                  for i in range(0, len(handles), n))
-    return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    out = {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}}
+    if any(h.params.prediction for h in handles):  # OpenAI's: what came of the predicted output
+        predictions = [p for p in (getattr(h.generation, "prediction", None) for h in handles) if p is not None]
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": sum(p.accepted for p in predictions),
+                                            "rejected_prediction_tokens": sum(p.rejected for p in predictions)}
+    return out
 
 
 class ClientGone(Exception):

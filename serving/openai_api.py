@@ -36,7 +36,18 @@ def openai_router(state) -> APIRouter:
             raise ApiError(404, f"The model '{name}' does not exist; this server serves '{state.model_name}'",
                            param="model", code="model_not_found")
 
-    def _params(req, prompt_len: int) -> SamplingParams:
+    async def _prediction(req) -> tuple[int, ...]:
+        """The token ids of the request's predicted output (tokenized in a thread), at most
+        ``max_tokens`` of the server's: no answer is longer."""
+        if req.prediction is None or not req.prediction.content:
+            return ()
+        ids = await asyncio.to_thread(state.tokenizer.encode, req.prediction.content, add_special_tokens=False)
+        if len(ids) > state.max_tokens:
+            raise ApiError(400, f"prediction has {len(ids)} tokens, more than this server's max_tokens of "
+                           f"{state.max_tokens}: no answer is that long", param="prediction")
+        return tuple(ids)
+
+    def _params(req, prompt_len: int, prediction: tuple[int, ...] = ()) -> SamplingParams:
         _known_model(req.model)
         if prompt_len > state.max_prompt_tokens:
             raise ApiError(400, f"prompt has {prompt_len} tokens, more than this server's limit of "
@@ -54,7 +65,7 @@ def openai_router(state) -> APIRouter:
                                   frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                                   repetition_penalty=req.repetition_penalty, logit_bias=req.bias_pairs,
                                   min_tokens=req.min_tokens,
-                                  structure=req.structure,
+                                  structure=req.structure, prediction=prediction,
                                   prompt_logprobs=req.logprobs if getattr(req, "echo", False) else None)
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc)) from None
@@ -171,7 +182,8 @@ def openai_router(state) -> APIRouter:
                      echoes: list[str] | None = None):
         """``n`` choices for each of ``prompts``, in that order (OpenAI's ``index``); ``echoes``:
         each prompt's text, put before its choices' completions."""
-        params = _params(req, max(map(len, prompts)))  # the longest prompt within the limits: each is
+        # the longest prompt within the limits: each is
+        params = _params(req, max(map(len, prompts)), await _prediction(req))
         if params.structure is not None:
             try:  # its grammar is compiled in a thread, not in the engine loop
                 await asyncio.to_thread(state.loop.prepare, params)

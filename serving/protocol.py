@@ -66,6 +66,25 @@ def _check_text(value: str, name: str) -> str:
     return value
 
 
+def _content_text(v: str | list[dict], name: str, sep: str = "\n") -> str:
+    """A ``content``: text, or OpenAI's list of content parts, whose text parts are joined with
+    ``sep`` (a message's with newlines, as vLLM joins them for a text-only model); other parts
+    (images, audio, files) are refused, since the models served read text only."""
+    if isinstance(v, list):
+        texts = []
+        for part in v:
+            kind = part.get("type")
+            if kind not in ("text", "input_text"):
+                raise ValueError(f"content parts of type {str(kind)[:32]!r} are not supported: this server's "
+                                 "model reads text only (parts of type text)")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ValueError("a text content part needs text: a string")
+            texts.append(text)
+        v = sep.join(texts)
+    return _check_text(v, name)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -135,6 +154,20 @@ class StructuredOutputs(BaseModel):
         return Structure.choice(self.choice)
 
 
+class PredictedOutput(BaseModel):
+    """OpenAI's ``prediction``: text the answer is expected to hold much of (a file to rewrite, a
+    paragraph to fix), drafted from (:mod:`onlinespec.decode.prediction`); the answer is the
+    model's whatever it says."""
+
+    type: Literal["content"]
+    content: str | list[dict]
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        return _content_text(v, "prediction", sep="")
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -174,6 +207,7 @@ class _Sampling(BaseModel):
     guided_json: dict | bool | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    prediction: PredictedOutput | None = None
     # OnlineSpec extensions
     k: int | None = Field(default=None, ge=1, le=32)
     ignore_eos: bool = False
@@ -317,9 +351,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    """A message's ``content`` is text, or OpenAI's list of content parts: its text parts are
-    joined with newlines (as vLLM joins them for a text-only model); other parts (images, audio,
-    files) are refused, since the models served read text only."""
+    """A message's ``content``: text or text parts (:func:`_content_text`)."""
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict]
@@ -327,19 +359,7 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _content(cls, v):
-        if isinstance(v, list):
-            texts = []
-            for part in v:
-                kind = part.get("type")
-                if kind not in ("text", "input_text"):
-                    raise ValueError(f"content parts of type {str(kind)[:32]!r} are not supported: this server's "
-                                     "model reads text only (parts of type text)")
-                text = part.get("text")
-                if not isinstance(text, str):
-                    raise ValueError("a text content part needs text: a string")
-                texts.append(text)
-            v = "\n".join(texts)
-        return _check_text(v, "content")
+        return _content_text(v, "content")
 
 
 # names a chat template is rendered with, or apply_chat_template's own: not a client's to set

@@ -38,6 +38,7 @@ from onlinespec.feedback.record import FeedbackRecord, RecordBuilder
 from onlinespec.models import check_same_vocab, vocab_size
 from onlinespec.decode.sampling import PositionNoise, SamplingParams, penalize
 from onlinespec.decode.stops import FinishReason, StopState
+from onlinespec.decode.prediction import Prediction
 from onlinespec.decode.suffix import RequestIndex, SuffixCache
 from onlinespec.decode.verify import verify, verify_coupled
 
@@ -320,7 +321,7 @@ def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, co
     if bad:
         raise InvalidRequestError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
     for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids),
-                      ("allowed_token_ids", params.allowed_token_ids)):
+                      ("allowed_token_ids", params.allowed_token_ids), ("prediction", params.prediction)):
         bad = [t for t in ids if t >= vocab_size]
         if bad:
             raise InvalidRequestError(f"{name} token ids out of range [0, {vocab_size}): {bad[:5]}")
@@ -374,6 +375,8 @@ class Generation:
         self.capture = engine.config.capture_feedback and share > 0 and (share >= 1 or random.random() < share)
         suffix = engine.suffix
         self.index = RequestIndex(suffix.config) if suffix is not None else None
+        # the client's predicted output, drafted from where the answer follows it
+        self.prediction = Prediction(params.prediction) if params.prediction else None
         # Past outputs are copied within the request's tenant, or across all requests with scope
         # "shared"; an isolated request copies only from its own text and leaves nothing behind.
         self.cache = None if isolated else suffix
@@ -411,7 +414,7 @@ class Generation:
     def draft_length(self, k: int | None = None) -> int:
         """Drafts to propose this step: the request's own ``k``, else the engine's fixed one, else
         ``k`` (the batch controller's choice); bounded by what is left to generate."""
-        if self.drafter is None and self.index is None:
+        if self.drafter is None and self.index is None and self.prediction is None:
             return 0  # nothing can propose: plain decoding
         k = self.params.k or self.engine.config.k or k or 0
         remaining = self.params.max_new_tokens - len(self.generated)
@@ -423,7 +426,7 @@ class Generation:
     def adaptive(self) -> bool:
         """Whether the controller chooses this request's draft length."""
         return self.params.k is None and self.engine.config.k is None and (
-            self.drafter is not None or self.index is not None)
+            self.drafter is not None or self.index is not None or self.prediction is not None)
 
     def step(self) -> StepOutput:
         """One step of this request alone (a batch of one): prefill, then propose, verify,
@@ -482,6 +485,8 @@ class Generation:
         self.stats.copy_steps += n_copied > 0
         self.stats.own_steps += n_copied < m
         self.stats.own_judged += sum(not c for c in copied[: verdict.accepted + 1])
+        if self.prediction is not None:
+            self.prediction.settle(verdict.accepted)
         if self.finished and self.cache is not None:
             self.cache.add_output(self.prompt, self.generated, self.scope)
         logprobs = None

@@ -47,17 +47,24 @@ class Proposer(Protocol):
 
 
 class Copies:
-    """Suffix speculation: the token after the longest earlier occurrence of the row's text
-    (in its request, or in past outputs of its tenant)."""
+    """Copies: the request's predicted output where the answer follows it
+    (:mod:`onlinespec.decode.prediction`), else suffix speculation: the token after the longest
+    earlier occurrence of the row's text (in its request, or in past outputs of its tenant)."""
 
     def propose(self, rows, need, drafts, position, room):
         out = {}
         for b in need:
             gen = rows[b]
+            if gen.index is not None and position == 0:
+                gen.index.extend(gen.tokens)  # settled tokens only: drafts may be rejected
+            if gen.prediction is not None:
+                token = gen.prediction.propose(gen.generated + drafts[b])
+                if token is not None:
+                    gen.prediction.block.append(position)
+                    out[b] = [Draft(token, None, copied=True)]
+                    continue
             if gen.index is None:
                 continue
-            if position == 0:
-                gen.index.extend(gen.tokens)  # settled tokens only: drafts may be rejected
             match = best_match(gen.index, gen.cache, gen.tokens + drafts[b], gen.scope)
             if match is not None:
                 out[b] = [Draft(match.token, None, copied=True)]

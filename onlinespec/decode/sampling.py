@@ -59,6 +59,9 @@ class SamplingParams:
     # structured output (OpenAI's response_format, vLLM's structured_outputs): what the text
     # follows (a JSON schema, a regular expression, a choice), every token within what it allows
     structure: Structure | None = None
+    # OpenAI's predicted output: token ids the answer is expected to hold much of, drafted from
+    # (onlinespec/decode/prediction.py); the text is the target's whatever they are
+    prediction: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -75,6 +78,8 @@ class SamplingParams:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
             raise InvalidRequestError("allowed_token_ids must be non-negative integers")
+        if any(not isinstance(t, int) or t < 0 for t in self.prediction):
+            raise InvalidRequestError("prediction token ids must be non-negative integers")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequestError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
