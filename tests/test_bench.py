@@ -61,6 +61,9 @@ def test_bench_engine_on_a_service_config(model_dirs, capsys, tmp_path):
     assert out["close_acceptance_rate"] > 0.3  # a close drafter: its drafts are accepted
     bound = (1 - a ** (k + 1)) / ((1 - a) * (k * c + v))
     assert out["close_theoretical_speedup"] == pytest.approx(bound)
+    # predicted outputs: the quoted text, and the answer itself (every draft from it is right)
+    assert out["prediction_lossless"] is True and out["regenerate_lossless"] is True
+    assert out["regenerate_mean_accepted_length"] >= 2, out["regenerate_mean_accepted_length"]
 
 
 def test_bench_loop_json(model_dirs, capsys, redis_url):

@@ -30,12 +30,16 @@ costs, the bound with the measured ``v`` and the efficiency against it, Hugging 
 generation with the same drafter, and the drafter with suffix speculation, ``both``); and
 ``service``, what the service runs on its own: adaptive ``k``, the first drafter and suffix
 speculation. ``speedup`` is the service's; ``ratio_vs_hf`` and ``efficiency`` the first
-drafter's.
+drafter's. The service again with predicted outputs (OpenAI's ``prediction``):
+``prediction_*`` (``edit`` and ``json``: the text the prompt quotes, as a client asking for it
+rewritten would send it) and ``regenerate_*`` (the answer itself: a client asking again with the
+answer it got before).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -190,13 +194,17 @@ def measure_suffix_only(target, tokenizer, prompts, max_new_tokens: int, k: int)
     return out
 
 
-def measure_service(target, drafter_model, tokenizer, prompts, max_new_tokens: int) -> dict:
-    """What the service runs on its own: adaptive k, the drafter and suffix speculation."""
+def measure_service(target, drafter_model, tokenizer, prompts, max_new_tokens: int,
+                    predictions: list[list[int]] | None = None) -> dict:
+    """What the service runs on its own: adaptive k, the drafter and suffix speculation; with
+    ``predictions``, each request also sends its predicted output (OpenAI's ``prediction``)."""
     params = SamplingParams(max_new_tokens=max_new_tokens)
     engine = SpeculativeEngine(target, HFDrafter(drafter_model, "drafter") if drafter_model is not None else None,
                                tokenizer=tokenizer, config=EngineConfig(k=None), suffix=SuffixCache())
     engine.generate(prompts[0], SamplingParams(max_new_tokens=8))  # warm-up (its output joins the cache)
-    res, t = _timed(lambda p: engine.generate(p, params), prompts)
+    predictions = predictions or [()] * len(prompts)
+    res, t = _timed(lambda pp: engine.generate(pp[0], replace(params, prediction=tuple(pp[1]))),
+                    list(zip(prompts, predictions)))
     total = GenerationStats.combine(r.stats for r in res)
     return {"tokens_per_s": sum(len(r.tokens) for r in res) / t, "outputs": [r.tokens for r in res],
             "mean_accepted_length": total.mean_accepted_length,
@@ -256,6 +264,19 @@ def _run_config(args) -> int:
     keys += ["speedup", "service_mean_accepted_length", "service_own_accepted_length", "service_copied_share",
              "service_lossless"]
     ok = ok and result["service_lossless"]
+    # predicted outputs: the text an edit prompt quotes (what a client rewriting it would send),
+    # and the answer itself (a client asking again, with the answer it got last time)
+    quoted = [m[-1]["content"].split("\n\n", 1)[1] for m in chat_prompts(domain, n)] if domain in ("edit", "json") else None
+    for name, predictions in (("prediction", [tokenizer.encode(q, add_special_tokens=False)[:max_new] for q in quoted]
+                                              if quoted else None), ("regenerate", reference)):
+        if predictions is None:
+            continue
+        run = measure_service(target, drafters[0][1] if drafters else None, tokenizer, prompts, max_new, predictions)
+        result.update({f"{name}_speedup": run["tokens_per_s"] / base_tps,
+                       f"{name}_mean_accepted_length": run["mean_accepted_length"],
+                       f"{name}_lossless": run["outputs"] == reference})
+        keys += [f"{name}_speedup", f"{name}_mean_accepted_length", f"{name}_lossless"]
+        ok = ok and result[f"{name}_lossless"]
     result.update({"config": cfg.source, "target": cfg.target_model,
                    "drafters": {d.id: d.model for d in cfg.drafters}, "domain": domain,
                    "threads": threads, "machine": machine()})
