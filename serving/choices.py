@@ -38,6 +38,9 @@ def _spec_of(gen, stats) -> dict:
                    "accepted_tokens": stats.copied_accepted if stats else 0,
                    "draft_steps": stats.copy_steps if stats else 0,
                    "mean_accepted_length": stats.copied_accepted_length if stats else None},
+        # of the copies, those drafted from the request's predicted output (OpenAI's prediction)
+        "predicted": {"drafted_tokens": stats.predicted if stats else 0,
+                      "accepted_tokens": stats.predicted_accepted if stats else 0},
     }
 
 

@@ -162,7 +162,8 @@ class LoopBase:
             return
         # without a drafter model every draft is a copy: counted under drafter "none"
         did, version = (drafter.drafter_id, drafter.version) if drafter is not None else ("none", 0)
-        self.metrics.observe_step(did, version, out.drafted, out.accepted, out.copied, out.copied_accepted)
+        self.metrics.observe_step(did, version, out.drafted, out.accepted, out.copied, out.copied_accepted,
+                                  out.predicted, out.predicted_accepted)
         if self.watcher is not None and drafter is not None and out.own_drafted:
             # the rollback guard judges the drafter's own drafts: copies do not depend on its version
             self.watcher.observe(drafter.drafter_id, drafter.version, out.own_drafted, out.own_accepted)

@@ -3,8 +3,9 @@
 Speculative-decoding counters mirror vLLM's (``num_drafts``, ``num_draft_tokens``,
 ``num_accepted_tokens``, ``num_accepted_tokens_per_pos``), labelled by drafter and version so
 a regression after a swap is visible per version. They count every draft; the ``copied`` ones
-(suffix speculation, same labels) and the drafter models' ``own`` ones are also counted apart,
-so what a drafter version itself achieves is never mixed with what suffix copies achieve.
+(suffix speculation and requests' predicted outputs, same labels; the ``predicted`` ones again
+apart, unlabelled) and the drafter models' ``own`` ones are also counted apart, so what a
+drafter version itself achieves is never mixed with what copies achieve.
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ class Metrics:
                                            "Own draft tokens accepted (accepted tokens - copied accepted).")
         self.copy_blocks = Counter("spec_decode_num_copy_drafts_total",
                                    "Speculative steps with at least one copied draft.")
+        self.predicted_tokens = Counter("spec_decode_num_predicted_tokens_total",
+                                        "Copied draft tokens from requests' predicted outputs (counted in copied too).")
+        self.predicted_accepted_tokens = Counter("spec_decode_num_predicted_accepted_tokens_total",
+                                                 "Predicted draft tokens accepted (counted in copied accepted too).")
         self.routed = Counter("drafter_requests_total", "Requests by the drafter that drafted for them.")
         self.swaps = Counter("drafter_swaps_total", "Drafter versions swapped in.")
         self.engine_steps = Counter("engine_steps_total", "Engine steps (one target forward for every active row).")
@@ -148,8 +153,11 @@ class Metrics:
         self.sampled.append((metric, read))
 
     def observe_step(self, drafter: str, version: int, drafted: int, accepted: int, copied: int = 0,
-                     copied_accepted: int = 0) -> None:
+                     copied_accepted: int = 0, predicted: int = 0, predicted_accepted: int = 0) -> None:
         labels = {"drafter": drafter, "version": version}
+        if predicted:  # a request's predicted output: copies of the client's, not the drafter's doing
+            self.predicted_tokens.inc(predicted)
+            self.predicted_accepted_tokens.inc(predicted_accepted)
         self.num_drafts.inc(**labels)
         self.num_draft_tokens.inc(drafted, **labels)
         self.num_accepted_tokens.inc(accepted, **labels)
@@ -186,6 +194,7 @@ class Metrics:
                   self.generated_tokens, self.latency, self.ttft,
                   self.queue_depth, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
                   self.accepted_per_pos, self.copied_tokens, self.copied_accepted_tokens, self.copy_blocks,
+                  self.predicted_tokens, self.predicted_accepted_tokens,
                   self.own_blocks, self.own_draft_tokens, self.own_accepted_tokens, self.routed, self.swaps,
                   self.engine_steps, self.batch_rows, self.batch_k, self.step_seconds, self.step_seconds_k,
                   self.step_tokens_k, self.prefill_tokens, self.kv_cache_bytes, self.kv_cache_reserved):

@@ -10,8 +10,8 @@ import json
 from dataclasses import replace
 
 from fastapi import APIRouter, Request
-from jinja2 import TemplateError
 from fastapi.responses import Response, StreamingResponse
+from jinja2 import TemplateError
 
 from onlinespec.decode.chat import render
 from onlinespec.decode.engine import TokenLogprob
@@ -47,7 +47,7 @@ def openai_router(state) -> APIRouter:
                            f"{state.max_tokens}: no answer is that long", param="prediction")
         return tuple(ids)
 
-    def _params(req, prompt_len: int, prediction: tuple[int, ...] = ()) -> SamplingParams:
+    def _params(req, prompt_len: int) -> SamplingParams:
         _known_model(req.model)
         if prompt_len > state.max_prompt_tokens:
             raise ApiError(400, f"prompt has {prompt_len} tokens, more than this server's limit of "
@@ -65,7 +65,7 @@ def openai_router(state) -> APIRouter:
                                   frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                                   repetition_penalty=req.repetition_penalty, logit_bias=req.bias_pairs,
                                   min_tokens=req.min_tokens,
-                                  structure=req.structure, prediction=prediction,
+                                  structure=req.structure,
                                   prompt_logprobs=req.logprobs if getattr(req, "echo", False) else None)
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc)) from None
@@ -182,8 +182,10 @@ def openai_router(state) -> APIRouter:
                      echoes: list[str] | None = None):
         """``n`` choices for each of ``prompts``, in that order (OpenAI's ``index``); ``echoes``:
         each prompt's text, put before its choices' completions."""
-        # the longest prompt within the limits: each is
-        params = _params(req, max(map(len, prompts)), await _prediction(req))
+        params = _params(req, max(map(len, prompts)))  # the longest prompt within the limits: every one is
+        prediction = await _prediction(req)
+        if prediction:
+            params = replace(params, prediction=prediction)
         if params.structure is not None:
             try:  # its grammar is compiled in a thread, not in the engine loop
                 await asyncio.to_thread(state.loop.prepare, params)

@@ -113,16 +113,21 @@ def test_streamed_logprobs_cover_every_token(server):
     assert len(tokens) == 16
 
 
-def test_an_exception_inside_the_engine_fails_that_request_alone(server, monkeypatch):
+def _start_raises(server, monkeypatch, exc: Exception) -> None:
+    """The engine's start raises ``exc`` for requests of max_tokens 7 (others start as ever)."""
     engine = server.state.loop.engine
     real = engine.start
 
-    def explode(prompt, params, **kw):
+    def start(prompt, params, **kw):
         if params.max_new_tokens == 7:
-            raise RuntimeError("boom in start")
+            raise exc
         return real(prompt, params, **kw)
 
-    monkeypatch.setattr(engine, "start", explode)
+    monkeypatch.setattr(engine, "start", start)
+
+
+def test_an_exception_inside_the_engine_fails_that_request_alone(server, monkeypatch):
+    _start_raises(server, monkeypatch, RuntimeError("boom in start"))
     r = post(server, {"prompt": "abc", "max_tokens": 7})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     ok(server)
@@ -315,15 +320,7 @@ def test_what_the_engine_would_refuse_is_a_400_before_a_stream_starts(server):
 def test_an_error_found_after_a_stream_started_is_an_event_then_done(server, monkeypatch):
     """What only the engine finds (here: its start refuses the request) arrives as an error event,
     and the stream still ends with [DONE], as vLLM's does: clients read to it."""
-    engine = server.state.loop.engine
-    real = engine.start
-
-    def refuse(prompt, params, **kw):
-        if params.max_new_tokens == 7:
-            raise InvalidRequestError("refused late")
-        return real(prompt, params, **kw)
-
-    monkeypatch.setattr(engine, "start", refuse)
+    _start_raises(server, monkeypatch, InvalidRequestError("refused late"))
     code, lines = _stream_lines(server, {"prompt": "abc", "max_tokens": 7})
     assert code == 200
     assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["message"] == "refused late", lines

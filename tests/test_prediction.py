@@ -1,6 +1,9 @@
 """Predicted outputs (OpenAI's ``prediction``): drafts from the client's expected text, the output
 exactly the target's whatever the prediction says, and what came of the prediction in usage."""
 
+import json
+import re
+
 import httpx
 import pytest
 import torch
@@ -63,7 +66,8 @@ def test_a_right_prediction_is_drafted_whole_and_the_text_is_the_targets(target,
         gen.step()
     assert gen.generated == alone
     assert gen.prediction.accepted > (N // 2 if k else 5) and gen.prediction.rejected >= (2 if k else 0)
-    assert gen.prediction.accepted == gen.stats.copied_accepted
+    assert gen.prediction.accepted == gen.stats.copied_accepted == gen.stats.predicted_accepted
+    assert gen.prediction.accepted + gen.prediction.rejected == gen.stats.predicted
     noise = torch.randint(1, VOCAB, (N,), generator=torch.Generator().manual_seed(3)).tolist()
     wrong = engine.generate(prompt, SamplingParams(max_new_tokens=N, prediction=tuple(noise)))
     assert wrong.tokens == alone and wrong.stats.accepted <= 2
@@ -121,7 +125,11 @@ def test_prediction_over_http_says_what_came_of_it(server):
         assert out["choices"][0]["message"]["content"] == text
         details = out["usage"]["completion_tokens_details"]
         assert 15 <= details["accepted_prediction_tokens"] <= 29, details
-        assert out["speculative"]["copied_accepted_tokens"] >= details["accepted_prediction_tokens"]
+        spec = out["speculative"]
+        assert spec["predicted"]["accepted_tokens"] == details["accepted_prediction_tokens"]
+        assert spec["predicted"]["drafted_tokens"] == details["accepted_prediction_tokens"] + \
+            details["rejected_prediction_tokens"]
+        assert spec["copied"]["accepted_tokens"] >= spec["predicted"]["accepted_tokens"]
     completion = {**body, "prompt": "abc"}
     want = httpx.post(server.url + "/v1/completions", json=completion, timeout=60).json()["choices"][0]["text"]
     r = httpx.post(server.url + "/v1/completions", timeout=60,
@@ -129,10 +137,12 @@ def test_prediction_over_http_says_what_came_of_it(server):
                          "stream_options": {"include_usage": True}})
     assert r.status_code == 200
     chunks = [line[6:] for line in r.text.splitlines() if line.startswith("data: {")]
-    import json
-
     assert "".join(c["text"] for c in map(json.loads, chunks) for c in c["choices"]) == want
     assert "completion_tokens_details" in json.loads(chunks[-1])["usage"]
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    drafted, accepted = (float(re.search(rf"^onlinespec_spec_decode_num_predicted{what}_tokens_total (\S+)$", metrics,
+                                         re.M).group(1)) for what in ("", "_accepted"))
+    assert drafted >= accepted >= 30  # the two chats' accepted predicted tokens at least
     for prediction, words in (({"type": "content", "content": "x" * 2000}, "prediction"),
                               ({"type": "other", "content": "x"}, "prediction"),
                               ({"type": "content", "content": [{"type": "image_url"}]}, "text")):

@@ -42,8 +42,8 @@ from onlinespec.decode.prediction import Prediction
 from onlinespec.decode.suffix import RequestIndex, SuffixCache
 from onlinespec.decode.verify import verify, verify_coupled
 
-__all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "check_request", "StepOutput", "TokenLogprob", "GenerationResult",
-           "GenerationStats"]
+__all__ = ["EngineConfig", "SpeculativeEngine", "Generation", "check_request", "StepOutput", "TokenLogprob",
+           "GenerationResult", "GenerationStats"]
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -109,6 +109,8 @@ class StepOutput(OwnDrafts):
     copied: int = 0  # of the drafts, copied by suffix speculation rather than drafted by the drafter
     copied_accepted: int = 0  # of the accepted drafts, copied ones
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when the request asked for them
+    predicted: int = 0  # of the copied drafts, those from the request's predicted output
+    predicted_accepted: int = 0  # of which accepted
 
 
 @dataclass
@@ -134,6 +136,8 @@ class GenerationStats(OwnDrafts):
     # accepted drafts per judged one are its acceptance per position, the figure its learners
     # measure teacher-forced (own accepted / own drafted is lower: drafts past a rejection count)
     own_judged: int = 0
+    predicted: int = 0  # of the copies, those from the request's predicted output
+    predicted_accepted: int = 0  # of which accepted
 
     @property
     def mean_accepted_length(self) -> float:
@@ -310,7 +314,8 @@ class SpeculativeEngine:
 def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, context: int | None,
                   k_max: int | None, eos_ids: frozenset[int] = frozenset()) -> None:
     """Refuse (:class:`InvalidRequestError`) a request an engine cannot serve: an empty prompt,
-    token ids outside its ``vocab_size`` (the prompt's, ``logit_bias``'s, ``stop_token_ids``'), a
+    token ids outside its ``vocab_size`` (the prompt's, ``logit_bias``', ``stop_token_ids``',
+    ``allowed_token_ids``', the prediction's), a
     prompt and ``max_new_tokens`` past its ``context`` (None: unbounded), ``k`` past ``k_max``
     (None: any), ``allowed_token_ids`` that ``min_tokens`` would leave empty (every one an EOS
     in ``eos_ids`` or a stop token id). The server calls it before queueing too, so a streamed
@@ -485,8 +490,11 @@ class Generation:
         self.stats.copy_steps += n_copied > 0
         self.stats.own_steps += n_copied < m
         self.stats.own_judged += sum(not c for c in copied[: verdict.accepted + 1])
+        n_predicted = n_predicted_accepted = 0
         if self.prediction is not None:
-            self.prediction.settle(verdict.accepted)
+            n_predicted, n_predicted_accepted = self.prediction.settle(verdict.accepted)
+            self.stats.predicted += n_predicted
+            self.stats.predicted_accepted += n_predicted_accepted
         if self.finished and self.cache is not None:
             self.cache.add_output(self.prompt, self.generated, self.scope)
         logprobs = None
@@ -500,6 +508,8 @@ class Generation:
             accepted=verdict.accepted,
             copied=n_copied,
             copied_accepted=n_copied_accepted,
+            predicted=n_predicted,
+            predicted_accepted=n_predicted_accepted,
             finished=self.finished,
             finish_reason=self.stop.finish_reason,
         )

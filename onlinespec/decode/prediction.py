@@ -57,10 +57,12 @@ class Prediction:
         self.cursor = position + 1
         return self.tokens[position]
 
-    def settle(self, accepted: int) -> None:
+    def settle(self, accepted: int) -> tuple[int, int]:
         """The block was verified: its first ``accepted`` drafts were accepted. Counts the
-        prediction's drafts among them and the rest, and starts the next block."""
-        taken = sum(i < accepted for i in self.block)
+        prediction's drafts among them and the rest, starts the next block, and returns the
+        block's (drafts from the prediction, of which accepted)."""
+        drafted, taken = len(self.block), sum(i < accepted for i in self.block)
         self.accepted += taken
-        self.rejected += len(self.block) - taken
+        self.rejected += drafted - taken
         self.block = []
+        return drafted, taken
