@@ -80,6 +80,9 @@ class ServingConfig:
     feedback_topk: int = 32  # target log-probs kept per generated position
     max_active: int = 8  # requests batched together
     max_queue: int = 64  # waiting requests beyond this get 429
+    # requests one tenant (API key, and ``user`` within it) may have in flight, waiting or running;
+    # beyond, that tenant's next ones get 429 while others are served (None: no cap)
+    max_requests_per_tenant: int | None = None
     prefill_tokens: int = 256  # prompt tokens prefilled per step
     drafter_context: int | None = None  # tokens of a request's text a drafter encodes when it joins (None: all)
     # share of requests whose target features go beside their record for feature drafters' learners
@@ -121,6 +124,8 @@ class ServingConfig:
             raise ValueError(f"prefix_cache_scope must be shared or tenant, got {self.prefix_cache_scope!r}")
         if self.stop_timeout <= 0:
             raise ValueError(f"stop_timeout is a positive number of seconds, got {self.stop_timeout}")
+        if self.max_requests_per_tenant is not None and self.max_requests_per_tenant < 1:
+            raise ValueError(f"max_requests_per_tenant must be >= 1 or null (no cap), got {self.max_requests_per_tenant}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be at least 1024, got {self.max_request_bytes}")
         if self.prefix_cache_tokens < 0:

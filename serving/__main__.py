@@ -148,7 +148,8 @@ def _embedded_state(cfg, target, tokenizer, drafters, estimates, writer, watcher
                        kv_cache_tokens=s.kv_cache_tokens or None, prefix_cache_tokens=s.prefix_cache_tokens,
                        prefix_cache_scope=s.prefix_cache_scope,
                        max_prompt_tokens=s.max_prompt_tokens, max_request_bytes=s.max_request_bytes,
-                       max_tokens=s.max_tokens, drafters=drafters, api_keys=cfg.api_keys, router=router)
+                       max_tokens=s.max_tokens, drafters=drafters, api_keys=cfg.api_keys, router=router,
+                       max_requests_per_tenant=s.max_requests_per_tenant)
 
 
 def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router, registry=None, specs=None):
@@ -204,7 +205,8 @@ def _vllm_state(cfg, tokenizer, drafters, writer, watcher, redis, router, regist
     return build_state(None, tokenizer, cfg.target_id, writer=writer, watcher=watcher, redis=redis,
                        max_active=s.max_active, max_queue=s.max_queue, max_prompt_tokens=s.max_prompt_tokens,
                        max_tokens=s.max_tokens, drafters=drafters, api_keys=cfg.api_keys, router=router,
-                       make_loop=make_loop, max_request_bytes=s.max_request_bytes)
+                       make_loop=make_loop, max_request_bytes=s.max_request_bytes,
+                       max_requests_per_tenant=s.max_requests_per_tenant)
 
 
 def _maybe_tokenizer(name: str):

@@ -31,6 +31,7 @@ class ServerState:
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
     max_request_bytes: int = 8 << 20  # request bodies beyond get a 413 before they are read whole
+    max_requests_per_tenant: int | None = None  # a tenant's requests in flight beyond get 429 (None: no cap)
     context: int | None = None  # the models' context in tokens, where known (a chat's default max_tokens fits it)
     redis: object | None = None  # None: feedback logging explicitly disabled
     # Keys accepted on /v1 (serving.api_keys or ONLINESPEC_API_KEYS); empty: any key is accepted.

@@ -59,9 +59,15 @@ class RequestHandle:
     # over at the end in one list (one wake-up of the event loop per request, not per step)
     stream: bool = True
     held: list = field(default_factory=list)
+    done: bool = False  # finished or failed (set by the engine thread)
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    @property
+    def in_flight(self) -> bool:
+        """Waiting or running: neither done nor given up by its client."""
+        return not (self.done or self.cancelled)
 
     def _put(self, item) -> None:
         try:
@@ -182,11 +188,13 @@ class LoopBase:
             if out.finished:
                 handle._put(handle.held)
         if out.finished:
+            handle.done = True
             self.metrics.latency.observe(time.perf_counter() - handle.submitted)
             self.metrics.requests.inc(label=out.finish_reason.value)
 
     def _fail(self, handle: RequestHandle, exc: Exception) -> None:
         handle.error = exc
+        handle.done = True
         self.metrics.request_errors.inc(label="invalid" if isinstance(exc, InvalidRequestError) else "internal")
         handle._put(exc)
 

@@ -24,12 +24,14 @@ from serving.errors import ApiError
 from serving.logprobs import chat_logprobs, completion_logprobs
 from serving.protocol import (MAX_SEED, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body,
                               new_id, now)
+from serving.tenants import TenantBusy, TenantLimit
 
 __all__ = ["openai_router"]
 
 
 def openai_router(state) -> APIRouter:
     router = APIRouter()
+    tenants = TenantLimit(state.max_requests_per_tenant)  # what each tenant has in flight (the event loop's)
 
     def _known_model(name: str | None) -> None:
         if name is not None and name != state.model_name:
@@ -107,10 +109,20 @@ def openai_router(state) -> APIRouter:
     def _submit(requests: list[tuple[list[int], SamplingParams]], tenant: str | None, domain: str | None = None,
                 stream: bool = True, cache_salt: str | None = None) -> list[RequestHandle]:
         try:
-            return state.loop.submit_all(requests, tenant=tenant, domain=domain, stream=stream, cache_salt=cache_salt)
+            tenants.check(tenant, len(requests))
+        except TenantBusy as exc:
+            state.metrics.rejected.inc(label="tenant_limit")
+            raise ApiError(429, str(exc), type_="rate_limit_error") from None
+        except ValueError as exc:  # more than one client may have at all
+            raise ApiError(400, str(exc), param="n") from None
+        try:
+            handles = state.loop.submit_all(requests, tenant=tenant, domain=domain, stream=stream,
+                                            cache_salt=cache_salt)
         except QueueFull as exc:
             state.metrics.rejected.inc(label="queue_full")
             raise ApiError(429, f"server busy: {exc}; retry later", type_="rate_limit_error") from None
+        tenants.track(tenant, handles)
+        return handles
 
     def _logprobs(kind: str, items, wanted: bool, text_offset: int = 0) -> dict | None:
         if not wanted:

@@ -36,7 +36,8 @@ def build_state(engine: SpeculativeEngine | None, tokenizer, model_name: str, wr
                 max_active: int = 8, max_queue: int = 64, prefill_tokens: int = 256, kv_cache_tokens: int | None = None,
                 prefix_cache_tokens: int = 0, prefix_cache_scope: str = "shared", max_prompt_tokens: int = 1536,
                 max_tokens: int = 512, drafters: dict | None = None, api_keys=(), router=None,
-                make_loop=None, max_request_bytes: int = 8 << 20) -> ServerState:
+                make_loop=None, max_request_bytes: int = 8 << 20,
+                max_requests_per_tenant: int | None = None) -> ServerState:
     """``make_loop(metrics)``: another engine loop than the embedded engine's (``serving.engine: vllm``,
     :class:`serving.vllm_loop.VllmLoop`); ``engine`` is then None."""
     metrics = Metrics()
@@ -95,7 +96,7 @@ def build_state(engine: SpeculativeEngine | None, tokenizer, model_name: str, wr
     return ServerState(loop=loop, tokenizer=tokenizer, model_name=model_name, metrics=metrics, redis=redis,
                        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, api_keys=tuple(api_keys),
                        context=engine.max_context() if engine is not None else None,
-                       max_request_bytes=max_request_bytes)
+                       max_request_bytes=max_request_bytes, max_requests_per_tenant=max_requests_per_tenant)
 
 
 def _learner_metrics(metrics: Metrics, redis, drafters: list[str], target: str) -> None:

@@ -3,6 +3,8 @@ exception inside the engine fails one request, a crashed loop comes back, suffix
 never copies across API keys, admin auth is strict."""
 
 import json
+import re
+import time
 
 import httpx
 import pytest
@@ -30,12 +32,12 @@ def server(target, tokenizer):
     srv.stop()
 
 
-def post(srv, body, path="/v1/completions", key="k-default", **kw):
+def post(srv, body, path="/v1/completions", key="k-default", timeout=60, **kw):
     """JSON as a client may send it: escapes (\\ud800) and a key in any bytes."""
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}".encode()
-    return httpx.post(srv.url + path, content=json.dumps({"model": MODEL, **body}), headers=headers, timeout=60, **kw)
+    return httpx.post(srv.url + path, content=json.dumps({"model": MODEL, **body}), headers=headers, timeout=timeout, **kw)
 
 
 def ok(srv, **extra):
@@ -325,3 +327,43 @@ def test_an_error_found_after_a_stream_started_is_an_event_then_done(server, mon
     assert code == 200
     assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["message"] == "refused late", lines
     ok(server)
+
+
+def test_one_client_cannot_take_every_place_in_the_queue(target, tokenizer, monkeypatch):
+    """serving.max_requests_per_tenant: a tenant (its API key) with that many requests waiting or
+    running gets 429 for more, while another tenant is served; its places come back as its
+    requests end (here: its client leaves). The engine admits nothing while this is checked, so
+    what is in flight stays in flight."""
+    engine = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(target_id=MODEL))
+    srv = BackgroundServer(build_state(engine, tokenizer, MODEL, max_queue=16, max_requests_per_tenant=2)).start()
+    loop = srv.state.loop
+    admit = loop._admit
+    monkeypatch.setattr(loop, "_admit", lambda: time.sleep(0.01))  # requests wait in the queue
+
+    def stream(key, **extra):
+        return httpx.stream("POST", srv.url + "/v1/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                            json={"model": MODEL, "prompt": "abc", "max_tokens": 8, "stream": True, **extra})
+
+    try:
+        with stream("a") as a1, stream("a") as a2:
+            assert a1.status_code == a2.status_code == 200
+            r = post(srv, {"prompt": "abc", "max_tokens": 8}, key="a")
+            assert r.status_code == 429 and "max_requests_per_tenant" in r.json()["error"]["message"], r.text
+            assert post(srv, {"prompt": "abc", "max_tokens": 8, "n": 3}, key="b").status_code == 400  # never fits
+            with stream("b") as b1:
+                assert b1.status_code == 200  # another client is not held back
+        deadline = time.time() + 15  # a's client left both streams: its places come back
+        while True:  # (a request let in waits in the paused queue: the client gives up on it)
+            try:
+                r = post(srv, {"prompt": "abc", "max_tokens": 2}, key="a", timeout=1.0)
+            except httpx.TimeoutException:
+                break
+            assert r.status_code == 429 and time.time() < deadline, "a tenant's places never came back"
+            time.sleep(0.2)
+        monkeypatch.setattr(loop, "_admit", admit)
+        assert post(srv, {"prompt": "abc", "max_tokens": 4, "temperature": 0}, key="a").status_code == 200
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert re.search(r'onlinespec_requests_rejected_total\{reason="tenant_limit"\} [1-9]', metrics), metrics
+    finally:
+        monkeypatch.setattr(loop, "_admit", admit)
+        srv.stop()
