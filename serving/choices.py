@@ -63,9 +63,10 @@ def usage(handles: list[RequestHandle], prompt_len: int, completion: int, n: int
     out = {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
            "prompt_tokens_details": {"cached_tokens": cached}}
     if any(h.params.prediction for h in handles):  # OpenAI's: what came of the predicted output
-        predictions = [p for p in (getattr(h.generation, "prediction", None) for h in handles) if p is not None]
-        out["completion_tokens_details"] = {"accepted_prediction_tokens": sum(p.accepted for p in predictions),
-                                            "rejected_prediction_tokens": sum(p.rejected for p in predictions)}
+        stats = [h.generation.stats for h in handles if h.generation is not None]
+        accepted = sum(s.predicted_accepted for s in stats)
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": sum(s.predicted for s in stats) - accepted}
     return out
 
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from onlinespec.decode.batch import Batch
-from onlinespec.decode.engine import Generation, SpeculativeEngine, StepOutput, check_request
+from onlinespec.decode.engine import Generation, SpeculativeEngine, StepOutput
 from onlinespec.errors import InvalidRequestError
 from onlinespec.learn.estimate import ALL, group_of
 from onlinespec.decode.sampling import SamplingParams
@@ -248,9 +248,7 @@ class EngineLoop(LoopBase):
             self.engine.structured().prepare(params.structure)
 
     def check(self, prompt: list[int], params: SamplingParams) -> None:
-        engine = self.engine
-        check_request(prompt, params, engine.vocab_size, engine.max_context(), engine.config.k_max,
-                      engine.eos_token_ids)
+        self.engine.check(prompt, params)
         self.batch.check_admissible(len(prompt), params.max_new_tokens)
 
     def _new_batch(self) -> Batch:

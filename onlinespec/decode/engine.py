@@ -268,6 +268,13 @@ class SpeculativeEngine:
             self._structured = Structured(self.tokenizer, self.vocab_size, self.eos_token_ids)
         return self._structured
 
+    def check(self, prompt: list[int], params: SamplingParams) -> int | None:
+        """:func:`check_request` with this engine's vocabulary, context, ``k_max`` and EOS ids
+        (for a request it starts, and for the server before queueing one); returns the context."""
+        limit = self.max_context()
+        check_request(prompt, params, self.vocab_size, limit, self.config.k_max, self.eos_token_ids)
+        return limit
+
     def max_context(self) -> int | None:
         limits = [_max_positions(self.target), _max_positions(getattr(self.drafter, "model", None))]
         limits = [x for x in limits if x]
@@ -352,8 +359,7 @@ class Generation:
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.flatten().tolist()
         prompt = [int(t) for t in prompt]
-        limit = engine.max_context()
-        check_request(prompt, params, engine.vocab_size, limit, engine.config.k_max, engine.eos_token_ids)
+        limit = engine.check(prompt, params)
         self.engine = engine
         self.params = params
         self.prompt = prompt

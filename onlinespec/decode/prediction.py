@@ -37,8 +37,6 @@ class Prediction:
                 self.after.setdefault(tuple(self.tokens[p - n:p]), []).append(p)
         self.cursor = 0  # the position after the last predicted token drafted
         self.block: list[int] = []  # draft positions of the current block that came from the prediction
-        self.accepted = 0  # drafts from it the target accepted
-        self.rejected = 0  # drafts from it it did not
 
     def propose(self, text: list[int]) -> int | None:
         """The predicted token after ``text`` (the answer so far and the block's drafts before
@@ -58,11 +56,9 @@ class Prediction:
         return self.tokens[position]
 
     def settle(self, accepted: int) -> tuple[int, int]:
-        """The block was verified: its first ``accepted`` drafts were accepted. Counts the
-        prediction's drafts among them and the rest, starts the next block, and returns the
-        block's (drafts from the prediction, of which accepted)."""
+        """The block was verified: its first ``accepted`` drafts were accepted. Returns the
+        block's (drafts from the prediction, of which accepted; the request's statistics count
+        them) and starts the next block."""
         drafted, taken = len(self.block), sum(i < accepted for i in self.block)
-        self.accepted += taken
-        self.rejected += drafted - taken
         self.block = []
         return drafted, taken
