@@ -154,7 +154,8 @@ def _models(args):
     tokenizer = load_tokenizer(cfg.target_model)
     target = load_model(cfg.target_model)
     drafter = load_model(cfg.drafters[0].model) if cfg.drafters else None
-    n = 2 * max(args.levels)
+    # the same prompts whatever levels are asked for: level c takes the first max(4, 2c) of them
+    n = 2 * max(*LEVELS, *args.levels)
     if cfg.target_model.startswith("demo:"):
         prompts = heldout_prompts(tokenizer, args.domain if args.domain != "edit" else "python", n)
     else:
