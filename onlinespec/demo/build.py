@@ -12,11 +12,13 @@ Design of the family (see docs/demo_models.md):
 
 - one byte-level BPE tokenizer (4096 ids, ``<|endoftext|>`` = 0 is BOS, EOS and pad);
 - ``target``: Llama-style, 6 layers x 384, about 12M parameters, trained on all three domains;
-- ``drafter-1l`` (1 layer x 256) distilled from the target on ``python`` only, briefly;
+- ``drafter-1l`` (1 layer x 256) distilled from the target on ``python`` only (1200 steps);
 - ``drafter-2l`` (2 layers x 192) distilled from the target on ``shakespeare`` only, briefly.
 
-The drafters are deliberately weaker than they could be (little training, one domain each), so
-online learning from live traffic has room to improve them, and the pool has a reason to switch.
+The drafters are deliberately weaker than they could be (one domain each, ``drafter-2l`` briefly
+trained), so online learning from live traffic has room to improve them, and the pool has a reason
+to switch; ``drafter-1l`` is trained well enough on its domain to show what speculation gains
+with a drafter made for its target.
 
 Only torch, transformers, tokenizers and numpy are needed, so the ``train`` stage also runs on a
 bare GPU machine from a checkout of the repository.
