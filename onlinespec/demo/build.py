@@ -55,7 +55,7 @@ class ModelSpec:
 
 SPECS = (
     ModelSpec("target", 6, 384, 6, 1024, ("python", "shakespeare", "docs"), 800, 2e-3, False),
-    # Drafters: short budgets and one domain each, on purpose (room for online learning).
+    # Drafters: one domain each, on purpose (room for online learning); drafter-2l briefly.
     ModelSpec("drafter-1l", 1, 256, 4, 704, ("python",), 1200, 2e-3, True),
     ModelSpec("drafter-2l", 2, 192, 3, 512, ("shakespeare",), 200, 2e-3, True),
 )
@@ -321,7 +321,11 @@ def train_all(out: Path, args: TrainArgs, only: list[str] | None) -> None:
             print(f"{spec.name}: already trained, skipping", flush=True)
             continue
         if spec.distill and teacher is None:
-            teacher = LlamaForCausalLM.from_pretrained(out / "models" / "target").to(device).eval()
+            # the target built here, else the shipped one (a drafter rebuilt alone: train --only)
+            built = out / "models" / "target"
+            source = built if (built / "config.json").exists() else PACKAGE_MODELS / "target"
+            print(f"teacher: {source}", flush=True)
+            teacher = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
         _, reports[spec.name] = train_model(spec, args, out, out / "models", teacher if spec.distill else None)
         report_path.write_text(json.dumps(reports, indent=2))
 
