@@ -34,3 +34,20 @@ registry: {tmp_path / 'registry'}
 learner: {learner}
 {extra}""")
     return str(config)
+
+
+def pause_admission(loop, monkeypatch) -> None:
+    """The engine loop admits no waiting request from now on (until the test restores
+    ``loop._admit``): returns once the loop has called the paused admission, so that a request
+    sent next cannot be taken by an admission already under way (it waits up to 0.05 s for one)."""
+    import threading
+    import time
+
+    paused = threading.Event()
+
+    def admit_nothing():
+        paused.set()
+        time.sleep(0.01)
+
+    monkeypatch.setattr(loop, "_admit", admit_nothing)
+    assert paused.wait(10), "the engine loop never came back to admit"

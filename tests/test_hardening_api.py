@@ -15,6 +15,7 @@ from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from onlinespec.decode.suffix import SuffixCache
 from onlinespec.errors import InvalidRequestError
 from serving.server import BackgroundServer, build_state
+from tests.services import pause_admission
 from tests.tiny import perturbed
 
 MODEL = "tiny-target"
@@ -338,7 +339,7 @@ def test_one_client_cannot_take_every_place_in_the_queue(target, tokenizer, monk
     srv = BackgroundServer(build_state(engine, tokenizer, MODEL, max_queue=16, max_requests_per_tenant=2)).start()
     loop = srv.state.loop
     admit = loop._admit
-    monkeypatch.setattr(loop, "_admit", lambda: time.sleep(0.01))  # requests wait in the queue
+    pause_admission(loop, monkeypatch)  # requests wait in the queue
 
     def stream(key, **extra):
         return httpx.stream("POST", srv.url + "/v1/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},

@@ -14,6 +14,7 @@ from onlinespec.decode.chat import render_text
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from serving.server import BackgroundServer, build_state
+from tests.services import pause_admission
 
 MODEL = "tiny-target"
 
@@ -514,7 +515,7 @@ def test_a_client_that_leaves_a_request_not_streamed_cancels_it_and_logs_no_erro
     loop = state.loop
     admit = loop._admit
     before = state.metrics.cancelled.values.get((), 0)
-    monkeypatch.setattr(loop, "_admit", lambda: time.sleep(0.01))  # the request waits in the queue
+    pause_admission(loop, monkeypatch)  # the request waits in the queue
     try:
         with caplog.at_level(logging.ERROR):
             with pytest.raises(httpx.TimeoutException):
