@@ -36,13 +36,15 @@ learner: {learner}
     return str(config)
 
 
-def pause_admission(loop, monkeypatch) -> None:
-    """The engine loop admits no waiting request from now on (until the test restores
-    ``loop._admit``): returns once the loop has called the paused admission, so that a request
-    sent next cannot be taken by an admission already under way (it waits up to 0.05 s for one)."""
+def pause_admission(loop, monkeypatch):
+    """The engine loop admits no waiting request until the returned ``resume()`` (or the test's
+    end, when ``monkeypatch`` undoes it). Returns once the loop has called the paused admission, so
+    that a request sent next cannot be taken by an admission already under way (it waits up to
+    0.05 s for one)."""
     import threading
     import time
 
+    admit = loop._admit
     paused = threading.Event()
 
     def admit_nothing():
@@ -51,3 +53,4 @@ def pause_admission(loop, monkeypatch) -> None:
 
     monkeypatch.setattr(loop, "_admit", admit_nothing)
     assert paused.wait(10), "the engine loop never came back to admit"
+    return lambda: monkeypatch.setattr(loop, "_admit", admit)

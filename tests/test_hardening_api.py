@@ -338,8 +338,7 @@ def test_one_client_cannot_take_every_place_in_the_queue(target, tokenizer, monk
     engine = SpeculativeEngine(target, None, tokenizer=tokenizer, config=EngineConfig(target_id=MODEL))
     srv = BackgroundServer(build_state(engine, tokenizer, MODEL, max_queue=16, max_requests_per_tenant=2)).start()
     loop = srv.state.loop
-    admit = loop._admit
-    pause_admission(loop, monkeypatch)  # requests wait in the queue
+    resume = pause_admission(loop, monkeypatch)  # requests wait in the queue
 
     def stream(key, **extra):
         return httpx.stream("POST", srv.url + "/v1/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
@@ -361,10 +360,10 @@ def test_one_client_cannot_take_every_place_in_the_queue(target, tokenizer, monk
                 break
             assert r.status_code == 429 and time.time() < deadline, "a tenant's places never came back"
             time.sleep(0.2)
-        monkeypatch.setattr(loop, "_admit", admit)
+        resume()
         assert post(srv, {"prompt": "abc", "max_tokens": 4, "temperature": 0}, key="a").status_code == 200
         metrics = httpx.get(srv.url + "/metrics").text
         assert re.search(r'onlinespec_requests_rejected_total\{reason="tenant_limit"\} [1-9]', metrics), metrics
     finally:
-        monkeypatch.setattr(loop, "_admit", admit)
+        resume()
         srv.stop()

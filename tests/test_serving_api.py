@@ -513,25 +513,21 @@ def test_a_client_that_leaves_a_request_not_streamed_cancels_it_and_logs_no_erro
 
     state = server.state
     loop = state.loop
-    admit = loop._admit
     before = state.metrics.cancelled.values.get((), 0)
-    pause_admission(loop, monkeypatch)  # the request waits in the queue
-    try:
-        with caplog.at_level(logging.ERROR):
-            with pytest.raises(httpx.TimeoutException):
-                httpx.post(server.url + "/v1/completions", timeout=0.5,
-                           json={"model": MODEL, "prompt": "long one", "max_tokens": 200, "temperature": 0,
-                                 "ignore_eos": True})
-            deadline = time.time() + 15
-            while time.time() < deadline and not any(h.cancelled for h in list(loop.pending.queue)):
-                time.sleep(0.05)
-            assert any(h.cancelled for h in list(loop.pending.queue)), "the route never saw its client leave"
-            monkeypatch.setattr(loop, "_admit", admit)  # the engine drops it when it comes to it
-            while time.time() < deadline and (state.metrics.cancelled.values.get((), 0) <= before or loop.depth):
-                time.sleep(0.05)
-            time.sleep(0.2)  # the route's end, after the engine dropped the request
-    finally:
-        monkeypatch.setattr(loop, "_admit", admit)
+    resume = pause_admission(loop, monkeypatch)  # the request waits in the queue
+    with caplog.at_level(logging.ERROR):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.url + "/v1/completions", timeout=0.5,
+                       json={"model": MODEL, "prompt": "long one", "max_tokens": 200, "temperature": 0,
+                             "ignore_eos": True})
+        deadline = time.time() + 15
+        while time.time() < deadline and not any(h.cancelled for h in list(loop.pending.queue)):
+            time.sleep(0.05)
+        assert any(h.cancelled for h in list(loop.pending.queue)), "the route never saw its client leave"
+        resume()  # the engine drops it when it comes to it
+        while time.time() < deadline and (state.metrics.cancelled.values.get((), 0) <= before or loop.depth):
+            time.sleep(0.05)
+        time.sleep(0.2)  # the route's end, after the engine dropped the request
     assert state.metrics.cancelled.values.get((), 0) == before + 1 and loop.depth == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
