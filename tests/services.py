@@ -54,3 +54,17 @@ def pause_admission(loop, monkeypatch):
     monkeypatch.setattr(loop, "_admit", admit_nothing)
     assert paused.wait(10), "the engine loop never came back to admit"
     return lambda: monkeypatch.setattr(loop, "_admit", admit)
+
+
+def slow_steps(loop, monkeypatch, seconds: float) -> None:
+    """Each step of the engine loop's batch takes ``seconds`` longer (until the test's end), so
+    that a request is still being served when a test acts on it, however fast the machine."""
+    import time
+
+    step = loop.batch.step
+
+    def slowed():
+        time.sleep(seconds)
+        return step()
+
+    monkeypatch.setattr(loop.batch, "step", slowed)

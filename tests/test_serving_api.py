@@ -14,7 +14,7 @@ from onlinespec.decode.chat import render_text
 from onlinespec.drafters.hf import HFDrafter
 from onlinespec.decode.engine import EngineConfig, SpeculativeEngine
 from serving.server import BackgroundServer, build_state
-from tests.services import pause_admission
+from tests.services import pause_admission, slow_steps
 
 MODEL = "tiny-target"
 
@@ -485,9 +485,12 @@ def test_concurrent_requests_interleave_and_a_full_queue_answers_429(server):
     assert all(r["usage"]["completion_tokens"] == 150 for r in results)
 
 
-def test_client_disconnect_cancels_its_request(server):
+def test_client_disconnect_cancels_its_request(server, monkeypatch):
     state = server.state
     before = state.metrics.cancelled.values.get((), 0)
+    # 200 tokens take at least 40 steps: seconds, more than the route takes to see its client leave,
+    # on any machine (unslowed, a fast one could finish the request first: nothing to cancel)
+    slow_steps(state.loop, monkeypatch, 0.05)
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", server.url + "/v1/completions",
                          json={"model": MODEL, "prompt": "long one", "max_tokens": 200, "temperature": 0,
