@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48, help="live: tokens per request")
     p.add_argument("--period", type=float, default=5.0, help="live: seconds between learning rounds at most")
     p.add_argument("--no-learning", action="store_true", help="live: start no worker (the serving cost alone)")
+    p.add_argument("--order", default="shuffled", choices=["shuffled", "file"],
+                   help="live: the prompts' order, cycled: shuffled (fixed seed; every quarter a sample of the "
+                        "whole domain) or file (consecutive entries, as measured before stop 49)")
     p.add_argument("--slices", type=int, default=4,
                    help="live: turns of the closing comparison with speculation off (spec, off, off, spec, ...)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],

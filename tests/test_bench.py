@@ -278,3 +278,21 @@ def test_bench_live_reports_how_learning_kept_up():
     assert q[0] == {"a": {"rounds": 2, "busy": 0.75, "tokens_per_s": 30.0, "lag_s": 4.0, "max_lag_s": 5.0}}
     assert q[1] == {} and q[2] == {}
     assert q[3] == {"a": {"rounds": 1, "busy": 1.0, "tokens_per_s": 5.0, "lag_s": None, "max_lag_s": None}}
+
+
+def test_bench_live_sends_the_domain_in_a_fixed_shuffled_order():
+    """Every quarter of a live run is a sample of the whole change log (its stretches are alike
+    within and differ between: in file order the quarters drifted with no learning), the same
+    order in every run; ``file`` keeps the order the figures before stop 49 were measured in."""
+    from onlinespec.ops.bench.live import changelog_prompts, stream_order
+
+    n = len(changelog_prompts())
+    order = stream_order(n)
+    assert sorted(order) == list(range(n)) and order == stream_order(n) and order != list(range(n))
+    assert stream_order(n, "file") == list(range(n))
+    # each quarter of the first pass reaches across the file, not one stretch of it
+    for q in range(4):
+        part = order[q * n // 4:(q + 1) * n // 4]
+        assert min(part) < n // 4 and max(part) >= 3 * n // 4
+    with pytest.raises(ValueError):
+        stream_order(n, "sorted")

@@ -4,7 +4,11 @@ Starts the real service on loopback (a private Redis, the HTTP server and one wo
 as ``onlinespec up`` runs them) on a config's models, and sends a stream of greedy completions
 from a domain the drafters were not started on: IDLE's change log (``idlelib/NEWS*.txt``, shipped
 with Python and used nowhere else in the project), each prompt a few consecutive entries to
-continue. Every request has its own ``user``, so suffix speculation cannot carry copies from one
+continue, sent in an order shuffled once with a fixed seed and cycled (``--order file``: in file
+order, as the figures before stop 49 were measured), so that every quarter of the run is a
+sample of the whole domain rather than its own stretch of the change log: entries of one stretch
+are alike, and in file order the quarters' figures drifted by 1.14x with no learning at all.
+Every request has its own ``user``, so suffix speculation cannot carry copies from one
 request to the next: what improves must be the drafters. Requests declare
 ``metadata.domain: changelog``.
 
@@ -40,7 +44,7 @@ JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_a
 "learned_acceptance", "learned_acceptance_deeper", "learning"}], "nospec_tokens_per_s", "nospec_prompt_tokens",
 "paired": {"spec_tokens_per_s", "off_tokens_per_s", "spec_vs_off", "spec_prompt_tokens", "off_prompt_tokens",
 "slices": [{"side", "tokens_per_s"}]}, "gain": {"own_accepted_length", "own_acceptance", "own_position_acceptance", "tokens_per_s",
-"learned_acceptance"}, "engine": {"spec", "off"}, "config", "minutes", "machine"}``;
+"learned_acceptance"}, "engine": {"spec", "off"}, "config", "minutes", "order", "machine"}``;
 ``engine`` is where each server's engine spent its time (:func:`engine_profile`).
 """
 
@@ -62,7 +66,7 @@ from onlinespec.ops.bench.common import emit, machine
 from onlinespec.config import DEFAULT_CONFIG, load_config
 from onlinespec.feedback import keys
 
-__all__ = ["changelog_prompts", "summarize", "turns", "paired_summary", "learned_acceptance", "engine_profile", "run"]
+__all__ = ["changelog_prompts", "stream_order", "summarize", "turns", "paired_summary", "learned_acceptance", "engine_profile", "run"]
 
 DOMAIN = "changelog"
 
@@ -84,6 +88,18 @@ def changelog_prompts(entries_per_prompt: int = 3) -> list[str]:
                 entries.append(block)
     n = entries_per_prompt
     return ["\n\n".join(entries[i:i + n]) + "\n\n" for i in range(0, len(entries) - n, n)]
+
+
+def stream_order(n: int, order: str = "shuffled", seed: int = 0) -> list[int]:
+    """The indices of ``n`` prompts in the order the clients send them (cycled): ``file`` as they
+    come, ``shuffled`` a permutation fixed by ``seed``, the same in every run."""
+    if order == "file":
+        return list(range(n))
+    if order != "shuffled":
+        raise ValueError(f"order is shuffled or file, got {order!r}")
+    import random
+
+    return random.Random(seed).sample(range(n), n)
 
 
 def _part(t: float, t0: float, t1: float, parts: int) -> int | None:
@@ -352,7 +368,8 @@ def run(args) -> int:
         try:
             service.start(workers=0 if args.no_learning else 1)
             model = httpx.get(service.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-            clients = _Clients(service.url, model, prompts, args.concurrency, args.max_tokens)
+            clients = _Clients(service.url, model, prompts, args.concurrency, args.max_tokens,
+                               order=stream_order(len(prompts), args.order))
             t0, t1 = clients.run(seconds)
             results, errors = clients.results, clients.errors
             profile = {"spec": {**engine_profile(service.url), "wall": round(t1 - t0, 2)}}
@@ -395,7 +412,7 @@ def run(args) -> int:
                 learned_acceptance={d: a / first["learned_acceptance"][d] for d, a in last["learned_acceptance"].items()
                                     if first["learned_acceptance"].get(d)})
     print(f"bench live: {config}, {args.minutes:g} min, {len(results)} requests ({errors} errors), "
-          f"concurrency {args.concurrency}, {args.max_tokens} tokens each, domain {DOMAIN!r}")
+          f"concurrency {args.concurrency}, {args.max_tokens} tokens each, domain {DOMAIN!r}, {args.order} order")
     print(f"{'quarter':>8}{'requests':>10}{'prompt':>8}{'own acc. len':>14}{'own accept.':>13}{'per pos.':>10}{'own k':>7}{'own share':>11}"
           f"{'copied share':>14}{'tokens/s':>10}{'learned a':>11}{'2nd pos.':>10}  versions")
     for i, q in enumerate(quarters):
@@ -427,6 +444,7 @@ def run(args) -> int:
     summary = {"quarters": quarters, "nospec_tokens_per_s": nospec, "nospec_prompt_tokens": paired["off_prompt_tokens"],
                "paired": paired, "gain": gain, "errors": errors,
                "requests": len(results), "engine": profile, "config": str(config), "minutes": args.minutes, "domain": DOMAIN,
+               "order": args.order,
                "concurrency": args.concurrency, "max_tokens": args.max_tokens, "machine": machine()}
     if getattr(args, "plot", None):
         plot(args.plot, quarters, nospec, paired["spec_tokens_per_s"])
