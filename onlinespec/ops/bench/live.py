@@ -30,8 +30,9 @@ shape; how the learning kept up (``learning``, per drafter: rounds, the share of
 ran, tokens learned per second, how long records waited to be learned: :func:`learning_pace`);
 and the prompts' mean length (``prompt_tokens``: their prefill is part of the time, and
 the domain's prompts differ in length by a factor of 2 from one stretch to the next). Then
-learning stops, and the last quarter's prompts, in the order they were sent (cycled), are served
-for a quarter's length in turns (``--slices``, spec, off, off, spec, ...): by the service with the
+learning stops, each server serves those prompts unmeasured for a while (up to 15 s: the first
+turn after a phase ends and a server starts ran slowest), and the last quarter's prompts, in the
+order they were sent (cycled), are served for a quarter's length in turns (``--slices``, spec, off, off, spec, ...): by the service with the
 versions learning left, and by the same target with speculation off (no drafters, no suffix
 speculation; a server of its own). ``paired`` reports both and ``spec_vs_off``, on over off, on
 the same prompts in the same stretch of the machine's time (on a shared machine whose speed
@@ -69,6 +70,7 @@ from onlinespec.feedback import keys
 __all__ = ["changelog_prompts", "stream_order", "summarize", "turns", "paired_summary", "learned_acceptance", "engine_profile", "run"]
 
 DOMAIN = "changelog"
+WARMUP_SECONDS = 15.0  # each server's unmeasured warm-up before the paired turns
 
 
 def changelog_prompts(entries_per_prompt: int = 3) -> list[str]:
@@ -380,6 +382,15 @@ def run(args) -> int:
             service.sup.stop(only="worker")
             plain.start()
             order = last_quarter_prompts(results, t0, t1)
+            # first a warm-up on each server, not measured: in every run of stop 49 the first turn
+            # (speculating) was the slowest of the four, by up to 1.4x (the servers' transients
+            # after a phase ends and a server starts: first forwards, allocations)
+            warm_wall = 0.0
+            for side, url in (("spec", service.url), ("off", plain.url)):
+                warm = _Clients(url, model, prompts, args.concurrency, args.max_tokens, order=order,
+                                users=f"warmup-{side}")
+                w0, w1 = warm.run(min(WARMUP_SECONDS, seconds / 4 / len(order_of_turns)))
+                warm_wall += (w1 - w0) if side == "off" else 0.0
             slices = []
             for n, side in enumerate(order_of_turns):
                 url = service.url if side == "spec" else plain.url
@@ -390,8 +401,8 @@ def run(args) -> int:
                 p0, p1 = turn.run(seconds / 4 / len(order_of_turns))
                 slices.append((side, turn.results, p0, p1))
                 errors += turn.errors
-            profile["off"] = {**engine_profile(plain.url), "wall": round(sum(p1 - p0 for s, _, p0, p1 in slices
-                                                                            if s == "off"), 2)}
+            profile["off"] = {**engine_profile(plain.url), "wall": round(warm_wall + sum(p1 - p0 for s, _, p0, p1 in slices
+                                                                                        if s == "off"), 2)}
         finally:
             plain.sup.stop()
             service.sup.stop()
