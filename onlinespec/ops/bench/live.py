@@ -30,8 +30,8 @@ shape; how the learning kept up (``learning``, per drafter: rounds, the share of
 ran, tokens learned per second, how long records waited to be learned: :func:`learning_pace`);
 and the prompts' mean length (``prompt_tokens``: their prefill is part of the time, and
 the domain's prompts differ in length by a factor of 2 from one stretch to the next). Then
-learning stops, each server serves those prompts unmeasured for a while (up to 15 s: the first
-turn after a phase ends and a server starts ran slowest), and the last quarter's prompts, in the
+learning stops, each server serves those prompts unmeasured for a while (up to 15 s: without
+it the first turn, right after the learning phase ends and the off server starts, ran slowest), and the last quarter's prompts, in the
 order they were sent (cycled), are served for a quarter's length in turns (``--slices``, spec, off, off, spec, ...): by the service with the
 versions learning left, and by the same target with speculation off (no drafters, no suffix
 speculation; a server of its own). ``paired`` reports both and ``spec_vs_off``, on over off, on
@@ -382,9 +382,9 @@ def run(args) -> int:
             service.sup.stop(only="worker")
             plain.start()
             order = last_quarter_prompts(results, t0, t1)
-            # first a warm-up on each server, not measured: in every run of stop 49 the first turn
-            # (speculating) was the slowest of the four, by up to 1.4x (the servers' transients
-            # after a phase ends and a server starts: first forwards, allocations)
+            # first a warm-up on each server, not measured: in three runs of stop 49 the first turn
+            # (speculating) was the slowest of the four, 0.67-0.89 of the last spec turn (a
+            # transient after the learning phase ends and the off server starts; its cause not found)
             warm_wall = 0.0
             for side, url in (("spec", service.url), ("off", plain.url)):
                 warm = _Clients(url, model, prompts, args.concurrency, args.max_tokens, order=order,
