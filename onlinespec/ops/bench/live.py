@@ -30,10 +30,10 @@ shape; how the learning kept up (``learning``, per drafter: rounds, the share of
 ran, tokens learned per second, how long records waited to be learned: :func:`learning_pace`);
 and the prompts' mean length (``prompt_tokens``: their prefill is part of the time, and
 the domain's prompts differ in length by a factor of 2 from one stretch to the next). Then
-learning stops, each server serves those prompts unmeasured for a while (up to 15 s: without
-it the first turn, right after the learning phase ends and the off server starts, ran slowest), and the last quarter's prompts, in the
-order they were sent (cycled), are served for a quarter's length in turns (``--slices``, spec, off, off, spec, ...): by the service with the
-versions learning left, and by the same target with speculation off (no drafters, no suffix
+learning stops, and the last quarter's prompts, in the order they were sent (cycled), are served
+for a quarter's length in turns (``--slices``, spec, off, off, spec, ...), after an unmeasured
+warm-up of up to 15 s on each server (without it the first turn, right after the learning phase
+ends and the off server starts, ran slowest): by the service with the versions learning left, and by the same target with speculation off (no drafters, no suffix
 speculation; a server of its own). ``paired`` reports both and ``spec_vs_off``, on over off, on
 the same prompts in the same stretch of the machine's time (on a shared machine whose speed
 drifts by a third within an hour, a figure measured after the run compares badly with one
@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import re
 import sys
 import tempfile
@@ -99,8 +100,6 @@ def stream_order(n: int, order: str = "shuffled", seed: int = 0) -> list[int]:
         return list(range(n))
     if order != "shuffled":
         raise ValueError(f"order is shuffled or file, got {order!r}")
-    import random
-
     return random.Random(seed).sample(range(n), n)
 
 
@@ -385,12 +384,12 @@ def run(args) -> int:
             # first a warm-up on each server, not measured: in three runs of stop 49 the first turn
             # (speculating) was the slowest of the four, 0.67-0.89 of the last spec turn (a
             # transient after the learning phase ends and the off server starts; its cause not found)
-            warm_wall = 0.0
+            warm_walls = {}
             for side, url in (("spec", service.url), ("off", plain.url)):
                 warm = _Clients(url, model, prompts, args.concurrency, args.max_tokens, order=order,
                                 users=f"warmup-{side}")
                 w0, w1 = warm.run(min(WARMUP_SECONDS, seconds / 4 / len(order_of_turns)))
-                warm_wall += (w1 - w0) if side == "off" else 0.0
+                warm_walls[side] = w1 - w0
             slices = []
             for n, side in enumerate(order_of_turns):
                 url = service.url if side == "spec" else plain.url
@@ -401,7 +400,7 @@ def run(args) -> int:
                 p0, p1 = turn.run(seconds / 4 / len(order_of_turns))
                 slices.append((side, turn.results, p0, p1))
                 errors += turn.errors
-            profile["off"] = {**engine_profile(plain.url), "wall": round(warm_wall + sum(p1 - p0 for s, _, p0, p1 in slices
+            profile["off"] = {**engine_profile(plain.url), "wall": round(warm_walls["off"] + sum(p1 - p0 for s, _, p0, p1 in slices
                                                                                         if s == "off"), 2)}
         finally:
             plain.sup.stop()
