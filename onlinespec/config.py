@@ -40,6 +40,10 @@ DEFAULT_REGISTRY = ".onlinespec/registry"  # the server's and the workers' alike
 class DrafterSpec:
     id: str
     model: str
+    # this drafter's learner settings over the learner YAML's (``learner:``), as a mapping of
+    # LearnerConfig keys (``loss`` and ``optim`` merged key by key): what the server seeds the
+    # drafter's live settings with on its first start (the admin API changes them later)
+    learner: dict = field(default_factory=dict, hash=False)
 
 
 ENGINES = ("embedded", "vllm")
@@ -182,10 +186,22 @@ class ServiceConfig:
         """Keys accepted on /v1; empty: any key is accepted (each key still scopes its own suffix speculation)."""
         return self.serving.api_keys
 
+    def learner_for(self, drafter_id: str):
+        """The drafter's learner settings on a first start: the learner YAML (or the defaults)
+        with the drafter's own ``learner:`` mapping over it (a LearnerConfig)."""
+        from onlinespec.learn.learner import LearnerConfig
+
+        base = LearnerConfig.from_yaml(self.learner) if self.learner else LearnerConfig()
+        spec = next((d for d in self.drafters if d.id == drafter_id), None)
+        if spec is None or not spec.learner:
+            return base
+        return LearnerConfig.from_dict(merge_learner(base.to_dict(), spec.learner))
+
     def effective(self) -> list[tuple[str, object, str]]:
         """(dotted key, value, source) for every setting, secrets included (see :data:`SECRETS`)."""
         rows = [("target.id", self.target_id), ("target.model", self.target_model)]
-        rows += [(f"drafters[{i}]", f"{d.id}: {d.model}") for i, d in enumerate(self.drafters)]
+        rows += [(f"drafters[{i}]", f"{d.id}: {d.model}" + (f" (learner: {d.learner})" if d.learner else ""))
+                 for i, d in enumerate(self.drafters)]
         for name, section in (("serving", self.serving), ("redis", self.redis), ("workers", self.workers)):
             rows += list(_flat(name, section))
         rows += [("registry", self.registry), ("learner", self.learner)]
@@ -225,7 +241,7 @@ def _known(cls) -> set[str]:
 KNOWN_KEYS = {
     "": {"target", "drafters", "serving", "redis", "registry", "workers", "learner"},
     "target": {"id", "model"},
-    "drafters[]": {"id", "model"},
+    "drafters[]": {"id", "model", "learner"},
     **{name: _known(cls) for name, cls in SECTIONS.items()},
     "serving.suffix": _known(SuffixConfig),
     "serving.vllm": _known(VllmConfig),
@@ -310,6 +326,9 @@ def _check_keys(path: Path, raw: dict) -> None:
             where = f"{name}." if name else ""
             raise ValueError(f"{path}: unknown key {where}{unknown[0]}; known {name or 'top-level'} keys: "
                              f"{', '.join(sorted(KNOWN_KEYS[name]))}")
+        if name == "drafters[]" and not isinstance(section.get("learner") or {}, dict):
+            raise ValueError(f"{path}: drafters[{section.get('id')}].learner must be a mapping of learner settings, "
+                             f"got {section['learner']!r}")
 
 
 def _env_overrides(raw: dict, sources: dict, environ) -> None:
@@ -356,7 +375,8 @@ def load_config(path: str | Path | None = None, environ=None) -> ServiceConfig:
     _check_keys(path, raw)  # again: a generic environment name may have added a key
     try:
         target = raw["target"]
-        drafters = tuple(DrafterSpec(str(d["id"]), str(d["model"])) for d in raw.get("drafters") or [])
+        drafters = tuple(DrafterSpec(str(d["id"]), str(d["model"]), dict(d.get("learner") or {}))
+                         for d in raw.get("drafters") or [])
         target_id, target_model = str(target["id"]), str(target["model"])
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: needs target.id, target.model and drafters[].id/model ({exc})") from None
@@ -373,6 +393,27 @@ def load_config(path: str | Path | None = None, environ=None) -> ServiceConfig:
         learner = resolve_beside(path, str(learner))
     sources.setdefault("registry", "default")
     sources.setdefault("learner", "default")
-    return ServiceConfig(target_id=target_id, target_model=target_model, drafters=drafters,
-                         serving=sections["serving"], redis=sections["redis"], registry=str(raw.get("registry") or DEFAULT_REGISTRY),
-                         workers=sections["workers"], learner=learner, source=str(path), sources=sources)
+    cfg = ServiceConfig(target_id=target_id, target_model=target_model, drafters=drafters,
+                        serving=sections["serving"], redis=sections["redis"], registry=str(raw.get("registry") or DEFAULT_REGISTRY),
+                        workers=sections["workers"], learner=learner, source=str(path), sources=sources)
+    for d in drafters:  # a misspelt or out-of-range learner setting is an error here, not at the first round
+        if d.learner:
+            try:
+                cfg.learner_for(d.id)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: drafters[{d.id}].learner: {exc}") from None
+    return cfg
+
+
+def merge_learner(base: dict, overrides: dict) -> dict:
+    """``base`` (a LearnerConfig's dict) with ``overrides`` over it; the ``loss`` and ``optim``
+    sections merged key by key."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"a mapping of learner settings, got {overrides!r}")
+    out = dict(base)
+    for key, value in overrides.items():
+        if key in ("loss", "optim") and isinstance(value, dict):
+            out[key] = {**(out.get(key) or {}), **value}
+        else:
+            out[key] = value
+    return out

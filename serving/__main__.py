@@ -26,7 +26,6 @@ def build(config_path: str | None = None, no_redis: bool = False, on_stop=None):
     from onlinespec.drafters.cut import share_embedding
     from onlinespec.drafters.hf import HFDrafter
     from serving.hotswap import SwapWatcher
-    from onlinespec.learn.learner import LearnerConfig
     from onlinespec.models import check_same_vocab, load_model, load_tokenizer
     from onlinespec.redis_server import connect
     from onlinespec.learn.registry import Registry
@@ -66,13 +65,12 @@ def build(config_path: str | None = None, no_redis: bool = False, on_stop=None):
     if not no_redis:
         redis = connect(cfg.redis_url)
         registry = Registry(cfg.registry, redis)
-        default_learner = LearnerConfig.from_yaml(cfg.learner) if cfg.learner else LearnerConfig()
         for did, (model, name) in bases.items():
             if device != "cpu" or dtype != torch.float32:  # the registry keeps float32 weights on the CPU
                 model = load_model(name)
             registry.bootstrap(did, model, base=name)
             redis.sadd(keys.drafters_set(cfg.target_id), did)
-            redis.set(keys.learner_config(did), json.dumps(default_learner.to_dict()), nx=True)
+            redis.set(keys.learner_config(did), json.dumps(cfg.learner_for(did).to_dict()), nx=True)
             latest = registry.latest(did)
             model, manifest = registry.load_model(did, latest, device=device, dtype=dtype)
             drafters[did] = HFDrafter(model, did, version=latest)

@@ -28,7 +28,7 @@ def write_service(tmp_path, extra: str = "") -> str:
 target: {{id: tiny, model: {tmp_path / 'target'}}}
 drafters:
   - {{id: d1, model: {tmp_path / 'd1'}}}
-  - {{id: d2, model: {tmp_path / 'd2'}}}
+  - {{id: d2, model: {tmp_path / 'd2'}, learner: {{regret_window: 7, optim: {{eps: 1.0e-6}}}}}}
 serving: {{k: 4, max_tokens: 64, admin_token: {TOKEN}, threads: 1}}
 registry: {tmp_path / 'registry'}
 learner: {learner}

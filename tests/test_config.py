@@ -39,6 +39,29 @@ def test_wrong_types_and_keys_are_refused_by_name(tmp_path):
         with pytest.raises(ValueError, match=message):
             load_config(_write(tmp_path, MINIMAL + body + "\n"), environ={})
     assert load_config(_write(tmp_path, MINIMAL + "serving: {explore: 0}\n"), environ={}).serving.explore == 0.0
+    for learner, message in (("{learn_from: sometimes}", "drafters\\[d\\].learner: learn_from must be"),
+                             ("{optim: {lrr: 1}}", "drafters\\[d\\].learner: .*lrr"),
+                             ("{stepz: 2}", "unknown learner settings: \\['stepz'\\]"), ("[1]", "a mapping")):
+        with pytest.raises(ValueError, match=message):
+            load_config(_write(tmp_path, f"target: {{id: t, model: demo:target}}\n"
+                                         f"drafters: [{{id: d, model: demo:drafter-1l, learner: {learner}}}]\n"), environ={})
+
+
+def test_a_drafter_s_own_learner_settings_go_over_the_learner_file(tmp_path):
+    learner = tmp_path / "learner.yaml"
+    learner.write_text("optim: {lr: 0.01, hint: last}\nsteps_per_round: 4\n")
+    cfg = load_config(_write(tmp_path, f"""target: {{id: t, model: demo:target}}
+drafters:
+  - {{id: a, model: demo:drafter-1l}}
+  - {{id: b, model: demo:drafter-1l, learner: {{learn_from: served, optim: {{lr: 0.002}}}}}}
+learner: {learner}
+"""), environ={})
+    a, b = cfg.learner_for("a"), cfg.learner_for("b")
+    assert (a.learn_from, a.optim.lr, a.optim.hint, a.steps_per_round) == ("all", 0.01, "last", 4)
+    assert (b.learn_from, b.optim.lr, b.optim.hint, b.steps_per_round) == ("served", 0.002, "last", 4)
+    assert cfg.learner_for("unknown") == a
+    rows = {k: v for k, v, _ in cfg.effective()}
+    assert "learn_from" in rows["drafters[1]"] and "learner" not in rows["drafters[0]"]
 
 
 def test_environment_overrides_win_and_say_so(tmp_path):
@@ -88,8 +111,16 @@ def test_the_worker_reads_the_service_config_the_server_reads(tmp_path, monkeypa
     cfg = load_config(path)
     assert (args.target, args.registry, args.learner_config) == ("t", cfg.registry, str(learner))
     assert (args.round_records, args.period, args.nice, args.threads) == (8, 3.0, 0, 2)
+    assert args.drafter_configs == {}
     args = parse_args(["--config", str(path), "--round-records", "4", "--nice", "5"])  # flags win
     assert (args.round_records, args.nice) == (4, 5)
+    own = tmp_path / "own.yaml"
+    own.write_text(MINIMAL.replace("model: demo:drafter-1l}", "model: demo:drafter-1l, learner: {learn_from: served}}")
+                   + f"learner: {learner}\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("optim: {lr: 0.03}\n")
+    config = parse_args(["--config", str(own), "--learner-config", str(other)]).drafter_configs["d"]
+    assert (config.learn_from, config.optim.lr) == ("served", 0.03)  # the drafter's own over the flag's file
     monkeypatch.setenv("ONLINESPEC_CONFIG", str(path))  # as docker-compose gives it
     monkeypatch.setenv("ONLINESPEC_REGISTRY", "/data/registry")
     args = parse_args([])

@@ -32,6 +32,10 @@ def test_admin_routes_need_the_token(service):
     body = admin(srv, "GET", "/drafters").json()
     assert [d["id"] for d in body["drafters"]] == ["d1", "d2"]
     assert body["drafters"][0]["latest"] == 1 and body["drafters"][0]["learner"]["trainable"] == "lm_head"
+    d1, d2 = (d["learner"] for d in body["drafters"])  # d2's own settings over the learner YAML's
+    assert (d1["regret_window"], d1["optim"]["eps"]) == (20, 1e-8)
+    assert (d2["regret_window"], d2["optim"]["eps"], d2["optim"]["lr"], d2["optim"]["hint"], d2["trainable"]) == \
+        (7, 1e-6, 0.05, "last", "lm_head")
 
 
 def test_admin_learner_settings_are_validated_and_applied(service, redis_client):

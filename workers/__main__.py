@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.round_records = args.round_records or cfg.workers.round_records
     args.period = args.period or cfg.workers.period
     args.learner_config = args.learner_config or cfg.learner
+    # drafters with learner settings of their own in the config (where Redis holds none)
+    over = dataclasses.replace(cfg, learner=args.learner_config)  # over --learner-config's file where given
+    args.drafter_configs = {d.id: over.learner_for(d.id) for d in cfg.drafters if d.learner}
     args.nice = cfg.workers.nice if args.nice is None else args.nice
     args.budget = cfg.workers.budget if args.budget is None else args.budget
     try:  # the flag is checked as the config's own setting is
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     from workers.trigger import Trigger
 
     jobs.configure(redis_url=args.redis_url, registry_root=args.registry, round_records=args.round_records,
-                   learner_config=args.learner_config)
+                   learner_config=args.learner_config, drafter_configs=args.drafter_configs)
     # RQ's blocking dequeue waits up to 405 s, and RQ raises its client's socket timeout above
     # that when the worker is built; a connection opened before keeps redis-py's 5 s, and a dequeue
     # on it failed every 5 s ("could not connect", then an exponential backoff during which queued

@@ -39,11 +39,12 @@ def backoff_seconds(consecutive_failures: int) -> float:
 
 
 def configure(redis_url: str | None = None, registry_root: str | None = None, round_records: int | None = None,
-              min_idle_ms: int | None = None, learner_config: str | None = None) -> None:
+              min_idle_ms: int | None = None, learner_config: str | None = None,
+              drafter_configs: dict | None = None) -> None:
     """Called once by the worker entry point; jobs fall back to the environment otherwise."""
     _settings.update({k: v for k, v in dict(redis_url=redis_url, registry_root=registry_root,
                                              round_records=round_records, min_idle_ms=min_idle_ms,
-                                             learner_config=learner_config).items() if v})
+                                             learner_config=learner_config, drafter_configs=drafter_configs).items() if v})
     _updaters.clear()
     _pools.clear()
 
@@ -58,6 +59,7 @@ def _updater(target: str) -> Updater:
             round_records=int(_settings.get("round_records") or os.environ.get("ONLINESPEC_ROUND_RECORDS", 16)),
             min_idle_ms=int(_settings.get("min_idle_ms") or os.environ.get("ONLINESPEC_MIN_IDLE_MS", 60_000)),
             default_config=LearnerConfig.from_yaml(path) if path else None,
+            drafter_configs=_settings.get("drafter_configs"),
         )
     return _updaters[target]
 

@@ -106,7 +106,8 @@ class Updater:
     """Runs rounds for any drafter of one target; holds learners between rounds."""
 
     def __init__(self, redis_client, registry: Registry, target: str, consumer: str,
-                 round_records: int = 16, min_idle_ms: int = 60_000, default_config: LearnerConfig | None = None):
+                 round_records: int = 16, min_idle_ms: int = 60_000, default_config: LearnerConfig | None = None,
+                 drafter_configs: dict[str, LearnerConfig] | None = None):
         self.redis = redis_client
         self.registry = registry
         self.target = target
@@ -114,6 +115,8 @@ class Updater:
         self.round_records = round_records
         self.min_idle_ms = min_idle_ms
         self.default_config = default_config
+        # a drafter's own settings from the service config, where Redis holds none (the server seeds them)
+        self.drafter_configs = drafter_configs or {}
         self.learners: dict[str, tuple[int, DrafterLearner, str]] = {}  # drafter -> (version, learner, config json)
 
     def _learner(self, drafter: str, latest: int, config: LearnerConfig) -> DrafterLearner:
@@ -155,7 +158,7 @@ class Updater:
             delivery = delivery.without(done)
             if not delivery.records:
                 return RoundResult(drafter, "skipped", latest, latest, 0, delivery.dead, time.perf_counter() - t0)
-        config = learner_config(self.redis, drafter, self.default_config)
+        config = learner_config(self.redis, drafter, self.drafter_configs.get(drafter, self.default_config))
         own = records_to_learn(delivery.records, drafter, config)
         features = None
         if own and needs_features(spec):  # a feature drafter learns from the captured share only
