@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", default="shuffled", choices=["shuffled", "file"],
                    help="live: the prompts' order, cycled: shuffled (fixed seed; every quarter a sample of the "
                         "whole domain) or file (consecutive entries, as measured before stop 49)")
+    p.add_argument("--probe-prompts", type=int, default=24,
+                   help="live: prompts held out of the stream, served once by the first versions before learning "
+                        "and once by the last after it (0: no probe)")
     p.add_argument("--slices", type=int, default=4,
                    help="live: turns of the closing comparison with speculation off (spec, off, off, spec, ...)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],

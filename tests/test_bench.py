@@ -236,9 +236,10 @@ def test_bench_live_plot(tmp_path):
     from onlinespec.ops.bench.live import plot
 
     quarters = [{"own_accepted_length": a, "tokens_per_s": t} for a, t in ((1.5, 40.0), (None, 43.0), (1.9, 46.0))]
+    probe = {"before": {"own_accepted_length": 1.3}, "after": {"own_accepted_length": None}}
     for learned in (50.0, None):
         path = tmp_path / f"live-{learned}.png"
-        plot(str(path), quarters, 35.0, learned)
+        plot(str(path), quarters, 35.0, learned, probe if learned else None)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -296,3 +297,39 @@ def test_bench_live_sends_the_domain_in_a_fixed_shuffled_order():
         assert min(part) < n // 4 and max(part) >= 3 * n // 4
     with pytest.raises(ValueError):
         stream_order(n, "sorted")
+
+
+def test_bench_live_holds_a_probe_out_of_the_stream_and_forgets_what_it_served_first(redis_client):
+    """The probe's prompts are never in the learning stream, and the feedback of the first
+    versions' pass over them is deleted before a learner reads anything: the last versions are
+    judged on prompts no learner saw."""
+    import uuid
+    from types import SimpleNamespace
+
+    from onlinespec.feedback import keys
+    from onlinespec.ops.bench.live import PROBE_PROMPTS, _forget_feedback, probe_gain, split_probe, stream_order
+
+    order = stream_order(190)
+    stream, probe = split_probe(order, PROBE_PROMPTS)
+    assert len(probe) == PROBE_PROMPTS and not set(stream) & set(probe) and sorted(stream + probe) == list(range(190))
+    assert split_probe(order, PROBE_PROMPTS) == (stream, probe) and split_probe(order, 0) == (order, [])
+    for bad in (-1, 190):
+        with pytest.raises(ValueError):
+            split_probe(order, bad)
+    target = f"probe-{uuid.uuid4().hex[:8]}"
+    name = keys.feedback_stream(target)
+    service = SimpleNamespace(cfg=SimpleNamespace(target_id=target), redis=redis_client)
+    try:
+        for i in range(3):
+            redis_client.xadd(name, {"r": i})
+        assert _forget_feedback(service, sent=3) == 3 and redis_client.xlen(name) == 0
+        redis_client.xadd(name, {"r": 9})  # a record short of those sent: waits out the timeout, then deletes
+        assert _forget_feedback(service, sent=2, timeout=0.2) == 1 and redis_client.xlen(name) == 0
+    finally:
+        redis_client.delete(name)
+    gain = probe_gain({"own_accepted_length": 1.5, "own_position_acceptance": 0.4, "own_draft_share": 0.0,
+                       "tokens_per_s": 30.0},
+                      {"own_accepted_length": 1.8, "own_position_acceptance": 0.5, "own_draft_share": 0.1,
+                       "tokens_per_s": 33.0})
+    assert gain.pop("own_draft_share") is None  # none before: no ratio
+    assert gain == pytest.approx({"own_accepted_length": 1.2, "own_position_acceptance": 1.25, "tokens_per_s": 1.1})

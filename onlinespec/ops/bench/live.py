@@ -40,12 +40,21 @@ drifts by a third within an hour, a figure measured after the run compares badly
 measured during it); ``nospec_tokens_per_s`` is the off side's, and the last quarter over it is
 speculation while learning beside it (on 2 cores the learner takes CPU from the server).
 
+The quarters cannot say what learning changed from the start: the first quarter is served by
+versions that already learn (in stop 50's runs 12-34 of them were published in it). So
+``--probe-prompts`` (default 24) of the domain's prompts are held out of the stream and served
+once each twice, with no learner running: by the first versions, after a warm-up and before
+the worker starts, and by the versions learning left, after it stops (each pass with a prefix
+cache salt of its own). The first pass's feedback is deleted before any learner reads it, so
+no version learned from the probe. ``probe``: both passes' figures and ``gain``, last over first.
+
 JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_acceptance",
 "own_position_acceptance", "own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "prompt_tokens", "versions", "requests",
 "learned_acceptance", "learned_acceptance_deeper", "learning"}], "nospec_tokens_per_s", "nospec_prompt_tokens",
 "paired": {"spec_tokens_per_s", "off_tokens_per_s", "spec_vs_off", "spec_prompt_tokens", "off_prompt_tokens",
 "slices": [{"side", "tokens_per_s"}]}, "gain": {"own_accepted_length", "own_acceptance", "own_position_acceptance", "tokens_per_s",
-"learned_acceptance"}, "engine": {"spec", "off"}, "config", "minutes", "order", "machine"}``;
+"learned_acceptance"}, "probe": {"prompts", "before", "after", "gain"} (null with --probe-prompts 0),
+"engine": {"spec", "off"}, "config", "minutes", "order", "machine"}``;
 ``engine`` is where each server's engine spent its time (:func:`engine_profile`).
 """
 
@@ -68,10 +77,11 @@ from onlinespec.ops.bench.common import emit, machine
 from onlinespec.config import DEFAULT_CONFIG, load_config
 from onlinespec.feedback import keys
 
-__all__ = ["changelog_prompts", "stream_order", "summarize", "turns", "paired_summary", "learned_acceptance", "engine_profile", "run"]
+__all__ = ["changelog_prompts", "stream_order", "split_probe", "summarize", "turns", "paired_summary", "learned_acceptance", "engine_profile", "run"]
 
 DOMAIN = "changelog"
 WARMUP_SECONDS = 15.0  # each server's unmeasured warm-up before the paired turns
+PROBE_PROMPTS = 24  # prompts held out of the stream, served once before learning and once after it
 
 
 def changelog_prompts(entries_per_prompt: int = 3) -> list[str]:
@@ -101,6 +111,20 @@ def stream_order(n: int, order: str = "shuffled", seed: int = 0) -> list[int]:
     if order != "shuffled":
         raise ValueError(f"order is shuffled or file, got {order!r}")
     return random.Random(seed).sample(range(n), n)
+
+
+def split_probe(order: list[int], probes: int) -> tuple[list[int], list[int]]:
+    """``(stream, probe)``: the last ``probes`` prompts of the order held out of the stream (never
+    sent while learning, nor learned from), and the rest, sent in turn."""
+    if probes < 0 or probes >= len(order):
+        raise ValueError(f"the probe holds 0 to {len(order) - 1} of the {len(order)} prompts, got {probes}")
+    return (order[:-probes], order[-probes:]) if probes else (list(order), [])
+
+
+def probe_gain(before: dict, after: dict) -> dict:
+    """After over before, for the probe's figures that both have."""
+    return {key: after[key] / before[key] if before.get(key) and after.get(key) else None
+            for key in ("own_accepted_length", "own_position_acceptance", "own_draft_share", "tokens_per_s")}
 
 
 def _part(t: float, t0: float, t1: float, parts: int) -> int | None:
@@ -237,10 +261,12 @@ class _Clients:
     """``concurrency`` threads sending the prompts in turn until stopped; each answer recorded."""
 
     def __init__(self, url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
-                 order: list[int] | None = None, users: str = "live"):
+                 order: list[int] | None = None, users: str = "live", cache_salt: str | None = None):
         self.url, self.model, self.prompts, self.max_tokens = url, model, prompts, max_tokens
         self.order = order or list(range(len(prompts)))  # the prompts' indices, sent in turn, cycled
         self.users = users  # request i's user is "{users}-{i}": give every set of clients its own
+        self.cache_salt = cache_salt  # reads only the prefix cache its own requests left
+        self.limit: int | None = None  # run_once: requests beyond are not sent
         self.results: list[dict] = []
         self.errors = 0
         self._next = 0
@@ -253,10 +279,14 @@ class _Clients:
             while not self._stop.is_set():
                 with self._lock:
                     i, self._next = self._next, self._next + 1
+                if self.limit is not None and i >= self.limit:
+                    return
                 prompt = self.order[i % len(self.order)]
                 body = {"model": self.model, "prompt": self.prompts[prompt],
                         "max_tokens": self.max_tokens, "temperature": 0, "user": f"{self.users}-{i}",
                         "metadata": {"domain": DOMAIN}}
+                if self.cache_salt:
+                    body["cache_salt"] = self.cache_salt
                 try:
                     r = client.post(self.url + "/v1/completions", json=body)
                     r.raise_for_status()
@@ -280,6 +310,27 @@ class _Clients:
         for t in self._threads:
             t.join(300)
         return t0, t1
+
+    def run_once(self) -> tuple[float, float]:
+        """Each prompt of the order sent once; returns (start, end) when all are answered."""
+        self.limit = len(self.order)
+        t0 = time.time()
+        for t in self._threads:
+            t.start()
+        for t in self._threads:
+            t.join()
+        return t0, max([t0, *(r["done"] for r in self.results)])
+
+
+def _forget_feedback(service, sent: int, timeout: float = 15.0) -> int:
+    """Delete the feedback stream's records (before any learner read them: the consumer groups
+    start from the first record), once the ``sent`` requests' records are in it (the server writes
+    them behind its answers), or after ``timeout``. Returns how many were deleted."""
+    stream = keys.feedback_stream(service.cfg.target_id)
+    deadline = time.time() + timeout
+    while service.redis.xlen(stream) < sent and time.time() < deadline:
+        time.sleep(0.1)
+    return service.redis.xtrim(stream, maxlen=0, approximate=False)
 
 
 def engine_profile(url: str) -> dict:
@@ -320,9 +371,10 @@ def _variant(config: str, workdir: Path, plain: bool) -> str:
     return str(path)
 
 
-def plot(path: str, quarters: list[dict], nospec: float, learned: float | None = None) -> None:
+def plot(path: str, quarters: list[dict], nospec: float, learned: float | None = None, probe: dict | None = None) -> None:
     """Own accepted length and tokens/s per quarter; speculation off, and the versions learning
-    left (``learned``: served in turns with it), as lines."""
+    left (``learned``: served in turns with it), as lines; the held-out probe's first and last
+    versions (``probe``: its ``before`` and ``after``) as lines on the accepted length."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,6 +383,12 @@ def plot(path: str, quarters: list[dict], nospec: float, learned: float | None =
     x = list(range(1, len(quarters) + 1))
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     left.plot(x, [q["own_accepted_length"] or float("nan") for q in quarters], "o-", label="drafters' own drafts")
+    for side, style, label in (("before", ":", "held-out probe, first versions"), ("after", "-.", "held-out probe, last versions")):
+        value = ((probe or {}).get(side) or {}).get("own_accepted_length")
+        if value:
+            left.axhline(value, color="tab:purple", linestyle=style, label=label)
+    if probe:
+        left.legend(fontsize=8, loc="lower right")
     left.set(xlabel="quarter of the run", ylabel="accepted length", title="drafters' own accepted length")
     left.set_xticks(x)
     right.plot(x, [q["tokens_per_s"] for q in quarters], "o-", label="speculation on (learning)")
@@ -358,6 +416,13 @@ def run(args) -> int:
         return 2
     prompts = changelog_prompts()
     seconds = args.minutes * 60
+    try:
+        stream, probe = split_probe(stream_order(len(prompts), args.order), getattr(args, "probe_prompts", PROBE_PROMPTS))
+    except ValueError as exc:
+        print(f"bench live: --probe-prompts: {exc}", file=sys.stderr)
+        return 2
+    probed: dict[str, tuple[list[dict], float, float]] = {}
+    errors_before = 0
     with tempfile.TemporaryDirectory(prefix="onlinespec-live-") as tmp:
         workdir = Path(tmp)
         live_dir, plain_dir = workdir / "live", workdir / "plain"
@@ -367,12 +432,23 @@ def run(args) -> int:
                           period=args.period)
         plain = Service(_variant(config, workdir, plain=True), plain_dir)
         try:
-            service.start(workers=0 if args.no_learning else 1)
+            service.start(workers=0)
             model = httpx.get(service.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-            clients = _Clients(service.url, model, prompts, args.concurrency, args.max_tokens,
-                               order=stream_order(len(prompts), args.order))
+            if probe:  # the first versions on the held-out prompts, warmed up first, nothing learning
+                warm = _Clients(service.url, model, prompts, args.concurrency, args.max_tokens, order=stream,
+                                users="warmup-first")
+                warm.run(WARMUP_SECONDS)
+                first = _Clients(service.url, model, prompts, args.concurrency, args.max_tokens, order=probe,
+                                 users="probe-first", cache_salt="probe-first")
+                probed["before"] = (first.results, *first.run_once())
+                errors_before = warm.errors + first.errors
+                # their records teach nothing: the probe stays unseen by the learners
+                _forget_feedback(service, len(warm.results) + len(first.results))
+            if not args.no_learning:
+                service.add_worker({})
+            clients = _Clients(service.url, model, prompts, args.concurrency, args.max_tokens, order=stream)
             t0, t1 = clients.run(seconds)
-            results, errors = clients.results, clients.errors
+            results, errors = clients.results, clients.errors + errors_before
             profile = {"spec": {**engine_profile(service.url), "wall": round(t1 - t0, 2)}}
             rounds = _rounds(service)
             # then learning stops, and the versions it left serve the last quarter's prompts (in
@@ -390,6 +466,11 @@ def run(args) -> int:
                                 users=f"warmup-{side}")
                 w0, w1 = warm.run(min(WARMUP_SECONDS, seconds / 4 / len(order_of_turns)))
                 warm_walls[side] = w1 - w0
+            if probe:  # the versions learning left, on the same held-out prompts
+                last = _Clients(service.url, model, prompts, args.concurrency, args.max_tokens, order=probe,
+                                users="probe-last", cache_salt="probe-last")
+                probed["after"] = (last.results, *last.run_once())
+                errors += last.errors
             slices = []
             for n, side in enumerate(order_of_turns):
                 url = service.url if side == "spec" else plain.url
@@ -414,6 +495,10 @@ def run(args) -> int:
             quarter["learning"] = pace
         paired = paired_summary(slices)
         nospec = paired["off_tokens_per_s"]
+        probe_figures = None
+        if probe:
+            probe_figures = {side: summarize(rows, p0, p1, parts=1)[0] for side, (rows, p0, p1) in probed.items()}
+            probe_figures.update(prompts=len(probe), gain=probe_gain(probe_figures["before"], probe_figures["after"]))
 
     first, last = quarters[0], quarters[-1]
     gain = {key: last[key] / first[key] if first[key] and last[key] else None
@@ -444,6 +529,17 @@ def run(args) -> int:
           f"{paired['spec_vs_off'] if paired['spec_vs_off'] else float('nan'):.2f} (turns: "
           f"{turns_text}); "
           f"last quarter (learning beside it) / off = {last['tokens_per_s'] / nospec if nospec else float('nan'):.2f}")
+    if probe_figures:
+        b, a = probe_figures["before"], probe_figures["after"]
+
+        def fmt(x):
+            return f"{x:.3f}" if x else "-"
+        print(f"held-out probe ({len(probe)} prompts, each once, nothing learning): first versions -> last: own accepted "
+              f"length {fmt(b['own_accepted_length'])} -> {fmt(a['own_accepted_length'])}, acceptance per position "
+              f"{fmt(b['own_position_acceptance'])} -> {fmt(a['own_position_acceptance'])}, own share "
+              f"{b['own_draft_share']:.3f} -> {a['own_draft_share']:.3f}, tokens/s {b['tokens_per_s']:.1f} -> "
+              f"{a['tokens_per_s']:.1f} ({' '.join(f'{d} {v}' for d, v in b['versions'].items())} -> "
+              f"{' '.join(f'{d} {v}' for d, v in a['versions'].items())})")
     for phase, prof in profile.items():
         print(f"engine, {phase}: seconds {prof['seconds']} of {prof['wall']:.0f} s; ms per token: plain steps {prof['plain_ms_per_token']} "
               f"({prof['plain_steps']} steps), speculative steps {prof['spec_ms_per_token']} ({prof['spec_steps']} steps)")
@@ -452,11 +548,11 @@ def run(args) -> int:
               f"own acceptance {gain['own_acceptance'] or float('nan'):.2f}x, tokens/s {gain['tokens_per_s']:.2f}x, "
               f"learned acceptance {' '.join(f'{d} {g:.2f}x' for d, g in gain['learned_acceptance'].items()) or '-'}")
     summary = {"quarters": quarters, "nospec_tokens_per_s": nospec, "nospec_prompt_tokens": paired["off_prompt_tokens"],
-               "paired": paired, "gain": gain, "errors": errors,
+               "paired": paired, "gain": gain, "probe": probe_figures, "errors": errors,
                "requests": len(results), "engine": profile, "config": str(config), "minutes": args.minutes, "domain": DOMAIN,
                "order": args.order,
                "concurrency": args.concurrency, "max_tokens": args.max_tokens, "machine": machine()}
     if getattr(args, "plot", None):
-        plot(args.plot, quarters, nospec, paired["spec_tokens_per_s"])
+        plot(args.plot, quarters, nospec, paired["spec_tokens_per_s"], probe_figures)
     emit([], summary, args.json)
     return 0 if results else 1
