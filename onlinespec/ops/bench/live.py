@@ -41,12 +41,13 @@ measured during it); ``nospec_tokens_per_s`` is the off side's, and the last qua
 speculation while learning beside it (on 2 cores the learner takes CPU from the server).
 
 The quarters cannot say what learning changed from the start: the first quarter is served by
-versions that already learn (in stop 50's runs 12-34 of them were published in it). So
-``--probe-prompts`` (default 24) of the domain's prompts are held out of the stream and served
-once each twice, with no learner running: by the first versions, after a warm-up and before
-the worker starts, and by the versions learning left, after it stops (each pass with a prefix
-cache salt of its own). The first pass's feedback is deleted before any learner reads it, so
-no version learned from the probe. ``probe``: both passes' figures and ``gain``, last over first.
+versions that already learn (24-33 feature drafter versions were published in it in stop 50's
+runs). So ``--probe-prompts`` (default 24) of the domain's prompts are held out of the stream
+and served once each twice, with no learner running: by the first versions, after a warm-up and
+before the worker starts, and by the versions learning left, after it stops (each pass with a
+prefix cache salt of its own). The first pass's feedback is deleted before any learner reads
+it, so no version learned from the probe. ``probe``: both passes' figures and ``gain``, last
+over first.
 
 JSON (last line with ``--json``): ``{"quarters": [{"own_accepted_length", "own_acceptance",
 "own_position_acceptance", "own_draft_length", "own_draft_share", "copied_share", "tokens_per_s", "prompt_tokens", "versions", "requests",
