@@ -67,8 +67,11 @@ def _config(args) -> int:
     from onlinespec.config import SECRETS, load_config
     from onlinespec.ops.up import redact
 
+    from onlinespec.learn.learner import drafter_learner_configs
+
     try:
         cfg = load_config(args.config)
+        drafter_learner_configs(cfg)  # each drafter's own learner settings checked too
     except ValueError as exc:
         print(f"onlinespec config: {exc}", file=sys.stderr)
         return 2

@@ -42,7 +42,9 @@ class DrafterSpec:
     model: str
     # this drafter's learner settings over the learner YAML's (``learner:``), as a mapping of
     # LearnerConfig keys (``loss`` and ``optim`` merged key by key): what the server seeds the
-    # drafter's live settings with on its first start (the admin API changes them later)
+    # drafter's live settings with on its first start (the admin API changes them later);
+    # checked by onlinespec.learn.learner.drafter_learner_configs when the server, a worker or
+    # `onlinespec config show` starts
     learner: dict = field(default_factory=dict, hash=False)
 
 
@@ -185,17 +187,6 @@ class ServiceConfig:
     def api_keys(self) -> tuple[str, ...]:
         """Keys accepted on /v1; empty: any key is accepted (each key still scopes its own suffix speculation)."""
         return self.serving.api_keys
-
-    def learner_for(self, drafter_id: str):
-        """The drafter's learner settings on a first start: the learner YAML (or the defaults)
-        with the drafter's own ``learner:`` mapping over it (a LearnerConfig)."""
-        from onlinespec.learn.learner import LearnerConfig
-
-        base = LearnerConfig.from_yaml(self.learner) if self.learner else LearnerConfig()
-        spec = next((d for d in self.drafters if d.id == drafter_id), None)
-        if spec is None or not spec.learner:
-            return base
-        return LearnerConfig.from_dict(merge_learner(base.to_dict(), spec.learner))
 
     def effective(self) -> list[tuple[str, object, str]]:
         """(dotted key, value, source) for every setting, secrets included (see :data:`SECRETS`)."""
@@ -393,21 +384,15 @@ def load_config(path: str | Path | None = None, environ=None) -> ServiceConfig:
         learner = resolve_beside(path, str(learner))
     sources.setdefault("registry", "default")
     sources.setdefault("learner", "default")
-    cfg = ServiceConfig(target_id=target_id, target_model=target_model, drafters=drafters,
-                        serving=sections["serving"], redis=sections["redis"], registry=str(raw.get("registry") or DEFAULT_REGISTRY),
-                        workers=sections["workers"], learner=learner, source=str(path), sources=sources)
-    for d in drafters:  # a misspelt or out-of-range learner setting is an error here, not at the first round
-        if d.learner:
-            try:
-                cfg.learner_for(d.id)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{path}: drafters[{d.id}].learner: {exc}") from None
-    return cfg
+    return ServiceConfig(target_id=target_id, target_model=target_model, drafters=drafters,
+                         serving=sections["serving"], redis=sections["redis"], registry=str(raw.get("registry") or DEFAULT_REGISTRY),
+                         workers=sections["workers"], learner=learner, source=str(path), sources=sources)
 
 
 def merge_learner(base: dict, overrides: dict) -> dict:
     """``base`` (a LearnerConfig's dict) with ``overrides`` over it; the ``loss`` and ``optim``
-    sections merged key by key."""
+    sections merged key by key (:func:`onlinespec.learn.learner.drafter_learner_configs` checks
+    the result: the learners' settings are theirs, not this shared module's)."""
     if not isinstance(overrides, dict):
         raise ValueError(f"a mapping of learner settings, got {overrides!r}")
     out = dict(base)

@@ -26,6 +26,7 @@ def build(config_path: str | None = None, no_redis: bool = False, on_stop=None):
     from onlinespec.drafters.cut import share_embedding
     from onlinespec.drafters.hf import HFDrafter
     from serving.hotswap import SwapWatcher
+    from onlinespec.learn.learner import drafter_learner_configs
     from onlinespec.models import check_same_vocab, load_model, load_tokenizer
     from onlinespec.redis_server import connect
     from onlinespec.learn.registry import Registry
@@ -36,6 +37,7 @@ def build(config_path: str | None = None, no_redis: bool = False, on_stop=None):
     from serving.dashboard import dashboard_router
 
     cfg = load_config(config_path)
+    learners = drafter_learner_configs(cfg)  # a bad drafter learner setting fails here, before any model loads
     s = cfg.serving
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -70,7 +72,7 @@ def build(config_path: str | None = None, no_redis: bool = False, on_stop=None):
                 model = load_model(name)
             registry.bootstrap(did, model, base=name)
             redis.sadd(keys.drafters_set(cfg.target_id), did)
-            redis.set(keys.learner_config(did), json.dumps(cfg.learner_for(did).to_dict()), nx=True)
+            redis.set(keys.learner_config(did), json.dumps(learners[did].to_dict()), nx=True)
             latest = registry.latest(did)
             model, manifest = registry.load_model(did, latest, device=device, dtype=dtype)
             drafters[did] = HFDrafter(model, did, version=latest)

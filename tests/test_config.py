@@ -39,12 +39,14 @@ def test_wrong_types_and_keys_are_refused_by_name(tmp_path):
         with pytest.raises(ValueError, match=message):
             load_config(_write(tmp_path, MINIMAL + body + "\n"), environ={})
     assert load_config(_write(tmp_path, MINIMAL + "serving: {explore: 0}\n"), environ={}).serving.explore == 0.0
+    from onlinespec.learn.learner import drafter_learner_configs
+
     for learner, message in (("{learn_from: sometimes}", "drafters\\[d\\].learner: learn_from must be"),
                              ("{optim: {lrr: 1}}", "drafters\\[d\\].learner: .*lrr"),
                              ("{stepz: 2}", "unknown learner settings: \\['stepz'\\]"), ("[1]", "a mapping")):
-        with pytest.raises(ValueError, match=message):
-            load_config(_write(tmp_path, f"target: {{id: t, model: demo:target}}\n"
-                                         f"drafters: [{{id: d, model: demo:drafter-1l, learner: {learner}}}]\n"), environ={})
+        with pytest.raises(ValueError, match=message):  # the learners' settings are checked by the learners' module
+            drafter_learner_configs(load_config(_write(tmp_path, f"target: {{id: t, model: demo:target}}\n"
+                                    f"drafters: [{{id: d, model: demo:drafter-1l, learner: {learner}}}]\n"), environ={}))
 
 
 def test_a_drafter_s_own_learner_settings_go_over_the_learner_file(tmp_path):
@@ -56,12 +58,25 @@ drafters:
   - {{id: b, model: demo:drafter-1l, learner: {{learn_from: served, optim: {{lr: 0.002}}}}}}
 learner: {learner}
 """), environ={})
-    a, b = cfg.learner_for("a"), cfg.learner_for("b")
+    from onlinespec.learn.learner import drafter_learner_configs
+
+    configs = drafter_learner_configs(cfg)
+    a, b = configs["a"], configs["b"]
     assert (a.learn_from, a.optim.lr, a.optim.hint, a.steps_per_round) == ("all", 0.01, "last", 4)
     assert (b.learn_from, b.optim.lr, b.optim.hint, b.steps_per_round) == ("served", 0.002, "last", 4)
-    assert cfg.learner_for("unknown") == a
     rows = {k: v for k, v, _ in cfg.effective()}
     assert "learn_from" in rows["drafters[1]"] and "learner" not in rows["drafters[0]"]
+
+
+def test_a_bad_drafter_learner_setting_stops_config_show_and_the_worker_by_name(tmp_path, capsys):
+    from workers.__main__ import parse_args
+
+    path = _write(tmp_path, "target: {id: t, model: demo:target}\n"
+                            "drafters: [{id: d, model: demo:drafter-1l, learner: {learn_from: sometimes}}]\n")
+    for run in (lambda: main(["config", "show", "--config", str(path)]), lambda: parse_args(["--config", str(path)])):
+        with pytest.raises(SystemExit) as done:
+            run()
+        assert done.value.code == 2 and "drafters[d].learner: learn_from must be" in capsys.readouterr().err
 
 
 def test_environment_overrides_win_and_say_so(tmp_path):

@@ -54,8 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.period = args.period or cfg.workers.period
     args.learner_config = args.learner_config or cfg.learner
     # drafters with learner settings of their own in the config (where Redis holds none)
-    over = dataclasses.replace(cfg, learner=args.learner_config)  # over --learner-config's file where given
-    args.drafter_configs = {d.id: over.learner_for(d.id) for d in cfg.drafters if d.learner}
+    from onlinespec.learn.learner import drafter_learner_configs
+
+    try:  # over --learner-config's file where given
+        configs = drafter_learner_configs(cfg, args.learner_config)
+    except ValueError as exc:
+        ap.error(str(exc))
+    args.drafter_configs = {d.id: configs[d.id] for d in cfg.drafters if d.learner}
     args.nice = cfg.workers.nice if args.nice is None else args.nice
     args.budget = cfg.workers.budget if args.budget is None else args.budget
     try:  # the flag is checked as the config's own setting is

@@ -32,7 +32,7 @@ from onlinespec.learn.hedge import Hedge
 from onlinespec.learn.losses import LossConfig, compute_loss
 from onlinespec.learn.optim import OnlineOptimizer, OptimConfig
 
-__all__ = ["LearnerConfig", "RoundMetrics", "DrafterLearner", "records_to_learn"]
+__all__ = ["LearnerConfig", "RoundMetrics", "DrafterLearner", "records_to_learn", "drafter_learner_configs"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,24 @@ class LearnerConfig:
         if unknown:
             raise ValueError(f"unknown learner settings: {sorted(unknown)}")
         return cls(loss=loss, optim=optim, **d)
+
+
+def drafter_learner_configs(cfg, learner_file: str | None = None) -> dict[str, LearnerConfig]:
+    """Every drafter's learner settings on a first start, by drafter id: the learner YAML
+    (``learner_file``, else the service config's ``learner``, else the defaults) with the drafter's
+    own ``learner:`` mapping (:class:`onlinespec.config.DrafterSpec`) over it. A misspelt or
+    out-of-range setting is a ValueError that names the drafter, before any round runs."""
+    from onlinespec.config import merge_learner
+
+    path = learner_file or cfg.learner
+    base = LearnerConfig.from_yaml(path) if path else LearnerConfig()
+    out = {}
+    for spec in cfg.drafters:
+        try:
+            out[spec.id] = LearnerConfig.from_dict(merge_learner(base.to_dict(), spec.learner)) if spec.learner else base
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{cfg.source}: drafters[{spec.id}].learner: {exc}") from None
+    return out
 
 
 @dataclass(frozen=True)
