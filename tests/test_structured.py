@@ -69,13 +69,17 @@ def test_a_schema_s_text_is_the_constrained_target_s_through_drafted_blocks(pair
     tok, target = pair
     engine = SpeculativeEngine(target, HFDrafter(perturbed(target, 0.1, seed=3), "d"), tokenizer=tok,
                                config=EngineConfig(k=k), suffix=SuffixCache())
+    drafted = []
     for prompt in prompts(tok):
         result = engine.generate(prompt, SamplingParams(max_new_tokens=40, structure=SCHEMA))
         assert result.tokens == constrained(target, tok, prompt, SCHEMA, 40)
         assert result.finish_reason is FinishReason.STOP
         value = json.loads(result.text)  # complete, and what the schema says
         assert value["ok"] in (True, False) and value["color"] in ("red", "green", "blue") and value["size"] in (1, 2, 3)
-        assert result.stats.drafted > 0
+        drafted.append(result.stats.drafted)
+    # a fixed k drafts in every request; the adaptive controller decides on measured costs and a
+    # draw from its posterior, and on a busy machine it once drafted nothing in one 20-step request
+    assert all(drafted) if k else sum(drafted) > 0, drafted
 
 
 def test_any_object_beside_free_requests_in_one_batch(pair):
