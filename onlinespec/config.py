@@ -41,10 +41,10 @@ class DrafterSpec:
     id: str
     model: str
     # this drafter's learner settings over the learner YAML's (``learner:``), as a mapping of
-    # LearnerConfig keys (``loss`` and ``optim`` merged key by key): what the server seeds the
-    # drafter's live settings with on its first start (the admin API changes them later);
-    # checked by onlinespec.learn.learner.drafter_learner_configs when the server, a worker or
-    # `onlinespec config show` starts
+    # LearnerConfig keys (``loss`` and ``optim`` merged key by key: LearnerConfig.merged): what
+    # the server seeds the drafter's live settings with on its first start (the admin API changes
+    # them later); checked by onlinespec.learn.learner.drafter_learner_configs when the server, a
+    # worker or `onlinespec config show` starts
     learner: dict = field(default_factory=dict, hash=False)
 
 
@@ -388,17 +388,3 @@ def load_config(path: str | Path | None = None, environ=None) -> ServiceConfig:
                          serving=sections["serving"], redis=sections["redis"], registry=str(raw.get("registry") or DEFAULT_REGISTRY),
                          workers=sections["workers"], learner=learner, source=str(path), sources=sources)
 
-
-def merge_learner(base: dict, overrides: dict) -> dict:
-    """``base`` (a LearnerConfig's dict) with ``overrides`` over it; the ``loss`` and ``optim``
-    sections merged key by key (:func:`onlinespec.learn.learner.drafter_learner_configs` checks
-    the result: the learners' settings are theirs, not this shared module's)."""
-    if not isinstance(overrides, dict):
-        raise ValueError(f"a mapping of learner settings, got {overrides!r}")
-    out = dict(base)
-    for key, value in overrides.items():
-        if key in ("loss", "optim") and isinstance(value, dict):
-            out[key] = {**(out.get(key) or {}), **value}
-        else:
-            out[key] = value
-    return out

@@ -81,6 +81,16 @@ class LearnerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def merged(self, overrides: dict) -> LearnerConfig:
+        """These settings with ``overrides`` over them; the ``loss`` and ``optim`` sections merged
+        key by key. A misspelt or out-of-range setting is a ValueError."""
+        if not isinstance(overrides, dict):
+            raise ValueError(f"a mapping of learner settings, got {overrides!r}")
+        out = self.to_dict()
+        for key, value in overrides.items():
+            out[key] = {**out[key], **value} if key in ("loss", "optim") and isinstance(value, dict) else value
+        return LearnerConfig.from_dict(out)
+
     @classmethod
     def from_yaml(cls, path) -> LearnerConfig:
         import yaml
@@ -104,14 +114,12 @@ def drafter_learner_configs(cfg, learner_file: str | None = None) -> dict[str, L
     (``learner_file``, else the service config's ``learner``, else the defaults) with the drafter's
     own ``learner:`` mapping (:class:`onlinespec.config.DrafterSpec`) over it. A misspelt or
     out-of-range setting is a ValueError that names the drafter, before any round runs."""
-    from onlinespec.config import merge_learner
-
     path = learner_file or cfg.learner
     base = LearnerConfig.from_yaml(path) if path else LearnerConfig()
     out = {}
     for spec in cfg.drafters:
         try:
-            out[spec.id] = LearnerConfig.from_dict(merge_learner(base.to_dict(), spec.learner)) if spec.learner else base
+            out[spec.id] = base.merged(spec.learner) if spec.learner else base
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{cfg.source}: drafters[{spec.id}].learner: {exc}") from None
     return out
